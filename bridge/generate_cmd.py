@@ -1,0 +1,33 @@
+"""`lmport generate "prompt"`: one generation from the shell, streamed to stdout as it is produced."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from engine import LLM, SamplingParams
+from engine.sampling_params import RequestOutputKind
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("prompt", help="the prompt text (a user message with --chat)")
+    parser.add_argument("--model", default="smollm2", help="model to load (default: the bundled SmolLM2)")
+    parser.add_argument("--max-tokens", type=int, default=128, help="most tokens to generate (default 128)")
+    parser.add_argument("--temperature", type=float, default=0.0, help="sampling temperature (default 0: greedy)")
+    parser.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (default 1)")
+    parser.add_argument("--seed", type=int, default=None, help="per-request seed for reproducible sampling")
+    parser.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
+    parser.add_argument("--dtype", default="auto", help="auto, float32, bfloat16 or float16")
+
+
+def run(args: argparse.Namespace) -> int:
+    params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
+                            seed=args.seed, output_kind=RequestOutputKind.DELTA)
+    with LLM(args.model, dtype=args.dtype) as llm:
+        prompt = {"prompt_token_ids": llm.apply_chat_template([{"role": "user", "content": args.prompt}])} \
+            if args.chat else args.prompt
+        for output in llm.add_request(prompt, params):
+            sys.stdout.write(output.outputs[0].text)
+            sys.stdout.flush()
+    sys.stdout.write("\n")
+    return 0

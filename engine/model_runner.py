@@ -1,0 +1,134 @@
+"""Runs one scheduled batch through the model: flattened varlen inputs in, logits of the rows that need them out.
+
+Owns the paged KV cache (one tensor, viewed per layer by every PagedAttention module).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+
+from engine.config import CPU_DEFAULT_KV_CACHE_BYTES, GiB, EngineConfig
+from engine.errors import OutOfKVCache
+from engine.forward_context import AttentionMetadata, forward_context
+from engine.loader import LoadedModel
+from engine.models.layers import PagedAttention
+from engine.scheduler import ScheduledBatch
+
+logger = logging.getLogger("lmport")
+
+@dataclass(slots=True)
+class StepLogits:
+    logits: torch.Tensor  # float32 [R, vocab]
+    sample_rows: list[int]  # per scheduled seq: its row in logits, or -1 if it does not sample this step
+    prompt_rows: dict[int, tuple[int, int]]  # seq position in batch -> (first row, row count) of prompt-logprob rows
+
+
+class ModelRunner:
+    def __init__(self, loaded: LoadedModel, config: EngineConfig) -> None:
+        self.model = loaded.model
+        self.device = loaded.device
+        self.dtype = loaded.dtype
+        self.block_size = config.block_size
+        self.attention_layers = [m for m in self.model.modules() if isinstance(m, PagedAttention)]
+        first = self.attention_layers[0]
+        self.num_kv_heads, self.head_dim = first.num_kv_heads, first.head_dim
+        self.num_blocks = self._plan_num_blocks(config, loaded.max_model_len)
+        shape = (2, len(self.attention_layers), self.num_blocks, self.block_size, self.num_kv_heads, self.head_dim)
+        # Zeroed, not empty: padded block-table entries and masked positions are read with weight 0, and 0 * NaN
+        # garbage would poison the output.
+        self.kv_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
+        for i, layer in enumerate(self.attention_layers):
+            layer.k_cache, layer.v_cache = self.kv_cache[0, i], self.kv_cache[1, i]
+
+    @property
+    def bytes_per_block(self) -> int:
+        element = torch.empty((), dtype=self.dtype).element_size()
+        return 2 * len(self.attention_layers) * self.block_size * self.num_kv_heads * self.head_dim * element
+
+    def _plan_num_blocks(self, config: EngineConfig, max_model_len: int) -> int:
+        per_block = self.bytes_per_block
+        if config.num_gpu_blocks_override is not None:
+            num_blocks, source = config.num_gpu_blocks_override, "num_gpu_blocks_override"
+        elif config.kv_cache_memory_bytes is not None or self.device.type != "cuda":
+            budget = config.kv_cache_memory_bytes or CPU_DEFAULT_KV_CACHE_BYTES
+            num_blocks, source = budget // per_block, f"kv_cache_memory_bytes={budget}"
+        else:
+            free, total = torch.cuda.mem_get_info(self.device)
+            budget = int(total * config.gpu_memory_utilization) - (total - free)
+            num_blocks, source = max(budget, 0) // per_block, f"gpu_memory_utilization={config.gpu_memory_utilization}"
+        needed = -(-max_model_len // self.block_size)
+        if num_blocks < needed:
+            raise OutOfKVCache(
+                f"The KV cache ({source}) holds {num_blocks} blocks of {self.block_size} tokens = "
+                f"{num_blocks * self.block_size} tokens, but one sequence of max_model_len={max_model_len} needs "
+                f"{needed} blocks ({needed * per_block / GiB:.2f} GiB at {per_block} bytes per block). "
+                f"Raise kv_cache_memory_bytes (or gpu_memory_utilization) or lower max_model_len.")
+        logger.info("KV cache: %d blocks x %d tokens (%.2f GiB, %s); max concurrency at max_model_len=%d: %.1fx",
+                    num_blocks, self.block_size, num_blocks * per_block / GiB, source, max_model_len,
+                    num_blocks / needed)
+        return num_blocks
+
+    @torch.inference_mode()
+    def run(self, batch: ScheduledBatch) -> StepLogits:
+        if batch.copies:
+            src = torch.tensor([s for s, _ in batch.copies], device=self.device)
+            dst = torch.tensor([d for _, d in batch.copies], device=self.device)
+            self.kv_cache[:, :, dst] = self.kv_cache[:, :, src]
+
+        size = self.block_size
+        input_ids: list[int] = []
+        positions: list[int] = []
+        slots: list[int] = []
+        seq_lens: list[int] = []
+        query_starts: list[int] = [0]
+        keep_rows: list[int] = []
+        sample_rows: list[int] = []
+        prompt_rows: dict[int, tuple[int, int]] = {}
+        for i, (seq, num_new) in enumerate(zip(batch.seqs, batch.num_new_tokens)):
+            start, end = seq.num_computed_tokens, seq.num_computed_tokens + num_new
+            input_ids.extend(seq.token_ids[start:end])
+            positions.extend(range(start, end))
+            table = seq.block_table
+            slots.extend(table[p // size] * size + p % size for p in range(start, end))
+            seq_lens.append(end)
+            first_row = len(input_ids) - num_new
+            request = seq.request
+            if request.prompt_logprobs is not None and start < seq.num_prompt_tokens - 1:
+                # Row p predicts token p + 1: prompt positions start .. num_prompt_tokens - 2 of this chunk.
+                last = min(end, seq.num_prompt_tokens - 1)
+                prompt_rows[i] = (len(keep_rows), last - start)
+                keep_rows.extend(range(first_row, first_row + last - start))
+            if end == seq.num_tokens:
+                sample_rows.append(len(keep_rows))
+                keep_rows.append(len(input_ids) - 1)
+            else:
+                sample_rows.append(-1)
+            query_starts.append(len(input_ids))
+
+        device = self.device
+        d = batch.num_decodes
+        max_blocks = max(len(s.block_table) for s in batch.seqs)
+        tables = torch.tensor([s.block_table + [0] * (max_blocks - len(s.block_table)) for s in batch.seqs],
+                              dtype=torch.int32, device=device)
+        lens = torch.tensor(seq_lens, dtype=torch.int32, device=device)
+        prefill_starts = [q - query_starts[d] for q in query_starts[d:]]
+        meta = AttentionMetadata(
+            slot_mapping=torch.tensor(slots, dtype=torch.int64, device=device),
+            num_decode_tokens=d,
+            decode_block_tables=tables[:d],
+            decode_seq_lens=lens[:d],
+            prefill_cu_seqlens_q=torch.tensor(prefill_starts, dtype=torch.int32, device=device),
+            prefill_seq_lens=lens[d:],
+            prefill_block_tables=tables[d:],
+            max_query_len=max(batch.num_new_tokens),
+            max_seq_len=max(seq_lens),
+        )
+        with forward_context(meta):
+            hidden = self.model(torch.tensor(input_ids, dtype=torch.int64, device=device),
+                                torch.tensor(positions, dtype=torch.int64, device=device))
+        rows = torch.tensor(keep_rows, dtype=torch.int64, device=device)
+        logits = self.model.compute_logits(hidden.index_select(0, rows))
+        return StepLogits(logits=logits, sample_rows=sample_rows, prompt_rows=prompt_rows)

@@ -1,0 +1,89 @@
+"""PyTorch reference kernels: the CPU path runs these, and every Triton kernel is tested against them.
+
+Cache layout: k_cache / v_cache are [num_blocks, block_size, num_kv_heads, head_dim]; slot = block * block_size + offset.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def store_kv_cache(key: torch.Tensor, value: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                   slot_mapping: torch.Tensor) -> None:
+    if bool((slot_mapping < 0).any()):  # padded slots are skipped, not written
+        keep = slot_mapping >= 0
+        key, value, slot_mapping = key[keep], value[keep], slot_mapping[keep]
+    num_kv_heads, head_dim = k_cache.shape[2], k_cache.shape[3]
+    k_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, slot_mapping, key)
+    v_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, slot_mapping, value)
+
+
+def _gather_blocks(cache: torch.Tensor, block_tables: torch.Tensor) -> torch.Tensor:
+    """[S, M] block tables -> [S, M * block_size, num_kv_heads, head_dim], contiguous per sequence."""
+    num_seqs, max_blocks = block_tables.shape
+    _, block_size, num_kv_heads, head_dim = cache.shape
+    flat = cache.flatten(1).index_select(0, block_tables.flatten().long())
+    return flat.view(num_seqs, max_blocks * block_size, num_kv_heads, head_dim)
+
+
+def paged_attention_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                           block_tables: torch.Tensor, seq_lens: torch.Tensor, scale: float) -> torch.Tensor:
+    keys = _gather_blocks(k_cache, block_tables).transpose(1, 2)  # [B, Hkv, L, D]
+    values = _gather_blocks(v_cache, block_tables).transpose(1, 2)
+    positions = torch.arange(keys.shape[2], device=q.device)
+    mask = (positions[None, :] < seq_lens[:, None].to(positions.dtype))[:, None, None, :]  # [B, 1, 1, L]
+    out = F.scaled_dot_product_attention(q.unsqueeze(2), keys, values, attn_mask=mask, scale=scale,
+                                         enable_gqa=True)
+    return out.squeeze(2)
+
+
+def paged_attention_prefill(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                            cu_seqlens_q: torch.Tensor, seq_lens: torch.Tensor, block_tables: torch.Tensor,
+                            max_query_len: int, max_seq_len: int, scale: float) -> torch.Tensor:
+    block_size = k_cache.shape[1]
+    out = torch.empty_like(q)
+    for s, (start, end, seq_len) in enumerate(zip(cu_seqlens_q[:-1].tolist(), cu_seqlens_q[1:].tolist(),
+                                                  seq_lens.tolist())):
+        num_blocks = -(-seq_len // block_size)
+        table = block_tables[s, :num_blocks]
+        keys = _gather_blocks(k_cache, table[None])[0, :seq_len].transpose(0, 1)  # [Hkv, L, D]
+        values = _gather_blocks(v_cache, table[None])[0, :seq_len].transpose(0, 1)
+        query = q[start:end].transpose(0, 1)  # [Hq, n, D]
+        num_queries = end - start
+        if num_queries == seq_len:
+            attn = F.scaled_dot_product_attention(query, keys, values, is_causal=True, scale=scale, enable_gqa=True)
+        else:  # cached context precedes the new queries: the causal diagonal is shifted by seq_len - num_queries
+            rows = torch.arange(num_queries, device=q.device)[:, None] + (seq_len - num_queries)
+            mask = torch.arange(seq_len, device=q.device)[None, :] <= rows
+            attn = F.scaled_dot_product_attention(query, keys, values, attn_mask=mask, scale=scale, enable_gqa=True)
+        out[start:end] = attn.transpose(0, 1)
+    return out
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float,
+             residual: torch.Tensor | None = None) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    # Same operation order as transformers' LlamaRMSNorm: add in the model dtype, normalise in fp32.
+    if residual is not None:
+        x = x + residual
+    x32 = x.float()
+    normed = (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype) * weight
+    return normed if residual is None else (normed, x)
+
+
+def rotary_embedding(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, cos_sin_cache: torch.Tensor,
+                     head_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    cos, sin = cos_sin_cache.index_select(0, positions).to(q.dtype).chunk(2, dim=-1)  # [N, D/2] each
+    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+
+    def rotate(x: torch.Tensor) -> torch.Tensor:
+        x = x.view(x.shape[0], -1, head_dim)
+        x1, x2 = x.chunk(2, dim=-1)
+        return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).flatten(1)
+
+    return rotate(q), rotate(k)
+
+
+def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
+    gate, up = x.chunk(2, dim=-1)
+    return F.silu(gate) * up
