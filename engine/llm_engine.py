@@ -188,14 +188,18 @@ class LLMEngine:
             seq.logprobs.append(position)
             seq.cumulative_logprob += position[token_id].logprob
         num_out = seq.num_output_tokens
-        stop_string = seq.detokenizer.update([token_id]) if seq.detokenizer is not None else None
-        if num_out >= params.min_tokens:
-            if token_id in self.eos_token_ids and not params.ignore_eos:
-                seq.finish_reason = "stop"
-            elif params.stop_token_ids and token_id in params.stop_token_ids:
-                seq.finish_reason, seq.stop_reason = "stop", token_id
-            elif stop_string is not None:
-                seq.finish_reason, seq.stop_reason = "stop", stop_string
+        ends_on_token = num_out >= params.min_tokens and (
+            (token_id in self.eos_token_ids and not params.ignore_eos)
+            or bool(params.stop_token_ids) and token_id in params.stop_token_ids)
+        stop_string = None
+        if seq.detokenizer is not None:
+            stop_string = seq.detokenizer.update([token_id], stop_terminated=ends_on_token)
+        if ends_on_token:
+            seq.finish_reason = "stop"
+            if params.stop_token_ids and token_id in params.stop_token_ids:
+                seq.stop_reason = token_id
+        elif stop_string is not None:
+            seq.finish_reason, seq.stop_reason = "stop", stop_string
         if seq.finish_reason is None and (num_out >= params.max_tokens or seq.num_tokens >= self.max_model_len):
             seq.finish_reason = "length"
         if seq.finish_reason is not None:
