@@ -1,0 +1,97 @@
+"""The kernel API the model code calls, with one dispatch point per kernel.
+
+Backend per call: `set_backend("torch" | "triton" | "auto")` if set to something other than "auto", else the
+LMPORT_KERNEL_BACKEND environment variable (read at import), else "auto". "auto" runs Triton on CUDA tensors and the
+PyTorch reference (kernels.reference) on anything else; "torch" forces the reference everywhere (debugging on CUDA);
+"triton" forces Triton everywhere, which on CPU needs TRITON_INTERPRET=1 set before triton is first imported (the
+kernel tests do this). The Triton modules are imported on first use, so the CPU path never loads a Triton kernel.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import os
+from types import ModuleType
+
+import torch
+
+from kernels import reference
+
+BACKENDS = ("auto", "triton", "torch")
+
+__all__ = ["BACKENDS", "set_backend", "get_backend", "store_kv_cache", "paged_attention_decode",
+           "paged_attention_prefill", "rms_norm", "rotary_embedding", "silu_and_mul"]
+
+
+def _checked(name: str, source: str) -> str:
+    if name not in BACKENDS:
+        raise ValueError(f"{source} must be one of {', '.join(BACKENDS)}; got {name!r}")
+    return name
+
+
+_env_backend = _checked(os.environ.get("LMPORT_KERNEL_BACKEND", "auto"), "LMPORT_KERNEL_BACKEND")
+_backend = "auto"
+
+
+def set_backend(name: str) -> None:
+    """Select the kernels for every later call ("auto" defers to LMPORT_KERNEL_BACKEND, then to the device)."""
+    global _backend
+    _backend = _checked(name, "kernel_backend")
+
+
+def get_backend() -> str:
+    """The backend in force: "auto", "triton" or "torch"."""
+    return _backend if _backend != "auto" else _env_backend
+
+
+@functools.cache
+def _triton_module(name: str) -> ModuleType:
+    return importlib.import_module(f"kernels.triton_{name}")
+
+
+def _impl(tensor: torch.Tensor, triton_module: str) -> ModuleType:
+    backend = get_backend()
+    if backend == "torch" or (backend == "auto" and not tensor.is_cuda):
+        return reference
+    if not tensor.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
+        raise RuntimeError(f"kernel_backend 'triton' on a {tensor.device.type} tensor needs TRITON_INTERPRET=1 "
+                           "in the environment before triton is imported (or use 'auto' / 'torch')")
+    return _triton_module(triton_module)
+
+
+def store_kv_cache(key: torch.Tensor, value: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                   slot_mapping: torch.Tensor) -> None:
+    """key/value [N, Hkv, D] into k_cache/v_cache [num_blocks, block_size, Hkv, D] at slot_mapping; -1 is skipped."""
+    _impl(key, "cache").store_kv_cache(key, value, k_cache, v_cache, slot_mapping)
+
+
+def paged_attention_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                           block_tables: torch.Tensor, seq_lens: torch.Tensor, scale: float) -> torch.Tensor:
+    """One query per sequence [B, Hq, D], at position seq_len-1, over keys 0..seq_len-1 of its blocks."""
+    return _impl(q, "attention").paged_attention_decode(q, k_cache, v_cache, block_tables, seq_lens, scale)
+
+
+def paged_attention_prefill(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                            cu_seqlens_q: torch.Tensor, seq_lens: torch.Tensor, block_tables: torch.Tensor,
+                            max_query_len: int, max_seq_len: int, scale: float) -> torch.Tensor:
+    """Varlen causal attention [N, Hq, D]; sequence s's queries are the last q_len_s of its seq_lens[s] keys."""
+    return _impl(q, "attention").paged_attention_prefill(q, k_cache, v_cache, cu_seqlens_q, seq_lens, block_tables,
+                                                         max_query_len, max_seq_len, scale)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float,
+             residual: torch.Tensor | None = None) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """x/rms(x)*w; with residual, r = x + residual and the result is (rms_norm(r)*w, r)."""
+    return _impl(x, "norm").rms_norm(x, weight, eps, residual)
+
+
+def rotary_embedding(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, cos_sin_cache: torch.Tensor,
+                     head_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Neox rotary on q [N, Hq*D] and k [N, Hkv*D]; may rotate in place, so use the returned tensors."""
+    return _impl(q, "rope").rotary_embedding(positions, q, k, cos_sin_cache, head_dim)
+
+
+def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
+    """silu(x[:, :I]) * x[:, I:] for x [N, 2I]."""
+    return _impl(x, "activation").silu_and_mul(x)

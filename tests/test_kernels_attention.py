@@ -1,0 +1,140 @@
+"""Paged attention: the reference against a naive dense implementation, the Triton kernels against the reference.
+
+The Triton kernels run on the GPU if there is one, else in the interpreter on CPU. They read a cache whose unused
+slots (padding table entries, the tail of each last block, blocks of no sequence) are NaN, so a single read past a
+sequence's keys fails the test.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tests.kernel_helpers import (DEVICE, TOLERANCE, enable_triton_interpreter, fresh_seed, make_paged_case,
+                                  poisoned, rel_error)
+
+enable_triton_interpreter()
+
+from kernels import reference  # noqa: E402
+from kernels import triton_attention  # noqa: E402
+
+# (num_kv_heads, GQA group, head_dim, block_size): ratios 1 and 3, a non-power-of-two head_dim, two page sizes
+HEAD_CONFIGS = [(2, 1, 32, 16), (1, 3, 16, 8), (4, 1, 64, 8), (1, 3, 48, 16)]
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+DECODE_LENS = [1, 17, 45, 32]  # a lone token, partial last blocks, an exact multiple of both page sizes
+# (cached context, new queries): plain prefills, a prefix-cache hit (one full block cached), a chunk after a partial
+# block, and a single new token after a long context
+PREFILL_CHUNKS = [(0, 1), (0, 33), (16, 9), (20, 13), (40, 1)]
+
+
+def naive_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, scale: float) -> torch.Tensor:
+    """q [n, Hq, D] are the last n positions of a sequence whose contiguous K/V are [L, Hkv, D]; float64 loops."""
+    q = q.cpu()
+    num_queries, num_q_heads, _ = q.shape
+    group = num_q_heads // keys.shape[1]
+    out = torch.empty(q.shape, dtype=torch.float64)
+    for i in range(num_queries):
+        visible = keys.shape[0] - num_queries + i + 1
+        for h in range(num_q_heads):
+            k, v = keys[:visible, h // group].double(), values[:visible, h // group].double()
+            weights = torch.softmax(k @ q[i, h].double() * scale, dim=0)
+            out[i, h] = weights @ v
+    return out
+
+
+def decode_inputs(num_kv_heads: int, group: int, head_dim: int, block_size: int, dtype: torch.dtype):
+    case = make_paged_case(DECODE_LENS, block_size, num_kv_heads, head_dim, dtype)
+    q = torch.randn(len(DECODE_LENS), num_kv_heads * group, head_dim).to(DEVICE, dtype)
+    return case, q, head_dim ** -0.5
+
+
+def prefill_inputs(num_kv_heads: int, group: int, head_dim: int, block_size: int, dtype: torch.dtype):
+    case = make_paged_case([c + n for c, n in PREFILL_CHUNKS], block_size, num_kv_heads, head_dim, dtype)
+    num_q_heads = num_kv_heads * group
+    cu = torch.tensor([0] + [n for _, n in PREFILL_CHUNKS], dtype=torch.int32).cumsum(0, dtype=torch.int32)
+    cu = cu.to(DEVICE)
+    # q as the kernels get it from a fused qkv projection: a strided view, rows wider than Hq * D
+    qkv = torch.randn(int(cu[-1]), (num_q_heads + 2 * num_kv_heads) * head_dim).to(DEVICE, dtype)
+    q = qkv[:, :num_q_heads * head_dim].view(-1, num_q_heads, head_dim)
+    return case, q, cu, head_dim ** -0.5
+
+
+@pytest.mark.parametrize("heads", HEAD_CONFIGS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_reference_decode_matches_naive(heads, dtype):
+    seed = fresh_seed()
+    case, q, scale = decode_inputs(*heads, dtype)
+    out = reference.paged_attention_decode(q, case.k_cache, case.v_cache, case.block_tables, case.seq_lens, scale)
+    for b, (keys, values) in enumerate(zip(case.keys, case.values)):
+        err = rel_error(out[b:b + 1], naive_attention(q[b:b + 1], keys, values, scale))
+        assert err < TOLERANCE[dtype], f"seed={seed} seq={b} rel_error={err:.3g}"
+
+
+@pytest.mark.parametrize("heads", HEAD_CONFIGS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_reference_prefill_matches_naive(heads, dtype):
+    seed = fresh_seed()
+    case, q, cu, scale = prefill_inputs(*heads, dtype)
+    out = reference.paged_attention_prefill(q, case.k_cache, case.v_cache, cu, case.seq_lens, case.block_tables,
+                                            max(n for _, n in PREFILL_CHUNKS), int(case.seq_lens.max()), scale)
+    for s, (keys, values) in enumerate(zip(case.keys, case.values)):
+        rows = slice(int(cu[s]), int(cu[s + 1]))
+        err = rel_error(out[rows], naive_attention(q[rows], keys, values, scale))
+        assert err < TOLERANCE[dtype], f"seed={seed} seq={s} chunk={PREFILL_CHUNKS[s]} rel_error={err:.3g}"
+
+
+@pytest.mark.parametrize("heads", HEAD_CONFIGS)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_triton_decode_matches_reference(heads, dtype):
+    seed = fresh_seed()
+    case, q, scale = decode_inputs(*heads, dtype)
+    expected = reference.paged_attention_decode(q, case.k_cache, case.v_cache, case.block_tables, case.seq_lens,
+                                                scale)
+    nan_case = case.with_unused(float("nan"))
+    # 1: no split; 3: every sequence split across up to 3 programs; 4: the longest leaves one split empty
+    for num_splits in (1, 3, 4):
+        out = poisoned(q.shape, dtype)
+        triton_attention.paged_attention_decode(q, nan_case.k_cache, nan_case.v_cache, case.block_tables,
+                                                case.seq_lens, scale, out=out, num_splits=num_splits)
+        err = rel_error(out, expected)
+        assert err < TOLERANCE[dtype], f"seed={seed} num_splits={num_splits} rel_error={err:.3g}"
+
+
+@pytest.mark.parametrize("heads", HEAD_CONFIGS)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_triton_prefill_matches_reference(heads, dtype):
+    seed = fresh_seed()
+    case, q, cu, scale = prefill_inputs(*heads, dtype)
+    max_query_len, max_seq_len = max(n for _, n in PREFILL_CHUNKS), int(case.seq_lens.max())
+    expected = reference.paged_attention_prefill(q, case.k_cache, case.v_cache, cu, case.seq_lens, case.block_tables,
+                                                 max_query_len, max_seq_len, scale)
+    nan_case = case.with_unused(float("nan"))
+    out = poisoned(q.shape, dtype)
+    triton_attention.paged_attention_prefill(q, nan_case.k_cache, nan_case.v_cache, cu, case.seq_lens,
+                                             case.block_tables, max_query_len, max_seq_len, scale, out=out)
+    for s in range(len(PREFILL_CHUNKS)):
+        rows = slice(int(cu[s]), int(cu[s + 1]))
+        err = rel_error(out[rows], expected[rows])
+        assert err < TOLERANCE[dtype], f"seed={seed} seq={s} chunk={PREFILL_CHUNKS[s]} rel_error={err:.3g}"
+
+
+def test_triton_decode_allocates_its_output_and_rejects_bad_gqa():
+    seed = fresh_seed()
+    case, q, scale = decode_inputs(2, 1, 16, 8, torch.float32)
+    out = triton_attention.paged_attention_decode(q, case.k_cache, case.v_cache, case.block_tables, case.seq_lens,
+                                                  scale)
+    expected = reference.paged_attention_decode(q, case.k_cache, case.v_cache, case.block_tables, case.seq_lens,
+                                                scale)
+    assert rel_error(out, expected) < TOLERANCE[torch.float32], f"seed={seed}"
+    with pytest.raises(ValueError, match="multiple of KV heads"):
+        triton_attention.paged_attention_decode(q[:, :1].expand(-1, 3, -1), case.k_cache, case.v_cache,
+                                                case.block_tables, case.seq_lens, scale)
+
+
+def test_decode_split_heuristic_fills_the_gpu_without_tiny_splits():
+    h100 = 132
+    assert triton_attention.decode_num_splits(1, 8, 8192, h100) == 32  # one sequence: as many splits as allowed
+    assert triton_attention.decode_num_splits(1, 8, 512, h100) == 2  # ... but none under 256 keys
+    assert triton_attention.decode_num_splits(32, 8, 4096, h100) == 2  # 256 programs: just short of two per SM
+    assert triton_attention.decode_num_splits(256, 8, 8192, h100) == 1  # the batch alone fills the GPU
+    assert triton_attention.decode_num_splits(4, 8, 100, 0) == 1  # CPU / interpreter: no split

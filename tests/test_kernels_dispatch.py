@@ -1,0 +1,74 @@
+"""Backend selection in kernels/__init__.py: reference on CPU, Triton when forced, clear errors otherwise."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.kernel_helpers import DEVICE, enable_triton_interpreter
+
+enable_triton_interpreter()
+
+import kernels  # noqa: E402
+from kernels import reference  # noqa: E402
+
+
+@pytest.fixture
+def backend():
+    before = kernels._backend
+    yield kernels.set_backend
+    kernels.set_backend(before)
+
+
+needs_interpreter = pytest.mark.skipif(DEVICE.type == "cuda", reason="Triton on CPU tensors needs the interpreter")
+
+
+@needs_interpreter
+def test_cpu_tensors_run_the_reference_unless_triton_is_forced(backend):
+    x = torch.randn(2, 8)
+    backend("auto")
+    assert kernels._impl(x, "activation") is reference
+    backend("torch")
+    assert kernels._impl(x, "activation") is reference
+    backend("triton")
+    assert kernels._impl(x, "activation").__name__ == "kernels.triton_activation"
+    torch.testing.assert_close(kernels.silu_and_mul(x), reference.silu_and_mul(x))
+
+
+@pytest.mark.skipif(DEVICE.type != "cuda", reason="needs a GPU")
+def test_cuda_tensors_run_triton_unless_torch_is_forced(backend):
+    x = torch.randn(2, 8, device=DEVICE)
+    backend("auto")
+    assert kernels._impl(x, "activation").__name__ == "kernels.triton_activation"
+    torch.testing.assert_close(kernels.silu_and_mul(x), reference.silu_and_mul(x))
+    backend("torch")
+    assert kernels._impl(x, "activation") is reference
+
+
+@needs_interpreter
+def test_forcing_triton_on_cpu_without_the_interpreter_is_a_clear_error(backend, monkeypatch):
+    backend("triton")
+    monkeypatch.delenv("TRITON_INTERPRET")
+    with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
+        kernels.silu_and_mul(torch.randn(2, 8))
+
+
+def test_unknown_backend_is_rejected_by_name(backend):
+    with pytest.raises(ValueError, match="kernel_backend must be one of auto, triton, torch; got 'cuda'"):
+        backend("cuda")
+
+
+def test_environment_variable_sets_the_default_and_is_validated():
+    code = "import kernels; kernels.set_backend('auto'); print(kernels.get_backend())"
+    root = Path(__file__).resolve().parents[1]
+    env = {"LMPORT_KERNEL_BACKEND": "torch", "OMP_NUM_THREADS": "1"}
+    run = dict(env=env, cwd=root, capture_output=True, text=True, timeout=120)
+    done = subprocess.run([sys.executable, "-c", code], **run)
+    assert done.stdout.strip() == "torch", done.stderr
+    env["LMPORT_KERNEL_BACKEND"] = "gpu"
+    done = subprocess.run([sys.executable, "-c", code], **run)
+    assert done.returncode != 0 and "LMPORT_KERNEL_BACKEND must be one of" in done.stderr
