@@ -1,0 +1,218 @@
+"""Node (TypeScript) API layer for clients/node: option types, field tables for local validation, and the
+`Worker` class whose methods wrap the hand-written transport (clients/node/src/transport.ts).
+
+One file, src/generated/api.ts. Parameters the manifest marks required (see common.positional_params) are
+positional; the rest go in a per-method options object that also takes the call options (signal, timeout,
+timeoutProfile). A dict parameter named after a schema (`sampling_params` -> SamplingParams) is typed and
+validated with that schema's fields.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from bridge.codegen import common
+
+PATH = "src/generated/api.ts"
+
+# Members of the hand-written Transport a generated method must not shadow.
+RESERVED = frozenset({"call", "stream", "close", "pid", "pgid", "hello", "exited", "onEvent", "invoke",
+                      "invokeStream", "constructor", "spawn"})
+
+# Results are plain data whose fields the method's doc lists; `any` members keep them readable without casts.
+_RESULT_TYPES = {"handle": "HandleMap", "dict": "WireMap", "list[dict]": "WireMap[]"}
+
+CALL_OPTIONS = frozenset({"signal", "timeout", "timeoutProfile"})
+
+_TS_TYPES = {"str": "string", "int": "number", "float": "number", "bool": "boolean", "any": "unknown",
+             "null": "null", "dict": "Record<string, unknown>", "handle": "Handle", "list": "unknown[]",
+             "list[int]": "number[]", "list[float]": "number[]", "list[str]": "string[]",
+             "list[dict]": "Record<string, unknown>[]"}
+
+_PRELUDE = """\
+import type { RequestStream } from "../stream.js";
+import { Transport, type CallOptions, type MethodSpec } from "../transport.js";
+import type { FieldSpec } from "../validate.js";
+
+/** A handle the worker returned (for example from `llm`): the map itself, or its bare `ref` string. */
+export type Handle = string | HandleMap;
+
+/** A map the worker sent (results, stream deltas and summaries); the method's documentation lists its fields. */
+export type WireMap = Record<string, any>;
+
+/** A handle map: `ref` plus whatever the method reports (model, resolved config, ...). */
+export interface HandleMap {
+  ref: string;
+  [key: string]: unknown;
+}
+"""
+
+
+def generate(manifest: dict[str, Any]) -> dict[str, str]:
+    parts = [common.header("node", "//"), f"// Protocol {manifest['protocol']}.\n\n", _PRELUDE]
+    parts += [_schema(name, fields) for name, fields in manifest["schemas"].items()]
+    parts.append(_constants(manifest))
+    methods = common.api_methods(manifest)
+    parts.append(_method_specs(manifest, methods))
+    parts += [_options_interface(manifest, m) for m in methods]
+    parts.append(_worker_class(manifest, methods))
+    return {PATH: "".join(parts)}
+
+
+# ---------------------------------------------------------------- types and docs
+
+def ts_type(manifest: dict[str, Any], field: dict[str, Any]) -> str:
+    alternatives = common.type_alternatives(field.get("type"))
+    if "any" in alternatives:
+        return "unknown"
+    schema = common.schema_for_param(manifest, field)
+    with_schema = {"dict": schema, "list[dict]": f"{schema}[]"} if schema else {}
+    return " | ".join(with_schema.get(alt) or _TS_TYPES[alt] for alt in alternatives)
+
+
+def _return_type(method: dict[str, Any]) -> str:
+    alternatives = common.type_alternatives(method.get("returns", {}).get("type"))
+    if "any" in alternatives:
+        return "unknown"
+    return " | ".join(_RESULT_TYPES.get(alt) or _TS_TYPES[alt] for alt in alternatives)
+
+
+def _doc(lines: list[str], indent: str) -> str:
+    text = "\n".join(f"{indent} *{' ' + line if line else ''}" for line in "\n".join(lines).splitlines())
+    return f"{indent}/**\n{text}\n{indent} */\n"
+
+
+def _field_doc(field: dict[str, Any]) -> list[str]:
+    lines = [_escape(field.get("doc") or field["name"])]
+    facts = []
+    if "default" in field and not field.get("required"):
+        facts.append(f"Default: `{json.dumps(field['default'])}`.")
+    if constraint := common.constraint_text(field):
+        facts.append(f"Allowed: {constraint}.")
+    if facts:
+        lines += ["", " ".join(facts)]
+    return lines
+
+
+def _escape(text: str) -> str:
+    return text.replace("*/", "*\u2215")
+
+
+# ---------------------------------------------------------------- schemas and tables
+
+def _schema(name: str, fields: list[dict[str, Any]]) -> str:
+    members = "".join(_doc(_field_doc(f), "  ") + f"  {f['name']}?: {_plain_type(f)};\n" for f in fields)
+    return (f"\n/** Fields of {name}; every field is optional (the worker fills the defaults). */\n"
+            f"export interface {name} {{\n{members}}}\n\n"
+            f"/** Field table of {name}, for local validation. */\n"
+            f"export const {name}Fields: readonly FieldSpec[] = [\n"
+            + "".join(f"  {_field_spec(None, f)},\n" for f in fields) + "];\n")
+
+
+def _plain_type(field: dict[str, Any]) -> str:
+    alternatives = common.type_alternatives(field.get("type"))
+    return "unknown" if "any" in alternatives else " | ".join(_TS_TYPES[a] for a in alternatives)
+
+
+def _field_spec(manifest: dict[str, Any] | None, field: dict[str, Any]) -> str:
+    items = [f"name: {json.dumps(field['name'])}", f"type: {json.dumps(field.get('type') or 'any')}"]
+    if field.get("required"):
+        items.append("required: true")
+    for key in ("choices", "min", "max"):
+        if field.get(key) is not None:
+            items.append(f"{key}: {json.dumps(field[key])}")
+    schema = common.schema_for_param(manifest, field) if manifest else None
+    if schema:
+        items.append(f"fields: {schema}Fields")
+    return "{ " + ", ".join(items) + " }"
+
+
+def _constants(manifest: dict[str, Any]) -> str:
+    profiles = ", ".join(f"{k}: {v}" for k, v in manifest["timeout_profiles"].items())
+    codes = "".join(f"  {json.dumps(e['code'])}: {{ retryable: {json.dumps(bool(e.get('retryable')))}, "
+                    f"doc: {json.dumps(e.get('doc', ''))} }},\n" for e in manifest["error_codes"])
+    return ("\n/** The worker's default timeout profiles, in milliseconds (the live ones arrive in `hello`). */\n"
+            f"export const TIMEOUT_PROFILES = {{ {profiles} }} as const;\n\n"
+            "/** Error codes the worker may answer with. */\n"
+            f"export const ERROR_CODES: Readonly<Record<string, {{ retryable: boolean; doc: string }}>> = {{\n"
+            f"{codes}}};\n")
+
+
+def _method_specs(manifest: dict[str, Any], methods: list[dict[str, Any]]) -> str:
+    entries = []
+    for m in methods:
+        params = "".join(f"    {_field_spec(manifest, p)},\n" for p in m["params"])
+        profile = json.dumps(m.get("timeout_profile", "default"))
+        entries.append(f"  {json.dumps(m['name'])}: {{\n    name: {json.dumps(m['name'])}, profile: {profile}, "
+                       f"params: [\n{params}    ],\n  }},\n")
+    return f"\nconst METHODS: Readonly<Record<string, MethodSpec>> = {{\n{''.join(entries)}}};\n"
+
+
+# ---------------------------------------------------------------- methods
+
+def _options_name(method: dict[str, Any]) -> str:
+    return f"{common.pascal_case(method['name'])}Options"
+
+
+def _options_interface(manifest: dict[str, Any], method: dict[str, Any]) -> str:
+    for p in common.option_params(method):
+        if p["name"] in CALL_OPTIONS:
+            raise ValueError(f"parameter {p['name']!r} of {method['name']!r} clashes with a Node call option")
+    members = "".join(_doc(_field_doc(p), "  ") + f"  {p['name']}?: {ts_type(manifest, p)};\n"
+                      for p in common.option_params(method))
+    return (f"\n/** Options of `Worker.{common.camel_case(method['name'])}`: its optional parameters and the call "
+            f"options. */\nexport interface {_options_name(method)} extends CallOptions {{\n{members}}}\n")
+
+
+def _signature(manifest: dict[str, Any], method: dict[str, Any]) -> tuple[str, str]:
+    """(parameter list, object literal of the positional arguments)."""
+    positional = common.positional_params(method)
+    args = []
+    for i, p in enumerate(positional):
+        optional = not p.get("required") and all(not q.get("required") for q in positional[i:])
+        args.append(f"{_identifier(p['name'])}{'?' if optional else ''}: {ts_type(manifest, p)}")
+    args.append(f"options?: {_options_name(method)}")
+    literal = ", ".join(f"{json.dumps(p['name'])}: {_identifier(p['name'])}" for p in positional)
+    return ", ".join(args), "{ " + literal + " }" if literal else "{}"
+
+
+def _identifier(name: str) -> str:
+    return common.camel_case(name)
+
+
+def _method_doc(method: dict[str, Any], stream: bool) -> list[str]:
+    lines = [_escape(method.get("doc") or method["name"])]
+    if stream:
+        lines += ["", f"Streaming form of `{common.camel_case(method['name'])}`: iterate the deltas with "
+                      "`for await`; leaving the loop early cancels the request; `summary` resolves with the "
+                      "final response."]
+    lines.append("")
+    for p in common.positional_params(method):
+        lines.append(f"@param {_identifier(p['name'])} {_escape(p.get('doc') or p['name'])}")
+    lines.append("@param options optional parameters and call options (signal, timeout, timeoutProfile)")
+    returns = method.get("returns", {})
+    if not stream and returns.get("doc"):
+        lines.append(f"@returns {_escape(returns['doc'])}")
+    return lines
+
+
+def _worker_class(manifest: dict[str, Any], methods: list[dict[str, Any]]) -> str:
+    body = []
+    for m in methods:
+        name = common.camel_case(m["name"])
+        if name in RESERVED or f"{name}Stream" in RESERVED:
+            raise ValueError(f"manifest method {m['name']!r} clashes with the Node transport's {name!r}")
+        params, literal = _signature(manifest, m)
+        spec = f"METHODS[{json.dumps(m['name'])}]!"
+        body.append(_doc(_method_doc(m, False), "  ")
+                    + f"  {name}({params}): Promise<{_return_type(m)}> {{\n"
+                    f"    return this.invoke({spec}, {literal}, options);\n  }}\n")
+        if m.get("streaming"):
+            body.append(_doc(_method_doc(m, True), "  ")
+                        + f"  {name}Stream({params}): RequestStream<WireMap, WireMap> {{\n"
+                        f"    return this.invokeStream({spec}, {literal}, options);\n  }}\n")
+    return ("\n/**\n * A running lmport worker: one method per worker method, each returning a promise (streaming "
+            "methods\n * also have a `...Stream` form). Start one with `await Worker.spawn(options)`; stop it with "
+            "`close()`.\n */\n"
+            f"export class Worker extends Transport {{\n{chr(10).join(body)}}}\n")

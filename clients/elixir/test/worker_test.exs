@@ -1,0 +1,147 @@
+defmodule LMPort.WorkerTest do
+  @moduledoc "The generated API and the transport against the real worker on the bundled model."
+  use ExUnit.Case, async: false
+  import LMPort.TestHelpers
+
+  @moduletag timeout: 300_000
+  @moduletag capture_log: true
+  @worker LMPort.WorkerTest.Worker
+  @long [max_tokens: 1_000, ignore_eos: true]
+
+  setup_all do
+    start_supervised!({LMPort.Worker, worker_opts(name: @worker)})
+    %{llm: LMPort.llm!(@worker, "smollm2", kv_cache_memory_bytes: 256 * 1024 * 1024, max_model_len: 2048)}
+  end
+
+  defp stats(llm), do: LMPort.stats!(@worker, llm: llm)
+
+  defp wait_idle(llm),
+    do: wait_until(fn -> stats(llm)["num_running"] == 0 end, 20_000, "the engine to go idle")
+
+  test "the generated API matches the running worker's manifest" do
+    assert {:ok, manifest} = LMPort.Worker.call(@worker, "describe", %{})
+    assert manifest["protocol"] == LMPort.Schema.protocol()
+
+    for method <- manifest["methods"] do
+      spec = LMPort.Schema.method(method["name"])
+
+      assert Enum.map(spec["params"], & &1["name"]) == Enum.map(method["params"], & &1["name"]),
+             method["name"]
+    end
+  end
+
+  test "generate returns plain RequestOutput maps", %{llm: llm} do
+    outputs =
+      LMPort.generate!(@worker, llm, ["The capital of France is", "1, 2, 3,"],
+        sampling_params: [max_tokens: 6, temperature: 0]
+      )
+
+    assert [%{"prompt" => "The capital of France is", "finished" => true} = first, %{"prompt" => "1, 2, 3,"}] =
+             outputs
+
+    assert [%{"text" => text, "token_ids" => ids, "finish_reason" => reason}] = first["outputs"]
+    assert is_binary(text) and text != "" and length(ids) in 1..6 and reason in ["stop", "length"]
+  end
+
+  test "chat applies the chat template", %{llm: llm} do
+    messages = [%{"role" => "user", "content" => "Say hello."}]
+
+    assert [%{"outputs" => [%{"text" => text}], "prompt_token_ids" => ids}] =
+             LMPort.chat!(@worker, llm, messages, sampling_params: [max_tokens: 6, temperature: 0])
+
+    assert is_binary(text) and length(ids) > 5
+  end
+
+  test "tokenize and detokenize round-trip", %{llm: llm} do
+    ids = LMPort.tokenize!(@worker, llm, "Hello, Elixir!", add_special_tokens: false)
+    assert [_ | _] = ids
+    assert Enum.all?(ids, &is_integer/1)
+    assert LMPort.detokenize!(@worker, llm, ids) == "Hello, Elixir!"
+  end
+
+  test "sampling_params/2 normalises; bad values are refused naming the field" do
+    params = LMPort.sampling_params!(@worker, temperature: 0.5, max_tokens: 7, stop: ["\n"])
+    assert %{"temperature" => 0.5, "max_tokens" => 7, "stop" => ["\n"], "top_p" => 1.0} = params
+
+    assert {:error, %LMPort.Error{code: "invalid_params", details: %{"field" => "temperature"}}} =
+             LMPort.sampling_params(@worker, temperature: -1)
+  end
+
+  test "streamed deltas add up to the non-streamed text", %{llm: llm} do
+    sp = [max_tokens: 8, temperature: 0, ignore_eos: true]
+
+    [%{"outputs" => [%{"text" => full}]}] =
+      LMPort.generate!(@worker, llm, "Once upon a time", sampling_params: sp)
+
+    deltas =
+      LMPort.generate!(@worker, llm, "Once upon a time", sampling_params: sp, stream: true) |> Enum.to_list()
+
+    assert length(deltas) > 1
+    assert List.last(deltas)["finished"] == true
+    assert Enum.map_join(deltas, fn %{"outputs" => [o]} -> o["text"] end) == full
+  end
+
+  test "halting a stream early cancels the request in the worker", %{llm: llm} do
+    wait_idle(llm)
+    aborted = stats(llm)["requests_aborted"]
+    stream = LMPort.generate!(@worker, llm, "Write a long story.", sampling_params: @long, stream: true)
+    assert [_, _] = Enum.take(stream, 2)
+    wait_until(fn -> stats(llm)["requests_aborted"] == aborted + 1 end, 10_000, "the abort")
+    wait_idle(llm)
+  end
+
+  test "32 concurrent callers are batched through one worker", %{llm: llm} do
+    wait_idle(llm)
+
+    results =
+      1..32
+      |> Enum.map(fn i ->
+        Task.async(fn ->
+          LMPort.generate(@worker, llm, "Item #{i} of the list:",
+            sampling_params: [max_tokens: 8, temperature: 0]
+          )
+        end)
+      end)
+      |> Task.await_many(240_000)
+
+    assert Enum.all?(results, &match?({:ok, [%{"finished" => true}]}, &1))
+    # The peak batch: earlier tests run at most 2 sequences at once, so this one did the batching.
+    assert stats(llm)["max_num_running"] >= 8
+  end
+
+  test "a caller killed mid-generation has its request cancelled", %{llm: llm} do
+    wait_idle(llm)
+    aborted = stats(llm)["requests_aborted"]
+    caller = spawn(fn -> LMPort.generate(@worker, llm, "Tell me everything.", sampling_params: @long) end)
+    wait_until(fn -> stats(llm)["num_running"] == 1 end, 20_000, "the request to run")
+    Process.exit(caller, :kill)
+    wait_until(fn -> stats(llm)["requests_aborted"] == aborted + 1 end, 10_000, "the abort")
+    wait_idle(llm)
+  end
+
+  test "timeout: 200 ends a long generation with a timeout error; the worker keeps serving", %{llm: llm} do
+    {elapsed, result} =
+      :timer.tc(fn ->
+        LMPort.generate(@worker, llm, "Go on forever:", sampling_params: @long, timeout: 200)
+      end)
+
+    assert {:error, %LMPort.Error{code: code}} = result
+    assert code in ["deadline_exceeded", "timeout"]
+    assert elapsed < 5_000_000
+    wait_idle(llm)
+    assert [%{"finished" => true}] = LMPort.generate!(@worker, llm, "Hi", sampling_params: [max_tokens: 2])
+  end
+
+  test "config :lmport, timeout: ms is the default deadline of every call", %{llm: llm} do
+    Application.put_env(:lmport, :timeout, 200)
+
+    try do
+      assert {:error, %LMPort.Error{code: "deadline_exceeded"}} =
+               LMPort.generate(@worker, llm, "Go on forever:", sampling_params: @long)
+    after
+      Application.delete_env(:lmport, :timeout)
+    end
+
+    wait_idle(llm)
+  end
+end
