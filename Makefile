@@ -43,6 +43,16 @@ test-python: $(STAMP)
 
 test-clients: test-elixir test-node test-go
 
+test-elixir: $(STAMP) toolchains
+	cd clients/elixir && MIX_ENV=test mix test
+
+# Client API layers are generated from the worker's manifest; `codegen-check` fails when committed code is stale.
+codegen: $(STAMP)
+	for lang in elixir node go; do $(VENV)/bin/lmport codegen --lang $$lang; done
+
+codegen-check: $(STAMP)
+	for lang in elixir node go; do $(VENV)/bin/lmport codegen --lang $$lang --check; done
+
 bench: $(STAMP)
 	$(VENV)/bin/lmport bench throughput
 

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
+import kernels
 from engine.config import CPU_DEFAULT_KV_CACHE_BYTES, GiB, EngineConfig
 from engine.errors import OutOfKVCache
 from engine.forward_context import AttentionMetadata, forward_context
@@ -28,6 +29,7 @@ class StepLogits:
 
 class ModelRunner:
     def __init__(self, loaded: LoadedModel, config: EngineConfig) -> None:
+        kernels.set_backend(config.kernel_backend)
         self.model = loaded.model
         self.device = loaded.device
         self.dtype = loaded.dtype
