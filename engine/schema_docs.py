@@ -25,7 +25,8 @@ def markdown_table(schema: list[dict[str, Any]]) -> str:
             allowed = ""
         default = "null" if entry["default"] is None else repr(entry["default"]).replace("'", '"')
         doc = entry["doc"].replace("|", "\\|")
-        lines.append(f"| `{entry['name']}` | `{entry['type']}` | `{default}` | {allowed} | {doc} |")
+        kind = entry["type"].replace("|", " \\| ")
+        lines.append(f"| `{entry['name']}` | `{kind}` | `{default}` | {allowed} | {doc} |")
     return "\n".join(lines) + "\n"
 
 

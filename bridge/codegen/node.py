@@ -84,15 +84,18 @@ def _doc(lines: list[str], indent: str) -> str:
 
 
 def _field_doc(field: dict[str, Any]) -> list[str]:
-    lines = [_escape(field.get("doc") or field["name"])]
+    facts = _facts(field)
+    return [_escape(field.get("doc") or field["name"])] + (["", facts] if facts else [])
+
+
+def _facts(field: dict[str, Any]) -> str:
+    """`Default: ... Allowed: ...` of a parameter or field ("" when it has neither)."""
     facts = []
     if "default" in field and not field.get("required"):
         facts.append(f"Default: `{json.dumps(field['default'])}`.")
     if constraint := common.constraint_text(field):
         facts.append(f"Allowed: {constraint}.")
-    if facts:
-        lines += ["", " ".join(facts)]
-    return lines
+    return " ".join(facts)
 
 
 def _escape(text: str) -> str:
@@ -189,7 +192,8 @@ def _method_doc(method: dict[str, Any], stream: bool) -> list[str]:
                       "final response."]
     lines.append("")
     for p in common.positional_params(method):
-        lines.append(f"@param {_identifier(p['name'])} {_escape(p.get('doc') or p['name'])}")
+        text = " ".join(filter(None, [_escape(p.get("doc") or p["name"]), _facts(p)]))
+        lines.append(f"@param {_identifier(p['name'])} {text}")
     lines.append("@param options optional parameters and call options (signal, timeout, timeoutProfile)")
     returns = method.get("returns", {})
     if not stream and returns.get("doc"):
