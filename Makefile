@@ -5,7 +5,7 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
-APT_PACKAGES := elixir erlang-dev erlang-xmerl golang-go golang-github-vmihailenco-msgpack.v5-dev
+APT_PACKAGES := elixir erlang-dev erlang-xmerl golang-go golang-github-vmihailenco-msgpack.v5-dev gcc nodejs npm
 PYTEST_ARGS ?=
 
 .PHONY: demo test test-python test-clients test-elixir test-node test-go codegen codegen-check toolchains bench clean
@@ -26,12 +26,12 @@ demo: $(STAMP)
 
 # --- host-language toolchains from Debian (never a silent skip: missing ones are installed) ---
 toolchains:
-	@missing=""; for tool in mix go node npm; do command -v $$tool >/dev/null || missing="$$missing $$tool"; done; \
+	@missing=""; for tool in mix go node npm gcc; do command -v $$tool >/dev/null || missing="$$missing $$tool"; done; \
 	[ -d /usr/share/gocode/src/github.com/vmihailenco/msgpack ] || missing="$$missing go-msgpack"; \
 	if [ -n "$$missing" ]; then \
 		echo "installing toolchains (missing:$$missing)"; \
 		SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
-		$$SUDO apt-get update -q && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -q $(APT_PACKAGES) nodejs npm; \
+		$$SUDO apt-get update -q && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -q $(APT_PACKAGES); \
 	fi
 
 test: $(STAMP) toolchains
@@ -47,6 +47,13 @@ test-elixir: $(STAMP) toolchains
 	cd clients/elixir && MIX_ENV=test mix test
 
 # Client API layers are generated from the worker's manifest; `codegen-check` fails when committed code is stale.
+test-node: $(STAMP) toolchains
+	cd clients/node && npm ci --no-audit --no-fund && npm test
+
+# Go's module proxy is unreachable offline: go.offline.mod points the msgpack module at Debian's sources.
+test-go: $(STAMP) toolchains
+	cd clients/go && GOFLAGS=-modfile=go.offline.mod GOPROXY=off go test -race -count=1 ./...
+
 codegen: $(STAMP)
 	for lang in elixir node go; do $(VENV)/bin/lmport codegen --lang $$lang; done
 

@@ -1,12 +1,11 @@
-"""`lmport generate "prompt"`: one generation from the shell, streamed to stdout as it is produced."""
+"""`lmport generate "prompt"`: one generation from the shell, through a worker process, streamed as it is produced."""
 
 from __future__ import annotations
 
 import argparse
 import sys
 
-from engine import LLM, SamplingParams
-from engine.sampling_params import RequestOutputKind
+from bridge.client import Client
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -21,13 +20,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
-                            seed=args.seed, output_kind=RequestOutputKind.DELTA)
-    with LLM(args.model, dtype=args.dtype) as llm:
-        prompt = {"prompt_token_ids": llm.apply_chat_template([{"role": "user", "content": args.prompt}])} \
-            if args.chat else args.prompt
-        for output in llm.add_request(prompt, params):
-            sys.stdout.write(output.outputs[0].text)
-            sys.stdout.flush()
+    params = {"max_tokens": args.max_tokens, "temperature": args.temperature, "top_p": args.top_p, "seed": args.seed}
+    with Client.spawn("--log-level", "WARNING") as client:
+        llm = client.llm(args.model, dtype=args.dtype)
+        chunks = (client.chat(llm, [{"role": "user", "content": args.prompt}], params, stream=True) if args.chat
+                  else client.generate(llm, args.prompt, params, stream=True))
+        for chunk in chunks:
+            for output in chunk["outputs"]:
+                sys.stdout.write(output["text"])
+                sys.stdout.flush()
     sys.stdout.write("\n")
     return 0

@@ -62,8 +62,10 @@ class RequestStream:
 
 class LLM:
     def __init__(self, model: str = "smollm2", **engine_options: Any) -> None:
-        self.config = EngineConfig.from_dict({"model": model, **engine_options})
-        self.engine = LLMEngine(self.config)
+        self.engine = LLMEngine(EngineConfig.from_dict({"model": model, **engine_options}))
+        # The options as resolved: "auto" dtype/device and the default max_model_len replaced by what was chosen.
+        self.config = self.engine.config.replace(dtype=str(self.engine.dtype).removeprefix("torch."),
+                                                 device=str(self.engine.device), max_model_len=self.engine.max_model_len)
         self.tokenizer = self.engine.tokenizer
         self.max_model_len = self.engine.max_model_len
         self.num_kv_blocks = self.engine.block_manager.num_blocks
@@ -144,7 +146,9 @@ class LLM:
                 while not self._commands and not engine.has_work() and not self._stopping:
                     self._lock.wait()
                 commands, self._commands = self._commands, []
-                if self._stopping:
+                if self._stopping:  # requests still queued are added first, so every one gets its final output
+                    for command in commands:
+                        command()
                     for request_id in list(engine.requests):
                         engine.abort(request_id)
                     return

@@ -20,7 +20,8 @@ from engine.errors import InvalidParams
 
 GREEDY_EPS = 1e-5  # temperature below this means greedy (argmax) sampling, as in vLLM
 LOGIT_BIAS_LIMIT = 100.0
-SEED_MIN, SEED_MAX = -(1 << 63), (1 << 63) - 1
+SEED_MAX = (1 << 53) - 1  # integers stay below 2^53 on the wire (JavaScript clients)
+SEED_MIN = -SEED_MAX
 
 
 class RequestOutputKind(enum.Enum):

@@ -1,0 +1,47 @@
+"""The manifest (`describe`'s result), derived from the Python definitions — never written by hand.
+
+Methods come from bridge.service's @rpc registry (signatures, type hints, docstrings); the option schemas from
+engine.config.option_schema() and engine.sampling_params.sampling_params_schema(); error codes and timeout
+profiles from bridge.protocol. `lmport codegen` and the client generators call build_manifest() in-process.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from bridge.protocol import ERROR_CODES, MAX_SAFE_INT, PROTOCOL_VERSION, SERVER_NAME, TIMEOUT_PROFILES
+from bridge.service import VERSION, method_specs
+
+
+def build_manifest(timeout_profiles: dict[str, int] | None = None) -> dict[str, Any]:
+    from engine.config import option_schema
+    from engine.sampling_params import sampling_params_schema
+
+    schemas = {"SamplingParams": [_wire_safe(f) for f in sampling_params_schema()],
+               "EngineOptions": [_wire_safe(f) for f in option_schema()]}
+    methods = []
+    for spec in method_specs().values():
+        params = schemas[spec.options] if spec.options else [_param(p) for p in spec.params]
+        methods.append({"name": spec.name, "doc": spec.doc, "streaming": spec.streaming,
+                        "timeout_profile": spec.timeout_profile, "params": params, "returns": spec.returns})
+    return {"protocol": PROTOCOL_VERSION, "server": SERVER_NAME, "version": VERSION, "methods": methods,
+            "schemas": schemas,
+            "error_codes": [{"code": code, "retryable": retryable, "doc": doc}
+                            for code, (retryable, doc) in ERROR_CODES.items()],
+            "timeout_profiles": {**TIMEOUT_PROFILES, **(timeout_profiles or {})}}
+
+
+def _param(p: Any) -> dict[str, Any]:
+    entry: dict[str, Any] = {"name": p.name, "type": p.type, "required": p.required, "doc": p.doc}
+    if not p.required:
+        entry["default"] = p.default
+    return entry
+
+
+def _wire_safe(entry: dict[str, Any]) -> dict[str, Any]:
+    """Bounds beyond +-2^53 (a 64-bit seed) become +-2^53-1: no wire integer can exceed them anyway."""
+    out = dict(entry)
+    for key in ("min", "max"):
+        if isinstance(out.get(key), int) and abs(out[key]) > MAX_SAFE_INT:
+            out[key] = MAX_SAFE_INT if out[key] > 0 else -MAX_SAFE_INT
+    return out

@@ -1,0 +1,385 @@
+package lmport
+
+// Against the real worker (`python -m bridge.worker`) on the bundled model: one worker shared by most tests
+// (TestMain), fresh ones where a test kills or closes its worker.
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"os"
+	"os/exec"
+	"sync"
+	"syscall"
+	"testing"
+	"time"
+)
+
+var (
+	sharedOnce sync.Once
+	shared     *Worker
+	sharedLLM  Handle
+	sharedErr  error
+)
+
+// Small KV cache and context: tests stay light on a shared machine.
+func engineOptions() *EngineOptions {
+	return &EngineOptions{Dtype: Ptr("float32"), MaxModelLen: Ptr(512), KVCacheMemoryBytes: Ptr(64 << 20)}
+}
+
+func long() *GenerateOptions {
+	return &GenerateOptions{SamplingParams: &SamplingParams{MaxTokens: Ptr(400), IgnoreEOS: Ptr(true),
+		Temperature: Ptr(0.0)}}
+}
+
+func startWorker(ctx context.Context) (*Worker, error) {
+	return Start(ctx, Options{Stderr: io.Discard, Env: append(os.Environ(), "OMP_NUM_THREADS=1")})
+}
+
+// useShared starts the worker the tests share (once, with the bundled model loaded).
+func useShared(t *testing.T) {
+	t.Helper()
+	sharedOnce.Do(func() {
+		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Minute)
+		defer cancel()
+		if shared, sharedErr = startWorker(ctx); sharedErr == nil {
+			sharedLLM, sharedErr = shared.LLM(ctx, "smollm2", engineOptions())
+		}
+	})
+	if sharedErr != nil {
+		t.Fatalf("cannot start the shared worker: %v", sharedErr)
+	}
+}
+
+func TestMain(m *testing.M) {
+	code := m.Run()
+	if shared != nil {
+		shared.Close()
+	}
+	os.Exit(code)
+}
+
+func groupAlive(pgid int) bool { return syscall.Kill(-pgid, 0) == nil }
+
+func waitFor(t *testing.T, d time.Duration, check func() bool) bool {
+	t.Helper()
+	for end := time.Now().Add(d); time.Now().Before(end); time.Sleep(50 * time.Millisecond) {
+		if check() {
+			return true
+		}
+	}
+	return check()
+}
+
+func engineStat(t *testing.T, key string) int64 {
+	t.Helper()
+	stats, err := shared.Stats(context.Background(), &StatsOptions{LLM: sharedLLM})
+	if err != nil {
+		t.Fatal(err)
+	}
+	n, _ := stats[key].(int64)
+	return n
+}
+
+func expectCode(t *testing.T, err error, code string) *Error {
+	t.Helper()
+	var e *Error
+	if !errors.As(err, &e) || e.Code != code {
+		t.Fatalf("want an *Error with code %s, got %v", code, err)
+	}
+	return e
+}
+
+func firstOutput(t *testing.T, out map[string]any) map[string]any {
+	t.Helper()
+	outputs, _ := out["outputs"].([]any)
+	if len(outputs) == 0 {
+		t.Fatalf("no outputs in %v", out)
+	}
+	return outputs[0].(map[string]any)
+}
+
+func TestHelloAndPing(t *testing.T) {
+	useShared(t)
+	if h := shared.Hello(); h.Protocol != 1 || h.PGID != shared.PGID() {
+		t.Fatalf("hello %+v, pgid %d", h, shared.PGID())
+	}
+	pong, err := shared.Ping(context.Background(), &PingOptions{N: Ptr(7)})
+	if err != nil || pong["n"] != int64(7) {
+		t.Fatalf("ping: %v %v", pong, err)
+	}
+}
+
+func TestGenerate(t *testing.T) {
+	useShared(t)
+	outs, err := shared.Generate(context.Background(), sharedLLM, []string{"The capital of France is", "1, 2, 3,"},
+		&GenerateOptions{SamplingParams: &SamplingParams{MaxTokens: Ptr(6), Temperature: Ptr(0.0)}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(outs) != 2 {
+		t.Fatalf("%d outputs", len(outs))
+	}
+	for _, out := range outs {
+		first := firstOutput(t, out)
+		if ids, _ := first["token_ids"].([]any); len(ids) != 6 || first["finish_reason"] != "length" {
+			t.Fatalf("output %v", first)
+		}
+	}
+}
+
+func TestChatAndTokenize(t *testing.T) {
+	useShared(t)
+	ctx := context.Background()
+	outs, err := shared.Chat(ctx, sharedLLM, []map[string]any{{"role": "user", "content": "Say hi."}},
+		&ChatOptions{SamplingParams: &SamplingParams{MaxTokens: Ptr(4)}})
+	if err != nil || len(outs) != 1 || firstOutput(t, outs[0])["text"] == "" {
+		t.Fatalf("chat: %v %v", outs, err)
+	}
+	ids, err := shared.Tokenize(ctx, sharedLLM, "Hello world", &TokenizeOptions{AddSpecialTokens: Ptr(false)})
+	if err != nil || len(ids) < 2 {
+		t.Fatalf("tokenize: %v %v", ids, err)
+	}
+	if text, err := shared.Detokenize(ctx, sharedLLM, ids, nil); err != nil || text != "Hello world" {
+		t.Fatalf("detokenize: %q %v", text, err)
+	}
+}
+
+func TestValidationErrors(t *testing.T) {
+	useShared(t)
+	ctx := context.Background()
+	_, err := shared.Generate(ctx, sharedLLM, "x", &GenerateOptions{SamplingParams: &SamplingParams{TopP: Ptr(3.0)}})
+	if e := expectCode(t, err, "invalid_params"); e.Details["field"] != "sampling_params.top_p" {
+		t.Fatalf("field %v", e.Details)
+	}
+	_, err = shared.Generate(ctx, HandleRef("llm-404"), "x", nil)
+	expectCode(t, err, "not_found") // the worker's answer
+	_, err = shared.Ping(ctx, nil, WithTimeoutProfile("no_such_profile"))
+	expectCode(t, err, "invalid_request")
+}
+
+func TestStreaming(t *testing.T) {
+	useShared(t)
+	s, err := shared.GenerateStream(context.Background(), sharedLLM, "Once upon a time",
+		&GenerateOptions{SamplingParams: &SamplingParams{MaxTokens: Ptr(6), Temperature: Ptr(0.0)}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer s.Close()
+	n := 0
+	for s.Next() {
+		if _, ok := firstOutput(t, s.Delta())["text"].(string); !ok {
+			t.Fatalf("delta %v", s.Delta())
+		}
+		n++
+	}
+	if err := s.Err(); err != nil || n != 6 {
+		t.Fatalf("%d deltas, err %v", n, err)
+	}
+	usage, _ := s.Summary()["usage"].(map[string]any)
+	if usage["completion_tokens"] != int64(6) {
+		t.Fatalf("summary %v", s.Summary())
+	}
+}
+
+func TestStreamCloseCancels(t *testing.T) {
+	useShared(t)
+	before := engineStat(t, "requests_aborted")
+	s, err := shared.GenerateStream(context.Background(), sharedLLM, "Count:", long())
+	if err != nil {
+		t.Fatal(err)
+	}
+	for i := 0; i < 2 && s.Next(); i++ {
+	}
+	s.Close()
+	if s.Next() {
+		t.Fatal("Next after Close")
+	}
+	expectCode(t, s.Err(), "cancelled")
+	if !waitFor(t, 10*time.Second, func() bool { return engineStat(t, "requests_aborted") > before }) {
+		t.Fatal("the worker did not abort the request")
+	}
+}
+
+func TestConcurrentCallsAreBatched(t *testing.T) {
+	useShared(t)
+	var wg sync.WaitGroup
+	errs := make(chan error, 32)
+	for i := 0; i < 32; i++ {
+		wg.Add(1)
+		go func(i int) {
+			defer wg.Done()
+			outs, err := shared.Generate(context.Background(), sharedLLM, fmt.Sprintf("Story %d:", i),
+				&GenerateOptions{SamplingParams: &SamplingParams{MaxTokens: Ptr(8), IgnoreEOS: Ptr(true)}})
+			if err == nil && len(outs) != 1 {
+				err = fmt.Errorf("%d outputs", len(outs))
+			}
+			errs <- err
+		}(i)
+	}
+	wg.Wait()
+	close(errs)
+	for err := range errs {
+		if err != nil {
+			t.Fatal(err)
+		}
+	}
+	if peak := engineStat(t, "max_num_running"); peak <= 1 {
+		t.Fatalf("max_num_running %d: calls were not batched", peak)
+	}
+}
+
+func TestContextCancel(t *testing.T) {
+	useShared(t)
+	before := engineStat(t, "requests_aborted")
+	ctx, cancel := context.WithCancel(context.Background())
+	time.AfterFunc(300*time.Millisecond, cancel)
+	_, err := shared.Generate(ctx, sharedLLM, "Abort me:", long())
+	expectCode(t, err, "cancelled")
+	if !errors.Is(err, context.Canceled) {
+		t.Fatalf("%v does not wrap context.Canceled", err)
+	}
+	if !waitFor(t, 10*time.Second, func() bool { return engineStat(t, "requests_aborted") > before }) {
+		t.Fatal("the worker did not abort the request")
+	}
+}
+
+func TestTimeout(t *testing.T) {
+	useShared(t)
+	started := time.Now()
+	_, err := shared.Generate(context.Background(), sharedLLM, "Slow:", long(), WithTimeout(300*time.Millisecond))
+	e := expectCode(t, err, "deadline_exceeded")
+	if e.Details["client_side"] == true || time.Since(started) > 5*time.Second {
+		t.Fatalf("not answered by the worker's deadline: %v after %s", e, time.Since(started))
+	}
+	// a context deadline travels to the worker as timeout_ms too
+	ctx, cancel := context.WithTimeout(context.Background(), 300*time.Millisecond)
+	defer cancel()
+	_, err = shared.Generate(ctx, sharedLLM, "Slow:", long())
+	expectCode(t, err, "deadline_exceeded")
+	if _, err := shared.Ping(context.Background(), nil); err != nil {
+		t.Fatalf("worker no longer serving: %v", err)
+	}
+}
+
+func TestWorkerCrashFailsPendingCalls(t *testing.T) {
+	ctx := context.Background()
+	w, err := startWorker(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer w.Close()
+	llm, err := w.LLM(ctx, "smollm2", engineOptions())
+	if err != nil {
+		t.Fatal(err)
+	}
+	select {
+	case ev := <-w.Events():
+		if ev.Name != "model_loaded" {
+			t.Fatalf("event %+v", ev)
+		}
+	case <-time.After(5 * time.Second):
+		t.Fatal("no model_loaded event")
+	}
+	errs := make(chan error, 3)
+	for i := 0; i < 3; i++ {
+		go func() {
+			_, err := w.Generate(ctx, llm, "Crash:", long())
+			errs <- err
+		}()
+	}
+	time.Sleep(300 * time.Millisecond)
+	if err := syscall.Kill(w.Hello().PID, syscall.SIGKILL); err != nil {
+		t.Fatal(err)
+	}
+	for i := 0; i < 3; i++ {
+		expectCode(t, <-errs, "worker_exited")
+	}
+	_, err = w.Ping(ctx, nil)
+	expectCode(t, err, "worker_exited")
+}
+
+func TestWedgedWorkerIsKilled(t *testing.T) {
+	w, err := Start(context.Background(), Options{Stderr: io.Discard, Grace: 500 * time.Millisecond})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer w.Close()
+	if err := syscall.Kill(w.Hello().PID, syscall.SIGSTOP); err != nil {
+		t.Fatal(err)
+	}
+	_, err = w.Ping(context.Background(), nil, WithTimeout(200*time.Millisecond))
+	if e := expectCode(t, err, "deadline_exceeded"); e.Details["client_side"] != true {
+		t.Fatalf("not the client's deadline: %v", e)
+	}
+	select { // the ping probe goes unanswered: the group is killed
+	case <-w.Done():
+	case <-time.After(10 * time.Second):
+		t.Fatal("the wedged worker was not killed")
+	}
+	if groupAlive(w.PGID()) {
+		t.Fatal("the group survived")
+	}
+	_, err = w.Ping(context.Background(), nil)
+	expectCode(t, err, "worker_exited")
+}
+
+func TestCloseLeavesNoProcess(t *testing.T) {
+	w, err := startWorker(context.Background())
+	if err != nil {
+		t.Fatal(err)
+	}
+	pgid := w.PGID()
+	if !groupAlive(pgid) {
+		t.Fatal("no group before Close")
+	}
+	if err := w.Close(); err != nil {
+		t.Fatal(err)
+	}
+	if groupAlive(pgid) {
+		t.Fatal("the worker's process group survived Close")
+	}
+	_, err = w.Ping(context.Background(), nil)
+	expectCode(t, err, "shutting_down")
+	w.Close() // idempotent
+}
+
+// TestHelperHost is not a test: TestNoWorkerOutlivesAKilledHost runs the test binary as a host process that
+// starts a worker, prints its pgid and waits to be killed.
+func TestHelperHost(t *testing.T) {
+	if os.Getenv("LMPORT_TEST_HOST") != "1" {
+		t.Skip("helper process")
+	}
+	w, err := startWorker(context.Background())
+	if err != nil {
+		t.Fatal(err)
+	}
+	fmt.Println(w.PGID())
+	select {}
+}
+
+func TestNoWorkerOutlivesAKilledHost(t *testing.T) {
+	host := exec.Command(os.Args[0], "-test.run=^TestHelperHost$")
+	host.Env = append(os.Environ(), "LMPORT_TEST_HOST=1")
+	stdout, err := host.StdoutPipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := host.Start(); err != nil {
+		t.Fatal(err)
+	}
+	var pgid int
+	if _, err := fmt.Fscan(stdout, &pgid); err != nil {
+		t.Fatalf("no pgid from the host: %v", err)
+	}
+	if !groupAlive(pgid) {
+		t.Fatal("the worker is not running")
+	}
+	_ = host.Process.Kill() // SIGKILL: no chance to clean up
+	_ = host.Wait()
+	if !waitFor(t, 10*time.Second, func() bool { return !groupAlive(pgid) }) {
+		syscall.Kill(-pgid, syscall.SIGKILL)
+		t.Fatal("the worker outlived its host")
+	}
+}

@@ -1,0 +1,88 @@
+"""The manifest is derived from the Python definitions, complete, and safe for every client language."""
+
+from __future__ import annotations
+
+import inspect
+
+import msgpack
+
+from bridge import manifest, protocol, service
+from bridge.protocol import Handle
+from engine.config import option_schema
+from engine.sampling_params import sampling_params_schema
+
+VOCABULARY = {"str", "int", "float", "bool", "any", "dict", "handle", "list", "list[int]", "list[str]", "list[dict]",
+              "list[float]", "null"}
+
+
+def test_methods_come_from_the_service_signatures():
+    built = manifest.build_manifest()
+    by_name = {m["name"]: m for m in built["methods"]}
+    assert list(by_name) == list(service.METHODS)
+    for name, spec in service.METHODS.items():
+        entry = by_name[name]
+        assert entry["doc"] and entry["returns"]["doc"], name
+        assert entry["streaming"] == spec.streaming and entry["timeout_profile"] == spec.timeout_profile
+        if spec.options is None:
+            names = [p for p in inspect.signature(spec.func).parameters if p not in ("self", "call")]
+            assert [p["name"] for p in entry["params"]] == names
+            assert all(p["doc"] for p in entry["params"]), name
+    assert by_name["generate"]["params"][0] == {"name": "llm", "type": "handle", "required": True,
+                                                "doc": "the LLM handle (map or ref string)."}
+    assert by_name["generate"]["timeout_profile"] == "ml_inference" and by_name["ping"]["timeout_profile"] == "default"
+
+
+def test_option_schemas_are_the_engine_definitions():
+    built = manifest.build_manifest()
+    assert built["schemas"]["EngineOptions"] == option_schema()
+    sampling = sampling_params_schema()
+    assert [f["name"] for f in built["schemas"]["SamplingParams"]] == [f["name"] for f in sampling]
+    assert {m["name"]: m["params"] for m in built["methods"]}["llm"] == built["schemas"]["EngineOptions"]
+    assert [e["code"] for e in built["error_codes"]] == list(protocol.ERROR_CODES)
+    assert built["timeout_profiles"] == protocol.TIMEOUT_PROFILES
+
+
+def _walk(value):
+    yield value
+    if isinstance(value, dict):
+        for v in value.values():
+            yield from _walk(v)
+    elif isinstance(value, list):
+        for v in value:
+            yield from _walk(v)
+
+
+def test_manifest_is_wire_safe_and_uses_the_type_vocabulary():
+    built = manifest.build_manifest()
+    assert msgpack.unpackb(msgpack.packb(built), raw=False) == built
+    assert all(abs(v) <= protocol.MAX_SAFE_INT for v in _walk(built) if isinstance(v, int))
+    fields = [p for m in built["methods"] for p in m["params"]] + \
+        [f for s in built["schemas"].values() for f in s]
+    for field in fields:
+        assert set(field["type"].split("|")) <= VOCABULARY, field
+
+
+def test_a_new_method_appears_from_its_definition_alone(monkeypatch):
+    monkeypatch.setattr(service, "METHODS", dict(service.METHODS))
+
+    @service.rpc("batch_job")
+    def embed(self, llm: Handle, inputs: list[str], normalize: bool = True) -> list[dict]:
+        """Pool embeddings for texts.
+
+        Args:
+            llm: the LLM handle.
+            inputs: the texts,
+                one per vector.
+            normalize: scale each vector to unit length.
+        Returns:
+            One vector per input.
+        """
+
+    entry = next(m for m in manifest.build_manifest()["methods"] if m["name"] == "embed")
+    assert entry == {"name": "embed", "doc": "Pool embeddings for texts.", "streaming": False,
+                     "timeout_profile": "batch_job", "returns": {"type": "list[dict]", "doc": "One vector per input."},
+                     "params": [{"name": "llm", "type": "handle", "required": True, "doc": "the LLM handle."},
+                                {"name": "inputs", "type": "list[str]", "required": True,
+                                 "doc": "the texts, one per vector."},
+                                {"name": "normalize", "type": "bool", "required": False, "default": True,
+                                 "doc": "scale each vector to unit length."}]}

@@ -1,0 +1,100 @@
+"""bridge.service in-process (no transport, no model): calls, deadlines, error mapping, the asyncio adapters."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+
+import pytest
+
+from bridge.protocol import BridgeError
+from bridge.service import Call, Service
+from engine.errors import InvalidParams, ModelNotFound, OutOfKVCache
+from engine.llm import EngineDead
+
+
+def run_call(service: Service, method: str, params: dict | None = None, **options):
+    outcome = {}
+    done = threading.Event()
+
+    def on_done(result, error):
+        outcome.update(result=result, error=error)
+        done.set()
+
+    service.submit(Call("t", method, params or {}, on_done=on_done, **options))
+    assert done.wait(10)
+    return outcome["result"], outcome["error"]
+
+
+def test_submit_answers_exactly_once_with_result_or_error():
+    service = Service()
+    result, error = run_call(service, "ping", {"n": 3})
+    assert error is None and result["n"] == 3
+    result, error = run_call(service, "ping", {"n": 3.5})
+    assert result is None and error.code == "invalid_params" and error.details == {"field": "n"}
+    _, error = run_call(service, "ping", stream=True)
+    assert error.code == "invalid_request"
+    _, error = run_call(service, "nope")
+    assert error.code == "method_not_found"
+    assert service.stats()["service"]["requests_total"] == 4
+
+
+def test_a_call_past_its_deadline_answers_deadline_exceeded_and_a_late_result_is_dropped():
+    service = Service()
+    outcomes = []
+    call = Call("slow", "ping", {}, timeout_ms=50, on_done=lambda r, e: outcomes.append((r, e)))
+    call.received -= 1.0  # it waited a second to be admitted
+    service.submit(call)
+    assert len(outcomes) == 1 and outcomes[0][1].code == "deadline_exceeded"
+    assert call.finish("late") is False and len(outcomes) == 1
+
+
+def test_finished_calls_do_not_accumulate_in_the_deadline_heap():
+    service = Service()
+    for i in range(5000):
+        run_call(service, "ping", {"n": i})
+    assert len(service._deadlines._heap) < 3000
+
+
+def test_cancel_before_any_engine_work_answers_at_once():
+    service = Service()
+    outcomes = []
+    call = Call("c", "ping", {}, on_done=lambda r, e: outcomes.append(e))
+    call.cancel()
+    call.cancel()
+    service.submit(call)  # already finished: nothing runs, nothing more is answered
+    assert [e.code for e in outcomes] == ["cancelled"]
+
+
+@pytest.mark.parametrize("exc, code, field", [
+    (InvalidParams("top_p", "must be in (0, 1]"), "invalid_params", "top_p"),
+    (ModelNotFound("no model 'x'"), "not_found", "model"),
+    (OutOfKVCache("too small"), "out_of_memory", None),
+    (EngineDead("step failed"), "engine_error", None),
+    (RuntimeError("boom"), "internal", None),
+])
+def test_exceptions_map_onto_error_codes(exc, code, field):
+    try:
+        raise exc
+    except Exception as raised:  # noqa: BLE001
+        error = Service(debug=True).to_bridge_error(raised)
+        quiet = Service().to_bridge_error(raised)
+    assert error.code == code and (error.details or {}).get("field") == field
+    assert error.python_type == f"{type(exc).__module__}.{type(exc).__qualname__}"
+    assert "Traceback" in error.traceback and "raise exc" in error.traceback
+    assert quiet.traceback is None and quiet.python_type == error.python_type
+
+
+def test_asyncio_adapters():
+    async def main():
+        service = Service()
+        pong = await service.acall("ping", {"n": 4})
+        with pytest.raises(BridgeError) as info:
+            await service.acall("tokenize", {"llm": "llm-1", "text": "x"})
+        stream = service.astream("generate", {"llm": "llm-1", "prompts": "x"})
+        with pytest.raises(BridgeError) as streamed:
+            async for _ in stream:
+                pass
+        return pong, info.value.code, streamed.value.code
+
+    assert asyncio.run(main()) == ({"n": 4, "time": pytest.approx(0, abs=1e10)}, "not_found", "not_found")
