@@ -17,8 +17,7 @@ def build_manifest(timeout_profiles: dict[str, int] | None = None) -> dict[str, 
     from engine.config import option_schema
     from engine.sampling_params import sampling_params_schema
 
-    schemas = {"SamplingParams": [_wire_safe(f) for f in sampling_params_schema()],
-               "EngineOptions": [_wire_safe(f) for f in option_schema()]}
+    schemas = {"SamplingParams": sampling_params_schema(), "EngineOptions": option_schema()}
     methods = []
     for spec in method_specs().values():
         params = schemas[spec.options] if spec.options else [_param(p) for p in spec.params]
@@ -36,12 +35,3 @@ def _param(p: Any) -> dict[str, Any]:
     if not p.required:
         entry["default"] = p.default
     return entry
-
-
-def _wire_safe(entry: dict[str, Any]) -> dict[str, Any]:
-    """Bounds beyond +-2^53 (a 64-bit seed) become +-2^53-1: no wire integer can exceed them anyway."""
-    out = dict(entry)
-    for key in ("min", "max"):
-        if isinstance(out.get(key), int) and abs(out[key]) > MAX_SAFE_INT:
-            out[key] = MAX_SAFE_INT if out[key] > 0 else -MAX_SAFE_INT
-    return out
