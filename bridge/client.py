@@ -235,6 +235,22 @@ def _params(**values: Any) -> dict[str, Any]:
 class _Methods:
     """The RPC methods, shared by both faces: _invoke returns a value (Client) or an awaitable (AsyncClient)."""
 
+    def __init__(self, transport: _Transport, grace: float) -> None:
+        self._transport = transport
+        self.grace = grace
+
+    @property
+    def hello(self) -> dict[str, Any]:
+        return self._transport.hello
+
+    @property
+    def process(self) -> subprocess.Popen[bytes]:
+        return self._transport.process
+
+    def call(self, method: str, params: dict[str, Any] | None = None, *, timeout: float | None = None,
+             timeout_profile: str | None = None) -> Any:
+        return self._invoke(method, params or {}, timeout=timeout, timeout_profile=timeout_profile)
+
     def _invoke(self, method: str, params: dict[str, Any], *, stream: bool = False, timeout: float | None = None,
                 timeout_profile: str | None = None) -> Any:
         raise NotImplementedError
@@ -291,10 +307,6 @@ class _Methods:
 class Client(_Methods):
     """Synchronous client; thread-safe (many threads may call at once — that is how requests get batched)."""
 
-    def __init__(self, transport: _Transport, grace: float) -> None:
-        self._transport = transport
-        self.grace = grace
-
     @classmethod
     def spawn(cls, *worker_args: str, python: str | None = None, env: dict[str, str] | None = None,
               cwd: str | None = None, stderr: Any = None, startup_timeout: float = 60.0, grace: float = 5.0,
@@ -303,18 +315,6 @@ class Client(_Methods):
         transport = _Transport(_spawn_process(worker_args, python, env, cwd, stderr), on_event, deadline_grace)
         transport.wait_hello(startup_timeout)
         return cls(transport, grace)
-
-    @property
-    def hello(self) -> dict[str, Any]:
-        return self._transport.hello
-
-    @property
-    def process(self) -> subprocess.Popen[bytes]:
-        return self._transport.process
-
-    def call(self, method: str, params: dict[str, Any] | None = None, *, timeout: float | None = None,
-             timeout_profile: str | None = None) -> Any:
-        return self._invoke(method, params or {}, timeout=timeout, timeout_profile=timeout_profile)
 
     def _invoke(self, method: str, params: dict[str, Any], *, stream: bool = False, timeout: float | None = None,
                 timeout_profile: str | None = None) -> Any:
@@ -389,10 +389,6 @@ class Stream:
 class AsyncClient(_Methods):
     """asyncio face over the same transport; cancelling an awaiting task cancels its request in the worker."""
 
-    def __init__(self, transport: _Transport, grace: float) -> None:
-        self._transport = transport
-        self.grace = grace
-
     @classmethod
     async def spawn(cls, *worker_args: str, python: str | None = None, env: dict[str, str] | None = None,
                     cwd: str | None = None, stderr: Any = None, startup_timeout: float = 60.0, grace: float = 5.0,
@@ -401,18 +397,6 @@ class AsyncClient(_Methods):
         transport = _Transport(_spawn_process(worker_args, python, env, cwd, stderr), on_event, deadline_grace)
         await loop.run_in_executor(None, transport.wait_hello, startup_timeout)
         return cls(transport, grace)
-
-    @property
-    def hello(self) -> dict[str, Any]:
-        return self._transport.hello
-
-    @property
-    def process(self) -> subprocess.Popen[bytes]:
-        return self._transport.process
-
-    def call(self, method: str, params: dict[str, Any] | None = None, *, timeout: float | None = None,
-             timeout_profile: str | None = None) -> Any:
-        return self._invoke(method, params or {}, timeout=timeout, timeout_profile=timeout_profile)
 
     def _invoke(self, method: str, params: dict[str, Any], *, stream: bool = False, timeout: float | None = None,
                 timeout_profile: str | None = None) -> Any:

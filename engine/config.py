@@ -64,12 +64,7 @@ class EngineConfig:
 
     @classmethod
     def from_dict(cls, options: dict[str, Any]) -> EngineConfig:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(options) - known)
-        if unknown:
-            close = difflib.get_close_matches(unknown[0], known, n=1)
-            hint = f"; did you mean {close[0]!r}?" if close else f"; known options: {', '.join(sorted(known))}"
-            raise InvalidParams(unknown[0], f"unknown engine option{hint}")
+        reject_unknown_keys(options, cls, "engine option")
         return cls(**options)
 
     def to_dict(self) -> dict[str, Any]:
@@ -77,6 +72,16 @@ class EngineConfig:
 
     def replace(self, **changes: Any) -> EngineConfig:
         return dataclasses.replace(self, **changes)
+
+
+def reject_unknown_keys(given: dict[str, Any], owner: type, what: str) -> None:
+    """A typo must never be silently ignored: name the first unknown key and suggest the closest known one."""
+    known = {f.name for f in dataclasses.fields(owner)}
+    unknown = sorted(set(given) - known)
+    if unknown:
+        close = difflib.get_close_matches(unknown[0], known, n=1)
+        hint = f"did you mean {close[0]!r}?" if close else f"known: {', '.join(sorted(known))}"
+        raise InvalidParams(unknown[0], f"unknown {what}; {hint}")
 
 
 # --- schema derivation (SamplingParams uses the same helpers) ---

@@ -7,7 +7,6 @@ Each field's metadata (doc, min, max, choices) is the single source of truth for
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import enum
 import json
 import math
@@ -15,7 +14,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from engine.config import field_schema
+from engine.config import field_schema, reject_unknown_keys
 from engine.errors import InvalidParams
 
 GREEDY_EPS = 1e-5  # temperature below this means greedy (argmax) sampling, as in vLLM
@@ -161,12 +160,7 @@ class SamplingParams:
     @classmethod
     def from_dict(cls, params: dict[str, Any]) -> SamplingParams:
         """Build from plain data; unknown keys are rejected by name, and None means "the default"."""
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(params) - known)
-        if unknown:
-            close = difflib.get_close_matches(unknown[0], known, n=1)
-            hint = f"did you mean {close[0]!r}?" if close else f"known parameters: {', '.join(sorted(known))}"
-            raise InvalidParams(unknown[0], f"unknown sampling parameter; {hint}")
+        reject_unknown_keys(params, cls, "sampling parameter")
         return cls(**{k: v for k, v in params.items() if v is not None})
 
     def to_dict(self) -> dict[str, Any]:
