@@ -62,13 +62,7 @@ class RequestStream:
 
 class LLM:
     def __init__(self, model: str = "smollm2", **engine_options: Any) -> None:
-        self.engine = LLMEngine(EngineConfig.from_dict({"model": model, **engine_options}))
-        # The options as resolved: "auto" dtype/device and the default max_model_len replaced by what was chosen.
-        self.config = self.engine.config.replace(dtype=str(self.engine.dtype).removeprefix("torch."),
-                                                 device=str(self.engine.device), max_model_len=self.engine.max_model_len)
-        self.tokenizer = self.engine.tokenizer
-        self.max_model_len = self.engine.max_model_len
-        self.num_kv_blocks = self.engine.block_manager.num_blocks
+        config = EngineConfig.from_dict({"model": model, **engine_options})
         self._ids = itertools.count()
         self._lock = threading.Condition()
         self._tokenizer_lock = threading.Lock()  # HF fast tokenizers are not safe to share across threads
@@ -76,8 +70,24 @@ class LLM:
         self._error_callbacks: dict[str, Callable[[BaseException], None]] = {}
         self._dead: BaseException | None = None
         self._stopping = False
-        self._thread = threading.Thread(target=self._loop, name="lmport-engine", daemon=True)
+        # The engine thread loads the model too, so every parallel torch op runs on one long-lived thread: when the
+        # first one runs on a thread that later exits (a request handler's, say), the OpenMP pool it started keeps
+        # competing with the engine and every step becomes many times slower.
+        loaded: list[LLMEngine | BaseException] = []
+        ready = threading.Event()
+        self._thread = threading.Thread(target=self._run, args=(config, loaded, ready), name="lmport-engine",
+                                        daemon=True)
         self._thread.start()
+        ready.wait()
+        if isinstance(loaded[0], BaseException):
+            raise loaded[0]
+        self.engine = loaded[0]
+        # The options as resolved: "auto" dtype/device and the default max_model_len replaced by what was chosen.
+        self.config = self.engine.config.replace(dtype=str(self.engine.dtype).removeprefix("torch."),
+                                                 device=str(self.engine.device), max_model_len=self.engine.max_model_len)
+        self.tokenizer = self.engine.tokenizer
+        self.max_model_len = self.engine.max_model_len
+        self.num_kv_blocks = self.engine.block_manager.num_blocks
 
     # --- streaming front ---
 
@@ -139,8 +149,17 @@ class LLM:
     def __exit__(self, *exc: object) -> None:
         self.shutdown()
 
-    def _loop(self) -> None:
-        engine = self.engine
+    def _run(self, config: EngineConfig, loaded: list[LLMEngine | BaseException], ready: threading.Event) -> None:
+        try:
+            loaded.append(LLMEngine(config))
+        except BaseException as exc:  # noqa: BLE001 — re-raised in the constructing thread
+            loaded.append(exc)
+            return
+        finally:
+            ready.set()
+        self._loop(loaded[0])
+
+    def _loop(self, engine: LLMEngine) -> None:
         while True:
             with self._lock:
                 while not self._commands and not engine.has_work() and not self._stopping:

@@ -47,9 +47,10 @@ def paged_attention_prefill(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
                                                   seq_lens.tolist())):
         num_blocks = -(-seq_len // block_size)
         table = block_tables[s, :num_blocks]
-        keys = _gather_blocks(k_cache, table[None])[0, :seq_len].transpose(0, 1)  # [Hkv, L, D]
-        values = _gather_blocks(v_cache, table[None])[0, :seq_len].transpose(0, 1)
-        query = q[start:end].transpose(0, 1)  # [Hq, n, D]
+        # 4-D inputs ([1, heads, len, D]): on CPU, 3-D ones fall back to SDPA's unfused math path (~7x slower).
+        keys = _gather_blocks(k_cache, table[None])[:, :seq_len].transpose(1, 2)  # [1, Hkv, L, D]
+        values = _gather_blocks(v_cache, table[None])[:, :seq_len].transpose(1, 2)
+        query = q[start:end].transpose(0, 1)[None]  # [1, Hq, n, D]
         num_queries = end - start
         if num_queries == seq_len:
             attn = F.scaled_dot_product_attention(query, keys, values, is_causal=True, scale=scale, enable_gqa=True)
@@ -57,7 +58,7 @@ def paged_attention_prefill(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
             rows = torch.arange(num_queries, device=q.device)[:, None] + (seq_len - num_queries)
             mask = torch.arange(seq_len, device=q.device)[None, :] <= rows
             attn = F.scaled_dot_product_attention(query, keys, values, attn_mask=mask, scale=scale, enable_gqa=True)
-        out[start:end] = attn.transpose(0, 1)
+        out[start:end] = attn[0].transpose(0, 1)
     return out
 
 

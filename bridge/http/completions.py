@@ -1,0 +1,111 @@
+"""POST /v1/completions: prompts (text, texts, token ids, lists of token ids) -> OpenAI `text_completion` objects,
+whole or streamed as server-sent events."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Any
+
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+
+from bridge.http import sse
+from bridge.http.errors import from_engine_error
+from bridge.http.logprobs import CompletionLogprobs
+from bridge.http.protocol import CompletionRequest
+from bridge.http.state import Admitted, ServerState
+
+CLIENT_CLOSED = 499  # nginx's "client closed request": nobody reads it, but access logs show what happened
+
+
+async def create_completion(body: CompletionRequest, request: Request, state: ServerState, identity: str) -> Response:
+    model = state.check_model(body.model)
+    state.require_ready()
+    sampling = state.sampling(body.sampling())
+    texts = body.prompts()
+    prompts = [await state.tokenize(p) if isinstance(p, str) else p for p in texts]
+    sampling = state.fit(prompts, sampling, "prompt", "max_tokens", body.max_tokens is not None)
+    admitted = await state.admit(identity, prompts, sampling, "cmpl", {"prompts": "prompt"})
+    admitted.generation.watch(request.receive)
+    view = _View(body, model, admitted, state, texts, prompts)
+    if body.stream:
+        return StreamingResponse(view.stream(), media_type=sse.MEDIA_TYPE, headers=sse.HEADERS)
+    try:
+        results = await admitted.generation.collect()
+    finally:
+        state.release(admitted)
+    if admitted.generation.client_gone:
+        return Response(status_code=CLIENT_CLOSED)
+    return JSONResponse(view.whole(results))
+
+
+class _View:
+    """Turns engine outputs into this endpoint's JSON, keeping per-choice state across stream chunks."""
+
+    def __init__(self, body: CompletionRequest, model: str, admitted: Admitted, state: ServerState,
+                 texts: list[str | list[int]], prompts: list[list[int]]) -> None:
+        self.body = body
+        self.model = model
+        self.admitted = admitted
+        self.state = state
+        self.texts = texts
+        self.prompts = prompts
+        self.n = body.n
+        self.logprob_builders: dict[int, CompletionLogprobs] = {}
+        self.started: set[int] = set()
+
+    def _decode(self, token_id: int) -> str:
+        return self.state.backend.detokenize([token_id])
+
+    def _envelope(self, choices: list[dict[str, Any]]) -> dict[str, Any]:
+        return {"id": self.admitted.request_id, "object": "text_completion", "created": self.admitted.created,
+                "model": self.model, "choices": choices}
+
+    def _prompt_text(self, prompt_index: int) -> str:
+        text = self.texts[prompt_index]
+        return text if isinstance(text, str) else self.state.backend.detokenize(text)
+
+    def _choice(self, prompt_index: int, out: dict[str, Any], prompt_logprobs: list[Any] | None) -> dict[str, Any]:
+        """One choice (whole, or the next chunk of it); the echoed prompt goes before its first text."""
+        index = prompt_index * self.n + out["index"]
+        text = out["text"]
+        logprobs = None
+        first = index not in self.started
+        self.started.add(index)
+        if self.body.logprobs is not None:
+            builder = self.logprob_builders.setdefault(index, CompletionLogprobs(self.body.logprobs, self._decode))
+            logprobs = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+            if first and self.body.echo:
+                positions = prompt_logprobs or [None] * len(self.prompts[prompt_index])
+                logprobs = builder.build(self.prompts[prompt_index], positions)
+            tail = builder.build(out["token_ids"], out.get("logprobs") or [None] * len(out["token_ids"]))
+            logprobs = {key: logprobs[key] + tail[key] for key in tail}
+        if first and self.body.echo:
+            text = self._prompt_text(prompt_index) + text
+        return {"index": index, "text": text, "logprobs": logprobs, "finish_reason": out.get("finish_reason"),
+                "stop_reason": out.get("stop_reason")}
+
+    def whole(self, results: list[dict[str, Any]]) -> dict[str, Any]:
+        choices = [self._choice(p, out, result.get("prompt_logprobs"))
+                   for p, result in enumerate(results) for out in result["outputs"]]
+        choices.sort(key=lambda c: c["index"])
+        return {**self._envelope(choices), "usage": self.admitted.generation.usage.to_dict()}
+
+    async def stream(self) -> AsyncIterator[bytes]:
+        generation = self.admitted.generation
+        usage_field = {"usage": None} if self.body.include_usage else {}
+        try:
+            async for chunk in generation.chunks():
+                for out in chunk.data["outputs"]:
+                    choice = self._choice(chunk.data["index"], out, chunk.data.get("prompt_logprobs"))
+                    if choice["text"] or choice["finish_reason"] or out["token_ids"]:
+                        yield sse.event({**self._envelope([choice]), **usage_field})
+            if generation.client_gone:
+                return
+            if self.body.include_usage:
+                yield sse.event({**self._envelope([]), "usage": generation.usage.to_dict()})
+        except Exception as exc:  # noqa: BLE001 — headers are gone: the error travels as an event
+            yield sse.event(from_engine_error(exc).body())
+        finally:
+            self.state.release(self.admitted)
+        yield sse.DONE

@@ -1,0 +1,81 @@
+"""`lmport serve`: the OpenAI-compatible HTTP server (FastAPI on uvicorn) over the bridge service."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import threading
+import time
+from typing import TYPE_CHECKING
+
+from bridge.http import config
+
+if TYPE_CHECKING:
+    from bridge.http.generation import Backend
+
+logger = logging.getLogger("lmport.http")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    config.add_arguments(parser)
+
+
+def run(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from bridge.http.app import build_app
+    from engine.errors import InvalidParams
+
+    flags = {k: v for k, v in vars(args).items() if k not in ("command", "module", "log_level")}
+    try:
+        settings = config.load_settings(flags)
+    except InvalidParams as exc:
+        print(f"lmport serve: {exc}", file=sys.stderr)
+        return 2
+    serve = settings.serve
+    logger.info("serving %s as %s on http://%s:%d", settings.model, settings.model_names, serve.host, serve.port)
+    uvicorn.run(build_app(settings), host=serve.host, port=serve.port, log_level=serve.uvicorn_log_level,
+                access_log=serve.access_log, timeout_graceful_shutdown=5)
+    return 0
+
+
+class RunningServer:
+    """A server on a background thread (tests, benchmarks, embedding in a Python program)."""
+
+    def __init__(self, settings: config.Settings, backend: Backend | None = None) -> None:
+        import socket
+
+        import uvicorn
+
+        from bridge.http.app import build_app
+
+        serve = settings.serve
+        self._socket = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self._socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self._socket.bind((serve.host, serve.port))  # port 0: the OS picks a free one
+        self.port = self._socket.getsockname()[1]
+        self.url = f"http://{serve.host}:{self.port}"
+        self.app = build_app(settings, backend)
+        self.state = self.app.state.lmport
+        self._server = uvicorn.Server(uvicorn.Config(self.app, log_level=serve.uvicorn_log_level,
+                                                     access_log=serve.access_log, timeout_graceful_shutdown=5))
+        self._thread = threading.Thread(target=self._server.run, kwargs={"sockets": [self._socket]},
+                                        name="lmport-http", daemon=True)
+        self._thread.start()
+
+    def wait_ready(self, timeout: float = 300.0) -> RunningServer:
+        """Block until the model is loaded (raises if loading failed)."""
+        end = time.monotonic() + timeout
+        while not self.state.ready:
+            if self.state.load_error:
+                raise RuntimeError(self.state.load_error)
+            if time.monotonic() > end:
+                raise TimeoutError(f"the model did not load within {timeout} s")
+            time.sleep(0.05)
+        return self
+
+    def stop(self) -> None:
+        self._server.should_exit = True
+        self._thread.join(timeout=30)
+        self._socket.close()

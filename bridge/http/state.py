@@ -1,0 +1,135 @@
+"""The server's shared state and the admission steps every generation endpoint takes in the same order:
+authenticate -> model known -> engine ready -> sampling fields valid -> prompts fit -> rate limit -> submit."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+from starlette.requests import HTTPConnection
+
+from bridge.http.auth import KeyChecker
+from bridge.http.config import Settings
+from bridge.http.errors import APIError, bad_request, from_engine_error, model_not_found, not_ready, rate_limited, \
+    too_large
+from bridge.http.generation import Backend, Generation
+from bridge.http.metrics import ServerMetrics
+from bridge.http.ratelimit import RateLimiter
+
+logger = logging.getLogger("lmport.http")
+
+
+@dataclass(slots=True)
+class Admitted:
+    """A submitted generation and what it reserved from the rate limiter (refunded down to its usage)."""
+    generation: Generation
+    identity: str
+    reserved_tokens: int
+    request_id: str
+    created: int
+
+
+class ServerState:
+    def __init__(self, settings: Settings, backend: Backend) -> None:
+        self.settings = settings
+        self.backend = backend
+        self.model_names = settings.model_names
+        self.keys = KeyChecker(settings.serve.api_key)
+        self.limiter = RateLimiter(settings.serve.rate_limit_rpm, settings.serve.rate_limit_tpm)
+        self.ready = False
+        self.load_error: str | None = None
+        self.metrics = ServerMetrics(self.model_names[0], self.engine_stats)
+        self.started = time.time()
+
+    # --- lifecycle ---
+
+    def start_loading(self) -> None:
+        """Load the model on a thread, so /health answers 503 (not a refused connection) meanwhile."""
+        def load() -> None:
+            try:
+                self.backend.load()
+                self.ready = True
+                logger.info("model %s ready (max_model_len %d)", self.settings.model, self.backend.max_model_len)
+            except Exception as exc:  # noqa: BLE001 — reported by /health and every request, not a crash
+                logger.exception("loading the model failed")
+                self.load_error = f"{type(exc).__name__}: {exc}"
+
+        threading.Thread(target=load, name="lmport-load", daemon=True).start()
+
+    def engine_stats(self) -> dict[str, Any] | None:
+        return self.backend.stats() if self.ready else None
+
+    # --- admission ---
+
+    def identity(self, conn: HTTPConnection) -> str:
+        return self.keys.identity(conn.headers, conn.client.host if conn.client else None,
+                                  conn.query_params.get("api_key") if conn.scope["type"] == "websocket" else None)
+
+    def require_ready(self) -> None:
+        if self.load_error is not None:
+            raise APIError(503, f"The model failed to load: {self.load_error}", type="service_unavailable",
+                           code="model_load_failed")
+        if not self.ready:
+            raise not_ready()
+
+    def check_model(self, requested: str | None) -> str:
+        """The name to report in responses; 404 for a model this server does not serve."""
+        if requested is None or requested in self.model_names:
+            return self.model_names[0] if requested is None else requested
+        raise model_not_found(requested, self.model_names)
+
+    def sampling(self, fields: dict[str, Any], renames: dict[str, str] | None = None) -> dict[str, Any]:
+        try:
+            return self.backend.sampling_params(fields)
+        except Exception as exc:  # noqa: BLE001 — every validation failure becomes a 400 naming the field
+            raise from_engine_error(exc, renames) from None
+
+    async def tokenize(self, text: str) -> list[int]:
+        return await asyncio.to_thread(self.backend.tokenize, text)
+
+    def fit(self, prompts: list[list[int]], sampling: dict[str, Any], prompt_param: str,
+            max_tokens_param: str | None, max_tokens_given: bool) -> dict[str, Any]:
+        """413 for a prompt that cannot fit; 400 when prompt + max_tokens exceeds max_model_len (vLLM's rule);
+        without max_tokens, generation may run to the end of the context."""
+        limit = self.backend.max_model_len
+        longest = max(len(p) for p in prompts)
+        if longest >= limit:
+            raise too_large(prompt_param, f"This model's maximum context length is {limit} tokens; the prompt has "
+                                          f"{longest} tokens, which leaves no room for output.")
+        if not max_tokens_given:
+            return {**sampling, "max_tokens": limit - longest}
+        if longest + sampling["max_tokens"] > limit:
+            raise bad_request(max_tokens_param, f"This model's maximum context length is {limit} tokens; the prompt "
+                                                f"has {longest} tokens and {max_tokens_param} asks for "
+                                                f"{sampling['max_tokens']}, {longest + sampling['max_tokens']} in all.")
+        return sampling
+
+    async def admit(self, identity: str, prompts: list[list[int]], sampling: dict[str, Any], prefix: str,
+                    renames: dict[str, str] | None = None) -> Admitted:
+        """Charge the rate limiter (429 with Retry-After when over), then submit every prompt to the engine."""
+        cost = sum(len(p) for p in prompts) + sampling["max_tokens"] * sampling.get("n", 1) * len(prompts)
+        decision = self.limiter.acquire(identity, cost)
+        if not decision.allowed:
+            raise _rate_error(decision.limit, decision.retry_after_s)
+        generation = Generation(self.backend, self.metrics, prompts, sampling)
+        try:
+            await generation.start()
+        except Exception as exc:  # noqa: BLE001 — admission errors (bad token ids, ...) answer 4xx
+            self.limiter.refund(identity, cost)
+            raise from_engine_error(exc, renames) from None
+        return Admitted(generation, identity, cost, f"{prefix}-{uuid.uuid4().hex}", int(time.time()))
+
+    def release(self, admitted: Admitted) -> None:
+        usage = admitted.generation.usage
+        self.limiter.refund(admitted.identity, admitted.reserved_tokens - usage.prompt_tokens - usage.completion_tokens)
+
+
+def _rate_error(limit: str | None, retry_after_s: float) -> APIError:
+    return rate_limited(f"Rate limit reached for {limit} per minute; retry after {retry_after_s:.1f} s.",
+                        retry_after_s)
+

@@ -1,0 +1,91 @@
+"""Servers for the HTTP tests: the real app on uvicorn on a loopback port, over the real service (one model load,
+shared by every test module) or over a scripted backend with no model (fast tests of the HTTP layer)."""
+
+from __future__ import annotations
+
+import functools
+import threading
+from collections.abc import Callable
+from typing import Any
+
+from bridge.http.config import load_settings
+from bridge.http.server import RunningServer
+from engine.sampling_params import SamplingParams
+
+# small enough for a shared 2-core machine, big enough for 32 concurrent short requests
+TEST_ENGINE = {"model": "smollm2", "dtype": "float32", "max_model_len": 2048, "kv_cache_memory_bytes": 256 << 20}
+
+
+@functools.cache
+def shared_service() -> Any:
+    """One service for every test server; it keeps a handle of its own, so the engine outlives each server."""
+    from bridge.service import Service
+
+    service = Service()
+    service.llm(**TEST_ENGINE)
+    return service
+
+
+def model_server(**serve_options: Any) -> RunningServer:
+    """The real app over the shared service (the bundled model, loaded once per test session)."""
+    from bridge.http.backend import ServiceBackend
+
+    settings = load_settings({"port": 0, "uvicorn_log_level": "warning", **TEST_ENGINE, **serve_options}, environ={})
+    return RunningServer(settings, ServiceBackend(settings.engine, service=shared_service())).wait_ready()
+
+
+def fake_server(backend: FakeBackend | None = None, **serve_options: Any) -> tuple[RunningServer, FakeBackend]:
+    backend = backend or FakeBackend()
+    settings = load_settings({"port": 0, "uvicorn_log_level": "warning", **serve_options}, environ={})
+    return RunningServer(settings, backend), backend
+
+
+class FakeBackend:
+    """Tokens are characters; a generation answers 'x' per token at once. load() waits for `loaded` to be set
+    (so tests can watch the server while 'loading'). Sampling fields are validated by the real SamplingParams."""
+
+    max_model_len = 64
+
+    def __init__(self, loaded: bool = True) -> None:
+        self.loaded = threading.Event()
+        if loaded:
+            self.loaded.set()
+        self.submitted: list[tuple[list[list[int]], dict[str, Any]]] = []
+
+    def load(self) -> None:
+        self.loaded.wait(30)
+
+    def sampling_params(self, fields: dict[str, Any]) -> dict[str, Any]:
+        return SamplingParams.from_dict(fields).to_dict()
+
+    def tokenize(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        return [ord(c) for c in text]
+
+    def detokenize(self, token_ids: list[int]) -> str:
+        return "".join(chr(t) for t in token_ids)
+
+    def chat_token_ids(self, messages: list[dict[str, Any]], chat_template: str | None,
+                       add_generation_prompt: bool) -> list[int]:
+        return self.tokenize("".join(f"{m['role']}:{m.get('content') or ''};" for m in messages))
+
+    def submit(self, prompts: list[list[int]], sampling: dict[str, Any], on_chunk: Callable[[dict[str, Any]], None],
+               on_done: Callable[[Any, BaseException | None], None]) -> Callable[[], None]:
+        self.submitted.append((prompts, sampling))
+        requests = []
+        for index, _ in enumerate(prompts):
+            outputs = [{"index": i, "text": "x" * sampling["max_tokens"], "token_ids": [120] * sampling["max_tokens"],
+                        "finish_reason": "length", "stop_reason": None} for i in range(sampling["n"])]
+            on_chunk({"index": index, "outputs": outputs, "finished": True})
+            requests.append({"index": index, "num_cached_tokens": 0, "metrics": None,
+                             "outputs": [{"index": o["index"], "finish_reason": "length"} for o in outputs]})
+        on_done({"requests": requests}, None)
+        return lambda: None
+
+    def stats(self) -> dict[str, Any]:
+        return {"num_running": 0, "num_waiting": 0, "kv_cache_usage": 0.0, "prompt_tokens_total": 0}
+
+    def service_stats(self) -> dict[str, Any]:
+        return {"service": {}, "engines": []}
+
+    def close(self) -> None:
+        self.loaded.set()

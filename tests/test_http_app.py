@@ -1,0 +1,176 @@
+"""The HTTP layer on a real uvicorn server over a scripted backend (no model): loading, auth, CORS, limits, errors,
+rate limiting and the SSE framing, driven by httpx and the official openai client."""
+
+from __future__ import annotations
+
+import json
+
+import httpx
+import openai
+import pytest
+
+from tests.http_helpers import FakeBackend, fake_server
+
+CHAT = {"model": "smollm2", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3}
+
+
+@pytest.fixture(scope="module")
+def server():
+    running, _ = fake_server()
+    running.wait_ready()
+    yield running
+    running.stop()
+
+
+def test_health_is_503_while_loading_then_200() -> None:
+    running, backend = fake_server(FakeBackend(loaded=False))
+    try:
+        response = httpx.get(f"{running.url}/health")
+        assert response.status_code == 503
+        assert response.json() == {"status": "loading", "model": "smollm2", "ready": False}
+        refused = httpx.post(f"{running.url}/v1/chat/completions", json=CHAT)
+        assert refused.status_code == 503 and refused.headers["retry-after"] == "1"
+        assert refused.json()["error"]["code"] == "model_loading"
+        backend.loaded.set()
+        running.wait_ready(10)
+        assert httpx.get(f"{running.url}/health").json() == {"status": "ok", "model": "smollm2", "ready": True}
+    finally:
+        running.stop()
+
+
+def test_version_and_models(server) -> None:
+    assert httpx.get(f"{server.url}/version").json()["version"]
+    models = openai.OpenAI(base_url=f"{server.url}/v1", api_key="none").models.list()
+    assert [m.id for m in models.data] == ["smollm2"]
+
+
+def test_errors_name_the_parameter(server) -> None:
+    client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="none", max_retries=0)
+    cases = [({"temperature": 3.0}, "temperature"), ({"top_logprobs": 2}, "top_logprobs"),
+             ({"max_completion_tokens": 0}, "max_completion_tokens"), ({"n": "two"}, "n"),
+             ({"extra_body": {"tempurature": 1}}, "tempurature"), ({"max_tokens": 60}, "max_tokens")]
+    for extra, param in cases:
+        with pytest.raises(openai.BadRequestError) as err:
+            client.chat.completions.create(**{**CHAT, **extra})
+        assert err.value.param == param, (extra, err.value.body)
+        assert err.value.body["param"] == param and param in err.value.body["message"]
+    response = httpx.post(f"{server.url}/v1/completions", content=b"{not json", headers={"content-type":
+                                                                                         "application/json"})
+    assert response.status_code == 400 and "JSON" in response.json()["error"]["message"]
+    with pytest.raises(openai.NotFoundError) as err:
+        client.chat.completions.create(**{**CHAT, "model": "gpt-4"})
+    assert err.value.code == "model_not_found" and err.value.param == "model"
+
+
+def test_413_for_long_prompts_and_large_bodies() -> None:
+    running, _ = fake_server(max_body_bytes=2000)
+    try:
+        running.wait_ready()
+        long_prompt = httpx.post(f"{running.url}/v1/completions", json={"prompt": "y" * 100, "max_tokens": 1})
+        assert long_prompt.status_code == 413 and long_prompt.json()["error"]["param"] == "prompt"
+        big = httpx.post(f"{running.url}/v1/completions", json={"prompt": "y" * 5000})
+        assert big.status_code == 413 and big.json()["error"]["code"] == "request_too_large"
+
+        def chunked():
+            for _ in range(10):
+                yield b" " * 500
+        streamed = httpx.post(f"{running.url}/v1/completions", content=chunked(),
+                              headers={"content-type": "application/json"})
+        assert streamed.status_code == 413
+    finally:
+        running.stop()
+
+
+def test_api_keys_guard_v1_and_tokenize_but_not_health_or_metrics() -> None:
+    running, _ = fake_server(api_key=["k1", "k2"])
+    try:
+        running.wait_ready()
+        url = running.url
+        assert httpx.get(f"{url}/health").status_code == 200
+        assert httpx.get(f"{url}/metrics").status_code == 200
+        assert httpx.post(f"{url}/tokenize", json={"prompt": "ab"}).status_code == 401
+        assert httpx.post(f"{url}/tokenize", json={"prompt": "ab"},
+                          headers={"Authorization": "Bearer k2"}).json()["tokens"] == [97, 98]
+        with pytest.raises(openai.AuthenticationError):
+            openai.OpenAI(base_url=f"{url}/v1", api_key="wrong", max_retries=0).chat.completions.create(**CHAT)
+        reply = openai.OpenAI(base_url=f"{url}/v1", api_key="k1").chat.completions.create(**CHAT)
+        assert reply.choices[0].message.content == "xxx"
+    finally:
+        running.stop()
+
+
+def test_cors_preflight_answers_allowed_origin() -> None:
+    running, _ = fake_server(allowed_origins=["https://app.example"])
+    try:
+        running.wait_ready()
+        response = httpx.options(f"{running.url}/v1/chat/completions",
+                                 headers={"Origin": "https://app.example", "Access-Control-Request-Method": "POST"})
+        assert response.headers["access-control-allow-origin"] == "https://app.example"
+        other = httpx.options(f"{running.url}/v1/chat/completions",
+                              headers={"Origin": "https://evil.example", "Access-Control-Request-Method": "POST"})
+        assert "access-control-allow-origin" not in other.headers
+    finally:
+        running.stop()
+
+
+def test_rate_limits_answer_429_with_retry_after_per_key() -> None:
+    running, _ = fake_server(api_key=["a", "b"], rate_limit_rpm=2)
+    try:
+        running.wait_ready()
+        client_a = openai.OpenAI(base_url=f"{running.url}/v1", api_key="a", max_retries=0)
+        client_a.chat.completions.create(**CHAT)
+        client_a.chat.completions.create(**CHAT)
+        with pytest.raises(openai.RateLimitError) as err:
+            client_a.chat.completions.create(**CHAT)
+        assert int(err.value.response.headers["retry-after"]) >= 1
+        assert err.value.code == "rate_limit_exceeded"
+        openai.OpenAI(base_url=f"{running.url}/v1", api_key="b", max_retries=0).chat.completions.create(**CHAT)
+    finally:
+        running.stop()
+    running, _ = fake_server(rate_limit_tpm=30)
+    try:
+        running.wait_ready()
+        ok = httpx.post(f"{running.url}/v1/completions", json={"prompt": "abc", "max_tokens": 20})
+        assert ok.status_code == 200
+        over = httpx.post(f"{running.url}/v1/completions", json={"prompt": "abc", "max_tokens": 20})
+        assert over.status_code == 429 and "tokens" in over.json()["error"]["message"]
+    finally:
+        running.stop()
+
+
+def test_sse_stream_frames_role_content_usage_done(server) -> None:
+    with httpx.stream("POST", f"{server.url}/v1/chat/completions",
+                      json={**CHAT, "n": 2, "temperature": 1.0, "stream": True,
+                            "stream_options": {"include_usage": True}}) as response:
+        assert response.headers["content-type"].startswith("text/event-stream")
+        events = [line.removeprefix("data: ") for line in response.iter_lines() if line]
+    assert events[-1] == "[DONE]"
+    chunks = [json.loads(e) for e in events[:-1]]
+    assert [c["choices"][0]["delta"] for c in chunks[:2]] == [{"role": "assistant", "content": ""}] * 2
+    assert {c["choices"][0]["delta"].get("content") for c in chunks[2:4]} == {"xxx"}
+    assert chunks[-1]["choices"] == [] and chunks[-1]["usage"]["completion_tokens"] == 6
+    assert all(c["object"] == "chat.completion.chunk" and c["usage"] is None for c in chunks[:-1])
+
+
+def test_websocket_auth_by_header_or_query_key() -> None:
+    from websockets.exceptions import ConnectionClosed
+    from websockets.sync.client import connect
+
+    running, _ = fake_server(api_key=["k1"])
+    try:
+        running.wait_ready()
+        url = running.url.replace("http", "ws") + "/v1/chat/completions"
+        with connect(url) as ws:
+            assert json.loads(ws.recv(timeout=10))["error"]["code"] == "invalid_api_key"
+            with pytest.raises(ConnectionClosed) as closed:
+                ws.recv(timeout=10)
+            assert closed.value.rcvd.code == 1008
+        for kwargs, target in (({"additional_headers": {"Authorization": "Bearer k1"}}, url),
+                               ({}, url + "?api_key=k1")):
+            with connect(target, **kwargs) as ws:
+                ws.send(json.dumps(CHAT))
+                messages = [json.loads(ws.recv(timeout=10)) for _ in range(3)]
+                assert messages[1]["choices"][0]["delta"] == {"content": "xxx"}
+                assert messages[2]["object"] == "chat.completion.done"
+    finally:
+        running.stop()
