@@ -19,6 +19,7 @@ One reader thread serves both faces; results are plain data (dicts, lists, str).
 
 from __future__ import annotations
 
+import abc
 import asyncio
 import itertools
 import logging
@@ -232,7 +233,7 @@ def _params(**values: Any) -> dict[str, Any]:
     return {k: v for k, v in values.items() if v is not None}
 
 
-class _Methods:
+class _Methods(abc.ABC):
     """The RPC methods, shared by both faces: _invoke returns a value (Client) or an awaitable (AsyncClient)."""
 
     def __init__(self, transport: _Transport, grace: float) -> None:
@@ -251,9 +252,10 @@ class _Methods:
              timeout_profile: str | None = None) -> Any:
         return self._invoke(method, params or {}, timeout=timeout, timeout_profile=timeout_profile)
 
+    @abc.abstractmethod
     def _invoke(self, method: str, params: dict[str, Any], *, stream: bool = False, timeout: float | None = None,
                 timeout_profile: str | None = None) -> Any:
-        raise NotImplementedError
+        """Send one request: Client returns its result, AsyncClient an awaitable of it."""
 
     def describe(self, *, timeout: float | None = None) -> Any:
         return self._invoke("describe", {}, timeout=timeout)
