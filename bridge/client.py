@@ -61,7 +61,7 @@ class _Transport:
     def wait_hello(self, timeout: float) -> None:
         if not self._hello_ready.wait(timeout):
             self.kill()
-            raise BridgeError("worker_exited", f"the worker sent no hello within {timeout} s")
+            raise BridgeError("spawn_failed", f"the worker sent no hello within {timeout} s")
         if self._exited is not None and not self.hello:
             raise self._exited
         if self.hello.get("protocol") != protocol.PROTOCOL_VERSION:
@@ -166,7 +166,7 @@ class _Transport:
                 return
             expected = self._next_seq.get(request_id, 0)  # type: ignore[arg-type]
             if message.get("seq") != expected:
-                error = BridgeError("internal", f"chunk seq {message.get('seq')} of request {request_id} arrived "
+                error = BridgeError("protocol_error", f"chunk seq {message.get('seq')} of request {request_id} arrived "
                                                 f"where {expected} was expected")
                 self.cancel(request_id)  # type: ignore[arg-type]
                 put(("done", {"ok": False, "error": error.to_wire()}))

@@ -6,18 +6,18 @@ defmodule LMPort.ClientTest do
   @nobody :no_such_lmport_worker
 
   test "valid options pass validation and reach the transport" do
-    assert {:error, %LMPort.Error{code: "worker_unavailable"}} =
+    assert {:error, %LMPort.Error{code: "spawn_failed"}} =
              LMPort.generate(@nobody, "llm-1", "Hi",
                sampling_params: [temperature: 0, max_tokens: 4, stop: ["\n"]],
                timeout: 500
              )
 
-    assert {:error, %LMPort.Error{code: "worker_unavailable"}} =
+    assert {:error, %LMPort.Error{code: "spawn_failed"}} =
              LMPort.generate(@nobody, %{"ref" => "llm-1"}, ["a", "b"],
                sampling_params: [[max_tokens: 1], %{"max_tokens" => 2}]
              )
 
-    assert {:error, %LMPort.Error{code: "worker_unavailable"}} =
+    assert {:error, %LMPort.Error{code: "spawn_failed"}} =
              LMPort.llm(@nobody, "smollm2", dtype: :float32, max_num_seqs: 8)
   end
 
@@ -57,7 +57,7 @@ defmodule LMPort.ClientTest do
     # start_link's {:error, reason} comes with an exit signal from the failed GenServer.
     Process.flag(:trap_exit, true)
 
-    assert {:error, %LMPort.Error{code: "worker_unavailable", message: message}} =
+    assert {:error, %LMPort.Error{code: "spawn_failed", message: message}} =
              LMPort.Worker.start_link(python: "/nonexistent/python3")
 
     assert message =~ "/nonexistent/python3"
@@ -78,7 +78,7 @@ defmodule LMPort.ClientTest do
   test "a worker that does not speak lmport fails to start with a clear error" do
     Process.flag(:trap_exit, true)
 
-    assert {:error, %LMPort.Error{code: "worker_unavailable", message: message}} =
+    assert {:error, %LMPort.Error{code: "spawn_failed", message: message}} =
              LMPort.Worker.start_link(python: "/bin/false")
 
     assert message =~ "before hello"

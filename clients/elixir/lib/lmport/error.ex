@@ -3,10 +3,10 @@ defmodule LMPort.Error do
   Every failure the client reports: the worker's error codes (`"invalid_params"`, `"cancelled"`,
   `"deadline_exceeded"`, `"overloaded"`, ...) and the client's own:
 
-    * `"timeout"` — the client-side deadline (request timeout plus grace) passed without a response;
-      the request was cancelled in the worker.
+    * `"deadline_exceeded"` with `details["client_side"] == true` — the client-side deadline (request
+      timeout plus grace) passed without a response; the request was cancelled in the worker.
     * `"worker_exited"` — the worker process exited (or was killed) while the request was pending.
-    * `"worker_unavailable"` — the worker could not be started or is not running.
+    * `"spawn_failed"` — the worker could not be started (no Python, no hello) or is not running.
     * `"protocol_error"` — a frame could not be encoded or decoded.
 
   `details` holds the worker's `details` map (for `"invalid_params"`, `details["field"]` names the field).

@@ -43,7 +43,7 @@ defmodule LMPort.Python do
 
         {:error,
          LMPort.Error.new(
-           "worker_unavailable",
+           "spawn_failed",
            "no Python interpreter for the lmport worker; tried #{tried}. " <>
              "Pass python: \"/path/to/python\" or set LMPORT_PYTHON to a Python with lmport installed"
          )}
@@ -58,7 +58,7 @@ defmodule LMPort.Python do
       else:
         {:error,
          LMPort.Error.new(
-           "worker_unavailable",
+           "spawn_failed",
            "#{source} points at #{inspect(path)}, which is not an executable file"
          )}
   end

@@ -18,7 +18,7 @@ defmodule LMPort.Runner do
         raise error
 
       {:error, reason} ->
-        raise LMPort.Error.new("worker_unavailable", "cannot start the lmport worker: #{inspect(reason)}")
+        raise LMPort.Error.new("spawn_failed", "cannot start the lmport worker: #{inspect(reason)}")
     end
   end
 end

@@ -8,7 +8,7 @@ defmodule LMPort.Worker do
     * waits for `hello` in `init/1` and refuses a worker that speaks another protocol major version;
     * monitors every caller and sends `cancel` for its requests when the caller dies;
     * holds a client-side deadline per request (its timeout plus `:grace_ms`): on expiry it sends `cancel`,
-      answers the caller with `%LMPort.Error{code: "timeout"}` and pings the worker; a worker that does not
+      answers the caller with `%LMPort.Error{code: "deadline_exceeded", details: %{"client_side" => true}}` and pings the worker; a worker that does not
       answer the ping in time has its process group killed and the GenServer stops (its supervisor restarts it);
     * answers every pending caller with `%LMPort.Error{code: "worker_exited"}` when the worker exits, then stops;
     * on shutdown sends `shutdown`, waits `:grace_ms`, then `kill -TERM` and `kill -KILL` the worker's
@@ -150,7 +150,7 @@ defmodule LMPort.Worker do
     GenServer.call(server, msg, :infinity)
   catch
     :exit, {reason, _} when reason in [:noproc, :normal, :shutdown] or elem(reason, 0) == :shutdown ->
-      {:error, Error.new("worker_unavailable", "lmport worker #{inspect(server)} is not running")}
+      {:error, Error.new("spawn_failed", "lmport worker #{inspect(server)} is not running")}
 
     :exit, {reason, _} ->
       {:error, Error.new("worker_exited", "lmport worker exited: #{inspect(reason)}")}
@@ -213,7 +213,7 @@ defmodule LMPort.Worker do
 
     {:ok, Port.open({:spawn_executable, python}, port_opts)}
   rescue
-    e -> {:error, Error.new("worker_unavailable", "cannot start #{python}: #{Exception.message(e)}")}
+    e -> {:error, Error.new("spawn_failed", "cannot start #{python}: #{Exception.message(e)}")}
   end
 
   defp pythonpath(root) do
@@ -235,7 +235,7 @@ defmodule LMPort.Worker do
       {^port, {:exit_status, status}} ->
         {:error,
          Error.new(
-           "worker_unavailable",
+           "spawn_failed",
            "lmport worker exited with status #{status} before hello (see its stderr)"
          )}
     after
@@ -262,7 +262,7 @@ defmodule LMPort.Worker do
     {:os_pid, os_pid} = Port.info(port, :os_pid) || {:os_pid, nil}
     Port.close(port)
     if os_pid, do: ProcessGroup.signal(nil, os_pid, "KILL")
-    {:error, Error.new("worker_unavailable", message)}
+    {:error, Error.new("spawn_failed", message)}
   end
 
   @impl true
@@ -383,7 +383,10 @@ defmodule LMPort.Worker do
         reply(
           entry,
           id,
-          {:error, Error.new("timeout", "no response to request #{id} within its deadline; cancelled")}
+          {:error,
+           Error.new("deadline_exceeded", "no response to request #{id} within its deadline; cancelled",
+             %{"client_side" => true}
+           )}
         )
 
         {:noreply, state |> cancel_request(id) |> send_liveness_ping()}
