@@ -39,4 +39,8 @@ def test_bundled_model_matches_transformers_in_fp32() -> None:
         with torch.no_grad():
             expected = hf(torch.tensor([tokens])).logits[0]
         assert expected.abs().max() > 5
-        torch.testing.assert_close(torch.cat([prefill, step]), expected, atol=1e-4, rtol=0)
+        # 30 real layers of fp32 sums in a different order than transformers' (fused q/k/v and gate/up, other
+        # GEMM blocking): logits of magnitude ~20 drift by ~1e-4, run to run. The tiny-config parity tests hold
+        # 1e-4; here 1e-5 relative to the largest logit is the bar (token-level parity is in test_engine_llm).
+        torch.testing.assert_close(torch.cat([prefill, step]), expected, atol=1e-5 * float(expected.abs().max()),
+                                   rtol=0)
