@@ -78,8 +78,10 @@ class Sampler:
     @torch.inference_mode()
     def __call__(self, logits: torch.Tensor, batch: SamplingBatch) -> SamplerOutput:
         """logits: [B, V] for the B rows of batch; it may be modified in place."""
-        logits = logits.float().contiguous()
         params = batch.params
+        if all(_plain_greedy(p) for p in params):  # the common case: an argmax in the model's dtype, no upcast copy
+            return SamplerOutput(logits.argmax(dim=-1).tolist(), *([[] for _ in params] for _ in range(3)))
+        logits = logits.float().contiguous()
         num_rows = len(params)
         logprob_rows = [i for i, p in enumerate(params) if p.logprobs is not None]
         raw_logprobs = torch.log_softmax(_rows(logits, logprob_rows), dim=-1) if logprob_rows else None
@@ -156,6 +158,12 @@ class Sampler:
         if top_p_rows:
             apply_top_p(logits, top_p_rows, [params[i].top_p for i in top_p_rows])
         return draw(torch.softmax(logits, dim=-1), generators, self.generator)
+
+
+def _plain_greedy(p: SamplingParams) -> bool:
+    """Greedy with nothing that touches the logits or needs their log-softmax."""
+    return (p.is_greedy and p.logprobs is None and not p.logit_bias and p.allowed_token_ids is None
+            and not p.bad_words and not p.has_penalties and p.min_tokens == 0)
 
 
 def draw(probs: torch.Tensor, generators: list[torch.Generator | None], shared: torch.Generator) -> torch.Tensor:

@@ -64,7 +64,7 @@ class PagedHarness:
             max_query_len=max(len(work[i][1]) for i in order), max_seq_len=max(seq_lens))
         with forward_context(meta):
             hidden = self.model(torch.tensor(ids, dtype=torch.int64), torch.tensor(positions, dtype=torch.int64))
-        logits = self.model.compute_logits(hidden)
+        logits = self.model.compute_logits(hidden).float()
         out: list[torch.Tensor] = [torch.empty(0)] * len(work)
         for row, i in enumerate(order):
             out[i] = logits[cu[row]:cu[row + 1]]
