@@ -2,9 +2,11 @@
 
 Backend per call: `set_backend("torch" | "triton" | "auto")` if set to something other than "auto", else the
 LMPORT_KERNEL_BACKEND environment variable (read at import), else "auto". "auto" runs Triton on CUDA tensors and the
-PyTorch reference (kernels.reference) on anything else; "torch" forces the reference everywhere (debugging on CUDA);
-"triton" forces Triton everywhere, which on CPU needs TRITON_INTERPRET=1 set before triton is first imported (the
-kernel tests do this). The Triton modules are imported on first use, so the CPU path never loads a Triton kernel.
+PyTorch reference (kernels.reference) on anything else, except paged_attention_decode on CPU tensors, which runs the
+compiled C++ kernel of kernels.cpu_attention (itself falling back to the reference if it cannot be built); "torch"
+forces the reference everywhere (debugging on CUDA; the pure-PyTorch CPU path); "triton" forces Triton everywhere,
+which on CPU needs TRITON_INTERPRET=1 set before triton is first imported (the kernel tests do this).
+The Triton modules are imported on first use, so the CPU path never loads a Triton kernel.
 """
 
 from __future__ import annotations
@@ -50,6 +52,11 @@ def _triton_module(name: str) -> ModuleType:
     return importlib.import_module(f"kernels.triton_{name}")
 
 
+@functools.cache
+def _cpu_attention() -> ModuleType:
+    return importlib.import_module("kernels.cpu_attention")
+
+
 def _impl(tensor: torch.Tensor, triton_module: str) -> ModuleType:
     backend = get_backend()
     if backend == "torch" or (backend == "auto" and not tensor.is_cuda):
@@ -69,7 +76,10 @@ def store_kv_cache(key: torch.Tensor, value: torch.Tensor, k_cache: torch.Tensor
 def paged_attention_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                            block_tables: torch.Tensor, seq_lens: torch.Tensor, scale: float) -> torch.Tensor:
     """One query per sequence [B, Hq, D], at position seq_len-1, over keys 0..seq_len-1 of its blocks."""
-    return _impl(q, "attention").paged_attention_decode(q, k_cache, v_cache, block_tables, seq_lens, scale)
+    impl = _impl(q, "attention")
+    if impl is reference and get_backend() == "auto" and q.device.type == "cpu":
+        impl = _cpu_attention()  # compiled C++ kernel (falls back to the reference itself if it can't be built)
+    return impl.paged_attention_decode(q, k_cache, v_cache, block_tables, seq_lens, scale)
 
 
 def paged_attention_prefill(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
