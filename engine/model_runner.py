@@ -30,6 +30,7 @@ class StepLogits:
 class ModelRunner:
     def __init__(self, loaded: LoadedModel, config: EngineConfig) -> None:
         kernels.set_backend(config.kernel_backend)
+        kernels.prepare(loaded.device)
         self.model = loaded.model
         self.device = loaded.device
         self.dtype = loaded.dtype

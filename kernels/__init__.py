@@ -1,11 +1,12 @@
 """The kernel API the model code calls, with one dispatch point per kernel.
 
 Backend per call: `set_backend("torch" | "triton" | "auto")` if set to something other than "auto", else the
-LMPORT_KERNEL_BACKEND environment variable (read at import), else "auto". "auto" runs Triton on CUDA tensors and the
-PyTorch reference (kernels.reference) on anything else, except paged_attention_decode on CPU tensors, which runs the
-compiled C++ kernel of kernels.cpu_attention (itself falling back to the reference if it cannot be built); "torch"
-forces the reference everywhere (debugging on CUDA; the pure-PyTorch CPU path); "triton" forces Triton everywhere,
-which on CPU needs TRITON_INTERPRET=1 set before triton is first imported (the kernel tests do this).
+LMPORT_KERNEL_BACKEND environment variable (read at import), else "auto". "auto" runs Triton on CUDA tensors; on CPU
+tensors it runs the compiled C++ kernels of kernels.cpu for paged_attention_decode, rms_norm, rotary_embedding and
+silu_and_mul (each falling back to the reference itself if the extension cannot be built) and the PyTorch reference
+(kernels.reference) for the rest; "torch" forces the reference everywhere (debugging on CUDA; the pure-PyTorch CPU
+path); "triton" forces Triton everywhere, which on CPU needs TRITON_INTERPRET=1 set before triton is first imported
+(the kernel tests do this).
 The Triton modules are imported on first use, so the CPU path never loads a Triton kernel.
 """
 
@@ -22,7 +23,7 @@ from kernels import reference
 
 BACKENDS = ("auto", "triton", "torch")
 
-__all__ = ["BACKENDS", "set_backend", "get_backend", "store_kv_cache", "paged_attention_decode",
+__all__ = ["BACKENDS", "set_backend", "get_backend", "prepare", "store_kv_cache", "paged_attention_decode",
            "paged_attention_prefill", "rms_norm", "rotary_embedding", "silu_and_mul"]
 
 
@@ -53,8 +54,22 @@ def _triton_module(name: str) -> ModuleType:
 
 
 @functools.cache
-def _cpu_attention() -> ModuleType:
-    return importlib.import_module("kernels.cpu_attention")
+def _cpu() -> ModuleType:
+    return importlib.import_module("kernels.cpu")
+
+
+def prepare(device: torch.device) -> None:
+    """Build (or load from the cache) whatever the kernels for device need, so that no request waits for it."""
+    if device.type == "cpu" and get_backend() == "auto":
+        _cpu().load()
+
+
+def _impl_cpu(tensor: torch.Tensor, triton_module: str) -> ModuleType:
+    """_impl, except that "auto" on a CPU tensor picks the compiled C++ kernels (kernels.cpu)."""
+    impl = _impl(tensor, triton_module)
+    if impl is reference and get_backend() == "auto" and tensor.device.type == "cpu":
+        impl = _cpu()  # falls back to the reference itself if the extension can't be built
+    return impl
 
 
 def _impl(tensor: torch.Tensor, triton_module: str) -> ModuleType:
@@ -76,10 +91,7 @@ def store_kv_cache(key: torch.Tensor, value: torch.Tensor, k_cache: torch.Tensor
 def paged_attention_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                            block_tables: torch.Tensor, seq_lens: torch.Tensor, scale: float) -> torch.Tensor:
     """One query per sequence [B, Hq, D], at position seq_len-1, over keys 0..seq_len-1 of its blocks."""
-    impl = _impl(q, "attention")
-    if impl is reference and get_backend() == "auto" and q.device.type == "cpu":
-        impl = _cpu_attention()  # compiled C++ kernel (falls back to the reference itself if it can't be built)
-    return impl.paged_attention_decode(q, k_cache, v_cache, block_tables, seq_lens, scale)
+    return _impl_cpu(q, "attention").paged_attention_decode(q, k_cache, v_cache, block_tables, seq_lens, scale)
 
 
 def paged_attention_prefill(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
@@ -93,15 +105,15 @@ def paged_attention_prefill(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float,
              residual: torch.Tensor | None = None) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """x/rms(x)*w; with residual, r = x + residual and the result is (rms_norm(r)*w, r)."""
-    return _impl(x, "norm").rms_norm(x, weight, eps, residual)
+    return _impl_cpu(x, "norm").rms_norm(x, weight, eps, residual)
 
 
 def rotary_embedding(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, cos_sin_cache: torch.Tensor,
                      head_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Neox rotary on q [N, Hq*D] and k [N, Hkv*D]; may rotate in place, so use the returned tensors."""
-    return _impl(q, "rope").rotary_embedding(positions, q, k, cos_sin_cache, head_dim)
+    return _impl_cpu(q, "rope").rotary_embedding(positions, q, k, cos_sin_cache, head_dim)
 
 
 def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     """silu(x[:, :I]) * x[:, I:] for x [N, 2I]."""
-    return _impl(x, "activation").silu_and_mul(x)
+    return _impl_cpu(x, "activation").silu_and_mul(x)

@@ -1,15 +1,23 @@
-"""Gather-free paged decode attention for CPU tensors: a small C++ kernel built at run time with load_inline.
+"""C++ kernels for CPU tensors, built at run time with load_inline: gather-free paged decode attention and fused
+RMSNorm (with the residual add), SiLU-and-mul and rotary embedding.
 
-The reference (`kernels.reference.paged_attention_decode`) copies every sequence's K/V blocks into a contiguous tensor
-and runs SDPA on it; this kernel reads K/V straight from the paged cache through the block table instead. Work is split
-over (sequence, kv_head) pairs with `at::parallel_for` (so `torch.set_num_threads` is honoured); each pair handles all
-the query heads of its GQA group together, so each K/V row is loaded (and converted to fp32) once. Softmax is two-pass
-(scores, then max / exp / sum, then the weighted sum of V), all in fp32, with loops written so that gcc -O3
--march=native vectorizes them (`omp simd` reductions for the dot products, a branch-free polynomial exp).
+Decode attention: the reference (`kernels.reference.paged_attention_decode`) copies every sequence's K/V blocks into
+a contiguous tensor and runs SDPA on it; this kernel reads K/V straight from the paged cache through the block table
+instead. Work is split over (sequence, kv_head) pairs with `at::parallel_for` (so `torch.set_num_threads` is
+honoured); each pair handles all the query heads of its GQA group together, so each K/V row is loaded (and converted
+to fp32) once. Softmax is two-pass (scores, then max / exp / sum, then the weighted sum of V), all in fp32, with loops
+written so that gcc -O3 -march=native vectorizes them (`omp simd` reductions for the dot products, a branch-free
+polynomial exp).
+
+Elementwise kernels (`rms_norm`, `silu_and_mul`, `rotary_embedding`): one pass per token row (`at::parallel_for` over
+rows) instead of the reference's 5-10 PyTorch ops, each allocating a temporary. The math is fp32 and the result is
+rounded to the model dtype at exactly the points where the reference's ops round (each PyTorch op on bf16/fp16 tensors
+computes in fp32 and rounds its output), with FMA contraction off: fp32 matches the reference up to summation order
+(and exp's last bit), bf16/fp16 within one ulp.
 
 The extension is compiled on first use (once per machine: torch's extension cache, keyed by a hash of the source,
 the flags and the CPU) under a lock. If the build fails (no compiler, no ninja, unwritable cache), one warning goes to
-the `lmport` logger and `paged_attention_decode` falls back to the reference for the rest of the process.
+the `lmport` logger and every function here falls back to the reference for the rest of the process.
 """
 
 from __future__ import annotations
@@ -29,6 +37,7 @@ logger = logging.getLogger("lmport")
 CFLAGS = ["-O3", "-march=native", "-fopenmp"]
 LDFLAGS = ["-fopenmp"]
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+FUNCTIONS = ["paged_attention_decode", "rms_norm", "silu_and_mul", "rotary_embedding"]
 
 CPP_SOURCE = r"""
 #include <torch/extension.h>
@@ -37,6 +46,7 @@ CPP_SOURCE = r"""
 #include <c10/util/Half.h>
 #include <algorithm>
 #include <cstdint>
+#include <cmath>
 #include <cstring>
 #include <limits>
 #include <vector>
@@ -300,6 +310,225 @@ at::Tensor paged_attention_decode(at::Tensor q, at::Tensor k_cache, at::Tensor v
   }
   return out;
 }
+// ---- elementwise kernels: one row per work item, fp32 math, rounded to the dtype exactly where the reference
+// rounds (each PyTorch op on bf16/fp16 tensors computes in fp32 and rounds its result). No FMA contraction here, so
+// fp32 results match the reference's separate multiply / add ops bit for bit.
+#pragma GCC push_options
+#pragma GCC optimize("fp-contract=off")
+
+namespace {
+
+// Loads, stores and roundings are defined inside this region (functions compiled with other options are not
+// inlined here, which would stop the row loops from vectorizing): bf16 by bit manipulation, exactly as c10::BFloat16
+// rounds (to nearest even, NaN -> 0x7FC0); fp16 through c10::Half (not vectorized: not the hot path).
+inline float ld(const float* p) { return *p; }
+inline float ld(const c10::Half* p) { return static_cast<float>(*p); }
+inline float ld(const c10::BFloat16* p) {
+  uint32_t bits = static_cast<uint32_t>(*reinterpret_cast<const uint16_t*>(p)) << 16;
+  float f;
+  std::memcpy(&f, &bits, sizeof(f));
+  return f;
+}
+inline uint16_t bf16_bits(float x) {
+  uint32_t u;
+  std::memcpy(&u, &x, sizeof(u));
+  const uint32_t r = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
+  return (u & 0x7FFFFFFFu) > 0x7F800000u ? static_cast<uint16_t>(0x7FC0) : static_cast<uint16_t>(r);
+}
+inline void st(float* p, float x) { *p = x; }
+inline void st(c10::Half* p, float x) { *p = c10::Half(x); }
+inline void st(c10::BFloat16* p, float x) { *reinterpret_cast<uint16_t*>(p) = bf16_bits(x); }
+// round an fp32 value to the dtype and back (identity for float)
+template <typename scalar_t>
+inline float rnd(float x) { return x; }
+template <>
+inline float rnd<c10::Half>(float x) { return static_cast<float>(c10::Half(x)); }
+template <>
+inline float rnd<c10::BFloat16>(float x) {
+  const uint32_t bits = static_cast<uint32_t>(bf16_bits(x)) << 16;
+  float f;
+  std::memcpy(&f, &bits, sizeof(f));
+  return f;
+}
+
+// expf (Cephes: round-to-nearest range reduction, degree-6 polynomial; ~1 ulp), branch-free so that loops
+// vectorize. Inputs are clamped to [-87.3, 88.7]: below gives 0, above a large finite value (silu only divides by it).
+inline float exp_clamped(float x) {  // explicit fmas: contraction is off in this region
+  const bool under = x < -87.3f;
+  x = x < -87.3f ? -87.3f : (x > 88.7f ? 88.7f : x);
+  const float magic = 12582912.0f;  // 1.5 * 2^23: adding it rounds to an integer (round-to-nearest mode)
+  float n = __builtin_fmaf(x, 1.44269504088896341f, magic);
+  n = n - magic;
+  float r = __builtin_fmaf(n, -0.693359375f, x);
+  r = __builtin_fmaf(n, 2.12194440e-4f, r);
+  float p = 1.9875691500e-4f;
+  p = __builtin_fmaf(p, r, 1.3981999507e-3f);
+  p = __builtin_fmaf(p, r, 8.3334519073e-3f);
+  p = __builtin_fmaf(p, r, 4.1665795894e-2f);
+  p = __builtin_fmaf(p, r, 1.6666665459e-1f);
+  p = __builtin_fmaf(p, r, 5.0000001201e-1f);
+  p = __builtin_fmaf(p * r, r, r) + 1.0f;
+  // 2^n as two factors: n reaches 128 at the top of the range, which one float exponent can't hold
+  const int32_t ni = static_cast<int32_t>(n);
+  const int32_t e1 = (ni / 2 + 127) << 23, e2 = (ni - ni / 2 + 127) << 23;
+  float s1, s2;
+  std::memcpy(&s1, &e1, sizeof(s1));
+  std::memcpy(&s2, &e2, sizeof(s2));
+  return under ? 0.0f : p * s1 * s2;
+}
+
+template <typename scalar_t>
+void rms_norm_rows(const at::Tensor& x, const at::Tensor& weight, double eps, const at::Tensor* residual,
+                   at::Tensor& out, at::Tensor* res_out) {
+  const int64_t N = x.size(0), H = x.size(1);
+  const scalar_t* xp = x.data_ptr<scalar_t>();
+  const scalar_t* wp = weight.data_ptr<scalar_t>();
+  const scalar_t* rp = residual ? residual->data_ptr<scalar_t>() : nullptr;
+  scalar_t* op = out.data_ptr<scalar_t>();
+  scalar_t* rop = res_out ? res_out->data_ptr<scalar_t>() : nullptr;
+  const int64_t xs = x.stride(0), rs = residual ? residual->stride(0) : 0;
+  const float feps = static_cast<float>(eps);
+  at::parallel_for(0, N, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> buf(H);
+    for (int64_t n = begin; n < end; ++n) {
+      const scalar_t* xr = xp + n * xs;
+      float* b = buf.data();
+      if (rp) {
+        const scalar_t* rr = rp + n * rs;
+        scalar_t* ro = rop + n * H;
+#pragma omp simd
+        for (int64_t i = 0; i < H; ++i) {
+          const float r = rnd<scalar_t>(ld(xr + i) + ld(rr + i));  // x + residual, in the dtype
+          st(ro + i, r);
+          b[i] = r;
+        }
+      } else {
+#pragma omp simd
+        for (int64_t i = 0; i < H; ++i) b[i] = ld(xr + i);
+      }
+      float ss = 0.0f;
+#pragma omp simd reduction(+ : ss)
+      for (int64_t i = 0; i < H; ++i) ss += b[i] * b[i];
+      const float inv = 1.0f / std::sqrt(ss / static_cast<float>(H) + feps);
+      scalar_t* o = op + n * H;
+#pragma omp simd
+      for (int64_t i = 0; i < H; ++i) st(o + i, rnd<scalar_t>(b[i] * inv) * ld(wp + i));
+    }
+  });
+}
+
+template <typename scalar_t>
+void silu_and_mul_rows(const at::Tensor& x, at::Tensor& out) {
+  const int64_t N = x.size(0), I = out.size(1);
+  const scalar_t* xp = x.data_ptr<scalar_t>();
+  scalar_t* op = out.data_ptr<scalar_t>();
+  const int64_t xs = x.stride(0);
+  at::parallel_for(0, N, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t n = begin; n < end; ++n) {
+      const scalar_t* g = xp + n * xs;
+      const scalar_t* u = g + I;
+      scalar_t* o = op + n * I;
+#pragma omp simd
+      for (int64_t i = 0; i < I; ++i) {
+        const float a = ld(g + i);
+        const float s = rnd<scalar_t>(a / (1.0f + exp_clamped(-a)));
+        st(o + i, s * ld(u + i));
+      }
+    }
+  });
+}
+
+template <typename scalar_t>
+void rope_rows(const int64_t* pos, const scalar_t* x, int64_t xs, int64_t heads, const float* cache, int64_t cs,
+               int64_t D, int64_t N, scalar_t* out) {
+  const int64_t half = D / 2;
+  at::parallel_for(0, N, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> cs_buf(D);
+    for (int64_t n = begin; n < end; ++n) {
+      const float* row = cache + pos[n] * cs;
+      float* c = cs_buf.data();
+      for (int64_t i = 0; i < D; ++i) c[i] = rnd<scalar_t>(row[i]);  // cos | sin, cast to the dtype
+      const float* sn = c + half;
+      for (int64_t h = 0; h < heads; ++h) {
+        const scalar_t* xr = x + n * xs + h * D;
+        scalar_t* o = out + (n * heads + h) * D;
+#pragma omp simd
+        for (int64_t i = 0; i < half; ++i) {
+          const float x1 = ld(xr + i), x2 = ld(xr + half + i);
+          st(o + i, rnd<scalar_t>(x1 * c[i]) - rnd<scalar_t>(x2 * sn[i]));
+          st(o + half + i, rnd<scalar_t>(x2 * c[i]) + rnd<scalar_t>(x1 * sn[i]));
+        }
+      }
+    }
+  });
+}
+
+#define LMPORT_DISPATCH(dtype, fn, ...)                                          \
+  switch (dtype) {                                                               \
+    case at::kFloat: fn<float>(__VA_ARGS__); break;                              \
+    case at::kBFloat16: fn<c10::BFloat16>(__VA_ARGS__); break;                   \
+    case at::kHalf: fn<c10::Half>(__VA_ARGS__); break;                           \
+    default: TORCH_CHECK(false, "unsupported dtype ", dtype);                    \
+  }
+
+}  // namespace
+
+std::vector<at::Tensor> rms_norm(at::Tensor x, at::Tensor weight, double eps, c10::optional<at::Tensor> residual) {
+  TORCH_CHECK(x.device().is_cpu() && x.dim() == 2 && x.stride(1) == 1, "x: CPU [N, H], contiguous rows");
+  TORCH_CHECK(weight.dim() == 1 && weight.is_contiguous() && weight.size(0) == x.size(1), "weight [H]");
+  TORCH_CHECK(weight.scalar_type() == x.scalar_type(), "weight must have x's dtype");
+  at::Tensor out = at::empty(x.sizes(), x.options());
+  if (residual.has_value()) {
+    const at::Tensor& r = *residual;
+    TORCH_CHECK(r.sizes() == x.sizes() && r.stride(1) == 1 && r.scalar_type() == x.scalar_type(), "residual");
+    at::Tensor r_out = at::empty(x.sizes(), x.options());
+    LMPORT_DISPATCH(x.scalar_type(), rms_norm_rows, x, weight, eps, &r, out, &r_out);
+    return {out, r_out};
+  }
+  LMPORT_DISPATCH(x.scalar_type(), rms_norm_rows, x, weight, eps, nullptr, out, nullptr);
+  return {out};
+}
+
+at::Tensor silu_and_mul(at::Tensor x) {
+  TORCH_CHECK(x.device().is_cpu() && x.dim() == 2 && x.stride(1) == 1 && x.size(1) % 2 == 0,
+              "x: CPU [N, 2I], contiguous rows");
+  at::Tensor out = at::empty({x.size(0), x.size(1) / 2}, x.options());
+  LMPORT_DISPATCH(x.scalar_type(), silu_and_mul_rows, x, out);
+  return out;
+}
+
+std::vector<at::Tensor> rotary_embedding(at::Tensor positions, at::Tensor q, at::Tensor k, at::Tensor cos_sin_cache,
+                                         int64_t head_dim) {
+  TORCH_CHECK(q.dim() == 2 && k.dim() == 2 && q.stride(1) == 1 && k.stride(1) == 1, "q, k: [N, H*D] rows");
+  TORCH_CHECK(q.scalar_type() == k.scalar_type(), "q and k must share a dtype");
+  TORCH_CHECK(head_dim % 2 == 0 && q.size(1) % head_dim == 0 && k.size(1) % head_dim == 0, "head_dim");
+  TORCH_CHECK(cos_sin_cache.scalar_type() == at::kFloat && cos_sin_cache.dim() == 2 &&
+              cos_sin_cache.stride(1) == 1 && cos_sin_cache.size(1) == head_dim, "cos_sin_cache: float32 [P, D]");
+  TORCH_CHECK(positions.scalar_type() == at::kLong && positions.is_contiguous(), "int64 positions");
+  const int64_t N = q.size(0);
+  TORCH_CHECK(positions.numel() == N && k.size(0) == N, "row count mismatch");
+  const int64_t* pos = positions.data_ptr<int64_t>();
+  for (int64_t n = 0; n < N; ++n)
+    TORCH_CHECK(pos[n] >= 0 && pos[n] < cos_sin_cache.size(0), "position ", pos[n], " out of the rotary cache");
+  at::Tensor q_out = at::empty(q.sizes(), q.options());
+  at::Tensor k_out = at::empty(k.sizes(), k.options());
+  const float* cache = cos_sin_cache.data_ptr<float>();
+  const int64_t cs = cos_sin_cache.stride(0);
+  switch (q.scalar_type()) {
+#define LMPORT_ROPE(T)                                                                                           \
+  rope_rows<T>(pos, q.data_ptr<T>(), q.stride(0), q.size(1) / head_dim, cache, cs, head_dim, N, q_out.data_ptr<T>()); \
+  rope_rows<T>(pos, k.data_ptr<T>(), k.stride(0), k.size(1) / head_dim, cache, cs, head_dim, N, k_out.data_ptr<T>()); \
+  break;
+    case at::kFloat: LMPORT_ROPE(float)
+    case at::kBFloat16: LMPORT_ROPE(c10::BFloat16)
+    case at::kHalf: LMPORT_ROPE(c10::Half)
+#undef LMPORT_ROPE
+    default: TORCH_CHECK(false, "unsupported dtype ", q.scalar_type());
+  }
+  return {q_out, k_out};
+}
+
+#pragma GCC pop_options
 """
 
 _lock = threading.Lock()
@@ -317,8 +546,8 @@ def _build_name() -> str:
             cpu += [line.split(":", 1)[-1].strip() for line in lines if line.startswith(field)][:1]
     except OSError:
         pass
-    key = "\0".join([CPP_SOURCE, " ".join(CFLAGS + LDFLAGS), torch.__version__, *cpu])
-    return "lmport_cpu_attention_" + hashlib.sha256(key.encode()).hexdigest()[:16]
+    key = "\0".join([CPP_SOURCE, " ".join(FUNCTIONS), " ".join(CFLAGS + LDFLAGS), torch.__version__, *cpu])
+    return "lmport_cpu_kernels_" + hashlib.sha256(key.encode()).hexdigest()[:16]
 
 
 def load() -> ModuleType | None:
@@ -331,18 +560,18 @@ def load() -> ModuleType | None:
             try:
                 from torch.utils.cpp_extension import load_inline
                 _module = load_inline(name=_build_name(), cpp_sources=[CPP_SOURCE],
-                                      functions=["paged_attention_decode"], extra_cflags=CFLAGS,
+                                      functions=FUNCTIONS, extra_cflags=CFLAGS,
                                       extra_ldflags=LDFLAGS, verbose=False)
             except Exception as exc:  # no compiler, no ninja, unwritable cache dir, ...
                 _failed = True
-                logger.warning("CPU decode-attention kernel could not be built (%s: %s); using the slower PyTorch "
+                logger.warning("CPU C++ kernels could not be built (%s: %s); using the slower PyTorch "
                                "reference for the rest of this process", type(exc).__name__,
                                str(exc).strip().splitlines()[-1] if str(exc).strip() else "")
     return _module
 
 
 def available() -> bool:
-    """Whether the compiled kernel is in use (builds it if needed)."""
+    """Whether the compiled kernels are in use (builds them if needed)."""
     return load() is not None
 
 
@@ -364,8 +593,57 @@ def paged_attention_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     return module.paged_attention_decode(q, k_cache, v_cache, block_tables, seq_lens, float(scale))
 
 
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float,
+             residual: torch.Tensor | None = None) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """Same contract as kernels.reference.rms_norm (fresh output tensors); falls back to it where it can't run."""
+    supported = (x.device.type == "cpu" and x.dim() == 2 and x.dtype in DTYPES and weight.dtype == x.dtype
+                 and weight.dim() == 1 and weight.shape[0] == x.shape[1]
+                 and (residual is None or (residual.dtype == x.dtype and residual.shape == x.shape)))
+    module = load() if supported else None
+    if module is None:
+        return reference.rms_norm(x, weight, eps, residual)
+    if x.stride(1) != 1:
+        x = x.contiguous()
+    if residual is not None and residual.stride(1) != 1:
+        residual = residual.contiguous()
+    outs = module.rms_norm(x, weight.contiguous(), float(eps), residual)
+    return outs[0] if residual is None else (outs[0], outs[1])
+
+
+def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
+    """Same contract as kernels.reference.silu_and_mul; falls back to it where it can't run."""
+    supported = x.device.type == "cpu" and x.dim() == 2 and x.dtype in DTYPES and x.shape[1] % 2 == 0
+    module = load() if supported else None
+    if module is None:
+        return reference.silu_and_mul(x)
+    return module.silu_and_mul(x if x.stride(1) == 1 else x.contiguous())
+
+
+def rotary_embedding(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, cos_sin_cache: torch.Tensor,
+                     head_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Same contract as kernels.reference.rotary_embedding (new tensors; q/k may be strided row views, e.g. splits
+    of a fused qkv projection); falls back to it where it can't run."""
+    supported = (q.device.type == "cpu" and q.dim() == 2 and k.dim() == 2 and q.dtype in DTYPES
+                 and k.dtype == q.dtype and cos_sin_cache.dtype == torch.float32 and cos_sin_cache.dim() == 2
+                 and cos_sin_cache.shape[1] == head_dim and head_dim % 2 == 0 and positions.dim() == 1
+                 and q.shape[1] % head_dim == 0 and k.shape[1] % head_dim == 0)
+    module = load() if supported else None
+    if module is None:
+        return reference.rotary_embedding(positions, q, k, cos_sin_cache, head_dim)
+    if q.stride(1) != 1:
+        q = q.contiguous()
+    if k.stride(1) != 1:
+        k = k.contiguous()
+    if cos_sin_cache.stride(1) != 1:
+        cos_sin_cache = cos_sin_cache.contiguous()
+    if positions.dtype != torch.int64 or not positions.is_contiguous():
+        positions = positions.to(torch.int64).contiguous()
+    q_out, k_out = module.rotary_embedding(positions, q, k, cos_sin_cache, int(head_dim))
+    return q_out, k_out
+
+
 def _bench(argv: list[str] | None = None) -> None:
-    """Micro-benchmark against the reference: `python -m kernels.cpu_attention [--threads 2] [--dtype bfloat16]`.
+    """Micro-benchmark against the reference: `python -m kernels.cpu [--threads 2] [--dtype bfloat16]`.
 
     Defaults are SmolLM2-135M's decode shape (Hq 9, Hkv 3, D 64, block 16), 64 sequences of 180-209 tokens scattered
     over a 4096-block cache. Reference and kernel rounds of 50 calls alternate; the best round of each is reported
@@ -374,7 +652,7 @@ def _bench(argv: list[str] | None = None) -> None:
     import argparse
     import time
 
-    parser = argparse.ArgumentParser(prog="python -m kernels.cpu_attention")
+    parser = argparse.ArgumentParser(prog="python -m kernels.cpu")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--dtype", default="bfloat16", choices=["float32", "float16", "bfloat16"])
     parser.add_argument("--batch", type=int, default=64)
@@ -394,8 +672,8 @@ def _bench(argv: list[str] | None = None) -> None:
     if not available():
         raise SystemExit("the extension did not build")
     calls = {"reference": lambda: reference.paged_attention_decode(q, k_cache, v_cache, tables, lens, 0.125),
-             "cpu_attention": lambda: paged_attention_decode(q, k_cache, v_cache, tables, lens, 0.125)}
-    torch.testing.assert_close(calls["cpu_attention"]().float(), calls["reference"]().float(), atol=2e-2, rtol=2e-2)
+             "kernel": lambda: paged_attention_decode(q, k_cache, v_cache, tables, lens, 0.125)}
+    torch.testing.assert_close(calls["kernel"]().float(), calls["reference"]().float(), atol=2e-2, rtol=2e-2)
     best = dict.fromkeys(calls, float("inf"))
     for _ in range(args.rounds):
         for name, fn in calls.items():
@@ -404,8 +682,8 @@ def _bench(argv: list[str] | None = None) -> None:
                 fn()
             best[name] = min(best[name], (time.perf_counter() - start) / 50 * 1e3)
     print(f"threads={args.threads} {args.dtype} batch={batch} context~{args.context}: reference "
-          f"{best['reference']:.3f} ms/layer, cpu_attention {best['cpu_attention']:.3f} ms/layer, "
-          f"speed-up {best['reference'] / best['cpu_attention']:.2f}x")
+          f"{best['reference']:.3f} ms/layer, kernel {best['kernel']:.3f} ms/layer, "
+          f"speed-up {best['reference'] / best['kernel']:.2f}x")
 
 
 if __name__ == "__main__":
