@@ -5,7 +5,6 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
-APT_PACKAGES := elixir erlang-dev erlang-xmerl golang-go golang-github-vmihailenco-msgpack.v5-dev gcc nodejs npm
 PYTEST_ARGS ?=
 
 .PHONY: demo test test-python test-clients test-elixir test-node test-go codegen codegen-check toolchains bench clean
@@ -24,14 +23,19 @@ venv: $(STAMP)
 demo: $(STAMP)
 	$(VENV)/bin/lmport generate --chat "Write a haiku about the sea." --max-tokens 48
 
-# --- host-language toolchains from Debian (never a silent skip: missing ones are installed) ---
+# --- host-language toolchains from Debian (never a silent skip: only the missing ones are installed, so a Node
+# that came from elsewhere is not fought over) ---
 toolchains:
-	@missing=""; for tool in mix go node npm gcc; do command -v $$tool >/dev/null || missing="$$missing $$tool"; done; \
-	[ -d /usr/share/gocode/src/github.com/vmihailenco/msgpack ] || missing="$$missing go-msgpack"; \
-	if [ -n "$$missing" ]; then \
-		echo "installing toolchains (missing:$$missing)"; \
+	@pkgs=""; \
+	command -v mix >/dev/null || pkgs="$$pkgs elixir erlang-dev erlang-xmerl"; \
+	command -v go >/dev/null || pkgs="$$pkgs golang-go"; \
+	[ -d /usr/share/gocode/src/github.com/vmihailenco/msgpack ] || pkgs="$$pkgs golang-github-vmihailenco-msgpack.v5-dev"; \
+	{ command -v node >/dev/null && command -v npm >/dev/null; } || pkgs="$$pkgs nodejs npm"; \
+	command -v gcc >/dev/null || pkgs="$$pkgs gcc"; \
+	if [ -n "$$pkgs" ]; then \
+		echo "installing toolchains from Debian:$$pkgs"; \
 		SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
-		$$SUDO apt-get update -q && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -q $(APT_PACKAGES); \
+		$$SUDO apt-get update -q && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -q $$pkgs; \
 	fi
 
 test: $(STAMP) toolchains
