@@ -81,7 +81,7 @@ def _float(value: float) -> str:
 
 
 def _string(value: str) -> str:
-    # JSON's escapes (\" \\ \n \t \uXXXX) are all valid in Elixir strings; only interpolation needs escaping.
+    # JSON's escapes (\" \\ \n \t and \u with four hex digits) are valid in Elixir strings; only interpolation needs escaping.
     return json.dumps(value, ensure_ascii=False).replace("#{", "\\#{")
 
 

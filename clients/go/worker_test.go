@@ -53,11 +53,26 @@ func useShared(t *testing.T) {
 }
 
 func TestMain(m *testing.M) {
+	if os.Getenv("LMPORT_TEST_HOST") == "1" {
+		runHost()
+	}
 	code := m.Run()
 	if shared != nil {
 		shared.Close()
 	}
 	os.Exit(code)
+}
+
+// runHost is the test binary acting as a host process for TestNoWorkerOutlivesAKilledHost: it starts a worker,
+// prints the worker's pgid and waits to be killed.
+func runHost() {
+	w, err := startWorker(context.Background())
+	if err != nil {
+		fmt.Fprintln(os.Stderr, err)
+		os.Exit(1)
+	}
+	fmt.Println(w.PGID())
+	select {}
 }
 
 func groupAlive(pgid int) bool { return syscall.Kill(-pgid, 0) == nil }
@@ -345,22 +360,8 @@ func TestCloseLeavesNoProcess(t *testing.T) {
 	w.Close() // idempotent
 }
 
-// TestHelperHost is not a test: TestNoWorkerOutlivesAKilledHost runs the test binary as a host process that
-// starts a worker, prints its pgid and waits to be killed.
-func TestHelperHost(t *testing.T) {
-	if os.Getenv("LMPORT_TEST_HOST") != "1" {
-		t.Skip("helper process")
-	}
-	w, err := startWorker(context.Background())
-	if err != nil {
-		t.Fatal(err)
-	}
-	fmt.Println(w.PGID())
-	select {}
-}
-
 func TestNoWorkerOutlivesAKilledHost(t *testing.T) {
-	host := exec.Command(os.Args[0], "-test.run=^TestHelperHost$")
+	host := exec.Command(os.Args[0])
 	host.Env = append(os.Environ(), "LMPORT_TEST_HOST=1")
 	stdout, err := host.StdoutPipe()
 	if err != nil {
