@@ -14,6 +14,7 @@ import os
 import statistics
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 from bridge.bench import add_workload_arguments, engine_throughput, make_prompts
@@ -95,14 +96,19 @@ def request_rate(client: Client, seconds: float, threads: int) -> dict[str, Any]
             client.ping(slot)
             done[slot] += 1
 
-    workers = [threading.Thread(target=loop, args=(i,)) for i in range(threads)]
-    start = time.perf_counter()
-    for w in workers:
-        w.start()
-    for w in workers:
-        w.join()
-    elapsed = time.perf_counter() - start
+    elapsed = _timed_threads(loop, threads)
     return {"threads": threads, "seconds": elapsed, "requests": sum(done), "requests_per_s": sum(done) / elapsed}
+
+
+def _timed_threads(target: Callable[[int], None], count: int) -> float:
+    """Run target(0..count-1) on that many threads at once; seconds from the first start to the last join."""
+    threads = [threading.Thread(target=target, args=(i,)) for i in range(count)]
+    start = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return time.perf_counter() - start
 
 
 def worker_throughput(env: dict[str, str], model: str, prompts: list[str], max_tokens: int,
@@ -117,12 +123,6 @@ def worker_throughput(env: dict[str, str], model: str, prompts: list[str], max_t
         def call(i: int) -> None:
             outputs[i] = client.generate(llm, prompts[i], params)[0]
 
-        threads = [threading.Thread(target=call, args=(i,)) for i in range(len(prompts))]
-        start = time.perf_counter()
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-        seconds = time.perf_counter() - start
+        seconds = _timed_threads(call, len(prompts))
         tokens = sum(len(o["outputs"][0]["token_ids"]) for o in outputs)
         return {"seconds": seconds, "output_tokens": tokens, "output_tok_s": tokens / seconds}
