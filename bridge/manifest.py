@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from bridge.protocol import ERROR_CODES, MAX_SAFE_INT, PROTOCOL_VERSION, SERVER_NAME, TIMEOUT_PROFILES
+from bridge.protocol import ERROR_CODES, PROTOCOL_VERSION, SERVER_NAME, TIMEOUT_PROFILES
 from bridge.service import VERSION, method_specs
 
 
