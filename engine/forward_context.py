@@ -25,10 +25,6 @@ class AttentionMetadata:
     max_query_len: int
     max_seq_len: int
 
-    @property
-    def num_prefills(self) -> int:
-        return self.prefill_seq_lens.numel()
-
 
 _current: AttentionMetadata | None = None
 

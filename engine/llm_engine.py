@@ -142,8 +142,10 @@ class LLMEngine:
         samplers, rows = self._sampling_rows(batch, step_logits)
         if not samplers:
             return
-        sampled = self.sampler(step_logits.logits.index_select(0, torch.tensor(rows, device=self.device)),
-                               SamplingBatch.from_sequences(samplers))
+        logits = step_logits.logits
+        if rows != list(range(logits.shape[0])):  # prompt-logprob rows to skip, or forks sharing a row
+            logits = logits.index_select(0, torch.tensor(rows, device=self.device))
+        sampled = self.sampler(logits, SamplingBatch.from_sequences(samplers))
         touched: dict[str, Request] = {}
         for i, seq in enumerate(samplers):
             self._append_token(seq, sampled, i, now)

@@ -24,10 +24,6 @@ class ScheduledBatch:
     num_decodes: int
     copies: list[tuple[int, int]]  # copy-on-write block copies to run before the forward pass
 
-    @property
-    def total_tokens(self) -> int:
-        return sum(self.num_new_tokens)
-
 
 class Scheduler:
     def __init__(self, block_manager: BlockManager, max_num_seqs: int, max_num_batched_tokens: int,

@@ -50,7 +50,6 @@ class Sequence:
     finish_reason: str | None = None
     stop_reason: int | str | None = None
     sent_tokens: int = 0  # outputs already delivered (for delta outputs)
-    sent_text_len: int = 0
 
     @property
     def num_tokens(self) -> int:
@@ -65,20 +64,12 @@ class Sequence:
         return self.token_ids[self.num_prompt_tokens:]
 
     @property
-    def prompt_token_ids(self) -> list[int]:
-        return self.token_ids[:self.num_prompt_tokens]
-
-    @property
     def is_finished(self) -> bool:
         return self.status is SequenceStatus.FINISHED
 
     @property
     def num_uncomputed_tokens(self) -> int:
         return len(self.token_ids) - self.num_computed_tokens
-
-    @property
-    def last_token_id(self) -> int:
-        return self.token_ids[-1]
 
 
 @dataclass(slots=True, eq=False)
