@@ -284,6 +284,7 @@ class LLMEngine:
             "kv_blocks_free": bm.num_free_blocks,
             "kv_cache_usage": bm.usage,
             "finish_reasons": dict(self.finish_reasons),
+            "cuda_graph_steps": self.runner.graphed_steps,
         }
 
 

@@ -11,7 +11,8 @@ from dataclasses import dataclass
 import torch
 
 import kernels
-from engine.config import CPU_DEFAULT_KV_CACHE_BYTES, GiB, EngineConfig
+from engine.config import CPU_DEFAULT_KV_CACHE_BYTES, EngineConfig, GiB
+from engine.cuda_graphs import DecodeGraphs
 from engine.errors import OutOfKVCache
 from engine.forward_context import AttentionMetadata, forward_context
 from engine.loader import LoadedModel
@@ -45,6 +46,26 @@ class ModelRunner:
         self.kv_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
         for i, layer in enumerate(self.attention_layers):
             layer.k_cache, layer.v_cache = self.kv_cache[0, i], self.kv_cache[1, i]
+        self.max_blocks_per_seq = -(-loaded.max_model_len // self.block_size)
+        self.decode_graphs = self._capture_decode_graphs(config)
+        self.graphed_steps = 0
+
+    def _capture_decode_graphs(self, config: EngineConfig) -> DecodeGraphs | None:
+        if self.device.type != "cuda" or config.enforce_eager:
+            return None
+        if kernels.get_backend() == "torch":
+            logger.info("CUDA graphs off: the PyTorch reference kernels synchronise with the host "
+                        "(kernel_backend='torch')")
+            return None
+        graphs = DecodeGraphs(self.model, config.max_num_seqs, self.max_blocks_per_seq, self.model.config.hidden_size,
+                              self.dtype, self.device)
+        try:
+            graphs.capture()
+        except RuntimeError:  # a kernel that cannot be captured must not keep the engine from serving
+            logger.warning("CUDA graph capture failed; decoding eagerly (enforce_eager=True hides this warning)",
+                           exc_info=True)
+            return None
+        return graphs
 
     @property
     def bytes_per_block(self) -> int:
@@ -74,11 +95,17 @@ class ModelRunner:
                     num_blocks / needed)
         return num_blocks
 
+    def _to_device(self, values: list, dtype: torch.dtype) -> torch.Tensor:
+        """A host list as a device tensor; on CUDA through pinned memory, so the copy does not stall the host."""
+        if self.device.type != "cuda":
+            return torch.tensor(values, dtype=dtype)
+        return torch.tensor(values, dtype=dtype, pin_memory=True).to(self.device, non_blocking=True)
+
     @torch.inference_mode()
     def run(self, batch: ScheduledBatch) -> StepLogits:
         if batch.copies:
-            src = torch.tensor([s for s, _ in batch.copies], device=self.device)
-            dst = torch.tensor([d for _, d in batch.copies], device=self.device)
+            src = self._to_device([s for s, _ in batch.copies], torch.int64)
+            dst = self._to_device([d for _, d in batch.copies], torch.int64)
             self.kv_cache[:, :, dst] = self.kv_cache[:, :, src]
 
         size = self.block_size
@@ -111,27 +138,32 @@ class ModelRunner:
                 sample_rows.append(-1)
             query_starts.append(len(input_ids))
 
-        device = self.device
         d = batch.num_decodes
         max_blocks = max(len(s.block_table) for s in batch.seqs)
-        tables = torch.tensor([s.block_table + [0] * (max_blocks - len(s.block_table)) for s in batch.seqs],
-                              dtype=torch.int32, device=device)
-        lens = torch.tensor(seq_lens, dtype=torch.int32, device=device)
+        tables = self._to_device([s.block_table + [0] * (max_blocks - len(s.block_table)) for s in batch.seqs],
+                                 torch.int32)
+        lens = self._to_device(seq_lens, torch.int32)
         prefill_starts = [q - query_starts[d] for q in query_starts[d:]]
         meta = AttentionMetadata(
-            slot_mapping=torch.tensor(slots, dtype=torch.int64, device=device),
+            slot_mapping=self._to_device(slots, torch.int64),
             num_decode_tokens=d,
             decode_block_tables=tables[:d],
             decode_seq_lens=lens[:d],
-            prefill_cu_seqlens_q=torch.tensor(prefill_starts, dtype=torch.int32, device=device),
+            prefill_cu_seqlens_q=self._to_device(prefill_starts, torch.int32),
             prefill_seq_lens=lens[d:],
             prefill_block_tables=tables[d:],
             max_query_len=max(batch.num_new_tokens),
             max_seq_len=max(seq_lens),
         )
-        with forward_context(meta):
-            hidden = self.model(torch.tensor(input_ids, dtype=torch.int64, device=device),
-                                torch.tensor(positions, dtype=torch.int64, device=device))
-        rows = torch.tensor(keep_rows, dtype=torch.int64, device=device)
+        ids = self._to_device(input_ids, torch.int64)
+        pos = self._to_device(positions, torch.int64)
+        graphs = self.decode_graphs
+        if graphs is not None and d == len(batch.seqs) and d <= graphs.max_batch_size:
+            hidden = graphs.run(ids, pos, meta)
+            self.graphed_steps += 1
+        else:
+            with forward_context(meta):
+                hidden = self.model(ids, pos)
+        rows = self._to_device(keep_rows, torch.int64)
         logits = self.model.compute_logits(hidden.index_select(0, rows))
         return StepLogits(logits=logits, sample_rows=sample_rows, prompt_rows=prompt_rows)

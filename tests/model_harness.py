@@ -36,10 +36,10 @@ class PagedHarness:
             seq.block_table.append(self.free_blocks.pop())
         return seq.block_table[position // self.block_size] * self.block_size + position % self.block_size
 
-    @torch.inference_mode()
-    def step(self, work: list[tuple[PagedSeq, list[int]]]) -> list[torch.Tensor]:
-        """Run one batch: each (seq, new tokens). Decodes (one token after context) go first, as the engine orders
-        them. Returns float32 logits [len(new tokens), vocab] per work item, in the given order."""
+    def prepare(self, work: list[tuple[PagedSeq, list[int]]]) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata,
+                                                                      list[int], list[int]]:
+        """One batch's model inputs: (input_ids, positions, metadata, order, cu) where decodes (one token after
+        context) come first, as the engine orders them; row range cu[k]..cu[k+1] belongs to work[order[k]]."""
         is_decode = [seq.num_computed > 0 and len(tokens) == 1 for seq, tokens in work]
         order = [i for i in range(len(work)) if is_decode[i]] + [i for i in range(len(work)) if not is_decode[i]]
         ids, positions, slots, seq_lens, cu = [], [], [], [], [0]
@@ -62,13 +62,21 @@ class PagedHarness:
             prefill_cu_seqlens_q=torch.tensor([c - cu[num_decode] for c in cu[num_decode:]], dtype=torch.int32),
             prefill_seq_lens=lens[num_decode:], prefill_block_tables=tables[num_decode:],
             max_query_len=max(len(work[i][1]) for i in order), max_seq_len=max(seq_lens))
+        for seq, tokens in work:
+            seq.num_computed += len(tokens)
+        return torch.tensor(ids, dtype=torch.int64), torch.tensor(positions, dtype=torch.int64), meta, order, cu
+
+    @torch.inference_mode()
+    def step(self, work: list[tuple[PagedSeq, list[int]]]) -> list[torch.Tensor]:
+        """Run one batch: each (seq, new tokens). Returns float32 logits [len(new tokens), vocab] per work item, in
+        the given order."""
+        ids, positions, meta, order, cu = self.prepare(work)
         with forward_context(meta):
-            hidden = self.model(torch.tensor(ids, dtype=torch.int64), torch.tensor(positions, dtype=torch.int64))
+            hidden = self.model(ids, positions)
         logits = self.model.compute_logits(hidden).float()
         out: list[torch.Tensor] = [torch.empty(0)] * len(work)
         for row, i in enumerate(order):
             out[i] = logits[cu[row]:cu[row + 1]]
-            work[i][0].num_computed += len(work[i][1])
         return out
 
 

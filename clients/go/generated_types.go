@@ -409,7 +409,7 @@ type EngineOptions struct {
 	// Default: 0. Allowed: >= 0.
 	Seed *int `msgpack:"seed,omitempty"`
 
-	// Disable CUDA graphs (CUDA only).
+	// Run every step eagerly: no CUDA graphs for decode steps (CUDA only).
 	//
 	// Default: false.
 	EnforceEager *bool `msgpack:"enforce_eager,omitempty"`

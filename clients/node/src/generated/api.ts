@@ -294,7 +294,7 @@ export interface EngineOptions {
    */
   seed?: number;
   /**
-   * Disable CUDA graphs (CUDA only).
+   * Run every step eagerly: no CUDA graphs for decode steps (CUDA only).
    *
    * Default: `false`.
    */
@@ -559,7 +559,7 @@ export interface LlmOptions extends CallOptions {
    */
   seed?: number;
   /**
-   * Disable CUDA graphs (CUDA only).
+   * Run every step eagerly: no CUDA graphs for decode steps (CUDA only).
    *
    * Default: `false`.
    */

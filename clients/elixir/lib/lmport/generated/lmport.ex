@@ -110,7 +110,8 @@ defmodule LMPort do
       flowing.
     * `:block_size` (int, default `16`, one of 8, 16, 32, 64, 128) — Tokens per KV-cache block.
     * `:seed` (int, default `0`, >= 0) — Seed of the engine's generator for requests without their own seed.
-    * `:enforce_eager` (bool, default `false`) — Disable CUDA graphs (CUDA only).
+    * `:enforce_eager` (bool, default `false`) — Run every step eagerly: no CUDA graphs for decode steps (CUDA
+      only).
     * `:num_gpu_blocks_override` (int | null, default `nil`, >= 1) — Use exactly this many KV blocks (testing,
       preemption).
     * `:max_logprobs` (int, default `20`, >= 0) — Largest logprobs / prompt_logprobs a request may ask for.
