@@ -6,6 +6,7 @@ steps. Everything added concurrently is batched together by the scheduler.
 
 from __future__ import annotations
 
+import functools
 import itertools
 import logging
 import queue
@@ -21,6 +22,7 @@ from engine.errors import InvalidParams, LMPortError
 from engine.llm_engine import LLMEngine, Prompt
 from engine.outputs import RequestOutput
 from engine.sampling_params import RequestOutputKind, SamplingParams
+from engine.sequence import Request
 
 logger = logging.getLogger("lmport")
 
@@ -98,6 +100,15 @@ class LLM:
 
         Validation errors (InvalidParams) are raised here, in the caller's thread.
         """
+        stream, queued = self._prepare_request(prompt, sampling_params, request_id, on_output, on_error)
+        self._enqueue([queued])
+        return stream
+
+    def _prepare_request(self, prompt: Prompt, sampling_params: SamplingParams | None, request_id: str | None,
+                         on_output: Callable[[RequestOutput], None] | None,
+                         on_error: Callable[[BaseException], None] | None,
+                         ) -> tuple[RequestStream, tuple[Request, Callable[[BaseException], None]]]:
+        """Validate and tokenize in the caller's thread; nothing reaches the engine yet."""
         params = sampling_params if sampling_params is not None else SamplingParams()
         request_id = request_id if request_id is not None else f"req-{next(self._ids)}"
         stream = RequestStream(request_id, self)
@@ -110,17 +121,22 @@ class LLM:
 
         with self._tokenizer_lock:
             request = self.engine.make_request(request_id, prompt, params, on_engine_output)
+        return stream, (request, on_error or stream._put)
+
+    def _enqueue(self, queued: list[tuple[Request, Callable[[BaseException], None]]]) -> None:
+        """Hand requests to the engine thread together: they join the same step (offline batches are reproducible)."""
         with self._lock:
             if self._dead is not None:
                 raise EngineDead(f"the engine stopped after an error: {self._dead}")
             if self._stopping:
                 raise EngineDead("the engine is shutting down")
-            if request_id in self._error_callbacks:
-                raise InvalidParams("request_id", f"request id {request_id!r} is already in flight")
-            self._error_callbacks[request_id] = on_error or stream._put
-            self._commands.append(lambda: self.engine.add_request(request))
+            for request, _ in queued:
+                if request.request_id in self._error_callbacks:
+                    raise InvalidParams("request_id", f"request id {request.request_id!r} is already in flight")
+            for request, on_error in queued:
+                self._error_callbacks[request.request_id] = on_error
+                self._commands.append(functools.partial(self.engine.add_request, request))
             self._lock.notify()
-        return stream
 
     def abort(self, request_id: str) -> bool:
         """Abort a request between two steps: its blocks are freed and it finishes with finish_reason 'abort'.
@@ -202,8 +218,10 @@ class LLM:
             params_list = list(sampling_params)
         else:
             params_list = [sampling_params or SamplingParams()] * len(prompt_list)
-        streams = [self.add_request(p, sp.clone(output_kind=RequestOutputKind.FINAL_ONLY))
-                   for p, sp in zip(prompt_list, params_list)]
+        prepared = [self._prepare_request(p, sp.clone(output_kind=RequestOutputKind.FINAL_ONLY), None, None, None)
+                    for p, sp in zip(prompt_list, params_list)]  # a bad prompt fails the call before any is queued
+        self._enqueue([queued for _, queued in prepared])
+        streams = [stream for stream, _ in prepared]
         results: list[RequestOutput] = []
         with tqdm(total=len(streams), desc="Processed prompts", unit="req", disable=not use_tqdm or len(streams) < 2,
                   dynamic_ncols=True) as bar:

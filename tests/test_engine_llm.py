@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from engine import LLM, SamplingParams
+from engine.cuda_graphs import DecodeGraphs
 from engine.errors import InvalidParams, OutOfKVCache
 
 pytestmark = pytest.mark.slow
@@ -44,10 +45,11 @@ def test_greedy_matches_transformers_token_for_token(llm):
 
     path = llm.engine.model_path
     tokenizer = AutoTokenizer.from_pretrained(path)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    device = llm.engine.device  # on a GPU machine both run on the GPU
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).to(device).eval()
     ours = llm.generate(PROMPTS, GREEDY, use_tqdm=False)
     for prompt, out in zip(PROMPTS, ours):
-        ids = tokenizer(prompt, return_tensors="pt").input_ids
+        ids = tokenizer(prompt, return_tensors="pt").input_ids.to(device)
         assert out.prompt_token_ids == ids[0].tolist()
         with torch.inference_mode():
             ref = model.generate(ids, do_sample=False, max_new_tokens=32, min_new_tokens=32,
@@ -61,6 +63,22 @@ def test_a_prompt_alone_and_inside_a_mixed_batch_gives_the_same_tokens(llm):
     mixed = [PROMPTS[i % 8] * (1 + i % 5) for i in range(1, 16)]
     batch = llm.generate(mixed[:7] + [PROMPTS[0]] + mixed[7:], GREEDY, use_tqdm=False)
     assert batch[7].outputs[0].token_ids == alone[0].outputs[0].token_ids
+
+
+def test_decode_steps_through_the_padded_static_buffers_give_the_same_tokens(llm):
+    """ModelRunner's CUDA-graph route (decode-only steps copied into DecodeGraphs' static buffers and padded to a
+    bucket), taken on CPU where nothing is captured: same tokens as the eager steps."""
+    runner = llm.engine.runner
+    expected = texts(llm.generate(PROMPTS[:5], GREEDY, use_tqdm=False))
+    before = llm.stats()["cuda_graph_steps"]
+    runner.decode_graphs = DecodeGraphs(runner.model, 8, runner.max_blocks_per_seq, runner.model.config.hidden_size,
+                                        runner.dtype, runner.device)
+    try:
+        got = texts(llm.generate(PROMPTS[:5], GREEDY, use_tqdm=False))
+    finally:
+        runner.decode_graphs = None
+    assert got == expected
+    assert llm.stats()["cuda_graph_steps"] - before >= GREEDY.max_tokens - 1  # every step after the prefill
 
 
 def test_prefix_cache_skips_shared_prefix_and_keeps_output(llm):
@@ -166,6 +184,10 @@ def test_bad_prompts_are_rejected_by_field(llm):
     with pytest.raises(InvalidParams) as err:
         llm.generate("", use_tqdm=False)
     assert err.value.field == "prompt"
+    before = llm.stats()["requests_total"]
+    with pytest.raises(InvalidParams):  # one bad prompt fails the whole call before any of it runs
+        llm.generate(["A fine prompt", "another", ""], GREEDY, use_tqdm=False)
+    assert llm.stats()["requests_total"] == before
 
 
 def test_a_cache_too_small_for_max_model_len_fails_readably():
