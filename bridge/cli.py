@@ -13,7 +13,7 @@ SUBCOMMANDS = {
     "worker": ("bridge.worker", "run the msgpack-over-stdio worker (started by the clients)"),
     "serve": ("bridge.http.server", "serve the OpenAI-compatible HTTP API"),
     "codegen": ("bridge.codegen.cli", "generate client API code from the worker's manifest"),
-    "bench": ("bridge.bench", "benchmarks: throughput, bridge, serve"),
+    "bench": ("bridge.bench", "benchmarks: throughput, parity, bridge, serve"),
 }
 
 
