@@ -240,7 +240,8 @@ def _method_doc(manifest: dict[str, Any], method: dict[str, Any]) -> str:
     lines += ["## Options", ""] + [_param_line(manifest, p, f"`:{p['name']}`") for p in options]
     if method.get("streaming"):
         lines.append("  * `:stream` — `true` returns `{:ok, stream}`: a lazy `Stream` of the chunks' deltas;\n"
-                     "    halting it early cancels the request in the worker")
+                     "    halting it early cancels the request in the worker. `:with_summary` also ends the\n"
+                     "    stream with `{:summary, response}` (usage, finish reasons, metrics)")
     profile = method.get("timeout_profile", "default")
     lines.append(f"  * `:timeout`, `:timeout_profile` — see the module doc; this method's default profile is\n"
                  f"    `:{profile}` ({manifest['timeout_profiles'].get(profile, '?')} ms)")

@@ -81,6 +81,19 @@ defmodule LMPort.WorkerTest do
     assert Enum.map_join(deltas, fn %{"outputs" => [o]} -> o["text"] end) == full
   end
 
+  test "stream: :with_summary ends the stream with the final response", %{llm: llm} do
+    sp = [max_tokens: 6, temperature: 0, ignore_eos: true]
+    items = LMPort.generate!(@worker, llm, "The sea", sampling_params: sp, stream: :with_summary) |> Enum.to_list()
+
+    {deltas, [{:summary, summary}]} = Enum.split(items, -1)
+    assert Enum.all?(deltas, &is_map/1) and List.last(deltas)["finished"] == true
+    assert %{"usage" => %{"completion_tokens" => 6}, "requests" => [%{"outputs" => [output]}]} = summary
+    assert output["finish_reason"] == "length"
+
+    assert {:error, %LMPort.Error{code: "invalid_params", details: %{"field" => "stream"}}} =
+             LMPort.generate(@worker, llm, "x", stream: :yes)
+  end
+
   test "halting a stream early cancels the request in the worker", %{llm: llm} do
     wait_idle(llm)
     aborted = stats(llm)["requests_aborted"]

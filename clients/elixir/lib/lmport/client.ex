@@ -22,7 +22,7 @@ defmodule LMPort.Client do
       call_opts = Keyword.put(call_opts, :default_profile, spec["timeout_profile"] || "default")
 
       if stream?,
-        do: {:ok, Worker.stream(worker, method, params, call_opts)},
+        do: {:ok, Worker.stream(worker, method, params, [summary: stream? == :with_summary] ++ call_opts)},
         else: Worker.call(worker, method, params, call_opts)
     end
   end
@@ -33,7 +33,10 @@ defmodule LMPort.Client do
   def unwrap!({:error, %Error{} = error}), do: raise(error)
 
   defp check_stream(_method, _spec, false), do: :ok
-  defp check_stream(_method, %{"streaming" => true}, true), do: :ok
+  defp check_stream(_method, %{"streaming" => true}, mode) when mode in [true, :with_summary], do: :ok
+
+  defp check_stream(method, %{"streaming" => true}, other),
+    do: invalid("stream", "#{method}: stream must be false, true or :with_summary, got: #{inspect(other)}")
 
   defp check_stream(method, _spec, other),
     do: invalid("stream", "#{method} does not stream; stream must be false, got: #{inspect(other)}")

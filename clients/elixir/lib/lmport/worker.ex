@@ -47,7 +47,8 @@ defmodule LMPort.Worker do
   @type call_opts :: [
           timeout: pos_integer,
           timeout_profile: atom | String.t(),
-          default_profile: String.t()
+          default_profile: String.t(),
+          summary: boolean
         ]
 
   ## Public API
@@ -98,21 +99,23 @@ defmodule LMPort.Worker do
 
   The request is sent when the stream is first consumed, by the consuming process. Halting early (`Enum.take/2`,
   a `break` in `Enum.reduce_while/3`, an exception) cancels it in the worker. An error response raises
-  `LMPort.Error` from the consumer.
+  `LMPort.Error` from the consumer. With `summary: true` in `opts` the last element is `{:summary, result}`: the
+  final response, which for generate/chat holds usage, finish reasons and metrics.
   """
   @spec stream(server, String.t(), map, call_opts) :: Enumerable.t()
   def stream(server, method, params, opts \\ []) do
+    {summary?, opts} = Keyword.pop(opts, :summary, false)
     ropts = request_opts(opts, true)
 
     Stream.resource(
       fn ->
         case safe_call(server, {:call, method, params, ropts}) do
-          {:ok, {wpid, id}} -> {wpid, id, Process.monitor(wpid), :open}
+          {:ok, {wpid, id}} -> {wpid, id, Process.monitor(wpid), summary?, :open}
           {:error, error} -> raise error
         end
       end,
       &next_chunk/1,
-      fn {wpid, id, mref, state} ->
+      fn {wpid, id, mref, _, state} ->
         Process.demonitor(mref, [:flush])
         if state == :open, do: GenServer.cast(wpid, {:cancel, id, self()})
         flush(wpid, id)
@@ -120,15 +123,16 @@ defmodule LMPort.Worker do
     )
   end
 
-  defp next_chunk({_, _, _, :done} = acc), do: {:halt, acc}
+  defp next_chunk({_, _, _, _, :done} = acc), do: {:halt, acc}
 
-  defp next_chunk({wpid, id, mref, :open} = acc) do
+  defp next_chunk({wpid, id, mref, summary?, :open} = acc) do
     receive do
       {:lmport, ^wpid, ^id, {:chunk, _seq, data}} ->
         {[data], acc}
 
-      {:lmport, ^wpid, ^id, {:done, {:ok, _summary}}} ->
-        {:halt, {wpid, id, mref, :done}}
+      {:lmport, ^wpid, ^id, {:done, {:ok, summary}}} ->
+        done = {wpid, id, mref, summary?, :done}
+        if summary?, do: {[{:summary, summary}], done}, else: {:halt, done}
 
       {:lmport, ^wpid, ^id, {:done, {:error, error}}} ->
         raise error

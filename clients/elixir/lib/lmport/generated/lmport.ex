@@ -214,7 +214,8 @@ defmodule LMPort do
       `include_stop_str_in_output`, `logit_bias`, `allowed_token_ids`, `bad_words`, `truncate_prompt_tokens`,
       `output_kind`), checked locally.
     * `:stream` — `true` returns `{:ok, stream}`: a lazy `Stream` of the chunks' deltas;
-      halting it early cancels the request in the worker
+      halting it early cancels the request in the worker. `:with_summary` also ends the
+      stream with `{:summary, response}` (usage, finish reasons, metrics)
     * `:timeout`, `:timeout_profile` — see the module doc; this method's default profile is
       `:ml_inference` (600000 ms)
 
@@ -249,7 +250,8 @@ defmodule LMPort do
     * `:chat_template` (str | null, default `nil`) — a Jinja template to use instead of the tokenizer's own.
     * `:add_generation_prompt` (bool, default `true`) — end the prompt with the assistant turn's opening.
     * `:stream` — `true` returns `{:ok, stream}`: a lazy `Stream` of the chunks' deltas;
-      halting it early cancels the request in the worker
+      halting it early cancels the request in the worker. `:with_summary` also ends the
+      stream with `{:summary, response}` (usage, finish reasons, metrics)
     * `:timeout`, `:timeout_profile` — see the module doc; this method's default profile is
       `:ml_inference` (600000 ms)
 
