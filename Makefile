@@ -73,6 +73,7 @@ bench: $(STAMP)
 # test or parity run does not stop the measurements after it: the files say what failed.
 GPU_REPORT ?= gpu-report
 GPU_TESTS := tests/test_kernels_attention.py tests/test_kernels_elementwise.py tests/test_kernels_dispatch.py \
+	tests/test_kernels_model.py \
 	tests/test_engine_cuda_graphs.py tests/test_engine_llm.py
 gpu-report:
 	mkdir -p $(GPU_REPORT)

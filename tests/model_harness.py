@@ -24,10 +24,12 @@ class PagedHarness:
     def __init__(self, model: nn.Module, block_size: int = 4, num_blocks: int = 96, seed: int = 0) -> None:
         self.model, self.block_size = model, block_size
         layers = [m for m in model.modules() if isinstance(m, PagedAttention)]
-        dtype = next(model.parameters()).dtype
+        weight = next(model.parameters())
+        self.device = weight.device  # the cache and every input tensor live where the model does
         shape = (num_blocks, block_size, layers[0].num_kv_heads, layers[0].head_dim)
         for layer in layers:
-            layer.k_cache, layer.v_cache = torch.zeros(shape, dtype=dtype), torch.zeros(shape, dtype=dtype)
+            layer.k_cache, layer.v_cache = (torch.zeros(shape, dtype=weight.dtype, device=self.device)
+                                            for _ in range(2))
         self.free_blocks = list(range(num_blocks))
         random.Random(seed).shuffle(self.free_blocks)  # scattered blocks: block tables must really be followed
 
@@ -53,18 +55,21 @@ class PagedHarness:
             cu.append(len(ids))
         num_decode = sum(is_decode)
         width = max(len(work[i][0].block_table) for i in order)
-        tables = torch.tensor([work[i][0].block_table + [0] * (width - len(work[i][0].block_table)) for i in order],
-                              dtype=torch.int32)
-        lens = torch.tensor(seq_lens, dtype=torch.int32)
+        def tensor(values: list, dtype: torch.dtype) -> torch.Tensor:
+            return torch.tensor(values, dtype=dtype, device=self.device)
+
+        tables = tensor([work[i][0].block_table + [0] * (width - len(work[i][0].block_table)) for i in order],
+                        torch.int32)
+        lens = tensor(seq_lens, torch.int32)
         meta = AttentionMetadata(
-            slot_mapping=torch.tensor(slots, dtype=torch.int64), num_decode_tokens=num_decode,
+            slot_mapping=tensor(slots, torch.int64), num_decode_tokens=num_decode,
             decode_block_tables=tables[:num_decode], decode_seq_lens=lens[:num_decode],
-            prefill_cu_seqlens_q=torch.tensor([c - cu[num_decode] for c in cu[num_decode:]], dtype=torch.int32),
+            prefill_cu_seqlens_q=tensor([c - cu[num_decode] for c in cu[num_decode:]], torch.int32),
             prefill_seq_lens=lens[num_decode:], prefill_block_tables=tables[num_decode:],
             max_query_len=max(len(work[i][1]) for i in order), max_seq_len=max(seq_lens))
         for seq, tokens in work:
             seq.num_computed += len(tokens)
-        return torch.tensor(ids, dtype=torch.int64), torch.tensor(positions, dtype=torch.int64), meta, order, cu
+        return tensor(ids, torch.int64), tensor(positions, torch.int64), meta, order, cu
 
     @torch.inference_mode()
     def step(self, work: list[tuple[PagedSeq, list[int]]]) -> list[torch.Tensor]:
