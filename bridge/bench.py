@@ -79,8 +79,9 @@ def run(args: argparse.Namespace) -> int:
         return 0
     print(f"workload: {args.num_prompts} prompts x {args.max_tokens} greedy tokens (ignore_eos), {args.dtype}, "
           f"{args.threads} threads, on {result['workload']['device']}")
+    graphed = result["lmport"]["cuda_graph_steps"]
     print(f"lmport engine:          {result['lmport']['output_tok_s']:8.1f} output tok/s "
-          f"({result['lmport']['seconds']:.1f} s)")
+          f"({result['lmport']['seconds']:.1f} s{f'; {graphed} decode steps from CUDA graphs' if graphed else ''})")
     if "hf" in result:
         print(f"transformers generate:  {result['hf']['output_tok_s']:8.1f} output tok/s "
               f"({result['hf']['seconds']:.1f} s)")
