@@ -62,7 +62,7 @@ class ModelRunner:
         try:
             graphs.capture()
         except RuntimeError:  # a kernel that cannot be captured must not keep the engine from serving
-            logger.warning("CUDA graph capture failed; decoding eagerly (enforce_eager=True hides this warning)",
+            logger.warning("CUDA graph capture failed; decoding eagerly (enforce_eager=True skips the capture)",
                            exc_info=True)
             return None
         return graphs
