@@ -1,8 +1,9 @@
 """The manifest (`describe`'s result), derived from the Python definitions — never written by hand.
 
 Methods come from bridge.service's @rpc registry (signatures, type hints, docstrings); the option schemas from
-engine.config.option_schema() and engine.sampling_params.sampling_params_schema(); error codes and timeout
-profiles from bridge.protocol. `lmport codegen` and the client generators call build_manifest() in-process.
+engine.config.option_schema() and engine.sampling_params.sampling_params_schema(); the result shapes from
+bridge.results; error codes and timeout profiles from bridge.protocol. `lmport codegen` and the client generators
+call build_manifest() in-process.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from bridge.service import VERSION, method_specs
 
 
 def build_manifest(timeout_profiles: dict[str, int] | None = None) -> dict[str, Any]:
+    from bridge.results import results_schema
     from engine.config import option_schema
     from engine.sampling_params import sampling_params_schema
 
@@ -25,6 +27,7 @@ def build_manifest(timeout_profiles: dict[str, int] | None = None) -> dict[str, 
                         "timeout_profile": spec.timeout_profile, "params": params, "returns": spec.returns})
     return {"protocol": PROTOCOL_VERSION, "server": SERVER_NAME, "version": VERSION, "methods": methods,
             "schemas": schemas,
+            "results": results_schema(),
             "error_codes": [{"code": code, "retryable": retryable, "doc": doc}
                             for code, (retryable, doc) in ERROR_CODES.items()],
             "timeout_profiles": {**TIMEOUT_PROFILES, **(timeout_profiles or {})}}

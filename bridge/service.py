@@ -64,6 +64,7 @@ class MethodSpec:
     timeout_profile: str
     streaming: bool  # generation methods: take the Call first, stream chunks when asked, finish asynchronously
     options: str | None  # "EngineOptions" / "SamplingParams": **kwargs are that schema's fields
+    shapes: dict[str, str]  # result type expressions over bridge.results' records: "result", "chunk", "summary"
     doc: str = ""
     returns: dict[str, str] = field(default_factory=dict)
     params: list[ParamSpec] = field(default_factory=list)
@@ -72,10 +73,11 @@ class MethodSpec:
 METHODS: dict[str, MethodSpec] = {}
 
 
-def rpc(timeout_profile: str = "default", *, streaming: bool = False,
-        options: str | None = None) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+def rpc(timeout_profile: str = "default", *, streaming: bool = False, options: str | None = None,
+        **shapes: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Register a method; `shapes` (result=, chunk=, summary=) name its result shapes in bridge.results."""
     def register(func: Callable[..., Any]) -> Callable[..., Any]:
-        METHODS[func.__name__] = MethodSpec(func.__name__, func, timeout_profile, streaming, options)
+        METHODS[func.__name__] = MethodSpec(func.__name__, func, timeout_profile, streaming, options, shapes)
         return func
     return register
 
@@ -92,7 +94,7 @@ def method_specs() -> dict[str, MethodSpec]:
         spec.params = [ParamSpec(p.name, type_string(hints[p.name]), p.default is inspect.Parameter.empty,
                                  None if p.default is inspect.Parameter.empty else p.default, arg_docs.get(p.name, ""))
                        for p in list(signature.parameters.values())[skip:] if p.kind is not p.VAR_KEYWORD]
-        spec.returns = {"type": type_string(hints["return"]), "doc": returns_doc}
+        spec.returns = {"type": type_string(hints["return"]), "doc": returns_doc, **spec.shapes}
         spec.doc = doc
     return METHODS
 
@@ -426,7 +428,7 @@ class Service:
             data["logit_bias"] = {str(k): v for k, v in data["logit_bias"].items()}
         return data
 
-    @rpc("ml_inference", streaming=True)
+    @rpc("ml_inference", streaming=True, result="list[RequestOutput]", chunk="Chunk", summary="Summary")
     def generate(self, call: Call, llm: Handle, prompts: str | list[str] | list[int] | dict | list[dict],
                  sampling_params: dict | list[dict] | None = None) -> list[dict]:
         """Generate completions for one prompt or many; all of them (and every other caller's) batch together.
@@ -443,7 +445,7 @@ class Service:
         entry = self._entry(llm)
         self._start_generation(call, entry, _prompt_list(prompts), sampling_params)
 
-    @rpc("ml_inference", streaming=True)
+    @rpc("ml_inference", streaming=True, result="list[RequestOutput]", chunk="Chunk", summary="Summary")
     def chat(self, call: Call, llm: Handle, messages: list[dict] | list, sampling_params: dict | list[dict] | None
              = None, chat_template: str | None = None, add_generation_prompt: bool = True) -> list[dict]:
         """Generate replies to one conversation or many, through the model's chat template.

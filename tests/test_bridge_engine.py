@@ -12,6 +12,7 @@ import pytest
 
 from bridge.client import AsyncClient, Client
 from bridge.protocol import BridgeError
+from bridge.results import conforms, results_schema
 from tests.bridge_helpers import REPO
 
 pytestmark = pytest.mark.slow
@@ -128,6 +129,24 @@ def test_streaming_deltas_concatenate_to_the_full_text_and_the_summary_carries_n
     assert summary["usage"]["completion_tokens"] == sum(len(r["outputs"][0]["token_ids"]) for r in full)
     assert [r["outputs"][0]["finish_reason"] for r in summary["requests"]] == \
         [r["outputs"][0]["finish_reason"] for r in full]
+
+
+def test_results_have_exactly_the_shapes_the_manifest_declares(client, llm):
+    """Every key of real results, streamed and not, is declared in bridge.results (the clients' typed results are
+    generated from it) and every declared key is there, with the declared type: the shapes cannot drift."""
+    shapes = results_schema()
+    params = {"max_tokens": 6, "n": 2, "temperature": 0.8, "seed": 3, "logprobs": 2, "prompt_logprobs": 1}
+    results = [client.generate(llm, ["The sea", "def f(x):"], params),
+               client.generate(llm, {"prompt_token_ids": [1, 2, 3]}, {**params, "n": 1, "stop": [" "]}),
+               client.chat(llm, [{"role": "user", "content": "Hi"}], {"max_tokens": 4})]
+    for result in results:
+        assert conforms(result, "list[RequestOutput]", shapes) is None, conforms(result, "list[RequestOutput]", shapes)
+    stream = client.generate(llm, "The sea", params, stream=True)
+    chunks = list(stream)
+    assert "prompt_logprobs" in chunks[0] and "logprobs" in chunks[0]["outputs"][0]  # the optional keys, present
+    for chunk in chunks:
+        assert conforms(chunk, "Chunk", shapes) is None, conforms(chunk, "Chunk", shapes)
+    assert conforms(stream.summary, "Summary", shapes) is None, conforms(stream.summary, "Summary", shapes)
 
 
 def test_chat_with_and_without_streaming(client, llm):

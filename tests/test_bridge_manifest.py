@@ -6,7 +6,7 @@ import inspect
 
 import msgpack
 
-from bridge import manifest, protocol, service
+from bridge import manifest, protocol, results, service
 from bridge.protocol import Handle
 from engine.config import option_schema
 from engine.sampling_params import sampling_params_schema
@@ -86,3 +86,38 @@ def test_a_new_method_appears_from_its_definition_alone(monkeypatch):
                                  "doc": "the texts, one per vector."},
                                 {"name": "normalize", "type": "bool", "required": False, "default": True,
                                  "doc": "scale each vector to unit length."}]}
+
+
+def test_result_shapes_are_declared_once_and_reference_only_known_records():
+    built = manifest.build_manifest()
+    records = built["results"]
+    assert records == results.results_schema() and "RequestOutput" in records
+
+    def names(expr: str) -> set[str]:
+        found = set()
+        for alternative in results.split_union(expr):
+            found |= names(alternative[5:-1]) if alternative.startswith("list[") else {alternative}
+        return found
+
+    known = set(records) | {"str", "int", "float", "bool", "null"}
+    for record, fields in records.items():
+        for f in fields:
+            assert names(f["type"]) <= known, (record, f)
+            assert f["doc"], (record, f["name"])
+    by_name = {m["name"]: m for m in built["methods"]}
+    for method in ("generate", "chat"):
+        returns = by_name[method]["returns"]
+        assert (returns["result"], returns["chunk"], returns["summary"]) == ("list[RequestOutput]", "Chunk", "Summary")
+
+
+def test_conforms_names_the_first_difference():
+    shapes = results.results_schema()
+    usage = {"prompt_tokens": 1, "completion_tokens": 2, "total_tokens": 3}
+    assert results.conforms(usage, "Usage", shapes) is None
+    assert "unexpected keys ['extra']" in results.conforms({**usage, "extra": 1}, "Usage", shapes)
+    assert "missing keys ['total_tokens']" in results.conforms({"prompt_tokens": 1, "completion_tokens": 2},
+                                                              "Usage", shapes)
+    assert results.conforms({**usage, "total_tokens": "3"}, "Usage", shapes) == \
+        "result.total_tokens: expected int, got str '3'"
+    assert results.conforms([[None]], "list[list[LogprobEntry]|null]", shapes) is not None
+    assert results.conforms([None, []], "list[list[LogprobEntry]|null]", shapes) is None
