@@ -52,7 +52,13 @@ def literal(value: Any, indent: int = 0) -> str:
     return "%{\n" + ",\n".join(items) + "\n" + " " * indent + "}"
 
 
+class _Code(str):
+    """Elixir source to emit as it is (a reference such as `@schemas["SamplingParams"]`), not as a string literal."""
+
+
 def _flat(value: Any) -> str:
+    if isinstance(value, _Code):
+        return str(value)
     if value is None:
         return "nil"
     if isinstance(value, bool):
@@ -95,11 +101,17 @@ def _doc(text: str, indent: int = 2) -> str:
 # ---------------------------------------------------------------- LMPort.Schema
 
 def _schema_module(manifest: dict[str, Any]) -> str:
-    methods = {m["name"]: {"name": m["name"], "streaming": bool(m.get("streaming")),
-                           "timeout_profile": m.get("timeout_profile", "default"),
-                           "params": [_spec(p) for p in m["params"]]}
-               for m in manifest["methods"]}
     schemas = {name: [_spec(f) for f in fields] for name, fields in sorted(manifest["schemas"].items())}
+
+    def params(method: dict[str, Any]) -> Any:
+        """A method whose parameters are a whole schema (llm, sampling_params) refers to it instead of a copy."""
+        specs = [_spec(p) for p in method["params"]]
+        same = next((name for name, fields in schemas.items() if fields == specs), None)
+        return _Code(f"@schemas[{_flat(same)}]") if same else specs
+
+    methods = {m["name"]: {"name": m["name"], "streaming": bool(m.get("streaming")),
+                           "timeout_profile": m.get("timeout_profile", "default"), "params": params(m)}
+               for m in manifest["methods"]}
     param_schemas = sorted({(p["name"], s) for m in manifest["methods"] for p in m["params"]
                             if (s := schema_for_param(manifest, p))})
     clauses = "".join(f'  def schema_for_param({_flat(name)}), do: @schemas[{_flat(schema)}]\n'
@@ -111,9 +123,9 @@ def _schema_module(manifest: dict[str, Any]) -> str:
   schemas of nested options and the timeout profiles. `LMPort.Validate` checks options against it.
   """
 
-  @methods {literal(methods, 2)}
-
   @schemas {literal(schemas, 2)}
+
+  @methods {literal(methods, 2)}
 
   @error_codes {literal(errors, 2)}
 

@@ -6,317 +6,6 @@ defmodule LMPort.Schema do
   schemas of nested options and the timeout profiles. `LMPort.Validate` checks options against it.
   """
 
-  @methods %{
-    "describe" => %{"name" => "describe", "streaming" => false, "timeout_profile" => "default", "params" => []},
-    "llm" => %{
-      "name" => "llm",
-      "streaming" => false,
-      "timeout_profile" => "ml_inference",
-      "params" => [
-        %{"name" => "model", "type" => "str", "required" => false, "default" => "smollm2"},
-        %{"name" => "revision", "type" => "str|null", "required" => false, "default" => nil},
-        %{"name" => "tokenizer", "type" => "str|null", "required" => false, "default" => nil},
-        %{
-          "name" => "dtype",
-          "type" => "str",
-          "required" => false,
-          "default" => "auto",
-          "choices" => ["auto", "float32", "bfloat16", "float16"]
-        },
-        %{
-          "name" => "max_model_len",
-          "type" => "int|null",
-          "required" => false,
-          "default" => nil,
-          "min" => 1
-        },
-        %{"name" => "trust_remote_code", "type" => "bool", "required" => false, "default" => false},
-        %{"name" => "device", "type" => "str", "required" => false, "default" => "auto"},
-        %{
-          "name" => "gpu_memory_utilization",
-          "type" => "float",
-          "required" => false,
-          "default" => 0.9,
-          "min" => 0.0,
-          "max" => 1.0
-        },
-        %{
-          "name" => "kv_cache_memory_bytes",
-          "type" => "int|null",
-          "required" => false,
-          "default" => nil,
-          "min" => 1
-        },
-        %{
-          "name" => "max_num_seqs",
-          "type" => "int",
-          "required" => false,
-          "default" => 256,
-          "min" => 1
-        },
-        %{
-          "name" => "max_num_batched_tokens",
-          "type" => "int",
-          "required" => false,
-          "default" => 8192,
-          "min" => 1
-        },
-        %{
-          "name" => "enable_prefix_caching",
-          "type" => "bool",
-          "required" => false,
-          "default" => true
-        },
-        %{
-          "name" => "enable_chunked_prefill",
-          "type" => "bool",
-          "required" => false,
-          "default" => true
-        },
-        %{
-          "name" => "block_size",
-          "type" => "int",
-          "required" => false,
-          "default" => 16,
-          "choices" => [8, 16, 32, 64, 128]
-        },
-        %{"name" => "seed", "type" => "int", "required" => false, "default" => 0, "min" => 0},
-        %{"name" => "enforce_eager", "type" => "bool", "required" => false, "default" => false},
-        %{
-          "name" => "num_gpu_blocks_override",
-          "type" => "int|null",
-          "required" => false,
-          "default" => nil,
-          "min" => 1
-        },
-        %{
-          "name" => "max_logprobs",
-          "type" => "int",
-          "required" => false,
-          "default" => 20,
-          "min" => 0
-        },
-        %{
-          "name" => "kernel_backend",
-          "type" => "str",
-          "required" => false,
-          "default" => "auto",
-          "choices" => ["auto", "triton", "torch"]
-        }
-      ]
-    },
-    "sampling_params" => %{
-      "name" => "sampling_params",
-      "streaming" => false,
-      "timeout_profile" => "default",
-      "params" => [
-        %{"name" => "n", "type" => "int", "required" => false, "default" => 1, "min" => 1},
-        %{
-          "name" => "temperature",
-          "type" => "float",
-          "required" => false,
-          "default" => 1.0,
-          "min" => 0.0,
-          "max" => 2.0
-        },
-        %{
-          "name" => "top_p",
-          "type" => "float",
-          "required" => false,
-          "default" => 1.0,
-          "min" => 0.0,
-          "max" => 1.0
-        },
-        %{"name" => "top_k", "type" => "int", "required" => false, "default" => 0, "min" => -1},
-        %{
-          "name" => "min_p",
-          "type" => "float",
-          "required" => false,
-          "default" => 0.0,
-          "min" => 0.0,
-          "max" => 1.0
-        },
-        %{
-          "name" => "presence_penalty",
-          "type" => "float",
-          "required" => false,
-          "default" => 0.0,
-          "min" => -2.0,
-          "max" => 2.0
-        },
-        %{
-          "name" => "frequency_penalty",
-          "type" => "float",
-          "required" => false,
-          "default" => 0.0,
-          "min" => -2.0,
-          "max" => 2.0
-        },
-        %{
-          "name" => "repetition_penalty",
-          "type" => "float",
-          "required" => false,
-          "default" => 1.0,
-          "min" => 0.0
-        },
-        %{
-          "name" => "seed",
-          "type" => "int|null",
-          "required" => false,
-          "default" => nil,
-          "min" => -9007199254740991,
-          "max" => 9007199254740991
-        },
-        %{"name" => "stop", "type" => "str|list[str]|null", "required" => false, "default" => nil},
-        %{
-          "name" => "stop_token_ids",
-          "type" => "list[int]|null",
-          "required" => false,
-          "default" => nil
-        },
-        %{"name" => "ignore_eos", "type" => "bool", "required" => false, "default" => false},
-        %{"name" => "max_tokens", "type" => "int", "required" => false, "default" => 16, "min" => 1},
-        %{"name" => "min_tokens", "type" => "int", "required" => false, "default" => 0, "min" => 0},
-        %{
-          "name" => "logprobs",
-          "type" => "int|null",
-          "required" => false,
-          "default" => nil,
-          "min" => 0
-        },
-        %{
-          "name" => "prompt_logprobs",
-          "type" => "int|null",
-          "required" => false,
-          "default" => nil,
-          "min" => 0
-        },
-        %{"name" => "detokenize", "type" => "bool", "required" => false, "default" => true},
-        %{"name" => "skip_special_tokens", "type" => "bool", "required" => false, "default" => true},
-        %{
-          "name" => "spaces_between_special_tokens",
-          "type" => "bool",
-          "required" => false,
-          "default" => true
-        },
-        %{
-          "name" => "include_stop_str_in_output",
-          "type" => "bool",
-          "required" => false,
-          "default" => false
-        },
-        %{"name" => "logit_bias", "type" => "dict|null", "required" => false, "default" => nil},
-        %{
-          "name" => "allowed_token_ids",
-          "type" => "list[int]|null",
-          "required" => false,
-          "default" => nil
-        },
-        %{"name" => "bad_words", "type" => "list[str]|null", "required" => false, "default" => nil},
-        %{
-          "name" => "truncate_prompt_tokens",
-          "type" => "int|null",
-          "required" => false,
-          "default" => nil,
-          "min" => 1
-        },
-        %{
-          "name" => "output_kind",
-          "type" => "str",
-          "required" => false,
-          "default" => "cumulative",
-          "choices" => ["cumulative", "delta", "final_only"]
-        }
-      ]
-    },
-    "generate" => %{
-      "name" => "generate",
-      "streaming" => true,
-      "timeout_profile" => "ml_inference",
-      "params" => [
-        %{"name" => "llm", "type" => "handle", "required" => true},
-        %{
-          "name" => "prompts",
-          "type" => "str|list[str]|list[int]|dict|list[dict]",
-          "required" => true
-        },
-        %{
-          "name" => "sampling_params",
-          "type" => "dict|list[dict]|null",
-          "required" => false,
-          "default" => nil
-        }
-      ]
-    },
-    "chat" => %{
-      "name" => "chat",
-      "streaming" => true,
-      "timeout_profile" => "ml_inference",
-      "params" => [
-        %{"name" => "llm", "type" => "handle", "required" => true},
-        %{"name" => "messages", "type" => "list[dict]|list", "required" => true},
-        %{
-          "name" => "sampling_params",
-          "type" => "dict|list[dict]|null",
-          "required" => false,
-          "default" => nil
-        },
-        %{"name" => "chat_template", "type" => "str|null", "required" => false, "default" => nil},
-        %{
-          "name" => "add_generation_prompt",
-          "type" => "bool",
-          "required" => false,
-          "default" => true
-        }
-      ]
-    },
-    "tokenize" => %{
-      "name" => "tokenize",
-      "streaming" => false,
-      "timeout_profile" => "default",
-      "params" => [
-        %{"name" => "llm", "type" => "handle", "required" => true},
-        %{"name" => "text", "type" => "str", "required" => true},
-        %{"name" => "add_special_tokens", "type" => "bool", "required" => false, "default" => true}
-      ]
-    },
-    "detokenize" => %{
-      "name" => "detokenize",
-      "streaming" => false,
-      "timeout_profile" => "default",
-      "params" => [
-        %{"name" => "llm", "type" => "handle", "required" => true},
-        %{"name" => "token_ids", "type" => "list[int]", "required" => true},
-        %{
-          "name" => "skip_special_tokens",
-          "type" => "bool",
-          "required" => false,
-          "default" => false
-        }
-      ]
-    },
-    "release" => %{
-      "name" => "release",
-      "streaming" => false,
-      "timeout_profile" => "default",
-      "params" => [%{"name" => "ref", "type" => "handle", "required" => true}]
-    },
-    "ping" => %{
-      "name" => "ping",
-      "streaming" => false,
-      "timeout_profile" => "default",
-      "params" => [%{"name" => "n", "type" => "int", "required" => false, "default" => 0}]
-    },
-    "health" => %{"name" => "health", "streaming" => false, "timeout_profile" => "default", "params" => []},
-    "stats" => %{
-      "name" => "stats",
-      "streaming" => false,
-      "timeout_profile" => "default",
-      "params" => [%{"name" => "llm", "type" => "handle|null", "required" => false, "default" => nil}]
-    },
-    "shutdown" => %{"name" => "shutdown", "streaming" => false, "timeout_profile" => "default", "params" => []}
-  }
-
   @schemas %{
     "EngineOptions" => [
       %{"name" => "model", "type" => "str", "required" => false, "default" => "smollm2"},
@@ -518,6 +207,108 @@ defmodule LMPort.Schema do
         "choices" => ["cumulative", "delta", "final_only"]
       }
     ]
+  }
+
+  @methods %{
+    "describe" => %{"name" => "describe", "streaming" => false, "timeout_profile" => "default", "params" => []},
+    "llm" => %{
+      "name" => "llm",
+      "streaming" => false,
+      "timeout_profile" => "ml_inference",
+      "params" => @schemas["EngineOptions"]
+    },
+    "sampling_params" => %{
+      "name" => "sampling_params",
+      "streaming" => false,
+      "timeout_profile" => "default",
+      "params" => @schemas["SamplingParams"]
+    },
+    "generate" => %{
+      "name" => "generate",
+      "streaming" => true,
+      "timeout_profile" => "ml_inference",
+      "params" => [
+        %{"name" => "llm", "type" => "handle", "required" => true},
+        %{
+          "name" => "prompts",
+          "type" => "str|list[str]|list[int]|dict|list[dict]",
+          "required" => true
+        },
+        %{
+          "name" => "sampling_params",
+          "type" => "dict|list[dict]|null",
+          "required" => false,
+          "default" => nil
+        }
+      ]
+    },
+    "chat" => %{
+      "name" => "chat",
+      "streaming" => true,
+      "timeout_profile" => "ml_inference",
+      "params" => [
+        %{"name" => "llm", "type" => "handle", "required" => true},
+        %{"name" => "messages", "type" => "list[dict]|list", "required" => true},
+        %{
+          "name" => "sampling_params",
+          "type" => "dict|list[dict]|null",
+          "required" => false,
+          "default" => nil
+        },
+        %{"name" => "chat_template", "type" => "str|null", "required" => false, "default" => nil},
+        %{
+          "name" => "add_generation_prompt",
+          "type" => "bool",
+          "required" => false,
+          "default" => true
+        }
+      ]
+    },
+    "tokenize" => %{
+      "name" => "tokenize",
+      "streaming" => false,
+      "timeout_profile" => "default",
+      "params" => [
+        %{"name" => "llm", "type" => "handle", "required" => true},
+        %{"name" => "text", "type" => "str", "required" => true},
+        %{"name" => "add_special_tokens", "type" => "bool", "required" => false, "default" => true}
+      ]
+    },
+    "detokenize" => %{
+      "name" => "detokenize",
+      "streaming" => false,
+      "timeout_profile" => "default",
+      "params" => [
+        %{"name" => "llm", "type" => "handle", "required" => true},
+        %{"name" => "token_ids", "type" => "list[int]", "required" => true},
+        %{
+          "name" => "skip_special_tokens",
+          "type" => "bool",
+          "required" => false,
+          "default" => false
+        }
+      ]
+    },
+    "release" => %{
+      "name" => "release",
+      "streaming" => false,
+      "timeout_profile" => "default",
+      "params" => [%{"name" => "ref", "type" => "handle", "required" => true}]
+    },
+    "ping" => %{
+      "name" => "ping",
+      "streaming" => false,
+      "timeout_profile" => "default",
+      "params" => [%{"name" => "n", "type" => "int", "required" => false, "default" => 0}]
+    },
+    "health" => %{"name" => "health", "streaming" => false, "timeout_profile" => "default", "params" => []},
+    "stats" => %{
+      "name" => "stats",
+      "streaming" => false,
+      "timeout_profile" => "default",
+      "params" => [%{"name" => "llm", "type" => "handle|null", "required" => false, "default" => nil}]
+    },
+    "shutdown" => %{"name" => "shutdown", "streaming" => false, "timeout_profile" => "default", "params" => []}
   }
 
   @error_codes [
