@@ -1,6 +1,10 @@
 """Node (TypeScript) API layer for clients/node: option types, field tables for local validation, and the
 `Worker` class whose methods wrap the hand-written transport (clients/node/src/transport.ts).
 
+The manifest's `results` records (bridge/results.py) become exported interfaces (`RequestOutput`, `Chunk`,
+`Summary`, ...), used as the return types of the methods whose `returns` names them (`result`, and `chunk` /
+`summary` for the streaming form); other methods return `WireMap` / `HandleMap` as before.
+
 One file, src/generated/api.ts. Parameters the manifest marks required (see common.positional_params) are
 positional; the rest go in a per-method options object that also takes the call options (signal, timeout,
 timeoutProfile). A dict parameter named after a schema (`sampling_params` -> SamplingParams) is typed and
@@ -13,6 +17,7 @@ import json
 from typing import Any
 
 from bridge.codegen import common
+from bridge.results import split_union
 
 PATH = "src/generated/api.ts"
 
@@ -20,7 +25,17 @@ PATH = "src/generated/api.ts"
 RESERVED = frozenset({"call", "stream", "close", "pid", "pgid", "hello", "exited", "onEvent", "invoke",
                       "invokeStream", "constructor", "spawn"})
 
-# Results are plain data whose fields the method's doc lists; `any` members keep them readable without casts.
+# Names the hand-written modules export from src/index.ts (or api.ts imports): a generated name must not reuse one.
+HANDWRITTEN_EXPORTS = frozenset({"RequestStream", "Transport", "CallOptions", "MethodSpec", "FieldSpec", "Hello",
+                                 "SpawnOptions", "TimeoutProfile", "PROTOCOL_VERSION", "LMPortError", "ErrorCode",
+                                 "FrameDecoder", "cancelMessage", "decodeBody", "encodeFrame", "requestMessage",
+                                 "checkFields", "matchesType", "findPython"})
+
+# Names the generated prelude, constants and class take.
+_PRELUDE_NAMES = frozenset({"Handle", "WireMap", "HandleMap", "TIMEOUT_PROFILES", "ERROR_CODES", "METHODS", "Worker"})
+
+# Results without a record type in the manifest are plain data whose fields the method's doc lists; `any` members
+# keep them readable without casts.
 _RESULT_TYPES = {"handle": "HandleMap", "dict": "WireMap", "list[dict]": "WireMap[]"}
 
 CALL_OPTIONS = frozenset({"signal", "timeout", "timeoutProfile"})
@@ -38,7 +53,10 @@ import type { FieldSpec } from "../validate.js";
 /** A handle the worker returned (for example from `llm`): the map itself, or its bare `ref` string. */
 export type Handle = string | HandleMap;
 
-/** A map the worker sent (results, stream deltas and summaries); the method's documentation lists its fields. */
+/**
+ * A map the worker sent where the manifest names no result record (describe, ping, health, stats, ...); the
+ * method's documentation lists its fields. generate/chat results, chunks and summaries have their own interfaces.
+ */
 export type WireMap = Record<string, any>;
 
 /** A handle map: `ref` plus whatever the method reports (model, resolved config, ...). */
@@ -51,9 +69,11 @@ export interface HandleMap {
 
 def generate(manifest: dict[str, Any]) -> dict[str, str]:
     parts = [common.header("node", "//"), f"// Protocol {manifest['protocol']}.\n\n", _PRELUDE]
-    parts += [_schema(name, fields) for name, fields in manifest["schemas"].items()]
-    parts.append(_constants(manifest))
     methods = common.api_methods(manifest)
+    _check_names(manifest, methods)
+    parts += [_schema(name, fields) for name, fields in manifest["schemas"].items()]
+    parts += [_record(manifest, name, fields) for name, fields in _records(manifest).items()]
+    parts.append(_constants(manifest))
     parts.append(_method_specs(manifest, methods))
     parts += [_options_interface(manifest, m) for m in methods]
     parts.append(_worker_class(manifest, methods))
@@ -71,11 +91,46 @@ def ts_type(manifest: dict[str, Any], field: dict[str, Any]) -> str:
     return " | ".join(with_schema.get(alt) or _TS_TYPES[alt] for alt in alternatives)
 
 
-def _return_type(method: dict[str, Any]) -> str:
-    alternatives = common.type_alternatives(method.get("returns", {}).get("type"))
+def _return_type(manifest: dict[str, Any], method: dict[str, Any]) -> str:
+    returns = method.get("returns", {})
+    if returns.get("result"):
+        return result_type(manifest, returns["result"])
+    alternatives = common.type_alternatives(returns.get("type"))
     if "any" in alternatives:
         return "unknown"
     return " | ".join(_RESULT_TYPES.get(alt) or _TS_TYPES[alt] for alt in alternatives)
+
+
+def _stream_types(manifest: dict[str, Any], method: dict[str, Any]) -> tuple[str, str]:
+    """(chunk type, summary type) of a streaming method: its records, else WireMap."""
+    returns = method.get("returns", {})
+    chunk, summary = (result_type(manifest, returns[key]) if returns.get(key) else "WireMap"
+                      for key in ("chunk", "summary"))
+    return chunk, summary
+
+
+_RESULT_SCALARS = {"str": "string", "int": "number", "float": "number", "bool": "boolean", "null": "null"}
+
+
+def result_type(manifest: dict[str, Any], expr: str) -> str:
+    """A result type expression (`list[list[LogprobEntry]|null]|null`) as TypeScript
+    (`(LogprobEntry[] | null)[] | null`); a name that is neither a scalar nor a record becomes `unknown`."""
+    out: list[str] = []
+    for alternative in split_union(expr.replace(" ", "")):
+        if alternative.startswith("list[") and alternative.endswith("]"):
+            item = result_type(manifest, alternative[5:-1])
+            ts = f"({item})[]" if len(split_union(alternative[5:-1])) > 1 else f"{item}[]"
+        elif alternative in _records(manifest):
+            ts = alternative
+        else:
+            ts = _RESULT_SCALARS.get(alternative, "unknown")
+        if ts not in out:
+            out.append(ts)
+    return "unknown" if "unknown" in out else " | ".join(out)
+
+
+def _records(manifest: dict[str, Any]) -> dict[str, list[dict[str, Any]]]:
+    return manifest.get("results") or {}
 
 
 def _doc(lines: list[str], indent: str) -> str:
@@ -102,7 +157,29 @@ def _escape(text: str) -> str:
     return text.replace("*/", "*\u2215")
 
 
-# ---------------------------------------------------------------- schemas and tables
+# ---------------------------------------------------------------- schemas, result records and tables
+
+def _check_names(manifest: dict[str, Any], methods: list[dict[str, Any]]) -> None:
+    """Every exported name once: result records must not reuse a schema, options, prelude or hand-written name."""
+    taken = {name: "a name the hand-written client exports" for name in HANDWRITTEN_EXPORTS}
+    taken.update({name: "a generated prelude name" for name in _PRELUDE_NAMES})
+    for name in manifest["schemas"]:
+        taken.update({name: "a parameter schema", f"{name}Fields": "a schema's field table"})
+    taken.update({_options_name(m): f"the options of {m['name']!r}" for m in methods})
+    for name in _records(manifest):
+        if name in taken:
+            raise ValueError(f"result record {name!r} clashes with {taken[name]} in the Node client")
+
+
+def _record(manifest: dict[str, Any], name: str, fields: list[dict[str, Any]]) -> str:
+    members = "".join(f"  /** {_escape(f.get('doc') or f['name'])} */\n"
+                      f"  {f['name']}{'' if f.get('required', True) else '?'}: "
+                      f"{result_type(manifest, str(f.get('type') or 'any'))};\n" for f in fields)
+    optional = " (a key marked `?` is left out when absent, not sent as null)" \
+        if any(not f.get("required", True) for f in fields) else ""
+    return (f"\n/** Result record {name}, as the worker sends it{optional}. */\n"
+            f"export interface {name} {{\n{members}}}\n")
+
 
 def _schema(name: str, fields: list[dict[str, Any]]) -> str:
     members = "".join(_doc(_field_doc(f), "  ") + f"  {f['name']}?: {_plain_type(f)};\n" for f in fields)
@@ -210,11 +287,12 @@ def _worker_class(manifest: dict[str, Any], methods: list[dict[str, Any]]) -> st
         params, literal = _signature(manifest, m)
         spec = f"METHODS[{json.dumps(m['name'])}]!"
         body.append(_doc(_method_doc(m, False), "  ")
-                    + f"  {name}({params}): Promise<{_return_type(m)}> {{\n"
+                    + f"  {name}({params}): Promise<{_return_type(manifest, m)}> {{\n"
                     f"    return this.invoke({spec}, {literal}, options);\n  }}\n")
         if m.get("streaming"):
+            chunk, summary = _stream_types(manifest, m)
             body.append(_doc(_method_doc(m, True), "  ")
-                        + f"  {name}Stream({params}): RequestStream<WireMap, WireMap> {{\n"
+                        + f"  {name}Stream({params}): RequestStream<{chunk}, {summary}> {{\n"
                         f"    return this.invokeStream({spec}, {literal}, options);\n  }}\n")
     return ("\n/**\n * A running lmport worker: one method per worker method, each returning a promise (streaming "
             "methods\n * also have a `...Stream` form). Start one with `await Worker.spawn(options)`; stop it with "

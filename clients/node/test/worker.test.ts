@@ -3,7 +3,10 @@
 import assert from "node:assert/strict";
 import { spawn, type ChildProcess } from "node:child_process";
 import { after, before, test } from "node:test";
-import { LMPortError, Worker, type HandleMap, type SpawnOptions } from "../src/index.js";
+import {
+  LMPortError, Worker, type ChunkOutput, type CompletionOutput, type HandleMap, type RequestMetrics, type RequestOutput,
+  type SpawnOptions, type Summary, type Usage,
+} from "../src/index.js";
 import { groupAlive, waitFor } from "./helpers.js";
 
 // Small KV cache and context: tests stay light on a shared machine.
@@ -96,6 +99,39 @@ test("streaming yields deltas in order, then the summary", async () => {
   assert.equal(texts.length, 6);
   const summary = await stream.summary;
   assert.equal(summary.usage.completion_tokens, 6);
+});
+
+test("results are typed: RequestOutput, Chunk and Summary fields read without casts", async () => {
+  const greedy = { max_tokens: 4, ignore_eos: true, temperature: 0 };
+  const [out]: RequestOutput[] = await worker.generate(llm, "The sea", { sampling_params: greedy });
+  assert.equal(out.prompt, "The sea");
+  const first: CompletionOutput = out.outputs[0];
+  const reason: string | null = first.finish_reason;
+  assert.equal(reason, "length");
+  assert.equal(first.token_ids.length, 4);
+  assert.equal(first.logprobs, null); // not asked for
+  const metrics: RequestMetrics = out.metrics;
+  assert.equal(metrics.num_prompt_tokens, out.prompt_token_ids.length);
+  assert.equal(metrics.num_generation_tokens, 4);
+
+  const stream = worker.generateStream(llm, "The sea", { sampling_params: { ...greedy, logprobs: 1 } });
+  let generated = 0;
+  for await (const chunk of stream) {
+    assert.equal(chunk.index, 0);
+    const delta: ChunkOutput = chunk.outputs[0];
+    generated += delta.token_ids.length;
+    for (const position of delta.logprobs ?? assert.fail("logprobs were asked for")) {
+      assert.ok(position.length >= 1);
+      assert.equal(typeof position[0].logprob, "number");
+    }
+  }
+  const summary: Summary = await stream.summary;
+  const usage: Usage = summary.usage;
+  assert.equal(usage.completion_tokens, 4);
+  assert.equal(generated, 4);
+  assert.equal(usage.total_tokens, usage.prompt_tokens + usage.completion_tokens);
+  assert.equal(summary.requests[0].outputs[0].finish_reason, "length");
+  assert.equal(summary.requests[0].metrics.num_prompt_tokens, metrics.num_prompt_tokens);
 });
 
 test("breaking out of a stream cancels the request in the worker", async () => {

@@ -9,7 +9,10 @@ import type { FieldSpec } from "../validate.js";
 /** A handle the worker returned (for example from `llm`): the map itself, or its bare `ref` string. */
 export type Handle = string | HandleMap;
 
-/** A map the worker sent (results, stream deltas and summaries); the method's documentation lists its fields. */
+/**
+ * A map the worker sent where the manifest names no result record (describe, ping, health, stats, ...); the
+ * method's documentation lists its fields. generate/chat results, chunks and summaries have their own interfaces.
+ */
 export type WireMap = Record<string, any>;
 
 /** A handle map: `ref` plus whatever the method reports (model, resolved config, ...). */
@@ -341,6 +344,156 @@ export const EngineOptionsFields: readonly FieldSpec[] = [
   { name: "max_logprobs", type: "int", min: 0 },
   { name: "kernel_backend", type: "str", choices: ["auto", "triton", "torch"] },
 ];
+
+/** Result record LogprobEntry, as the worker sends it. */
+export interface LogprobEntry {
+  /** The candidate token. */
+  token_id: number;
+  /** Its log-probability in the model's raw distribution. */
+  logprob: number;
+  /** Its 1-based rank in that distribution. */
+  rank: number | null;
+  /** Its text (null when detokenize is off). */
+  decoded_token: string | null;
+}
+
+/** Result record CompletionOutput, as the worker sends it. */
+export interface CompletionOutput {
+  /** Which of the request's n completions. */
+  index: number;
+  /** The generated text. */
+  text: string;
+  /** The generated tokens. */
+  token_ids: number[];
+  /** Sum of the sampled tokens' log-probabilities (with logprobs). */
+  cumulative_logprob: number | null;
+  /** Per generated token: the sampled token and the top candidates (with logprobs). */
+  logprobs: LogprobEntry[][] | null;
+  /** 'stop', 'length' or 'abort'; null while running. */
+  finish_reason: string | null;
+  /** The stop string or stop token id that ended it. */
+  stop_reason: number | string | null;
+}
+
+/** Result record RequestMetrics, as the worker sends it. */
+export interface RequestMetrics {
+  /** Unix time the request arrived. */
+  arrival_time: number;
+  /** Unix time of its first engine step. */
+  first_scheduled_time: number | null;
+  /** Unix time its first token was sampled. */
+  first_token_time: number | null;
+  /** Unix time its last token was sampled. */
+  last_token_time: number | null;
+  /** Unix time it finished. */
+  finished_time: number | null;
+  /** Seconds from arrival to the first step. */
+  time_in_queue: number | null;
+  /** Prompt tokens. */
+  num_prompt_tokens: number;
+  /** Tokens generated, all completions together. */
+  num_generation_tokens: number;
+  /** Prompt tokens found in the prefix cache. */
+  num_cached_tokens: number;
+}
+
+/** Result record RequestOutput, as the worker sends it. */
+export interface RequestOutput {
+  /** The engine's id of the request. */
+  request_id: string;
+  /** The prompt text (null for token-id prompts and chat). */
+  prompt: string | null;
+  /** The prompt as tokens (for chat: the templated conversation). */
+  prompt_token_ids: number[];
+  /** Per prompt token (the first is null): its candidates (with prompt_logprobs). */
+  prompt_logprobs: (LogprobEntry[] | null)[] | null;
+  /** The completions, n of them. */
+  outputs: CompletionOutput[];
+  /** Always true in a final result. */
+  finished: boolean;
+  /** Timings and token counts. */
+  metrics: RequestMetrics;
+  /** Prompt tokens found in the prefix cache. */
+  num_cached_tokens: number;
+}
+
+/** Result record ChunkOutput, as the worker sends it (a key marked `?` is left out when absent, not sent as null). */
+export interface ChunkOutput {
+  /** Which of the request's n completions. */
+  index: number;
+  /** The new text (output_kind 'delta', the default when streaming) or all so far. */
+  text: string;
+  /** The new tokens (or all so far, like text). */
+  token_ids: number[];
+  /** Per new token (with logprobs). */
+  logprobs?: LogprobEntry[][];
+  /** Set in the completion's last chunk. */
+  finish_reason: string | null;
+  /** The stop string or stop token id that ended it. */
+  stop_reason: number | string | null;
+}
+
+/** Result record Chunk, as the worker sends it (a key marked `?` is left out when absent, not sent as null). */
+export interface Chunk {
+  /** Position of the prompt in the call's prompt list. */
+  index: number;
+  /** The engine's id of the request. */
+  request_id: string;
+  /** The completions that advanced. */
+  outputs: ChunkOutput[];
+  /** True in the request's last chunk. */
+  finished: boolean;
+  /** In the request's first chunk, with prompt_logprobs. */
+  prompt_logprobs?: (LogprobEntry[] | null)[];
+}
+
+/** Result record Usage, as the worker sends it. */
+export interface Usage {
+  /** Prompt tokens of every request of the call. */
+  prompt_tokens: number;
+  /** Tokens generated. */
+  completion_tokens: number;
+  /** Both together. */
+  total_tokens: number;
+}
+
+/** Result record SummaryOutput, as the worker sends it. */
+export interface SummaryOutput {
+  /** Which of the request's n completions. */
+  index: number;
+  /** 'stop', 'length' or 'abort'. */
+  finish_reason: string | null;
+  /** The stop string or stop token id that ended it. */
+  stop_reason: number | string | null;
+  /** Tokens this completion generated. */
+  completion_tokens: number;
+  /** Sum of the sampled tokens' log-probabilities (with logprobs). */
+  cumulative_logprob: number | null;
+}
+
+/** Result record SummaryRequest, as the worker sends it. */
+export interface SummaryRequest {
+  /** Position of the prompt in the call's prompt list. */
+  index: number;
+  /** The engine's id of the request. */
+  request_id: string;
+  /** Prompt tokens. */
+  prompt_tokens: number;
+  /** Prompt tokens found in the prefix cache. */
+  num_cached_tokens: number;
+  /** Timings and token counts. */
+  metrics: RequestMetrics;
+  /** How each completion ended. */
+  outputs: SummaryOutput[];
+}
+
+/** Result record Summary, as the worker sends it. */
+export interface Summary {
+  /** Token counts of the whole call. */
+  usage: Usage;
+  /** One per prompt, in order. */
+  requests: SummaryRequest[];
+}
 
 /** The worker's default timeout profiles, in milliseconds (the live ones arrive in `hello`). */
 export const TIMEOUT_PROFILES = { default: 120000, streaming: 1800000, ml_inference: 600000, batch_job: 3600000 } as const;
@@ -862,7 +1015,7 @@ export class Worker extends Transport {
    * @param options optional parameters and call options (signal, timeout, timeoutProfile)
    * @returns One RequestOutput map per prompt, in order. With stream: chunks carry per-request deltas and the response is a summary {usage, requests: [{index, request_id, outputs: [{index, finish_reason, stop_reason, completion_tokens}], metrics, ...}]}.
    */
-  generate(llm: Handle, prompts: string | string[] | number[] | Record<string, unknown> | Record<string, unknown>[], options?: GenerateOptions): Promise<WireMap[]> {
+  generate(llm: Handle, prompts: string | string[] | number[] | Record<string, unknown> | Record<string, unknown>[], options?: GenerateOptions): Promise<RequestOutput[]> {
     return this.invoke(METHODS["generate"]!, { "llm": llm, "prompts": prompts }, options);
   }
 
@@ -875,7 +1028,7 @@ export class Worker extends Transport {
    * @param prompts a string, a list of strings, one token-id list, a {prompt_token_ids} map, or a list of maps.
    * @param options optional parameters and call options (signal, timeout, timeoutProfile)
    */
-  generateStream(llm: Handle, prompts: string | string[] | number[] | Record<string, unknown> | Record<string, unknown>[], options?: GenerateOptions): RequestStream<WireMap, WireMap> {
+  generateStream(llm: Handle, prompts: string | string[] | number[] | Record<string, unknown> | Record<string, unknown>[], options?: GenerateOptions): RequestStream<Chunk, Summary> {
     return this.invokeStream(METHODS["generate"]!, { "llm": llm, "prompts": prompts }, options);
   }
 
@@ -887,7 +1040,7 @@ export class Worker extends Transport {
    * @param options optional parameters and call options (signal, timeout, timeoutProfile)
    * @returns Like generate: one RequestOutput map per conversation (prompt is null; prompt_token_ids is the templated prompt), or chunks and a summary when streaming.
    */
-  chat(llm: Handle, messages: Record<string, unknown>[] | unknown[], options?: ChatOptions): Promise<WireMap[]> {
+  chat(llm: Handle, messages: Record<string, unknown>[] | unknown[], options?: ChatOptions): Promise<RequestOutput[]> {
     return this.invoke(METHODS["chat"]!, { "llm": llm, "messages": messages }, options);
   }
 
@@ -900,7 +1053,7 @@ export class Worker extends Transport {
    * @param messages one conversation (a list of {role, content} maps) or a list of conversations.
    * @param options optional parameters and call options (signal, timeout, timeoutProfile)
    */
-  chatStream(llm: Handle, messages: Record<string, unknown>[] | unknown[], options?: ChatOptions): RequestStream<WireMap, WireMap> {
+  chatStream(llm: Handle, messages: Record<string, unknown>[] | unknown[], options?: ChatOptions): RequestStream<Chunk, Summary> {
     return this.invokeStream(METHODS["chat"]!, { "llm": llm, "messages": messages }, options);
   }
 
