@@ -1,11 +1,16 @@
 """Go API layer for clients/go: option structs with doc comments and Validate methods, and one Worker method
 per manifest method, wrapping the hand-written transport (clients/go/worker.go, stream.go, validate.go).
 
-Two files: generated_types.go (the manifest's schemas, error codes, timeout profiles) and generated_api.go
-(per-method option structs and wrappers). Parameters common.positional_params() names are Go arguments; the
-rest live in a `*<Method>Options` struct (or the schema struct whose fields they are, e.g. LLM takes
+Two files: generated_types.go (the manifest's schemas, result records, error codes, timeout profiles) and
+generated_api.go (per-method option structs and wrappers). Parameters common.positional_params() names are Go
+arguments; the rest live in a `*<Method>Options` struct (or the schema struct whose fields they are, e.g. LLM takes
 *EngineOptions). Optional scalars are pointers (nil = the worker's default; lmport.Ptr builds them); unions of
 several types are `any`, checked at run time. Output is gofmt-clean.
+
+Result records (the manifest's `results` section, from bridge/results.py) become plain structs with msgpack tags:
+int -> int (like the token ids Tokenize returns), float -> float64, `T|null` -> *T (a list stays a slice: nil is
+null), a union of several kinds -> any. Generate and Chat return []RequestOutput; the hand-written Stream decodes
+deltas into Chunk and the final response into Summary, so a streaming method must name exactly those records.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from bridge.codegen import common
+from bridge.results import split_union
 
 TYPES_PATH = "generated_types.go"
 API_PATH = "generated_api.go"
@@ -33,13 +39,27 @@ _REFS = {"dict": "map[string]any", "handle": "Handle", "list[int]": "[]int", "li
          "list[str]": "[]string", "list[dict]": "[]map[string]any", "list": "[]any", "any": "any"}
 # Methods of the hand-written Worker a generated method must not shadow.
 RESERVED = frozenset({"Call", "CallStream", "Close", "Hello", "PGID", "Events", "Done"})
+# Exported package-level identifiers of the hand-written files (and of generated_types.go's constants): a
+# generated type must not take one of these names.
+HAND_WRITTEN_IDENTS = frozenset({"Error", "HasCode", "EncodeFrame", "ReadFrame", "Decode", "Stream", "Options",
+                                 "Hello", "CallOption", "WithTimeout", "WithTimeoutProfile", "Ptr", "Handle",
+                                 "HandleRef", "Worker", "Event", "Start", "ProtocolVersion",
+                                 "DefaultTimeoutProfiles", "ErrorCode", "ErrorCodes"})
+# The records the hand-written Stream decodes a streaming method's deltas and final response into.
+STREAM_RECORDS = {"chunk": "Chunk", "summary": "Summary"}
+_RESULT_SCALARS = {"str": "string", "int": "int", "float": "float64", "bool": "bool"}
 
 
 def generate(manifest: dict[str, Any]) -> dict[str, str]:
     schemas = manifest["schemas"]
+    _check_names(manifest)
+    missing = [r for r in STREAM_RECORDS.values() if r not in manifest.get("results", {})]
+    if missing:  # the hand-written Stream uses them
+        raise ValueError(f"manifest has no result records {missing} (a worker from before the results section?)")
     types = [_file_head(), "\n".join(_struct(manifest, name, f"{name} holds the worker's {name}; nil fields take "
                                                             "the worker's defaults.", fields)
-                                     for name, fields in schemas.items()), _constants(manifest)]
+                                     for name, fields in schemas.items()),
+             *([_results(manifest)] if manifest.get("results") else []), _constants(manifest)]
     api = [_file_head(), 'import "context"\n']
     for method in common.api_methods(manifest):
         api.append(_method(manifest, method))
@@ -83,7 +103,10 @@ def go_type(manifest: dict[str, Any], field: dict[str, Any], optional: bool) -> 
     return GoType(f"*{schema}" if schema else _REFS[alt], None, False, schema)
 
 
-def _return_type(method: dict[str, Any]) -> str:
+def _return_type(manifest: dict[str, Any], method: dict[str, Any]) -> str:
+    returns = method.get("returns", {})
+    if returns.get("result"):  # a result type expression over the manifest's records
+        return result_type(manifest.get("results", {}), returns["result"])
     alternatives = [a for a in common.type_alternatives(method.get("returns", {}).get("type")) if a != "null"]
     if len(alternatives) != 1:
         return "any"
@@ -174,6 +197,111 @@ def _checks(field: dict[str, Any], value: str, t: GoType, prefixed: bool, indent
     return "".join(out)
 
 
+# ---------------------------------------------------------------- result records
+
+def _check_names(manifest: dict[str, Any]) -> None:
+    """Generated type names must not collide with each other or with the hand-written package's identifiers."""
+    seen: dict[str, str] = {}
+    names = [(n, "schema") for n in manifest["schemas"]]
+    names += [(f"{go_name(m['name'])}Options", f"options of {m['name']!r}") for m in common.api_methods(manifest)
+              if common.option_params(m)]
+    names += [(n, "result record") for n in manifest.get("results", {})]
+    for name, what in names:
+        if name in HAND_WRITTEN_IDENTS:
+            raise ValueError(f"{what} {name!r} clashes with the Go transport's identifier {name!r}")
+        if name in seen and not (what.startswith("options") and seen[name] == "schema"):
+            raise ValueError(f"{what} {name!r} clashes with the {seen[name]} of the same name")
+        seen.setdefault(name, what)
+
+
+def result_type(records: dict[str, Any], expr: str) -> str:
+    """The Go type of a result type expression: str/int/float/bool -> string/int/float64/bool, a record -> its
+    struct, list[T] -> []T, T|null -> *T (a list stays a slice: nil is null), several other alternatives -> any."""
+    alternatives = [a.strip() for a in split_union(expr)]
+    present = [a for a in alternatives if a != "null"]
+    if len(present) != 1:
+        return "any"
+    alt, nullable = present[0], len(present) < len(alternatives)
+    if alt.startswith("list[") and alt.endswith("]"):
+        return "[]" + result_type(records, alt[5:-1])
+    if alt in _RESULT_SCALARS:
+        return ("*" if nullable else "") + _RESULT_SCALARS[alt]
+    if alt in records:
+        return ("*" if nullable else "") + alt
+    raise ValueError(f"unknown result type {alt!r} in {expr!r}")
+
+
+def _any_holds(records: dict[str, Any], expr: str) -> str:
+    """What an `any` field holds after decoding (for its doc comment)."""
+    kinds = []
+    for alt in (a.strip() for a in split_union(expr)):
+        if alt == "null":
+            kind = "nil"
+        elif alt.startswith("list["):
+            kind = "[]any"
+        elif alt in records:
+            kind = f"map[string]any ({alt})"
+        else:
+            kind = _RESULT_SCALARS.get(alt, "any")
+        if kind not in kinds:
+            kinds.append(kind)
+    return ", ".join(kinds[:-1]) + f" or {kinds[-1]}" if len(kinds) > 1 else kinds[0]
+
+
+def _record_refs(expr: str) -> set[str]:
+    return set(re.findall(r"[A-Z]\w*", expr))
+
+
+def _record_doc(manifest: dict[str, Any], name: str) -> str:
+    """Where a record appears: the methods returning or streaming it, and the fields holding it."""
+    records = manifest["results"]
+    roles: dict[str, list[str]] = {"result": [], "chunk": [], "summary": []}
+    for method in common.api_methods(manifest):
+        for key, methods in roles.items():
+            if name in _record_refs(method.get("returns", {}).get(key) or ""):
+                suffix = "Stream" if key != "result" else ""
+                methods.append(f"Worker.{go_name(method['name'])}{suffix}")
+    lines = [f"{name} is one of the worker's result records (bridge/results.py)."]
+    if roles["result"]:
+        lines.append(f"Returned by {' and '.join(roles['result'])}.")
+    if roles["chunk"]:
+        lines.append(f"Streamed by {' and '.join(roles['chunk'])}: Stream.Delta.")
+    if roles["summary"]:
+        lines.append(f"The final response of {' and '.join(roles['summary'])}: Stream.Summary.")
+    holders = [f"{owner}.{go_name(f['name'])}" for owner, fields in records.items() for f in fields
+               if name in _record_refs(str(f["type"]))]
+    if holders:
+        lines.append(f"Held in {', '.join(holders)}.")
+    return " ".join(lines)
+
+
+def _results(manifest: dict[str, Any]) -> str:
+    records = manifest["results"]
+    out = []
+    for name, fields in records.items():
+        members, idents = [], set()
+        for f in fields:
+            ident = go_name(f["name"])
+            if ident in idents:
+                raise ValueError(f"fields of result record {name} collide as {ident!r}")
+            idents.add(ident)
+            expr = str(f["type"])
+            if not f.get("required", True):  # left out when absent: held like a null
+                expr = expr if "null" in split_union(expr) else f"{expr}|null"
+            t = result_type(records, expr)
+            doc = " ".join((f.get("doc") or f["name"]).split())
+            facts = []
+            if t == "any":
+                facts.append(f"Holds {_any_holds(records, expr)}.")
+            if not f.get("required", True):
+                facts.append("Left out by the worker when absent (nil).")
+            tag = f["name"] + ("" if f.get("required", True) else ",omitempty")
+            members.append(_comment(doc, "\t") + (f"\t//\n\t// {' '.join(facts)}\n" if facts else "")
+                           + f'\t{ident} {t} `msgpack:"{tag}"`\n')
+        out.append(_comment(_record_doc(manifest, name)) + f"type {name} struct {{\n" + "\n".join(members) + "}\n")
+    return "\n".join(out)
+
+
 def _constants(manifest: dict[str, Any]) -> str:
     profiles = ", ".join(f"{json.dumps(k)}: {v}" for k, v in manifest["timeout_profiles"].items())
     codes = "".join(f"\t{{Code: {json.dumps(e['code'])}, Retryable: {_literal(bool(e.get('retryable')))}, "
@@ -235,7 +363,7 @@ def _method(manifest: dict[str, Any], method: dict[str, Any]) -> str:
     prologue = "\tparams := map[string]any{}\n"
     signature = ", ".join(["ctx context.Context", *args, *([f"opts {opts_type}"] if opts_type else []),
                            "call ...CallOption"])
-    ret = _return_type(method)
+    ret = _return_type(manifest, method)
     doc = _method_doc(manifest, method, name, opts_type)
     profile = json.dumps(method.get("timeout_profile", "default"))
     out = (doc + f"func (w *Worker) {name}({signature}) ({ret}, error) {{\n"
@@ -243,6 +371,11 @@ def _method(manifest: dict[str, Any], method: dict[str, Any]) -> str:
            + f"\tvar out {ret}\n\terr := w.invoke(ctx, {json.dumps(method['name'])}, {profile}, params, &out, call)\n"
            "\treturn out, err\n}\n")
     if method.get("streaming"):
+        returns = method.get("returns", {})
+        for key, record in STREAM_RECORDS.items():
+            if returns.get(key, record) != record:
+                raise ValueError(f"streaming method {method['name']!r} has {key} {returns[key]!r}: the Go Stream "
+                                 f"decodes {record} (clients/go/stream.go)")
         out += ("\n" + _comment(f"{name}Stream is the streaming form of {name}: iterate the deltas with Next/Delta, "
                                 "then check Err. Cancelling ctx or closing the stream cancels the request in the "
                                 "worker.")

@@ -10,6 +10,7 @@
 //	outs, err := w.Generate(ctx, llm, "Hello", &lmport.GenerateOptions{
 //		SamplingParams: &lmport.SamplingParams{MaxTokens: lmport.Ptr(16)},
 //	})
+//	fmt.Println(outs[0].Outputs[0].Text) // typed results: RequestOutput, CompletionOutput, RequestMetrics, ...
 //
 // Every call takes a context.Context: cancelling it cancels the request in the worker, and its deadline is
 // sent to the worker, which aborts the request when it passes. Requests from all goroutines are multiplexed

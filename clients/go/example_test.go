@@ -24,7 +24,7 @@ func Example() {
 		log.Fatal(err)
 	}
 
-	// one call, several prompts: one RequestOutput map per prompt
+	// one call, several prompts: one RequestOutput per prompt
 	greedy := &lmport.SamplingParams{MaxTokens: lmport.Ptr(12), Temperature: lmport.Ptr(0.0)}
 	outs, err := w.Generate(ctx, llm, []string{"The capital of France is", "Water boils at"},
 		&lmport.GenerateOptions{SamplingParams: greedy})
@@ -32,8 +32,8 @@ func Example() {
 		log.Fatal(err)
 	}
 	for _, out := range outs {
-		first := out["outputs"].([]any)[0].(map[string]any)
-		fmt.Printf("%q -> %q\n", out["prompt"], first["text"])
+		first := out.Outputs[0]
+		fmt.Printf("%q -> %q (%s, %d tokens)\n", *out.Prompt, first.Text, *first.FinishReason, len(first.TokenIDs))
 	}
 
 	// streaming: deltas as they are generated; Close (or cancelling ctx) cancels the request
@@ -43,12 +43,14 @@ func Example() {
 		log.Fatal(err)
 	}
 	for s.Next() {
-		fmt.Print(s.Delta()["outputs"].([]any)[0].(map[string]any)["text"])
+		for _, o := range s.Delta().Outputs {
+			fmt.Print(o.Text)
+		}
 	}
 	if err := s.Err(); err != nil {
 		log.Fatal(err)
 	}
-	fmt.Println("\nusage:", s.Summary()["usage"])
+	fmt.Printf("\nusage: %+v\n", s.Summary().Usage)
 
 	// deadlines (ctx or WithTimeout) reach the worker, which aborts the request and frees its KV cache
 	tctx, cancel := context.WithTimeout(ctx, 200*time.Millisecond)

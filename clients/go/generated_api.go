@@ -104,11 +104,10 @@ func (o *GenerateOptions) fill(params map[string]any) {
 //   - prompts: a string, a list of strings, one token-id list, a {prompt_token_ids} map, or a list of maps.
 //   - opts: optional parameters (GenerateOptions); nil for the defaults.
 //
-// Returns: One RequestOutput map per prompt, in order. With stream: chunks carry per-request deltas and the
-// response is a summary {usage, requests: [{index, request_id, outputs: [{index, finish_reason, stop_reason,
-// completion_tokens}], metrics, ...}]}.
-func (w *Worker) Generate(ctx context.Context, llm Handle, prompts any, opts *GenerateOptions, call ...CallOption) ([]map[string]any, error) {
-	var zero []map[string]any
+// Returns: One RequestOutput per prompt, in order. With stream: each chunk is a Chunk (one request's delta) and
+// the response a Summary (usage, and per request its metrics and how each completion ended).
+func (w *Worker) Generate(ctx context.Context, llm Handle, prompts any, opts *GenerateOptions, call ...CallOption) ([]RequestOutput, error) {
+	var zero []RequestOutput
 	params := map[string]any{}
 	if err := opts.validate(""); err != nil {
 		return zero, err
@@ -125,7 +124,7 @@ func (w *Worker) Generate(ctx context.Context, llm Handle, prompts any, opts *Ge
 		return zero, err
 	}
 	params["prompts"] = prompts
-	var out []map[string]any
+	var out []RequestOutput
 	err := w.invoke(ctx, "generate", "ml_inference", params, &out, call)
 	return out, err
 }
@@ -210,10 +209,10 @@ func (o *ChatOptions) fill(params map[string]any) {
 //   - messages: one conversation (a list of {role, content} maps) or a list of conversations.
 //   - opts: optional parameters (ChatOptions); nil for the defaults.
 //
-// Returns: Like generate: one RequestOutput map per conversation (prompt is null; prompt_token_ids is the
-// templated prompt), or chunks and a summary when streaming.
-func (w *Worker) Chat(ctx context.Context, llm Handle, messages any, opts *ChatOptions, call ...CallOption) ([]map[string]any, error) {
-	var zero []map[string]any
+// Returns: Like generate: one RequestOutput per conversation (prompt is null; prompt_token_ids is the templated
+// prompt), or Chunks and a Summary when streaming.
+func (w *Worker) Chat(ctx context.Context, llm Handle, messages any, opts *ChatOptions, call ...CallOption) ([]RequestOutput, error) {
+	var zero []RequestOutput
 	params := map[string]any{}
 	if err := opts.validate(""); err != nil {
 		return zero, err
@@ -230,7 +229,7 @@ func (w *Worker) Chat(ctx context.Context, llm Handle, messages any, opts *ChatO
 		return zero, err
 	}
 	params["messages"] = messages
-	var out []map[string]any
+	var out []RequestOutput
 	err := w.invoke(ctx, "chat", "ml_inference", params, &out, call)
 	return out, err
 }

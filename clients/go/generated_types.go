@@ -563,6 +563,216 @@ func (o *EngineOptions) fill(params map[string]any) {
 	}
 }
 
+// LogprobEntry is one of the worker's result records (bridge/results.py). Held in CompletionOutput.Logprobs,
+// RequestOutput.PromptLogprobs, ChunkOutput.Logprobs, Chunk.PromptLogprobs.
+type LogprobEntry struct {
+	// The candidate token.
+	TokenID int `msgpack:"token_id"`
+
+	// Its log-probability in the model's raw distribution.
+	Logprob float64 `msgpack:"logprob"`
+
+	// Its 1-based rank in that distribution.
+	Rank *int `msgpack:"rank"`
+
+	// Its text (null when detokenize is off).
+	DecodedToken *string `msgpack:"decoded_token"`
+}
+
+// CompletionOutput is one of the worker's result records (bridge/results.py). Held in RequestOutput.Outputs.
+type CompletionOutput struct {
+	// Which of the request's n completions.
+	Index int `msgpack:"index"`
+
+	// The generated text.
+	Text string `msgpack:"text"`
+
+	// The generated tokens.
+	TokenIDs []int `msgpack:"token_ids"`
+
+	// Sum of the sampled tokens' log-probabilities (with logprobs).
+	CumulativeLogprob *float64 `msgpack:"cumulative_logprob"`
+
+	// Per generated token: the sampled token and the top candidates (with logprobs).
+	Logprobs [][]LogprobEntry `msgpack:"logprobs"`
+
+	// 'stop', 'length' or 'abort'; null while running.
+	FinishReason *string `msgpack:"finish_reason"`
+
+	// The stop string or stop token id that ended it.
+	//
+	// Holds int, string or nil.
+	StopReason any `msgpack:"stop_reason"`
+}
+
+// RequestMetrics is one of the worker's result records (bridge/results.py). Held in RequestOutput.Metrics,
+// SummaryRequest.Metrics.
+type RequestMetrics struct {
+	// Unix time the request arrived.
+	ArrivalTime float64 `msgpack:"arrival_time"`
+
+	// Unix time of its first engine step.
+	FirstScheduledTime *float64 `msgpack:"first_scheduled_time"`
+
+	// Unix time its first token was sampled.
+	FirstTokenTime *float64 `msgpack:"first_token_time"`
+
+	// Unix time its last token was sampled.
+	LastTokenTime *float64 `msgpack:"last_token_time"`
+
+	// Unix time it finished.
+	FinishedTime *float64 `msgpack:"finished_time"`
+
+	// Seconds from arrival to the first step.
+	TimeInQueue *float64 `msgpack:"time_in_queue"`
+
+	// Prompt tokens.
+	NumPromptTokens int `msgpack:"num_prompt_tokens"`
+
+	// Tokens generated, all completions together.
+	NumGenerationTokens int `msgpack:"num_generation_tokens"`
+
+	// Prompt tokens found in the prefix cache.
+	NumCachedTokens int `msgpack:"num_cached_tokens"`
+}
+
+// RequestOutput is one of the worker's result records (bridge/results.py). Returned by Worker.Generate and
+// Worker.Chat.
+type RequestOutput struct {
+	// The engine's id of the request.
+	RequestID string `msgpack:"request_id"`
+
+	// The prompt text (null for token-id prompts and chat).
+	Prompt *string `msgpack:"prompt"`
+
+	// The prompt as tokens (for chat: the templated conversation).
+	PromptTokenIDs []int `msgpack:"prompt_token_ids"`
+
+	// Per prompt token (the first is null): its candidates (with prompt_logprobs).
+	PromptLogprobs [][]LogprobEntry `msgpack:"prompt_logprobs"`
+
+	// The completions, n of them.
+	Outputs []CompletionOutput `msgpack:"outputs"`
+
+	// Always true in a final result.
+	Finished bool `msgpack:"finished"`
+
+	// Timings and token counts.
+	Metrics RequestMetrics `msgpack:"metrics"`
+
+	// Prompt tokens found in the prefix cache.
+	NumCachedTokens int `msgpack:"num_cached_tokens"`
+}
+
+// ChunkOutput is one of the worker's result records (bridge/results.py). Held in Chunk.Outputs.
+type ChunkOutput struct {
+	// Which of the request's n completions.
+	Index int `msgpack:"index"`
+
+	// The new text (output_kind 'delta', the default when streaming) or all so far.
+	Text string `msgpack:"text"`
+
+	// The new tokens (or all so far, like text).
+	TokenIDs []int `msgpack:"token_ids"`
+
+	// Per new token (with logprobs).
+	//
+	// Left out by the worker when absent (nil).
+	Logprobs [][]LogprobEntry `msgpack:"logprobs,omitempty"`
+
+	// Set in the completion's last chunk.
+	FinishReason *string `msgpack:"finish_reason"`
+
+	// The stop string or stop token id that ended it.
+	//
+	// Holds int, string or nil.
+	StopReason any `msgpack:"stop_reason"`
+}
+
+// Chunk is one of the worker's result records (bridge/results.py). Streamed by Worker.GenerateStream and
+// Worker.ChatStream: Stream.Delta.
+type Chunk struct {
+	// Position of the prompt in the call's prompt list.
+	Index int `msgpack:"index"`
+
+	// The engine's id of the request.
+	RequestID string `msgpack:"request_id"`
+
+	// The completions that advanced.
+	Outputs []ChunkOutput `msgpack:"outputs"`
+
+	// True in the request's last chunk.
+	Finished bool `msgpack:"finished"`
+
+	// In the request's first chunk, with prompt_logprobs.
+	//
+	// Left out by the worker when absent (nil).
+	PromptLogprobs [][]LogprobEntry `msgpack:"prompt_logprobs,omitempty"`
+}
+
+// Usage is one of the worker's result records (bridge/results.py). Held in Summary.Usage.
+type Usage struct {
+	// Prompt tokens of every request of the call.
+	PromptTokens int `msgpack:"prompt_tokens"`
+
+	// Tokens generated.
+	CompletionTokens int `msgpack:"completion_tokens"`
+
+	// Both together.
+	TotalTokens int `msgpack:"total_tokens"`
+}
+
+// SummaryOutput is one of the worker's result records (bridge/results.py). Held in SummaryRequest.Outputs.
+type SummaryOutput struct {
+	// Which of the request's n completions.
+	Index int `msgpack:"index"`
+
+	// 'stop', 'length' or 'abort'.
+	FinishReason *string `msgpack:"finish_reason"`
+
+	// The stop string or stop token id that ended it.
+	//
+	// Holds int, string or nil.
+	StopReason any `msgpack:"stop_reason"`
+
+	// Tokens this completion generated.
+	CompletionTokens int `msgpack:"completion_tokens"`
+
+	// Sum of the sampled tokens' log-probabilities (with logprobs).
+	CumulativeLogprob *float64 `msgpack:"cumulative_logprob"`
+}
+
+// SummaryRequest is one of the worker's result records (bridge/results.py). Held in Summary.Requests.
+type SummaryRequest struct {
+	// Position of the prompt in the call's prompt list.
+	Index int `msgpack:"index"`
+
+	// The engine's id of the request.
+	RequestID string `msgpack:"request_id"`
+
+	// Prompt tokens.
+	PromptTokens int `msgpack:"prompt_tokens"`
+
+	// Prompt tokens found in the prefix cache.
+	NumCachedTokens int `msgpack:"num_cached_tokens"`
+
+	// Timings and token counts.
+	Metrics RequestMetrics `msgpack:"metrics"`
+
+	// How each completion ended.
+	Outputs []SummaryOutput `msgpack:"outputs"`
+}
+
+// Summary is one of the worker's result records (bridge/results.py). The final response of Worker.GenerateStream
+// and Worker.ChatStream: Stream.Summary.
+type Summary struct {
+	// Token counts of the whole call.
+	Usage Usage `msgpack:"usage"`
+
+	// One per prompt, in order.
+	Requests []SummaryRequest `msgpack:"requests"`
+}
+
 // DefaultTimeoutProfiles are the worker's default deadlines in milliseconds (the live ones arrive in its hello).
 var DefaultTimeoutProfiles = map[string]int64{"default": 120000, "streaming": 1800000, "ml_inference": 600000, "batch_job": 3600000}
 

@@ -9,15 +9,19 @@ import (
 	"github.com/vmihailenco/msgpack/v5"
 )
 
-// Stream is one streaming request: an iterator over its deltas with an explicit error.
+// Stream is one streaming request: an iterator over its deltas (Chunk) with an explicit error, and its final
+// Summary.
 //
 //	s, err := w.GenerateStream(ctx, llm, "Hello", nil)
 //	if err != nil { ... }
 //	defer s.Close()
 //	for s.Next() {
-//		fmt.Print(s.Delta())
+//		for _, o := range s.Delta().Outputs {
+//			fmt.Print(o.Text)
+//		}
 //	}
 //	if err := s.Err(); err != nil { ... }
+//	usage := s.Summary().Usage
 //
 // Cancelling ctx or calling Close before the end cancels the request in the worker. Deltas are buffered
 // without bound, so a slow consumer never stalls the worker's other requests.
@@ -32,10 +36,10 @@ type Stream struct {
 	nextSeq int64
 	ended   bool
 	err     error
-	summary map[string]any
+	summary Summary
 	wake    chan struct{} // capacity 1: "something changed"
 	endCh   chan struct{} // closed by finish: releases the goroutine waiting for the response
-	current map[string]any
+	current Chunk
 	timer   *time.Timer
 }
 
@@ -51,7 +55,7 @@ func (s *Stream) start(done <-chan *message, limit time.Duration) {
 		s.timer = time.AfterFunc(limit, func() {
 			s.w.cancel(id)
 			go s.w.probe()
-			s.finish(nil, &Error{Code: "deadline_exceeded", Details: map[string]any{"client_side": true},
+			s.finish(Summary{}, &Error{Code: "deadline_exceeded", Details: map[string]any{"client_side": true},
 				Message: fmt.Sprintf("%s stream got no answer within its deadline + %s grace", s.method, s.w.grace)})
 		})
 	}
@@ -60,20 +64,20 @@ func (s *Stream) start(done <-chan *message, limit time.Duration) {
 		select {
 		case msg := <-done:
 			if !msg.OK {
-				s.finish(nil, msg.Error.toError())
+				s.finish(Summary{}, msg.Error.toError())
 				return
 			}
-			var summary map[string]any
+			var summary Summary
 			if len(msg.Result) > 0 {
 				if err := Decode(msg.Result, &summary); err != nil {
-					s.finish(nil, &Error{Code: "protocol_error", Message: "cannot decode stream summary: " + err.Error()})
+					s.finish(Summary{}, &Error{Code: "protocol_error", Message: "cannot decode stream summary: " + err.Error()})
 					return
 				}
 			}
 			s.finish(summary, nil)
 		case <-s.ctx.Done():
 			s.w.cancel(id)
-			s.finish(nil, contextError(s.method, s.ctx.Err()))
+			s.finish(Summary{}, contextError(s.method, s.ctx.Err()))
 		case <-s.endCh: // ended locally (Close, client deadline, bad chunk)
 		}
 	}()
@@ -89,7 +93,7 @@ func (s *Stream) push(seq int64, data msgpack.RawMessage) {
 	if seq != s.nextSeq {
 		s.mu.Unlock()
 		s.w.cancel(s.id)
-		s.finish(nil, &Error{Code: "protocol_error",
+		s.finish(Summary{}, &Error{Code: "protocol_error",
 			Message: fmt.Sprintf("stream chunk seq %d, expected %d", seq, s.nextSeq)})
 		return
 	}
@@ -99,7 +103,7 @@ func (s *Stream) push(seq int64, data msgpack.RawMessage) {
 	s.signal()
 }
 
-func (s *Stream) finish(summary map[string]any, err error) {
+func (s *Stream) finish(summary Summary, err error) {
 	s.mu.Lock()
 	if !s.ended {
 		s.ended, s.summary, s.err = true, summary, err
@@ -127,12 +131,16 @@ func (s *Stream) Next() bool {
 			raw := s.queue[0]
 			s.queue = s.queue[1:]
 			s.mu.Unlock()
-			s.current = nil
-			if err := Decode(raw, &s.current); err != nil {
+			var chunk Chunk
+			if err := Decode(raw, &chunk); err != nil {
+				// end with the decode error (then Close only drops what is buffered), and cancel the request
+				s.w.cancel(s.id)
+				s.finish(Summary{}, &Error{Code: "protocol_error", Message: "cannot decode stream chunk: " + err.Error()})
 				s.Close()
-				s.finish(nil, &Error{Code: "protocol_error", Message: "cannot decode stream chunk: " + err.Error()})
+				s.current = Chunk{}
 				return false
 			}
+			s.current = chunk
 			return true
 		}
 		ended := s.ended
@@ -144,8 +152,9 @@ func (s *Stream) Next() bool {
 	}
 }
 
-// Delta is the chunk Next just returned: {index, request_id, outputs: [{index, text, token_ids, ...}], finished}.
-func (s *Stream) Delta() map[string]any { return s.current }
+// Delta is the chunk Next just moved to: the request (Index, RequestID) and the completions that advanced
+// (Outputs: their new Text and TokenIDs, FinishReason in a completion's last chunk), Finished in its last chunk.
+func (s *Stream) Delta() Chunk { return s.current }
 
 // Err is the stream's error once Next has returned false (nil after a normal end).
 func (s *Stream) Err() error {
@@ -154,8 +163,9 @@ func (s *Stream) Err() error {
 	return s.err
 }
 
-// Summary is the final response (usage, finish reasons, metrics) once the stream has ended normally.
-func (s *Stream) Summary() map[string]any {
+// Summary is the final response (Usage, and per request its finish reasons and Metrics) once the stream has
+// ended normally; the zero Summary before that or after an error.
+func (s *Stream) Summary() Summary {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	return s.summary
@@ -169,6 +179,6 @@ func (s *Stream) Close() {
 	s.mu.Unlock()
 	if !ended {
 		s.w.cancel(s.id)
-		s.finish(nil, &Error{Code: "cancelled", Message: s.method + " stream closed by the consumer"})
+		s.finish(Summary{}, &Error{Code: "cancelled", Message: s.method + " stream closed by the consumer"})
 	}
 }

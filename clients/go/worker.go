@@ -233,7 +233,8 @@ func (w *Worker) Call(ctx context.Context, method string, params map[string]any,
 	return w.invoke(ctx, method, "default", params, out, opts)
 }
 
-// CallStream starts a streaming call of any method by name.
+// CallStream starts a streaming call of any method by name; the Stream decodes its deltas as Chunk and its final
+// response as Summary, the shapes of the streaming methods (generate, chat).
 func (w *Worker) CallStream(ctx context.Context, method string, params map[string]any,
 	opts ...CallOption) (*Stream, error) {
 	return w.invokeStream(ctx, method, params, opts)

@@ -106,13 +106,11 @@ func expectCode(t *testing.T, err error, code string) *Error {
 	return e
 }
 
-func firstOutput(t *testing.T, out map[string]any) map[string]any {
-	t.Helper()
-	outputs, _ := out["outputs"].([]any)
-	if len(outputs) == 0 {
-		t.Fatalf("no outputs in %v", out)
+func str(p *string) string {
+	if p == nil {
+		return "<nil>"
 	}
-	return outputs[0].(map[string]any)
+	return *p
 }
 
 func TestHelloAndPing(t *testing.T) {
@@ -137,10 +135,16 @@ func TestGenerate(t *testing.T) {
 		t.Fatalf("%d outputs", len(outs))
 	}
 	for _, out := range outs {
-		first := firstOutput(t, out)
-		if ids, _ := first["token_ids"].([]any); len(ids) != 6 || first["finish_reason"] != "length" {
-			t.Fatalf("output %v", first)
+		if len(out.Outputs) != 1 {
+			t.Fatalf("%d completions", len(out.Outputs))
 		}
+		first := out.Outputs[0]
+		if len(first.TokenIDs) != 6 || str(first.FinishReason) != "length" || first.Text == "" {
+			t.Fatalf("output %+v", first)
+		}
+	}
+	if str(outs[0].Prompt) != "The capital of France is" || str(outs[1].Prompt) != "1, 2, 3," {
+		t.Fatalf("prompts %q %q", str(outs[0].Prompt), str(outs[1].Prompt))
 	}
 }
 
@@ -149,8 +153,11 @@ func TestChatAndTokenize(t *testing.T) {
 	ctx := context.Background()
 	outs, err := shared.Chat(ctx, sharedLLM, []map[string]any{{"role": "user", "content": "Say hi."}},
 		&ChatOptions{SamplingParams: &SamplingParams{MaxTokens: Ptr(4)}})
-	if err != nil || len(outs) != 1 || firstOutput(t, outs[0])["text"] == "" {
-		t.Fatalf("chat: %v %v", outs, err)
+	if err != nil || len(outs) != 1 || len(outs[0].Outputs) != 1 || outs[0].Outputs[0].Text == "" {
+		t.Fatalf("chat: %+v %v", outs, err)
+	}
+	if outs[0].Prompt != nil || len(outs[0].PromptTokenIDs) == 0 { // chat: no prompt text, the templated tokens
+		t.Fatalf("chat prompt %q, %d prompt tokens", str(outs[0].Prompt), len(outs[0].PromptTokenIDs))
 	}
 	ids, err := shared.Tokenize(ctx, sharedLLM, "Hello world", &TokenizeOptions{AddSpecialTokens: Ptr(false)})
 	if err != nil || len(ids) < 2 {
@@ -182,19 +189,137 @@ func TestStreaming(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer s.Close()
-	n := 0
+	n, finished := 0, false
 	for s.Next() {
-		if _, ok := firstOutput(t, s.Delta())["text"].(string); !ok {
-			t.Fatalf("delta %v", s.Delta())
+		d := s.Delta()
+		if len(d.Outputs) != 1 || len(d.Outputs[0].TokenIDs) != 1 || d.RequestID == "" || finished {
+			t.Fatalf("delta %+v", d)
 		}
+		finished = d.Finished
 		n++
 	}
-	if err := s.Err(); err != nil || n != 6 {
-		t.Fatalf("%d deltas, err %v", n, err)
+	if err := s.Err(); err != nil || n != 6 || !finished {
+		t.Fatalf("%d deltas, finished %v, err %v", n, finished, err)
 	}
-	usage, _ := s.Summary()["usage"].(map[string]any)
-	if usage["completion_tokens"] != int64(6) {
-		t.Fatalf("summary %v", s.Summary())
+	sum := s.Summary()
+	if sum.Usage.CompletionTokens != 6 || sum.Usage.TotalTokens != sum.Usage.PromptTokens+6 || len(sum.Requests) != 1 {
+		t.Fatalf("summary %+v", sum)
+	}
+	if r := sum.Requests[0]; len(r.Outputs) != 1 || str(r.Outputs[0].FinishReason) != "length" ||
+		r.Outputs[0].CompletionTokens != 6 || r.Metrics.NumGenerationTokens != 6 || r.Metrics.FinishedTime == nil {
+		t.Fatalf("summary request %+v", r)
+	}
+}
+
+// The typed results carry every field of the worker's records: metrics, finish and stop reasons, logprobs and
+// prompt logprobs, in the unary result and in the stream's deltas and summary.
+func TestTypedResults(t *testing.T) {
+	useShared(t)
+	ctx := context.Background()
+	params := &SamplingParams{MaxTokens: Ptr(4), Temperature: Ptr(0.0), IgnoreEOS: Ptr(true), Logprobs: Ptr(2),
+		PromptLogprobs: Ptr(1)}
+	outs, err := shared.Generate(ctx, sharedLLM, "The capital of France is", &GenerateOptions{SamplingParams: params})
+	if err != nil || len(outs) != 1 || len(outs[0].Outputs) != 1 {
+		t.Fatalf("generate: %+v %v", outs, err)
+	}
+	out, first := outs[0], outs[0].Outputs[0]
+	checkEntries := func(what string, entries []LogprobEntry, token int, most int) {
+		t.Helper()
+		found := false
+		for _, e := range entries {
+			if e.Rank == nil || *e.Rank < 1 || e.DecodedToken == nil || e.Logprob > 0 {
+				t.Fatalf("%s: entry %+v", what, e)
+			}
+			found = found || e.TokenID == token
+		}
+		if !found || len(entries) < 1 || len(entries) > most {
+			t.Fatalf("%s: %d entries %+v without token %d", what, len(entries), entries, token)
+		}
+	}
+
+	// the completion: 4 tokens, each with the sampled token and the top 2
+	if !out.Finished || out.RequestID == "" || len(first.TokenIDs) != 4 || str(first.FinishReason) != "length" ||
+		first.StopReason != nil || first.Index != 0 {
+		t.Fatalf("output %+v", first)
+	}
+	if len(first.Logprobs) != 4 || first.CumulativeLogprob == nil {
+		t.Fatalf("logprobs %+v, cumulative %v", first.Logprobs, first.CumulativeLogprob)
+	}
+	sum := 0.0
+	for i, position := range first.Logprobs {
+		checkEntries(fmt.Sprintf("logprobs[%d]", i), position, first.TokenIDs[i], 3)
+		for _, e := range position {
+			if e.TokenID == first.TokenIDs[i] {
+				sum += e.Logprob
+			}
+		}
+	}
+	if diff := sum - *first.CumulativeLogprob; diff > 1e-3 || diff < -1e-3 {
+		t.Fatalf("cumulative_logprob %v, the sampled tokens' sum %v", *first.CumulativeLogprob, sum)
+	}
+
+	// the prompt: the first position null, then each prompt token among its candidates (top 1)
+	if n := len(out.PromptTokenIDs); n < 2 || len(out.PromptLogprobs) != n || out.PromptLogprobs[0] != nil {
+		t.Fatalf("prompt_logprobs %+v for %d prompt tokens", out.PromptLogprobs, len(out.PromptTokenIDs))
+	}
+	for i := 1; i < len(out.PromptLogprobs); i++ {
+		checkEntries(fmt.Sprintf("prompt_logprobs[%d]", i), out.PromptLogprobs[i], out.PromptTokenIDs[i], 2)
+	}
+
+	// metrics
+	m := out.Metrics
+	if m.ArrivalTime <= 0 || m.FirstScheduledTime == nil || m.FirstTokenTime == nil || m.LastTokenTime == nil ||
+		m.FinishedTime == nil || m.TimeInQueue == nil || *m.FinishedTime < m.ArrivalTime ||
+		*m.LastTokenTime < *m.FirstTokenTime || m.NumPromptTokens != len(out.PromptTokenIDs) ||
+		m.NumGenerationTokens != 4 || m.NumCachedTokens != out.NumCachedTokens {
+		t.Fatalf("metrics %+v", m)
+	}
+
+	// a stop string: finish_reason "stop" and the string as stop_reason (an `any` holding a string)
+	outs, err = shared.Generate(ctx, sharedLLM, "The capital of France is", &GenerateOptions{SamplingParams: &SamplingParams{
+		MaxTokens: Ptr(16), Temperature: Ptr(0.0), Stop: []string{"."}}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if o := outs[0].Outputs[0]; str(o.FinishReason) != "stop" || o.StopReason != "." || o.Logprobs != nil ||
+		o.CumulativeLogprob != nil || outs[0].PromptLogprobs != nil {
+		t.Fatalf("stopped output %+v (stop_reason %T %v)", o, o.StopReason, o.StopReason)
+	}
+
+	// streaming: prompt logprobs in the first delta, each delta's logprobs, then the summary
+	s, err := shared.GenerateStream(ctx, sharedLLM, "The capital of France is", &GenerateOptions{SamplingParams: params})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer s.Close()
+	var streamed []int
+	for n := 0; s.Next(); n++ {
+		d := s.Delta()
+		if (n == 0) != (d.PromptLogprobs != nil) || len(d.Outputs) != 1 {
+			t.Fatalf("delta %d: %+v", n, d)
+		}
+		o := d.Outputs[0]
+		if len(o.Logprobs) != len(o.TokenIDs) {
+			t.Fatalf("delta %d: %d logprobs for %d tokens", n, len(o.Logprobs), len(o.TokenIDs))
+		}
+		for i, position := range o.Logprobs {
+			checkEntries(fmt.Sprintf("delta %d logprobs[%d]", n, i), position, o.TokenIDs[i], 3)
+		}
+		streamed = append(streamed, o.TokenIDs...)
+	}
+	if err := s.Err(); err != nil || fmt.Sprint(streamed) != fmt.Sprint(first.TokenIDs) {
+		t.Fatalf("streamed %v, generated %v, err %v", streamed, first.TokenIDs, err)
+	}
+	summary := s.Summary()
+	if len(summary.Requests) != 1 || summary.Usage.CompletionTokens != 4 ||
+		summary.Usage.PromptTokens != len(out.PromptTokenIDs) {
+		t.Fatalf("summary %+v", summary)
+	}
+	r := summary.Requests[0]
+	if r.PromptTokens != len(out.PromptTokenIDs) || r.Metrics.NumGenerationTokens != 4 || len(r.Outputs) != 1 ||
+		str(r.Outputs[0].FinishReason) != "length" || r.Outputs[0].CompletionTokens != 4 ||
+		r.Outputs[0].CumulativeLogprob == nil || r.Outputs[0].StopReason != nil {
+		t.Fatalf("summary request %+v", r)
 	}
 }
 

@@ -1,0 +1,62 @@
+package lmport
+
+import (
+	"testing"
+
+	"github.com/vmihailenco/msgpack/v5"
+)
+
+// The generated result structs decode the worker's maps: nulls to nil pointers and slices, nested nullable
+// lists, int-or-string unions to int64 or string, keys the worker leaves out to zero values.
+func TestResultStructsDecode(t *testing.T) {
+	entry := map[string]any{"token_id": 5, "logprob": -0.5, "rank": 1, "decoded_token": " a"}
+	output := map[string]any{"index": 0, "text": " a", "token_ids": []int{5}, "cumulative_logprob": -0.5,
+		"logprobs": []any{[]any{entry}}, "finish_reason": "stop", "stop_reason": 7}
+	metrics := map[string]any{"arrival_time": 1.5, "first_scheduled_time": nil, "first_token_time": 2.0,
+		"last_token_time": 2.0, "finished_time": 2.5, "time_in_queue": nil, "num_prompt_tokens": 2,
+		"num_generation_tokens": 1, "num_cached_tokens": 0}
+	result := []any{map[string]any{"request_id": "r1", "prompt": nil, "prompt_token_ids": []int{1, 2},
+		"prompt_logprobs": []any{nil, []any{entry}}, "outputs": []any{output}, "finished": true,
+		"metrics": metrics, "num_cached_tokens": 0, "added_later": "ignored"}}
+	body, err := msgpack.Marshal(result)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var outs []RequestOutput
+	if err := Decode(body, &outs); err != nil {
+		t.Fatal(err)
+	}
+	out := outs[0]
+	o := out.Outputs[0]
+	if out.RequestID != "r1" || out.Prompt != nil || len(out.PromptTokenIDs) != 2 || !out.Finished ||
+		len(out.PromptLogprobs) != 2 || out.PromptLogprobs[0] != nil || out.PromptLogprobs[1][0].TokenID != 5 {
+		t.Fatalf("request output %+v", out)
+	}
+	if o.StopReason != int64(7) || *o.FinishReason != "stop" || *o.CumulativeLogprob != -0.5 ||
+		*o.Logprobs[0][0].Rank != 1 || *o.Logprobs[0][0].DecodedToken != " a" {
+		t.Fatalf("completion %+v", o)
+	}
+	if m := out.Metrics; m.ArrivalTime != 1.5 || m.FirstScheduledTime != nil || *m.FinishedTime != 2.5 ||
+		m.NumPromptTokens != 2 {
+		t.Fatalf("metrics %+v", m)
+	}
+
+	// a chunk without its optional keys, and one with a string stop reason
+	body, _ = msgpack.Marshal(map[string]any{"index": 1, "request_id": "r2", "finished": false, "outputs": []any{
+		map[string]any{"index": 0, "text": "x", "token_ids": []int{9}, "finish_reason": nil, "stop_reason": "\n"}}})
+	var chunk Chunk
+	if err := Decode(body, &chunk); err != nil {
+		t.Fatal(err)
+	}
+	if chunk.Index != 1 || chunk.PromptLogprobs != nil || chunk.Outputs[0].Logprobs != nil ||
+		chunk.Outputs[0].FinishReason != nil || chunk.Outputs[0].StopReason != "\n" {
+		t.Fatalf("chunk %+v", chunk)
+	}
+
+	// a value of the wrong type is an error, not a silent zero
+	body, _ = msgpack.Marshal(map[string]any{"usage": "none", "requests": []any{}})
+	var summary Summary
+	if err := Decode(body, &summary); err == nil {
+		t.Fatalf("decoded %+v", summary)
+	}
+}
