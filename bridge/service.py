@@ -438,9 +438,8 @@ class Service:
             prompts: a string, a list of strings, one token-id list, a {prompt_token_ids} map, or a list of maps.
             sampling_params: one map of SamplingParams fields for every prompt, or a list with one per prompt.
         Returns:
-            One RequestOutput map per prompt, in order. With stream: chunks carry per-request deltas and the
-            response is a summary {usage, requests: [{index, request_id, outputs: [{index, finish_reason,
-            stop_reason, completion_tokens}], metrics, ...}]}.
+            One RequestOutput per prompt, in order. With stream: each chunk is a Chunk (one request's delta)
+            and the response a Summary (usage, and per request its metrics and how each completion ended).
         """
         entry = self._entry(llm)
         self._start_generation(call, entry, _prompt_list(prompts), sampling_params)
@@ -457,8 +456,8 @@ class Service:
             chat_template: a Jinja template to use instead of the tokenizer's own.
             add_generation_prompt: end the prompt with the assistant turn's opening.
         Returns:
-            Like generate: one RequestOutput map per conversation (prompt is null; prompt_token_ids is the
-            templated prompt), or chunks and a summary when streaming.
+            Like generate: one RequestOutput per conversation (prompt is null; prompt_token_ids is the
+            templated prompt), or Chunks and a Summary when streaming.
         """
         entry = self._entry(llm)
         single = not messages or isinstance(messages[0], dict)

@@ -1013,7 +1013,7 @@ export class Worker extends Transport {
    * @param llm the LLM handle (map or ref string).
    * @param prompts a string, a list of strings, one token-id list, a {prompt_token_ids} map, or a list of maps.
    * @param options optional parameters and call options (signal, timeout, timeoutProfile)
-   * @returns One RequestOutput map per prompt, in order. With stream: chunks carry per-request deltas and the response is a summary {usage, requests: [{index, request_id, outputs: [{index, finish_reason, stop_reason, completion_tokens}], metrics, ...}]}.
+   * @returns One RequestOutput per prompt, in order. With stream: each chunk is a Chunk (one request's delta) and the response a Summary (usage, and per request its metrics and how each completion ended).
    */
   generate(llm: Handle, prompts: string | string[] | number[] | Record<string, unknown> | Record<string, unknown>[], options?: GenerateOptions): Promise<RequestOutput[]> {
     return this.invoke(METHODS["generate"]!, { "llm": llm, "prompts": prompts }, options);
@@ -1038,7 +1038,7 @@ export class Worker extends Transport {
    * @param llm the LLM handle (map or ref string).
    * @param messages one conversation (a list of {role, content} maps) or a list of conversations.
    * @param options optional parameters and call options (signal, timeout, timeoutProfile)
-   * @returns Like generate: one RequestOutput map per conversation (prompt is null; prompt_token_ids is the templated prompt), or chunks and a summary when streaming.
+   * @returns Like generate: one RequestOutput per conversation (prompt is null; prompt_token_ids is the templated prompt), or Chunks and a Summary when streaming.
    */
   chat(llm: Handle, messages: Record<string, unknown>[] | unknown[], options?: ChatOptions): Promise<RequestOutput[]> {
     return this.invoke(METHODS["chat"]!, { "llm": llm, "messages": messages }, options);

@@ -219,7 +219,7 @@ defmodule LMPort do
     * `:timeout`, `:timeout_profile` — see the module doc; this method's default profile is
       `:ml_inference` (600000 ms)
 
-  Returns `list[dict]`: One RequestOutput map per prompt, in order. With stream: chunks carry per-request deltas and the response is a summary {usage, requests: [{index, request_id, outputs: [{index, finish_reason, stop_reason, completion_tokens}], metrics, ...}]}.
+  Returns `list[dict]`: One RequestOutput per prompt, in order. With stream: each chunk is a Chunk (one request's delta) and the response a Summary (usage, and per request its metrics and how each completion ended).
   """
   @spec generate(worker(), map() | String.t(), String.t() | [String.t()] | [integer()] | map() | keyword() | [map()], keyword()) :: result(term())
   def generate(worker, llm, prompts, opts \\ []),
@@ -255,7 +255,7 @@ defmodule LMPort do
     * `:timeout`, `:timeout_profile` — see the module doc; this method's default profile is
       `:ml_inference` (600000 ms)
 
-  Returns `list[dict]`: Like generate: one RequestOutput map per conversation (prompt is null; prompt_token_ids is the templated prompt), or chunks and a summary when streaming.
+  Returns `list[dict]`: Like generate: one RequestOutput per conversation (prompt is null; prompt_token_ids is the templated prompt), or Chunks and a Summary when streaming.
   """
   @spec chat(worker(), map() | String.t(), [map()] | list(), keyword()) :: result(term())
   def chat(worker, llm, messages, opts \\ []),
