@@ -104,6 +104,12 @@ def schema_for_param(manifest: dict[str, Any], param: dict[str, Any]) -> str | N
     return None
 
 
+def params_schema(manifest: dict[str, Any], method: dict[str, Any]) -> str | None:
+    """The schema whose fields are exactly the method's parameters (`llm` -> EngineOptions,
+    `sampling_params` -> SamplingParams), so generators can refer to it instead of writing it out again."""
+    return next((name for name, fields in manifest["schemas"].items() if fields == method["params"]), None)
+
+
 # ---------------------------------------------------------------- types
 
 def type_alternatives(type_str: str | None) -> list[str]:

@@ -16,6 +16,7 @@ from bridge.codegen.common import (
     constraint_text,
     header,
     option_params,
+    params_schema,
     positional_params,
     schema_for_param,
     snake_case,
@@ -87,7 +88,8 @@ def _float(value: float) -> str:
 
 
 def _string(value: str) -> str:
-    # JSON's escapes (\" \\ \n \t and \u with four hex digits) are valid in Elixir strings; only interpolation needs escaping.
+    # JSON's escapes (\" \\ \n \t and \u with four hex digits) are valid in Elixir strings; only interpolation
+    # needs escaping.
     return json.dumps(value, ensure_ascii=False).replace("#{", "\\#{")
 
 
@@ -105,9 +107,8 @@ def _schema_module(manifest: dict[str, Any]) -> str:
 
     def params(method: dict[str, Any]) -> Any:
         """A method whose parameters are a whole schema (llm, sampling_params) refers to it instead of a copy."""
-        specs = [_spec(p) for p in method["params"]]
-        same = next((name for name, fields in schemas.items() if fields == specs), None)
-        return _Code(f"@schemas[{_flat(same)}]") if same else specs
+        same = params_schema(manifest, method)
+        return _Code(f"@schemas[{_flat(same)}]") if same else [_spec(p) for p in method["params"]]
 
     methods = {m["name"]: {"name": m["name"], "streaming": bool(m.get("streaming")),
                            "timeout_profile": m.get("timeout_profile", "default"), "params": params(m)}

@@ -239,10 +239,15 @@ def _options_interface(manifest: dict[str, Any], method: dict[str, Any]) -> str:
     for p in common.option_params(method):
         if p["name"] in CALL_OPTIONS:
             raise ValueError(f"parameter {p['name']!r} of {method['name']!r} clashes with a Node call option")
+    doc = (f"\n/** Options of `Worker.{common.camel_case(method['name'])}`: its optional parameters and the call "
+           f"options. */\nexport interface {_options_name(method)} extends CallOptions")
+    schema = common.params_schema(manifest, method)
+    if schema:  # the schema's interface already documents every field: extend it rather than repeat it
+        positional = " | ".join(f'"{p["name"]}"' for p in common.positional_params(method))
+        return f"{doc}, {f'Omit<{schema}, {positional}>' if positional else schema} {{}}\n"
     members = "".join(_doc(_field_doc(p), "  ") + f"  {p['name']}?: {ts_type(manifest, p)};\n"
                       for p in common.option_params(method))
-    return (f"\n/** Options of `Worker.{common.camel_case(method['name'])}`: its optional parameters and the call "
-            f"options. */\nexport interface {_options_name(method)} extends CallOptions {{\n{members}}}\n")
+    return f"{doc} {{\n{members}}}\n"
 
 
 def _signature(manifest: dict[str, Any], method: dict[str, Any]) -> tuple[str, str]:
