@@ -366,23 +366,34 @@ def _method(manifest: dict[str, Any], method: dict[str, Any]) -> str:
     ret = _return_type(manifest, method)
     doc = _method_doc(manifest, method, name, opts_type)
     profile = json.dumps(method.get("timeout_profile", "default"))
-    out = (doc + f"func (w *Worker) {name}({signature}) ({ret}, error) {{\n"
-           + (f"\tvar zero {ret}\n" if needs_zero else "") + prologue + guards
-           + f"\tvar out {ret}\n\terr := w.invoke(ctx, {json.dumps(method['name'])}, {profile}, params, &out, call)\n"
-           "\treturn out, err\n}\n")
-    if method.get("streaming"):
-        returns = method.get("returns", {})
-        for key, record in STREAM_RECORDS.items():
-            if returns.get(key, record) != record:
-                raise ValueError(f"streaming method {method['name']!r} has {key} {returns[key]!r}: the Go Stream "
-                                 f"decodes {record} (clients/go/stream.go)")
-        out += ("\n" + _comment(f"{name}Stream is the streaming form of {name}: iterate the deltas with Next/Delta, "
-                                "then check Err. Cancelling ctx or closing the stream cancels the request in the "
-                                "worker.")
-                + f"func (w *Worker) {name}Stream({signature}) (*Stream, error) {{\n"
-                + ("\tvar zero *Stream\n" if needs_zero else "") + prologue
-                + guards
-                + f"\treturn w.invokeStream(ctx, {json.dumps(method['name'])}, params, call)\n}}\n")
+    method_name = json.dumps(method["name"])
+    if not method.get("streaming"):
+        out = (doc + f"func (w *Worker) {name}({signature}) ({ret}, error) {{\n"
+               + (f"\tvar zero {ret}\n" if needs_zero else "") + prologue + guards
+               + f"\tvar out {ret}\n\terr := w.invoke(ctx, {method_name}, {profile}, params, &out, call)\n"
+               "\treturn out, err\n}\n")
+        return (decl + "\n" if decl else "") + out
+    returns = method.get("returns", {})
+    for key, record in STREAM_RECORDS.items():
+        if returns.get(key, record) != record:
+            raise ValueError(f"streaming method {method['name']!r} has {key} {returns[key]!r}: the Go Stream "
+                             f"decodes {record} (clients/go/stream.go)")
+    # both forms check their arguments and build the parameters in one helper
+    builder = f"{method['name'][0].lower()}{name[1:]}Params"
+    builder_args = ", ".join([*args, *([f"opts {opts_type}"] if opts_type else [])])
+    call_args = ", ".join([a.split(" ")[0] for a in args] + (["opts"] if opts_type else []))
+    out = (_comment(f"{builder} checks the arguments of {name} and {name}Stream and builds their parameters.")
+           + f"func {builder}({builder_args}) (map[string]any, error) {{\n" + prologue
+           + guards.replace("return zero, ", "return nil, ") + "\treturn params, nil\n}\n\n"
+           + doc + f"func (w *Worker) {name}({signature}) ({ret}, error) {{\n"
+           + f"\tvar out {ret}\n\tparams, err := {builder}({call_args})\n"
+           + "\tif err != nil {\n\t\treturn out, err\n\t}\n"
+           + f"\terr = w.invoke(ctx, {method_name}, {profile}, params, &out, call)\n\treturn out, err\n}}\n\n"
+           + _comment(f"{name}Stream is the streaming form of {name}: iterate the deltas with Next/Delta, then check "
+                      "Err. Cancelling ctx or closing the stream cancels the request in the worker.")
+           + f"func (w *Worker) {name}Stream({signature}) (*Stream, error) {{\n"
+           + f"\tparams, err := {builder}({call_args})\n\tif err != nil {{\n\t\treturn nil, err\n\t}}\n"
+           + f"\treturn w.invokeStream(ctx, {method_name}, params, call)\n}}\n")
     return (decl + "\n" if decl else "") + out
 
 

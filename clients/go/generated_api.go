@@ -96,6 +96,27 @@ func (o *GenerateOptions) fill(params map[string]any) {
 	}
 }
 
+// generateParams checks the arguments of Generate and GenerateStream and builds their parameters.
+func generateParams(llm Handle, prompts any, opts *GenerateOptions) (map[string]any, error) {
+	params := map[string]any{}
+	if err := opts.validate(""); err != nil {
+		return nil, err
+	}
+	opts.fill(params)
+	if llm == nil {
+		return nil, invalidParam("llm", "is required")
+	}
+	params["llm"] = llm
+	if prompts == nil {
+		return nil, invalidParam("prompts", "is required")
+	}
+	if err := checkType("prompts", prompts, "str|list[str]|list[int]|dict|list[dict]"); err != nil {
+		return nil, err
+	}
+	params["prompts"] = prompts
+	return params, nil
+}
+
 // Generate calls the worker's 'generate' method. Generate completions for one prompt or many; all of them (and
 // every other caller's) batch together.
 //
@@ -107,48 +128,22 @@ func (o *GenerateOptions) fill(params map[string]any) {
 // Returns: One RequestOutput per prompt, in order. With stream: each chunk is a Chunk (one request's delta) and
 // the response a Summary (usage, and per request its metrics and how each completion ended).
 func (w *Worker) Generate(ctx context.Context, llm Handle, prompts any, opts *GenerateOptions, call ...CallOption) ([]RequestOutput, error) {
-	var zero []RequestOutput
-	params := map[string]any{}
-	if err := opts.validate(""); err != nil {
-		return zero, err
-	}
-	opts.fill(params)
-	if llm == nil {
-		return zero, invalidParam("llm", "is required")
-	}
-	params["llm"] = llm
-	if prompts == nil {
-		return zero, invalidParam("prompts", "is required")
-	}
-	if err := checkType("prompts", prompts, "str|list[str]|list[int]|dict|list[dict]"); err != nil {
-		return zero, err
-	}
-	params["prompts"] = prompts
 	var out []RequestOutput
-	err := w.invoke(ctx, "generate", "ml_inference", params, &out, call)
+	params, err := generateParams(llm, prompts, opts)
+	if err != nil {
+		return out, err
+	}
+	err = w.invoke(ctx, "generate", "ml_inference", params, &out, call)
 	return out, err
 }
 
 // GenerateStream is the streaming form of Generate: iterate the deltas with Next/Delta, then check Err.
 // Cancelling ctx or closing the stream cancels the request in the worker.
 func (w *Worker) GenerateStream(ctx context.Context, llm Handle, prompts any, opts *GenerateOptions, call ...CallOption) (*Stream, error) {
-	var zero *Stream
-	params := map[string]any{}
-	if err := opts.validate(""); err != nil {
-		return zero, err
+	params, err := generateParams(llm, prompts, opts)
+	if err != nil {
+		return nil, err
 	}
-	opts.fill(params)
-	if llm == nil {
-		return zero, invalidParam("llm", "is required")
-	}
-	params["llm"] = llm
-	if prompts == nil {
-		return zero, invalidParam("prompts", "is required")
-	}
-	if err := checkType("prompts", prompts, "str|list[str]|list[int]|dict|list[dict]"); err != nil {
-		return zero, err
-	}
-	params["prompts"] = prompts
 	return w.invokeStream(ctx, "generate", params, call)
 }
 
@@ -201,6 +196,27 @@ func (o *ChatOptions) fill(params map[string]any) {
 	}
 }
 
+// chatParams checks the arguments of Chat and ChatStream and builds their parameters.
+func chatParams(llm Handle, messages any, opts *ChatOptions) (map[string]any, error) {
+	params := map[string]any{}
+	if err := opts.validate(""); err != nil {
+		return nil, err
+	}
+	opts.fill(params)
+	if llm == nil {
+		return nil, invalidParam("llm", "is required")
+	}
+	params["llm"] = llm
+	if messages == nil {
+		return nil, invalidParam("messages", "is required")
+	}
+	if err := checkType("messages", messages, "list[dict]|list"); err != nil {
+		return nil, err
+	}
+	params["messages"] = messages
+	return params, nil
+}
+
 // Chat calls the worker's 'chat' method. Generate replies to one conversation or many, through the model's chat
 // template.
 //
@@ -212,48 +228,22 @@ func (o *ChatOptions) fill(params map[string]any) {
 // Returns: Like generate: one RequestOutput per conversation (prompt is null; prompt_token_ids is the templated
 // prompt), or Chunks and a Summary when streaming.
 func (w *Worker) Chat(ctx context.Context, llm Handle, messages any, opts *ChatOptions, call ...CallOption) ([]RequestOutput, error) {
-	var zero []RequestOutput
-	params := map[string]any{}
-	if err := opts.validate(""); err != nil {
-		return zero, err
-	}
-	opts.fill(params)
-	if llm == nil {
-		return zero, invalidParam("llm", "is required")
-	}
-	params["llm"] = llm
-	if messages == nil {
-		return zero, invalidParam("messages", "is required")
-	}
-	if err := checkType("messages", messages, "list[dict]|list"); err != nil {
-		return zero, err
-	}
-	params["messages"] = messages
 	var out []RequestOutput
-	err := w.invoke(ctx, "chat", "ml_inference", params, &out, call)
+	params, err := chatParams(llm, messages, opts)
+	if err != nil {
+		return out, err
+	}
+	err = w.invoke(ctx, "chat", "ml_inference", params, &out, call)
 	return out, err
 }
 
 // ChatStream is the streaming form of Chat: iterate the deltas with Next/Delta, then check Err. Cancelling ctx
 // or closing the stream cancels the request in the worker.
 func (w *Worker) ChatStream(ctx context.Context, llm Handle, messages any, opts *ChatOptions, call ...CallOption) (*Stream, error) {
-	var zero *Stream
-	params := map[string]any{}
-	if err := opts.validate(""); err != nil {
-		return zero, err
+	params, err := chatParams(llm, messages, opts)
+	if err != nil {
+		return nil, err
 	}
-	opts.fill(params)
-	if llm == nil {
-		return zero, invalidParam("llm", "is required")
-	}
-	params["llm"] = llm
-	if messages == nil {
-		return zero, invalidParam("messages", "is required")
-	}
-	if err := checkType("messages", messages, "list[dict]|list"); err != nil {
-		return zero, err
-	}
-	params["messages"] = messages
 	return w.invokeStream(ctx, "chat", params, call)
 }
 
