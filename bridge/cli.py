@@ -7,6 +7,9 @@ import importlib
 import logging
 import sys
 
+from bridge.protocol import BridgeError
+from engine.errors import LMPortError
+
 # subcommand -> (module, one-line help)
 SUBCOMMANDS = {
     "generate": ("bridge.generate_cmd", "generate text for a prompt (through a worker process)"),
@@ -37,7 +40,11 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser(chosen).parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    return int(importlib.import_module(args.module).run(args) or 0)
+    try:
+        return int(importlib.import_module(args.module).run(args) or 0)
+    except (LMPortError, BridgeError) as exc:  # a bad argument or option: its message names it, no traceback
+        print(f"lmport {args.command}: error: {exc}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

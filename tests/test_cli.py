@@ -1,0 +1,37 @@
+"""The `lmport` command reports a bad argument as one line naming it (exit 2), with no traceback and no worker left."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import psutil
+import pytest
+import torch
+
+
+def lmport(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "bridge.cli", "--log-level", "WARNING", *args],
+                          capture_output=True, text=True, timeout=300)
+
+
+def workers() -> set[int]:
+    return {p.pid for p in psutil.process_iter(["cmdline"]) if "bridge.worker" in " ".join(p.info["cmdline"] or [])}
+
+
+@pytest.mark.slow
+def test_a_bad_sampling_parameter_through_the_worker_names_the_field():
+    before = workers()
+    run = lmport("generate", "Hi", "--max-tokens", "0")
+    assert run.returncode == 2
+    assert run.stderr.strip().endswith(
+        "lmport generate: error: invalid_params: sampling_params.max_tokens: must be >= 1, got 0"), run.stderr
+    assert "Traceback" not in run.stderr
+    assert workers() <= before, "the command's worker outlived it"
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_an_unavailable_device_names_the_field():
+    run = lmport("bench", "throughput", "--device", "cuda", "--skip-hf")
+    assert run.returncode == 2 and "Traceback" not in run.stderr
+    assert "lmport bench: error: device: 'cuda' requested but CUDA is not available" in run.stderr
