@@ -2,7 +2,7 @@
 the clients generate their result types (TypeScript interfaces, Go structs) and docs/protocol.md its tables.
 
 Each record is a TypedDict whose fields carry their doc in `Annotated`; `NotRequired` marks a key that is left out
-rather than sent as null. tests/test_bridge_results.py checks real worker output against these shapes, key for key.
+rather than sent as null. tests/test_bridge_engine.py checks real worker output against these shapes, key for key.
 """
 
 from __future__ import annotations
@@ -149,35 +149,3 @@ def split_union(expr: str) -> list[str]:
             parts.append(expr[start:i])
             start = i + 1
     return [*parts, expr[start:]]
-
-
-def conforms(value: object, expr: str, schema: dict[str, list[dict[str, object]]], path: str = "result") -> str | None:
-    """None when value has exactly the shape expr names, else where and how it differs (the drift check)."""
-    problems = []
-    for alternative in split_union(expr):
-        problem = _conforms_one(value, alternative, schema, path)
-        if problem is None:
-            return None
-        problems.append(problem)
-    return problems[0] if len(problems) == 1 else f"{path}: {value!r:.80} fits none of {expr}"
-
-
-def _conforms_one(value: object, expr: str, schema: dict[str, list[dict[str, object]]], path: str) -> str | None:
-    if expr.startswith("list[") and expr.endswith("]"):
-        if not isinstance(value, list):
-            return f"{path}: expected a list, got {type(value).__name__}"
-        return next((p for i, v in enumerate(value) if (p := conforms(v, expr[5:-1], schema, f"{path}[{i}]"))),
-                    None)
-    if expr in schema:
-        if not isinstance(value, dict):
-            return f"{path}: expected a {expr} map, got {type(value).__name__}"
-        fields = {f["name"]: f for f in schema[expr]}
-        extra = sorted(set(value) - set(fields))
-        missing = sorted(n for n, f in fields.items() if f["required"] and n not in value)
-        if extra or missing:
-            return f"{path} ({expr}): unexpected keys {extra}, missing keys {missing}"
-        return next((p for n, v in value.items() if (p := conforms(v, str(fields[n]["type"]), schema, f"{path}.{n}"))),
-                    None)
-    python_type = {"str": str, "int": int, "float": float, "bool": bool, "null": type(None)}[expr]
-    ok = isinstance(value, python_type) and (expr in ("bool", "null") or not isinstance(value, bool))
-    return None if ok else f"{path}: expected {expr}, got {type(value).__name__} {value!r:.40}"

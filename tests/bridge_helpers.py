@@ -15,6 +15,7 @@ from typing import Any
 import psutil
 
 from bridge import protocol
+from bridge.results import split_union
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -106,3 +107,35 @@ def group_alive(pgid: int) -> bool:
         except (ProcessLookupError, psutil.Error):
             continue
     return False
+
+
+def conforms(value: object, expr: str, schema: dict[str, list[dict[str, object]]], path: str = "result") -> str | None:
+    """None when value has exactly the shape expr names, else where and how it differs (the drift check)."""
+    problems = []
+    for alternative in split_union(expr):
+        problem = _conforms_one(value, alternative, schema, path)
+        if problem is None:
+            return None
+        problems.append(problem)
+    return problems[0] if len(problems) == 1 else f"{path}: {value!r:.80} fits none of {expr}"
+
+
+def _conforms_one(value: object, expr: str, schema: dict[str, list[dict[str, object]]], path: str) -> str | None:
+    if expr.startswith("list[") and expr.endswith("]"):
+        if not isinstance(value, list):
+            return f"{path}: expected a list, got {type(value).__name__}"
+        return next((p for i, v in enumerate(value) if (p := conforms(v, expr[5:-1], schema, f"{path}[{i}]"))),
+                    None)
+    if expr in schema:
+        if not isinstance(value, dict):
+            return f"{path}: expected a {expr} map, got {type(value).__name__}"
+        fields = {f["name"]: f for f in schema[expr]}
+        extra = sorted(set(value) - set(fields))
+        missing = sorted(n for n, f in fields.items() if f["required"] and n not in value)
+        if extra or missing:
+            return f"{path} ({expr}): unexpected keys {extra}, missing keys {missing}"
+        return next((p for n, v in value.items() if (p := conforms(v, str(fields[n]["type"]), schema, f"{path}.{n}"))),
+                    None)
+    python_type = {"str": str, "int": int, "float": float, "bool": bool, "null": type(None)}[expr]
+    ok = isinstance(value, python_type) and (expr in ("bool", "null") or not isinstance(value, bool))
+    return None if ok else f"{path}: expected {expr}, got {type(value).__name__} {value!r:.40}"

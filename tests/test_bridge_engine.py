@@ -12,8 +12,8 @@ import pytest
 
 from bridge.client import AsyncClient, Client
 from bridge.protocol import BridgeError
-from bridge.results import conforms, results_schema
-from tests.bridge_helpers import REPO
+from bridge.results import results_schema
+from tests.bridge_helpers import REPO, conforms
 
 pytestmark = pytest.mark.slow
 

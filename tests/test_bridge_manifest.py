@@ -10,6 +10,7 @@ from bridge import manifest, protocol, results, service
 from bridge.protocol import Handle
 from engine.config import option_schema
 from engine.sampling_params import sampling_params_schema
+from tests.bridge_helpers import conforms
 
 VOCABULARY = {"str", "int", "float", "bool", "any", "dict", "handle", "list", "list[int]", "list[str]", "list[dict]",
               "list[float]", "null"}
@@ -113,11 +114,11 @@ def test_result_shapes_are_declared_once_and_reference_only_known_records():
 def test_conforms_names_the_first_difference():
     shapes = results.results_schema()
     usage = {"prompt_tokens": 1, "completion_tokens": 2, "total_tokens": 3}
-    assert results.conforms(usage, "Usage", shapes) is None
-    assert "unexpected keys ['extra']" in results.conforms({**usage, "extra": 1}, "Usage", shapes)
-    assert "missing keys ['total_tokens']" in results.conforms({"prompt_tokens": 1, "completion_tokens": 2},
+    assert conforms(usage, "Usage", shapes) is None
+    assert "unexpected keys ['extra']" in conforms({**usage, "extra": 1}, "Usage", shapes)
+    assert "missing keys ['total_tokens']" in conforms({"prompt_tokens": 1, "completion_tokens": 2},
                                                               "Usage", shapes)
-    assert results.conforms({**usage, "total_tokens": "3"}, "Usage", shapes) == \
+    assert conforms({**usage, "total_tokens": "3"}, "Usage", shapes) == \
         "result.total_tokens: expected int, got str '3'"
-    assert results.conforms([[None]], "list[list[LogprobEntry]|null]", shapes) is not None
-    assert results.conforms([None, []], "list[list[LogprobEntry]|null]", shapes) is None
+    assert conforms([[None]], "list[list[LogprobEntry]|null]", shapes) is not None
+    assert conforms([None, []], "list[list[LogprobEntry]|null]", shapes) is None
