@@ -222,10 +222,12 @@ def _constants(manifest: dict[str, Any]) -> str:
 def _method_specs(manifest: dict[str, Any], methods: list[dict[str, Any]]) -> str:
     entries = []
     for m in methods:
-        params = "".join(f"    {_field_spec(manifest, p)},\n" for p in m["params"])
+        schema = common.params_schema(manifest, m)  # its field table is already there: refer to it
+        params = f"{schema}Fields" if schema else \
+            "[\n" + "".join(f"    {_field_spec(manifest, p)},\n" for p in m["params"]) + "    ]"
         profile = json.dumps(m.get("timeout_profile", "default"))
         entries.append(f"  {json.dumps(m['name'])}: {{\n    name: {json.dumps(m['name'])}, profile: {profile}, "
-                       f"params: [\n{params}    ],\n  }},\n")
+                       f"params: {params},\n  }},\n")
     return f"\nconst METHODS: Readonly<Record<string, MethodSpec>> = {{\n{''.join(entries)}}};\n"
 
 
