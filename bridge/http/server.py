@@ -54,6 +54,8 @@ class RunningServer:
         self._socket = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         self._socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         self._socket.bind((serve.host, serve.port))  # port 0: the OS picks a free one
+        # listen now: a client that connects before uvicorn's loop starts waits in the backlog rather than being refused
+        self._socket.listen(2048)
         self.port = self._socket.getsockname()[1]
         self.url = f"http://{serve.host}:{self.port}"
         self.app = build_app(settings, backend)
@@ -65,11 +67,13 @@ class RunningServer:
         self._thread.start()
 
     def wait_ready(self, timeout: float = 300.0) -> RunningServer:
-        """Block until the model is loaded (raises if loading failed)."""
+        """Block until the server accepts connections and the model is loaded (raises if loading failed)."""
         end = time.monotonic() + timeout
-        while not self.state.ready:
+        while not (self.state.ready and self._server.started):
             if self.state.load_error:
                 raise RuntimeError(self.state.load_error)
+            if not self._thread.is_alive():
+                raise RuntimeError("the HTTP server stopped before it was ready")
             if time.monotonic() > end:
                 raise TimeoutError(f"the model did not load within {timeout} s")
             time.sleep(0.05)
