@@ -1,7 +1,7 @@
 """Engine options, with vLLM's names, validated once at construction.
 
 Each field's metadata (doc, range, choices) is the single source of truth for the manifest, the generated client
-option types and docs/engine-options.md.
+option types and the options table of docs/engine.md.
 """
 
 from __future__ import annotations
