@@ -264,6 +264,11 @@ class Service:
 
         call.on_done = finished
         with self._lock:
+            # Cancelled while it waited for admission: it has had its answer (through the old on_done, which
+            # would never discard it from _active). Checked under the lock after the swap, so a cancel that
+            # finishes from now on goes through `finished` and its discard follows this add.
+            if call.done:
+                return
             self._active.add(call)
             self._counters["requests_total"] += 1
         try:

@@ -64,6 +64,9 @@ def test_cancel_before_any_engine_work_answers_at_once():
     call.cancel()
     service.submit(call)  # already finished: nothing runs, nothing more is answered
     assert [e.code for e in outcomes] == ["cancelled"]
+    # and it is not left counted as in flight
+    assert service.inflight == 0 and service.stats()["service"]["inflight"] == 0
+    assert service.health()["inflight"] == 0
 
 
 @pytest.mark.parametrize("exc, code, field", [
