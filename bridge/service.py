@@ -304,11 +304,13 @@ class Service:
 
     def to_bridge_error(self, exc: BaseException) -> BridgeError:
         """Map any exception onto a protocol error (python_type always; traceback under debug)."""
+        # Checked before the imports: engine.llm pulls in torch, and ping's errors (answered on the worker's
+        # reader thread) must not wait for that.
+        if isinstance(exc, BridgeError):
+            return exc
         from engine.errors import InvalidParams, ModelNotFound, OutOfKVCache, UnsupportedModel
         from engine.llm import EngineDead
 
-        if isinstance(exc, BridgeError):
-            return exc
         if isinstance(exc, InvalidParams):
             error = _invalid(exc.field, exc.message)
         elif isinstance(exc, ModelNotFound):

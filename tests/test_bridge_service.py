@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import subprocess
+import sys
 import threading
 
 import pytest
@@ -67,6 +69,15 @@ def test_cancel_before_any_engine_work_answers_at_once():
     # and it is not left counted as in flight
     assert service.inflight == 0 and service.stats()["service"]["inflight"] == 0
     assert service.health()["inflight"] == 0
+
+
+def test_a_ping_error_does_not_import_the_engine():
+    code = ("import sys; from bridge.service import Call, Service; out = []; "
+            "Service().submit(Call(1, 'ping', {'n': 'x'}, on_done=lambda r, e: out.append(e))); "
+            "assert out[0].code == 'invalid_params', out; print('engine.llm' in sys.modules, 'torch' in sys.modules)")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["False", "False"]
 
 
 @pytest.mark.parametrize("exc, code, field", [
