@@ -101,6 +101,8 @@ defmodule LMPort.WorkerTest do
     assert [_, _] = Enum.take(stream, 2)
     wait_until(fn -> stats(llm)["requests_aborted"] == aborted + 1 end, 10_000, "the abort")
     wait_idle(llm)
+    # no chunk forwarded before the cancel was handled is left behind in the consumer's mailbox
+    refute_received {:lmport, _, _, _}
   end
 
   test "32 concurrent callers are batched through one worker", %{llm: llm} do

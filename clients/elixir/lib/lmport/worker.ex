@@ -117,7 +117,7 @@ defmodule LMPort.Worker do
       &next_chunk/1,
       fn {wpid, id, mref, _, state} ->
         Process.demonitor(mref, [:flush])
-        if state == :open, do: GenServer.cast(wpid, {:cancel, id, self()})
+        if state == :open, do: cancel_stream(wpid, id)
         flush(wpid, id)
       end
     )
@@ -140,6 +140,15 @@ defmodule LMPort.Worker do
       {:DOWN, ^mref, :process, _, reason} ->
         raise Error.new("worker_exited", "worker exited: #{inspect(reason)}")
     end
+  end
+
+  # A call, not a cast: the worker GenServer forwards no chunk of `id` after it has handled the cancel, and its reply
+  # arrives after every chunk it forwarded before (messages between two processes keep their order), so the flush
+  # below finds them all.
+  defp cancel_stream(wpid, id) do
+    GenServer.call(wpid, {:cancel, id, self()}, :infinity)
+  catch
+    :exit, _ -> :ok
   end
 
   defp flush(wpid, id) do
@@ -272,6 +281,13 @@ defmodule LMPort.Worker do
   @impl true
   def handle_call(:info, _from, state), do: {:reply, Map.put(state.hello, "os_pid", state.os_pid), state}
 
+  def handle_call({:cancel, id, pid}, _from, state) do
+    case state.pending do
+      %{^id => %{pid: ^pid}} -> {:reply, :ok, cancel_request(state, id)}
+      _ -> {:reply, :ok, state}
+    end
+  end
+
   def handle_call({:call, method, params, ropts}, {pid, _} = from, state) do
     id = state.next_id
 
@@ -335,14 +351,6 @@ defmodule LMPort.Worker do
   end
 
   @impl true
-  def handle_cast({:cancel, id, pid}, state) do
-    case state.pending do
-      %{^id => %{pid: ^pid}} -> {:noreply, cancel_request(state, id)}
-      _ -> {:noreply, state}
-    end
-  end
-
-  @impl true
   def handle_info({port, {:data, frame}}, %{port: port} = state) do
     case Msgpack.decode(frame) do
       {:ok, %{"type" => type} = msg} ->
@@ -388,9 +396,9 @@ defmodule LMPort.Worker do
           entry,
           id,
           {:error,
-           Error.new("deadline_exceeded", "no response to request #{id} within its deadline; cancelled",
-             %{"client_side" => true}
-           )}
+           Error.new("deadline_exceeded", "no response to request #{id} within its deadline; cancelled", %{
+             "client_side" => true
+           })}
         )
 
         {:noreply, state |> cancel_request(id) |> send_liveness_ping()}
