@@ -33,7 +33,7 @@ _INITIALISMS = {"id": "ID", "ids": "IDs", "llm": "LLM", "kv": "KV", "gpu": "GPU"
 _TAKEN_IDENTS = frozenset({"break", "case", "chan", "const", "continue", "default", "defer", "else", "fallthrough",
                            "for", "func", "go", "goto", "if", "import", "interface", "map", "package", "range",
                            "return", "select", "struct", "switch", "type", "var",
-                           "ctx", "opts", "call", "params", "out", "zero", "err", "w"})
+                           "ctx", "opts", "call", "params", "out", "err", "w"})
 _SCALARS = {"str": "string", "int": "int", "float": "float64", "bool": "bool"}
 _REFS = {"dict": "map[string]any", "handle": "Handle", "list[int]": "[]int", "list[float]": "[]float64",
          "list[str]": "[]string", "list[dict]": "[]map[string]any", "list": "[]any", "any": "any"}
@@ -166,9 +166,10 @@ def _struct(manifest: dict[str, Any], name: str, doc: str, fields: list[dict[str
             + "".join(fills) + "}\n")
 
 
-def _checks(field: dict[str, Any], value: str, t: GoType, prefixed: bool, indent: str = "\t\t") -> str:
+def _checks(field: dict[str, Any], value: str, t: GoType, prefixed: bool, indent: str = "\t\t",
+            fail: str = "") -> str:
     """Statements returning the first violated constraint of one set value (named prefix+name in errors when
-    `prefixed`, inside a struct's validate)."""
+    `prefixed`, inside a struct's validate); `fail` is the value returned beside the error, if any."""
     out = []
 
     def quoted(text: str) -> str:
@@ -177,7 +178,8 @@ def _checks(field: dict[str, Any], value: str, t: GoType, prefixed: bool, indent
     label = quoted(field["name"])
 
     def ret(expr: str) -> None:
-        out.append(f"{indent}if err := {expr}; err != nil {{\n{indent}\treturn err\n{indent}}}\n")
+        returned = f"{fail}, err" if fail else "err"
+        out.append(f"{indent}if err := {expr}; err != nil {{\n{indent}\treturn {returned}\n{indent}}}\n")
 
     if t.union:
         ret(f"checkType({label}, {value}, {json.dumps(field.get('type'))})")
@@ -333,19 +335,16 @@ def _options_type(manifest: dict[str, Any], method: dict[str, Any]) -> tuple[str
     return f"*{name}", _struct(manifest, name, doc, options)
 
 
-def _method(manifest: dict[str, Any], method: dict[str, Any]) -> str:
-    name = go_name(method["name"])
-    if name in RESERVED or f"{name}Stream" in RESERVED:
-        raise ValueError(f"manifest method {method['name']!r} clashes with the Go transport's {name!r}")
-    opts_type, decl = _options_type(manifest, method)
-    args, body = [], []
+def _guards(manifest: dict[str, Any], method: dict[str, Any], opts_type: str, fail: str) -> str:
+    """The statements that check a method's arguments and fill `params`; an early return gives `fail` beside
+    the error (`out`, the zero result, in a method; nil in a streaming method's parameter builder)."""
+    body = []
     for p in common.positional_params(method):
         ident, t = _arg_name(p["name"]), go_type(manifest, p, optional=False)
-        args.append(f"{ident} {t.expr}")
         key = json.dumps(p["name"])
         if not t.scalar:  # maps, slices, pointers, any: nil is "not given"
             if p.get("required"):
-                body.append(f"\tif {ident} == nil {{\n\t\treturn zero, invalidParam({key}, \"is required\")\n\t}}\n")
+                body.append(f"\tif {ident} == nil {{\n\t\treturn {fail}, invalidParam({key}, \"is required\")\n\t}}\n")
             else:
                 body.append(f"\tif {ident} != nil {{\n\t\tparams[{key}] = {ident}\n\t}}\n")
                 continue
@@ -353,13 +352,21 @@ def _method(manifest: dict[str, Any], method: dict[str, Any]) -> str:
             zero = {"string": '""', "bool": "false"}.get(t.expr, "0")
             body.append(f"\tif {ident} != {zero} {{\n\t\tparams[{key}] = {ident}\n\t}}\n")
             continue
-        body.append(_checks(p, ident, t, False, "\t").replace("return err", "return zero, err"))
+        body.append(_checks(p, ident, t, False, "\t", fail))
         body.append(f"\tparams[{key}] = {ident}\n")
-    validate = ("\tif err := opts.validate(\"\"); err != nil {\n\t\treturn zero, err\n\t}\n"
+    validate = (f"\tif err := opts.validate(\"\"); err != nil {{\n\t\treturn {fail}, err\n\t}}\n"
                 "\topts.fill(params)\n") if opts_type else ""
     # the options go in first, so positional values override same-named fields of a shared schema struct
-    guards = validate + "".join(body)
-    needs_zero = "zero" in guards  # declared only when a guard returns early
+    return validate + "".join(body)
+
+
+def _method(manifest: dict[str, Any], method: dict[str, Any]) -> str:
+    name = go_name(method["name"])
+    if name in RESERVED or f"{name}Stream" in RESERVED:
+        raise ValueError(f"manifest method {method['name']!r} clashes with the Go transport's {name!r}")
+    opts_type, decl = _options_type(manifest, method)
+    args = [f"{_arg_name(p['name'])} {go_type(manifest, p, optional=False).expr}"
+            for p in common.positional_params(method)]
     prologue = "\tparams := map[string]any{}\n"
     signature = ", ".join(["ctx context.Context", *args, *([f"opts {opts_type}"] if opts_type else []),
                            "call ...CallOption"])
@@ -369,8 +376,8 @@ def _method(manifest: dict[str, Any], method: dict[str, Any]) -> str:
     method_name = json.dumps(method["name"])
     if not method.get("streaming"):
         out = (doc + f"func (w *Worker) {name}({signature}) ({ret}, error) {{\n"
-               + (f"\tvar zero {ret}\n" if needs_zero else "") + prologue + guards
-               + f"\tvar out {ret}\n\terr := w.invoke(ctx, {method_name}, {profile}, params, &out, call)\n"
+               + f"\tvar out {ret}\n" + prologue + _guards(manifest, method, opts_type, "out")
+               + f"\terr := w.invoke(ctx, {method_name}, {profile}, params, &out, call)\n"
                "\treturn out, err\n}\n")
         return (decl + "\n" if decl else "") + out
     returns = method.get("returns", {})
@@ -384,7 +391,7 @@ def _method(manifest: dict[str, Any], method: dict[str, Any]) -> str:
     call_args = ", ".join([a.split(" ")[0] for a in args] + (["opts"] if opts_type else []))
     out = (_comment(f"{builder} checks the arguments of {name} and {name}Stream and builds their parameters.")
            + f"func {builder}({builder_args}) (map[string]any, error) {{\n" + prologue
-           + guards.replace("return zero, ", "return nil, ") + "\treturn params, nil\n}\n\n"
+           + _guards(manifest, method, opts_type, "nil") + "\treturn params, nil\n}\n\n"
            + doc + f"func (w *Worker) {name}({signature}) ({ret}, error) {{\n"
            + f"\tvar out {ret}\n\tparams, err := {builder}({call_args})\n"
            + "\tif err != nil {\n\t\treturn out, err\n\t}\n"

@@ -12,8 +12,8 @@ import "context"
 //
 // Returns: The manifest map (protocol, server, version, methods, schemas, error_codes, timeout_profiles).
 func (w *Worker) Describe(ctx context.Context, call ...CallOption) (map[string]any, error) {
-	params := map[string]any{}
 	var out map[string]any
+	params := map[string]any{}
 	err := w.invoke(ctx, "describe", "default", params, &out, call)
 	return out, err
 }
@@ -31,16 +31,15 @@ func (w *Worker) Describe(ctx context.Context, call ...CallOption) (map[string]a
 // max_num_seqs, max_concurrency, config}; max_concurrency is how many max_model_len-token requests the KV cache
 // holds at once.
 func (w *Worker) LLM(ctx context.Context, model string, opts *EngineOptions, call ...CallOption) (Handle, error) {
-	var zero Handle
+	var out Handle
 	params := map[string]any{}
 	if err := opts.validate(""); err != nil {
-		return zero, err
+		return out, err
 	}
 	opts.fill(params)
 	if model != "" {
 		params["model"] = model
 	}
-	var out Handle
 	err := w.invoke(ctx, "llm", "ml_inference", params, &out, call)
 	return out, err
 }
@@ -52,13 +51,12 @@ func (w *Worker) LLM(ctx context.Context, model string, opts *EngineOptions, cal
 //
 // Returns: Every SamplingParams field as plain data (logit_bias keys as strings, output_kind as its value).
 func (w *Worker) SamplingParams(ctx context.Context, opts *SamplingParams, call ...CallOption) (map[string]any, error) {
-	var zero map[string]any
+	var out map[string]any
 	params := map[string]any{}
 	if err := opts.validate(""); err != nil {
-		return zero, err
+		return out, err
 	}
 	opts.fill(params)
-	var out map[string]any
 	err := w.invoke(ctx, "sampling_params", "default", params, &out, call)
 	return out, err
 }
@@ -284,18 +282,17 @@ func (o *TokenizeOptions) fill(params map[string]any) {
 //
 // Returns: The token ids.
 func (w *Worker) Tokenize(ctx context.Context, llm Handle, text string, opts *TokenizeOptions, call ...CallOption) ([]int, error) {
-	var zero []int
+	var out []int
 	params := map[string]any{}
 	if err := opts.validate(""); err != nil {
-		return zero, err
+		return out, err
 	}
 	opts.fill(params)
 	if llm == nil {
-		return zero, invalidParam("llm", "is required")
+		return out, invalidParam("llm", "is required")
 	}
 	params["llm"] = llm
 	params["text"] = text
-	var out []int
 	err := w.invoke(ctx, "tokenize", "default", params, &out, call)
 	return out, err
 }
@@ -337,21 +334,20 @@ func (o *DetokenizeOptions) fill(params map[string]any) {
 //
 // Returns: The text.
 func (w *Worker) Detokenize(ctx context.Context, llm Handle, tokenIDs []int, opts *DetokenizeOptions, call ...CallOption) (string, error) {
-	var zero string
+	var out string
 	params := map[string]any{}
 	if err := opts.validate(""); err != nil {
-		return zero, err
+		return out, err
 	}
 	opts.fill(params)
 	if llm == nil {
-		return zero, invalidParam("llm", "is required")
+		return out, invalidParam("llm", "is required")
 	}
 	params["llm"] = llm
 	if tokenIDs == nil {
-		return zero, invalidParam("token_ids", "is required")
+		return out, invalidParam("token_ids", "is required")
 	}
 	params["token_ids"] = tokenIDs
-	var out string
 	err := w.invoke(ctx, "detokenize", "default", params, &out, call)
 	return out, err
 }
@@ -364,13 +360,12 @@ func (w *Worker) Detokenize(ctx context.Context, llm Handle, tokenIDs []int, opt
 //
 // Returns: {ref, unloaded}: unloaded is true when this was the engine's last handle.
 func (w *Worker) Release(ctx context.Context, ref Handle, call ...CallOption) (map[string]any, error) {
-	var zero map[string]any
+	var out map[string]any
 	params := map[string]any{}
 	if ref == nil {
-		return zero, invalidParam("ref", "is required")
+		return out, invalidParam("ref", "is required")
 	}
 	params["ref"] = ref
-	var out map[string]any
 	err := w.invoke(ctx, "release", "default", params, &out, call)
 	return out, err
 }
@@ -409,13 +404,12 @@ func (o *PingOptions) fill(params map[string]any) {
 //
 // Returns: {n, time}: time is the worker's wall clock in seconds.
 func (w *Worker) Ping(ctx context.Context, opts *PingOptions, call ...CallOption) (map[string]any, error) {
-	var zero map[string]any
+	var out map[string]any
 	params := map[string]any{}
 	if err := opts.validate(""); err != nil {
-		return zero, err
+		return out, err
 	}
 	opts.fill(params)
-	var out map[string]any
 	err := w.invoke(ctx, "ping", "default", params, &out, call)
 	return out, err
 }
@@ -425,8 +419,8 @@ func (w *Worker) Ping(ctx context.Context, opts *PingOptions, call ...CallOption
 // Returns: {status ("ok" or "shutting_down"), pid, uptime_s, inflight, device, engines: [{engine, model, refs,
 // device, dtype, num_running, num_waiting, kv_cache_usage}]}.
 func (w *Worker) Health(ctx context.Context, call ...CallOption) (map[string]any, error) {
-	params := map[string]any{}
 	var out map[string]any
+	params := map[string]any{}
 	err := w.invoke(ctx, "health", "default", params, &out, call)
 	return out, err
 }
@@ -467,13 +461,12 @@ func (o *StatsOptions) fill(params map[string]any) {
 //
 // Returns: The engine's counters map, or {service: {...}, engines: [{engine, model, refs, ...counters}]}.
 func (w *Worker) Stats(ctx context.Context, opts *StatsOptions, call ...CallOption) (map[string]any, error) {
-	var zero map[string]any
+	var out map[string]any
 	params := map[string]any{}
 	if err := opts.validate(""); err != nil {
-		return zero, err
+		return out, err
 	}
 	opts.fill(params)
-	var out map[string]any
 	err := w.invoke(ctx, "stats", "default", params, &out, call)
 	return out, err
 }
