@@ -159,8 +159,9 @@ def _struct(manifest: dict[str, Any], name: str, doc: str, fields: list[dict[str
     return (_comment(doc) + f"type {name} struct {{\n" + "\n".join(members) + "}\n\n"
             + f"// Validate checks the fields that are set against the manifest's types, choices and ranges.\n"
             f'func (o *{name}) Validate() error {{ return o.validate("") }}\n\n'
-            f"func (o *{name}) validate(prefix string) error {{\n\tif o == nil {{\n\t\treturn nil\n\t}}\n"
-            + "".join(checks) + "\treturn nil\n}\n\n"
+            f"func (o *{name}) validate(prefix string) error {{\n"
+            + (("\tif o == nil {\n\t\treturn nil\n\t}\n" + "".join(checks)) if checks else "")
+            + "\treturn nil\n}\n\n"
             f"// fill copies the fields that are set into a request's params.\n"
             f"func (o *{name}) fill(params map[string]any) {{\n\tif o == nil {{\n\t\treturn\n\t}}\n"
             + "".join(fills) + "}\n")

@@ -257,9 +257,6 @@ type TokenizeOptions struct {
 func (o *TokenizeOptions) Validate() error { return o.validate("") }
 
 func (o *TokenizeOptions) validate(prefix string) error {
-	if o == nil {
-		return nil
-	}
 	return nil
 }
 
@@ -309,9 +306,6 @@ type DetokenizeOptions struct {
 func (o *DetokenizeOptions) Validate() error { return o.validate("") }
 
 func (o *DetokenizeOptions) validate(prefix string) error {
-	if o == nil {
-		return nil
-	}
 	return nil
 }
 
@@ -382,9 +376,6 @@ type PingOptions struct {
 func (o *PingOptions) Validate() error { return o.validate("") }
 
 func (o *PingOptions) validate(prefix string) error {
-	if o == nil {
-		return nil
-	}
 	return nil
 }
 
@@ -437,9 +428,6 @@ type StatsOptions struct {
 func (o *StatsOptions) Validate() error { return o.validate("") }
 
 func (o *StatsOptions) validate(prefix string) error {
-	if o == nil {
-		return nil
-	}
 	return nil
 }
 
