@@ -343,16 +343,14 @@ def _guards(manifest: dict[str, Any], method: dict[str, Any], opts_type: str, fa
     for p in common.positional_params(method):
         ident, t = _arg_name(p["name"]), go_type(manifest, p, optional=False)
         key = json.dumps(p["name"])
-        if not t.scalar:  # maps, slices, pointers, any: nil is "not given"
-            if p.get("required"):
-                body.append(f"\tif {ident} == nil {{\n\t\treturn {fail}, invalidParam({key}, \"is required\")\n\t}}\n")
-            else:
-                body.append(f"\tif {ident} != nil {{\n\t\tparams[{key}] = {ident}\n\t}}\n")
-                continue
-        elif not p.get("required"):  # a positional with a default: the zero value means "the default"
-            zero = {"string": '""', "bool": "false"}.get(t.expr, "0")
-            body.append(f"\tif {ident} != {zero} {{\n\t\tparams[{key}] = {ident}\n\t}}\n")
+        if not p.get("required"):  # not given: nil (maps, slices, pointers, any) or, for a scalar with a
+            # default, the zero value; a given value is checked like a required one
+            unset = {"string": '""', "bool": "false"}.get(t.expr, "0") if t.scalar else "nil"
+            body.append(f"\tif {ident} != {unset} {{\n" + _checks(p, ident, t, False, "\t\t", fail)
+                        + f"\t\tparams[{key}] = {ident}\n\t}}\n")
             continue
+        if not t.scalar:  # maps, slices, pointers, any: nil is "not given"
+            body.append(f"\tif {ident} == nil {{\n\t\treturn {fail}, invalidParam({key}, \"is required\")\n\t}}\n")
         body.append(_checks(p, ident, t, False, "\t", fail))
         body.append(f"\tparams[{key}] = {ident}\n")
     validate = (f"\tif err := opts.validate(\"\"); err != nil {{\n\t\treturn {fail}, err\n\t}}\n"
