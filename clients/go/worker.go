@@ -483,8 +483,11 @@ func (w *Worker) readHello(stdout io.Reader, maxFrame uint32) error {
 			w.hello.Protocol, ProtocolVersion)}
 	}
 	w.profiles = w.hello.TimeoutProfiles
-	if w.profiles["default"] == 0 {
-		w.profiles = map[string]int64{"default": 120000, "streaming": 1800000, "ml_inference": 600000, "batch_job": 3600000}
+	if w.profiles["default"] == 0 { // a hello without profiles: the manifest's defaults (a copy: the caller may edit those)
+		w.profiles = make(map[string]int64, len(DefaultTimeoutProfiles))
+		for name, ms := range DefaultTimeoutProfiles {
+			w.profiles[name] = ms
+		}
 	}
 	return nil
 }
