@@ -132,7 +132,7 @@ type Worker struct {
 
 	exited    chan struct{} // closed once the process has been reaped and every pending call failed
 	closeOnce sync.Once
-	events    chan Event
+	events    chan Event // sent to by the reader only; closed by it once the worker has exited
 }
 
 // Event is an `event` frame from the worker (model_loaded, shutting_down, protocol_error, ...).
@@ -221,7 +221,8 @@ func (w *Worker) Hello() Hello { return w.hello }
 // PGID is the worker's process group.
 func (w *Worker) PGID() int { return w.cmd.Process.Pid } // Setpgid: the group is named after the worker's pid
 
-// Events delivers the worker's event frames; events are dropped when nobody reads and the buffer is full.
+// Events delivers the worker's event frames; events are dropped when nobody reads and the buffer is full. The
+// channel is closed once the worker has exited (after its last event), so `for ev := range w.Events()` ends.
 func (w *Worker) Events() <-chan Event { return w.events }
 
 // Done is closed once the worker process has exited.
@@ -448,6 +449,7 @@ func (w *Worker) readLoop(stdout io.Reader, maxFrame uint32, helloCh chan<- erro
 			Retryable: exitErr.Retryable}}
 	}
 	w.sweep()
+	close(w.events) // the reader is the only sender, and it is done
 	close(w.exited)
 }
 

@@ -483,6 +483,17 @@ func TestCloseLeavesNoProcess(t *testing.T) {
 	_, err = w.Ping(context.Background(), nil)
 	expectCode(t, err, "shutting_down")
 	w.Close() // idempotent
+	drained := make(chan struct{})
+	go func() {
+		for range w.Events() { // ends: the channel is closed once the worker has exited
+		}
+		close(drained)
+	}()
+	select {
+	case <-drained:
+	case <-time.After(5 * time.Second):
+		t.Fatal("Events() is still open after Close")
+	}
 }
 
 func TestNoWorkerOutlivesAKilledHost(t *testing.T) {
