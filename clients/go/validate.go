@@ -33,7 +33,7 @@ func checkChoice[T comparable](field string, v T, choices ...T) error {
 }
 
 // checkType validates a value of a union-typed field (held as any) against the manifest type string, and
-// the fields of any generated struct inside it (a *SamplingParams, or a []*SamplingParams).
+// the fields of any generated struct inside it (a *SamplingParams or a []*SamplingParams, or the same by value).
 func checkType(field string, v any, typ string) error {
 	if v == nil {
 		return nil
@@ -44,8 +44,10 @@ func checkType(field string, v any, typ string) error {
 	return validateNested(field, reflect.ValueOf(v))
 }
 
-// validator is implemented by every generated option struct.
+// validator is implemented by (a pointer to) every generated option struct.
 type validator interface{ validate(prefix string) error }
+
+var validatorType = reflect.TypeOf((*validator)(nil)).Elem()
 
 func validateNested(field string, v reflect.Value) error {
 	if v.Kind() == reflect.Interface && !v.IsNil() {
@@ -53,6 +55,12 @@ func validateNested(field string, v reflect.Value) error {
 	}
 	if val, ok := v.Interface().(validator); ok {
 		return val.validate(field + ".")
+	}
+	if v.Kind() != reflect.Pointer && reflect.PointerTo(v.Type()).Implements(validatorType) {
+		// a struct passed by value (SamplingParams, not *SamplingParams): validate a copy through a pointer
+		p := reflect.New(v.Type())
+		p.Elem().Set(v)
+		return p.Interface().(validator).validate(field + ".")
 	}
 	if v.Kind() == reflect.Slice {
 		for i := 0; i < v.Len(); i++ {

@@ -224,6 +224,18 @@ func TestLocalValidation(t *testing.T) {
 	if err := opts.Validate(); err == nil || err.(*Error).Details["field"] != "sampling_params[1].top_p" {
 		t.Fatalf("got %v", err)
 	}
+	// by value too: the fields of a SamplingParams (or []SamplingParams) in an `any` field are checked
+	byValue := &GenerateOptions{SamplingParams: SamplingParams{TopP: Ptr(3.0)}}
+	if err := byValue.Validate(); err == nil || err.(*Error).Details["field"] != "sampling_params.top_p" {
+		t.Fatalf("got %v", err)
+	}
+	byValue = &GenerateOptions{SamplingParams: []SamplingParams{{}, {Temperature: Ptr(-1.0)}}}
+	if err := byValue.Validate(); err == nil || err.(*Error).Details["field"] != "sampling_params[1].temperature" {
+		t.Fatalf("got %v", err)
+	}
+	if err := (&GenerateOptions{SamplingParams: SamplingParams{TopP: Ptr(0.5)}}).Validate(); err != nil {
+		t.Fatal(err)
+	}
 	if err := (&GenerateOptions{SamplingParams: 3}).Validate(); !HasCode(err, "invalid_params") {
 		t.Fatalf("got %v", err)
 	}
