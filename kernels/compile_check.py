@@ -44,12 +44,13 @@ class Launch:
 def launches(dtype: torch.dtype, head_dim: int = 128, group: int = 4, page: int = 16) -> Iterator[Launch]:
     """The launches the wrappers make for a Llama-8B-like layer (32 q heads, 8 KV heads)."""
     block_n, warps, stages = triton_attention._decode_config(dtype)
-    for splits in (1, 8):
+    for split in (False, True):  # the split count itself is a run-time argument
         yield Launch(triton_attention._decode_kernel,
                      dict(GROUP=group, HEAD_DIM=head_dim, BLOCK_G=16, BLOCK_D=head_dim, BLOCK_N=block_n, PAGE=page,
-                          NUM_SPLITS=splits, DOT_F32=False), warps, stages)
+                          SPLIT=split, DOT_F32=False), warps, stages)
     yield Launch(triton_attention._decode_reduce_kernel,
-                 dict(HEAD_DIM=head_dim, BLOCK_D=head_dim, BLOCK_N=block_n, NUM_SPLITS=8, BLOCK_S=8), 4)
+                 dict(HEAD_DIM=head_dim, BLOCK_D=head_dim, BLOCK_N=block_n,
+                      BLOCK_S=triton_attention._reduce_block_s(8)), 4)
     for dim in (64, head_dim):
         block_m, block_n, warps, stages = triton_attention._prefill_config(dim, dtype)
         yield Launch(triton_attention._prefill_kernel,

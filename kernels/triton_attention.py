@@ -59,23 +59,26 @@ def _attend_range(q, acc, l_i, m_i, lo, hi, limit, k_head_ptr, v_head_ptr, table
 
 
 @triton.jit
-def _split_tokens(seq_len, NUM_SPLITS: tl.constexpr, BLOCK_N: tl.constexpr):
-    """Keys per decode split: the context cut into NUM_SPLITS parts, rounded up to whole tiles."""
-    return tl.cdiv(tl.cdiv(seq_len, NUM_SPLITS), BLOCK_N) * BLOCK_N
+def _split_tokens(seq_len, num_splits, BLOCK_N: tl.constexpr):
+    """Keys per decode split: the context cut into num_splits parts, rounded up to whole tiles."""
+    return tl.cdiv(tl.cdiv(seq_len, num_splits), BLOCK_N) * BLOCK_N
 
 
-@triton.jit
+# num_splits is a run-time argument (not specialised on its value), so a new split count — the block-table width
+# grows with the longest sequence outside CUDA graphs — launches the kernels already compiled instead of new ones.
+@triton.jit(do_not_specialize=["num_splits"])
 def _decode_kernel(q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq_lens_ptr, out_ptr, part_out_ptr,
-                   part_lse_ptr, scale_log2, num_q_heads,
+                   part_lse_ptr, scale_log2, num_q_heads, num_splits,
                    stride_qb, stride_qh, stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh,
                    stride_bt, stride_ob, stride_oh,
                    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr,
-                   BLOCK_N: tl.constexpr, PAGE: tl.constexpr, NUM_SPLITS: tl.constexpr, DOT_F32: tl.constexpr):
+                   BLOCK_N: tl.constexpr, PAGE: tl.constexpr, SPLIT: tl.constexpr, DOT_F32: tl.constexpr):
+    """SPLIT=False (num_splits == 1): write the output directly; True: write partials for the reduce kernel."""
     b = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
     seq_len = tl.load(seq_lens_ptr + b)
-    per_split = _split_tokens(seq_len, NUM_SPLITS, BLOCK_N)
+    per_split = _split_tokens(seq_len, num_splits, BLOCK_N)
     start = split * per_split
     if start >= seq_len:  # short context: this split has no keys, and the reduce does not read it
         return
@@ -105,28 +108,30 @@ def _decode_kernel(q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq_lens_p
                                   BLOCK_N, PAGE, True, DOT_F32)
     out = acc / l_i[:, None]
     out_mask = g_mask[:, None] & d_mask[None, :]
-    if NUM_SPLITS == 1:
+    if not SPLIT:
         tl.store(out_ptr + b.to(tl.int64) * stride_ob + heads[:, None] * stride_oh + d[None, :],
                  out.to(out_ptr.dtype.element_ty), mask=out_mask)
     else:
-        row = (b.to(tl.int64) * num_q_heads + heads) * NUM_SPLITS + split  # part_* are [B, Hq, NUM_SPLITS(, D)]
+        row = (b.to(tl.int64) * num_q_heads + heads) * num_splits + split  # part_* are [B, Hq, num_splits(, D)]
         tl.store(part_out_ptr + row[:, None] * HEAD_DIM + d[None, :], out, mask=out_mask)
         tl.store(part_lse_ptr + row, m_i + tl.log2(l_i), mask=g_mask)
 
 
-@triton.jit
-def _decode_reduce_kernel(part_out_ptr, part_lse_ptr, seq_lens_ptr, out_ptr, num_q_heads, stride_ob, stride_oh,
+@triton.jit(do_not_specialize=["num_splits"])
+def _decode_reduce_kernel(part_out_ptr, part_lse_ptr, seq_lens_ptr, out_ptr, num_q_heads, num_splits,
+                          stride_ob, stride_oh,
                           HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
-                          NUM_SPLITS: tl.constexpr, BLOCK_S: tl.constexpr):
+                          BLOCK_S: tl.constexpr):
+    """BLOCK_S >= num_splits: the splits are loaded as one masked tile (see _reduce_block_s)."""
     b = tl.program_id(0)
     head = tl.program_id(1)
     seq_len = tl.load(seq_lens_ptr + b)
-    num_active = tl.cdiv(seq_len, _split_tokens(seq_len, NUM_SPLITS, BLOCK_N))
+    num_active = tl.cdiv(seq_len, _split_tokens(seq_len, num_splits, BLOCK_N))
     s = tl.arange(0, BLOCK_S)
     s_mask = s < num_active
     d = tl.arange(0, BLOCK_D)
     d_mask = d < HEAD_DIM
-    row = (b.to(tl.int64) * num_q_heads + head) * NUM_SPLITS + s
+    row = (b.to(tl.int64) * num_q_heads + head) * num_splits + s
     lse = tl.load(part_lse_ptr + row, mask=s_mask, other=float("-inf"))
     weight = tl.exp2(lse - tl.max(lse, 0))
     parts = tl.load(part_out_ptr + row[:, None] * HEAD_DIM + d[None, :], mask=s_mask[:, None] & d_mask[None, :],
@@ -197,6 +202,12 @@ def decode_num_splits(batch: int, num_kv_heads: int, max_context: int, num_sms: 
     return max(1, min(wanted, MAX_SPLITS, triton.cdiv(max_context, MIN_SPLIT_TOKENS)))
 
 
+def _reduce_block_s(num_splits: int) -> int:
+    """The reduce kernel's split tile: MAX_SPLITS for every heuristic split count (one compiled variant), the next
+    power of two for a larger explicit num_splits."""
+    return max(MAX_SPLITS, triton.next_power_of_2(num_splits))
+
+
 def _num_sms(device: torch.device) -> int:
     """SMs to fill; the interpreter runs programs one by one, so on CPU there is nothing to fill."""
     return _cuda_sms(device) if device.type == "cuda" else 0
@@ -262,17 +273,16 @@ def paged_attention_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     else:
         part_out = part_lse = out  # unused: the kernel writes the result directly
     _decode_kernel[(batch, num_kv_heads, num_splits)](
-        q, k_cache, v_cache, block_tables, seq_lens, out, part_out, part_lse, scale * LOG2E, num_q_heads,
+        q, k_cache, v_cache, block_tables, seq_lens, out, part_out, part_lse, scale * LOG2E, num_q_heads, num_splits,
         q.stride(0), q.stride(1), *_cache_strides(k_cache), *_cache_strides(v_cache),
         block_tables.stride(0), out.stride(0), out.stride(1),
         GROUP=group, HEAD_DIM=head_dim, BLOCK_G=max(16, triton.next_power_of_2(group)), BLOCK_D=block_d,
-        BLOCK_N=block_n, PAGE=page, NUM_SPLITS=num_splits, DOT_F32=INTERPRET,
+        BLOCK_N=block_n, PAGE=page, SPLIT=num_splits > 1, DOT_F32=INTERPRET,
         num_warps=num_warps, num_stages=num_stages)
     if num_splits > 1:
         _decode_reduce_kernel[(batch, num_q_heads)](
-            part_out, part_lse, seq_lens, out, num_q_heads, out.stride(0), out.stride(1),
-            HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_N=block_n, NUM_SPLITS=num_splits,
-            BLOCK_S=triton.next_power_of_2(num_splits), num_warps=4)
+            part_out, part_lse, seq_lens, out, num_q_heads, num_splits, out.stride(0), out.stride(1),
+            HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_N=block_n, BLOCK_S=_reduce_block_s(num_splits), num_warps=4)
     return out
 
 
