@@ -5,6 +5,8 @@ import (
 	"encoding/binary"
 	"fmt"
 	"io"
+	"reflect"
+	"strings"
 
 	"github.com/vmihailenco/msgpack/v5"
 	"github.com/vmihailenco/msgpack/v5/msgpcode"
@@ -142,4 +144,61 @@ func decodeAny(d *msgpack.Decoder) (any, error) {
 		return list, nil
 	}
 	return d.DecodeInterfaceLoose()
+}
+
+// decodeResult decodes a result, a stream delta or a stream summary into out (a pointer); its protocol_error names
+// what was decoded, the target type and, where it can be found, the field that does not decode, e.g. "cannot
+// decode generate result into []lmport.RequestOutput at [0].outputs[0].token_ids: msgpack: ...".
+func decodeResult(what string, body []byte, out any) *Error {
+	err := Decode(body, out)
+	if err == nil {
+		return nil
+	}
+	target, at := fmt.Sprintf("%T", out), ""
+	if t := reflect.TypeOf(out); t != nil && t.Kind() == reflect.Pointer {
+		target = t.Elem().String()
+		if path := strings.TrimPrefix(decodePath(body, t.Elem()), "."); path != "" {
+			at = " at " + path
+		}
+	}
+	return &Error{Code: "protocol_error", Message: fmt.Sprintf("cannot decode %s into %s%s: %v", what, target, at, err)}
+}
+
+// decodePath finds the innermost struct field or list element of body that does not decode into its part of t:
+// ".field[2].other" (msgpack names), or "" when the failure is not inside a struct or list.
+func decodePath(body []byte, t reflect.Type) string {
+	for t.Kind() == reflect.Pointer {
+		t = t.Elem()
+	}
+	fails := func(raw []byte, t reflect.Type) bool { // a msgpack nil comes out of RawMessage empty: it decodes
+		return len(raw) > 0 && Decode(raw, reflect.New(t).Interface()) != nil
+	}
+	switch t.Kind() {
+	case reflect.Struct:
+		var fields map[string]msgpack.RawMessage
+		if msgpack.Unmarshal(body, &fields) != nil {
+			return ""
+		}
+		for i := 0; i < t.NumField(); i++ {
+			f := t.Field(i)
+			name, _, _ := strings.Cut(f.Tag.Get("msgpack"), ",")
+			if name == "" {
+				name = f.Name
+			}
+			if raw, ok := fields[name]; ok && f.IsExported() && name != "-" && fails(raw, f.Type) {
+				return "." + name + decodePath(raw, f.Type)
+			}
+		}
+	case reflect.Slice, reflect.Array:
+		var items []msgpack.RawMessage
+		if msgpack.Unmarshal(body, &items) != nil {
+			return ""
+		}
+		for i, raw := range items {
+			if fails(raw, t.Elem()) {
+				return fmt.Sprintf("[%d]", i) + decodePath(raw, t.Elem())
+			}
+		}
+	}
+	return ""
 }

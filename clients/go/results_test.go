@@ -1,6 +1,7 @@
 package lmport
 
 import (
+	"strings"
 	"testing"
 
 	"github.com/vmihailenco/msgpack/v5"
@@ -58,5 +59,23 @@ func TestResultStructsDecode(t *testing.T) {
 	var summary Summary
 	if err := Decode(body, &summary); err == nil {
 		t.Fatalf("decoded %+v", summary)
+	}
+	// ... whose protocol_error names the target type and the field
+	de := decodeResult("generate stream summary", body, &summary)
+	if de == nil || de.Code != "protocol_error" ||
+		!strings.HasPrefix(de.Message, "cannot decode generate stream summary into lmport.Summary at usage: ") {
+		t.Fatalf("got %v", de)
+	}
+	output["token_ids"] = "not a list"
+	body, _ = msgpack.Marshal(result)
+	var fresh []RequestOutput
+	de = decodeResult("generate result", body, &fresh)
+	if de == nil || de.Code != "protocol_error" || !strings.HasPrefix(de.Message,
+		"cannot decode generate result into []lmport.RequestOutput at [0].outputs[0].token_ids: ") {
+		t.Fatalf("got %v", de)
+	}
+	body, _ = msgpack.Marshal("not a map")
+	if de = decodeResult("x", body, &chunk); de == nil || !strings.HasPrefix(de.Message, "cannot decode x into lmport.Chunk: ") {
+		t.Fatalf("got %v", de)
 	}
 }

@@ -69,8 +69,8 @@ func (s *Stream) start(done <-chan *message, limit time.Duration) {
 			}
 			var summary Summary
 			if len(msg.Result) > 0 {
-				if err := Decode(msg.Result, &summary); err != nil {
-					s.finish(Summary{}, &Error{Code: "protocol_error", Message: "cannot decode stream summary: " + err.Error()})
+				if err := decodeResult(s.method+" stream summary", msg.Result, &summary); err != nil {
+					s.finish(Summary{}, err)
 					return
 				}
 			}
@@ -132,10 +132,10 @@ func (s *Stream) Next() bool {
 			s.queue = s.queue[1:]
 			s.mu.Unlock()
 			var chunk Chunk
-			if err := Decode(raw, &chunk); err != nil {
+			if err := decodeResult(s.method+" stream chunk", raw, &chunk); err != nil {
 				// end with the decode error (then Close only drops what is buffered), and cancel the request
 				s.w.cancel(s.id)
-				s.finish(Summary{}, &Error{Code: "protocol_error", Message: "cannot decode stream chunk: " + err.Error()})
+				s.finish(Summary{}, err)
 				s.Close()
 				s.current = Chunk{}
 				return false

@@ -259,8 +259,8 @@ func (w *Worker) invoke(ctx context.Context, method, profile string, params map[
 		if out == nil || len(msg.Result) == 0 {
 			return nil
 		}
-		if err := Decode(msg.Result, out); err != nil {
-			return &Error{Code: "protocol_error", Message: fmt.Sprintf("cannot decode %s result: %v", method, err)}
+		if err := decodeResult(method+" result", msg.Result, out); err != nil {
+			return err
 		}
 		return nil
 	case <-ctx.Done():
