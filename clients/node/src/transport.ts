@@ -139,11 +139,24 @@ export class Transport {
     this.exited = new Promise((resolve) => { this.#markExited = resolve; });
     const decoder = new FrameDecoder(settings.maxFrameBytes);
     child.stdout!.on("data", (chunk: Buffer) => {
+      // Only reading frames is guarded: a bug in code that handles a message (an event listener) is not the
+      // worker's fault and must not kill it.
+      let bodies: Buffer[];
       try {
-        for (const body of decoder.push(chunk)) this.#onFrame(decodeBody(body));
+        bodies = decoder.push(chunk);
       } catch (error) {
-        this.#abandon(error instanceof LMPortError ? error
-          : new LMPortError("protocol_error", `unreadable frame from the worker: ${String(error)}`));
+        this.#unreadable(error);
+        return;
+      }
+      for (const body of bodies) {
+        let message: unknown;
+        try {
+          message = decodeBody(body);
+        } catch (error) {
+          this.#unreadable(error);
+          return;
+        }
+        this.#onFrame(message);
       }
     });
     child.stdin!.on("drain", () => this.#flush());
@@ -321,7 +334,14 @@ export class Transport {
         this.#helloWaiter?.resolve(message);
         return;
       case "event":
-        for (const listener of this.#eventListeners) listener(String(message.name), message.data);
+        for (const listener of this.#eventListeners) {
+          try {
+            listener(String(message.name), message.data);
+          } catch (error) {
+            // the listener's own bug: reported as an uncaught exception, after the other listeners and frames
+            queueMicrotask(() => { throw error; });
+          }
+        }
         return;
       default: // unknown message types are ignored (protocol growth)
     }
@@ -384,6 +404,11 @@ export class Transport {
     }
     this.#sweepGroup();
     await this.exited;
+  }
+
+  #unreadable(error: unknown): void {
+    this.#abandon(error instanceof LMPortError ? error
+      : new LMPortError("protocol_error", `unreadable frame from the worker: ${String(error)}`));
   }
 
   /** Gives up on a misbehaving worker: fail everything, kill the group. */

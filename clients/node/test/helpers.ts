@@ -1,6 +1,9 @@
-import { existsSync } from "node:fs";
+import { spawn } from "node:child_process";
+import { existsSync, mkdtempSync, writeFileSync } from "node:fs";
+import { tmpdir } from "node:os";
 import { dirname, join } from "node:path";
 import { fileURLToPath } from "node:url";
+import { findPython } from "../src/python.js";
 
 /** The nearest `relative` path above this file (tests run from dist/test, the vectors live in the repo root). */
 export function findUp(relative: string): string {
@@ -27,4 +30,49 @@ export async function waitFor(check: () => boolean | Promise<boolean>, ms: numbe
     await new Promise((r) => setTimeout(r, 50));
   }
   return check();
+}
+
+/**
+ * Writes a scripted stand-in for the worker (an executable Python file, run by the project's interpreter) and
+ * returns its path, for `spawn({ python: path })`: the protocol's edge cases on demand. `scenario` is Python run
+ * after these helpers: `hello(**override)`, `recv()` (the next host message; exits at EOF), `send(**message)`,
+ * `send_raw(body)` (a frame holding any bytes) and `respond(request, result)`.
+ */
+export function fakeWorker(scenario: string): string {
+  const dir = mkdtempSync(join(tmpdir(), "lmport-fake-"));
+  const path = join(dir, "worker.py");
+  writeFileSync(path, `#!${findPython().python}
+import os, struct, sys
+import msgpack
+_in, _out = sys.stdin.buffer, sys.stdout.buffer
+def send_raw(body):
+    _out.write(struct.pack(">I", len(body)) + body)
+    _out.flush()
+def send(**message):
+    send_raw(msgpack.packb(message))
+def recv():
+    head = _in.read(4)
+    if len(head) < 4:
+        sys.exit(0)
+    return msgpack.unpackb(_in.read(struct.unpack(">I", head)[0]))
+def hello(**override):
+    send(**{"type": "hello", "protocol": 1, "server": "fake", "version": "0", "pid": os.getpid(),
+            "pgid": os.getpgrp(), "max_frame_bytes": 1 << 26, "max_inflight": 8, "methods": ["ping"],
+            "timeout_profiles": {"default": 120000, "streaming": 1800000, "ml_inference": 600000,
+                                 "batch_job": 3600000}, **override})
+def respond(request, result=None):
+    send(type="response", id=request["id"], ok=True, result={} if result is None else result)
+${scenario}
+`, { mode: 0o755 });
+  return path;
+}
+
+/** Runs `body` as an ES module in a separate Node process (with `Worker` imported); resolves with its stdout. */
+export function runHost(body: string): Promise<{ code: number | null; stdout: string }> {
+  const index = new URL("../src/index.js", import.meta.url).href;
+  const host = spawn(process.execPath, ["--input-type=module", "-e",
+    `import { Worker } from ${JSON.stringify(index)};\n${body}`], { stdio: ["ignore", "pipe", "inherit"] });
+  let stdout = "";
+  host.stdout!.setEncoding("utf8").on("data", (d: string) => { stdout += d; });
+  return new Promise((resolve) => host.on("close", (code) => resolve({ code, stdout })));
 }

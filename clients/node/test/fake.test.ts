@@ -1,0 +1,27 @@
+// Protocol edge cases against a scripted stand-in for the worker (test/helpers.ts fakeWorker): fast, no model.
+import assert from "node:assert/strict";
+import { test } from "node:test";
+import { fakeWorker, runHost } from "./helpers.js";
+
+test("a throwing event listener is the host's bug: it surfaces as uncaught, the worker keeps serving", async () => {
+  const fake = fakeWorker(`
+hello()
+request = recv()
+send(type="event", name="model_loaded", data={})
+respond(request, {"n": 1})
+recv()  # shutdown
+`);
+  const { code, stdout } = await runHost(`
+    const uncaught = [];
+    process.on("uncaughtException", (e) => uncaught.push(e.message));
+    const w = await Worker.spawn({ python: ${JSON.stringify(fake)}, stderr: "ignore" });
+    const seen = [];
+    w.onEvent(() => { throw new Error("listener bug"); });
+    w.onEvent((name) => seen.push(name));
+    const pong = await w.ping().catch((e) => e.code);
+    await new Promise((r) => setTimeout(r, 20));
+    console.log(JSON.stringify({ pong, seen, uncaught }));
+    await w.close();`);
+  assert.equal(code, 0);
+  assert.deepEqual(JSON.parse(stdout), { pong: { n: 1 }, seen: ["model_loaded"], uncaught: ["listener bug"] });
+});
