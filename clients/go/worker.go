@@ -327,10 +327,16 @@ func (w *Worker) send(ctx context.Context, method, profile string, params map[st
 
 	if err := w.write(&req); err != nil {
 		w.settle(req.ID)
-		if e, ok := err.(*Error); ok {
-			return 0, 0, e
+		e, ok := err.(*Error)
+		if !ok {
+			return 0, 0, &Error{Code: "invalid_params", Message: fmt.Sprintf("cannot encode %s parameters: %v", method, err)}
 		}
-		return 0, 0, &Error{Code: "invalid_params", Message: fmt.Sprintf("cannot encode %s parameters: %v", method, err)}
+		w.mu.Lock()
+		if w.state != stateReady { // Close (or the worker's exit) won the race: stdin was closed under the write
+			e = w.unavailable(method)
+		}
+		w.mu.Unlock()
+		return 0, 0, e
 	}
 	return req.ID, budget + w.grace, nil
 }

@@ -496,6 +496,36 @@ func TestCloseLeavesNoProcess(t *testing.T) {
 	}
 }
 
+// A call that passed the state check when Close ran, and writes after Close closed stdin, fails with
+// shutting_down, not with the write's "file already closed" as worker_exited.
+func TestCallRacingCloseIsShuttingDown(t *testing.T) {
+	w, err := startWorker(context.Background())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer w.Close()
+	w.writeMu.Lock() // the call registers, then waits to write
+	errCh := make(chan error, 1)
+	go func() {
+		_, err := w.Ping(context.Background(), nil)
+		errCh <- err
+	}()
+	registered := waitFor(t, 5*time.Second, func() bool {
+		w.mu.Lock()
+		defer w.mu.Unlock()
+		return len(w.pending) == 1
+	})
+	w.mu.Lock() // what Close does meanwhile: stop taking calls, close stdin
+	w.state = stateClosing
+	w.mu.Unlock()
+	_ = w.stdin.Close()
+	w.writeMu.Unlock()
+	if !registered {
+		t.Fatal("the call did not register")
+	}
+	expectCode(t, <-errCh, "shutting_down")
+}
+
 func TestNoWorkerOutlivesAKilledHost(t *testing.T) {
 	host := exec.Command(os.Args[0])
 	host.Env = append(os.Environ(), "LMPORT_TEST_HOST=1")
