@@ -40,7 +40,10 @@ export interface SpawnOptions {
 export interface CallOptions {
   /** Aborting the signal cancels the request in the worker and rejects the call with code `cancelled`. */
   signal?: AbortSignal;
-  /** Deadline in milliseconds; the worker aborts the request when it passes (`deadline_exceeded`). */
+  /**
+   * Deadline in milliseconds; the worker aborts the request when it passes (`deadline_exceeded`). The client's
+   * own deadline (this plus `grace`) is capped at 2^31 - 1 ms, the longest timer Node has.
+   */
   timeout?: number;
   /** Named deadline from the worker's profiles; default: the method's own profile. */
   timeoutProfile?: TimeoutProfile;
@@ -83,6 +86,9 @@ interface Settings {
 }
 
 const MAX_FRAME = 0xffff_ffff; // worker -> host frames have no limit beyond the 32-bit length
+
+/** setTimeout's longest delay (about 24.8 days); a longer one fires after 1 ms instead. */
+const MAX_TIMER_MS = 0x7fff_ffff;
 
 const DEFAULT_PROFILES: Record<string, number> = {
   default: 120_000, streaming: 1_800_000, ml_inference: 600_000, batch_job: 3_600_000,
@@ -265,7 +271,7 @@ export class Transport {
       this.#cancel(id, new LMPortError("deadline_exceeded",
         `${method} got no answer within ${deadline} ms + ${this.#settings.grace} ms grace`, { client_side: true }));
       void this.#probe();
-    }, deadline + this.#settings.grace);
+    }, Math.min(deadline + this.#settings.grace, MAX_TIMER_MS));
     timer.unref();
     const onAbort = (): void => this.#cancel(id, new LMPortError("cancelled", `${method} aborted`,
       { reason: String(signal?.reason) }));

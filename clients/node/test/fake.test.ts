@@ -1,6 +1,7 @@
 // Protocol edge cases against a scripted stand-in for the worker (test/helpers.ts fakeWorker): fast, no model.
 import assert from "node:assert/strict";
 import { test } from "node:test";
+import { Worker } from "../src/index.js";
 import { fakeWorker, runHost } from "./helpers.js";
 
 test("a throwing event listener is the host's bug: it surfaces as uncaught, the worker keeps serving", async () => {
@@ -24,4 +25,20 @@ recv()  # shutdown
     await w.close();`);
   assert.equal(code, 0);
   assert.deepEqual(JSON.parse(stdout), { pong: { n: 1 }, seen: ["model_loaded"], uncaught: ["listener bug"] });
+});
+
+test("a timeout beyond setTimeout's range is a long deadline, not a 1 ms one", async () => {
+  const fake = fakeWorker(`
+hello()
+request = recv()
+time.sleep(0.2)
+respond(request, {"timeout_ms": request["timeout_ms"]})
+recv()
+`);
+  const worker = await Worker.spawn({ python: fake, stderr: "ignore" });
+  try {
+    assert.deepEqual(await worker.ping({ timeout: 2 ** 31 + 5 }), { timeout_ms: 2 ** 31 + 5 });
+  } finally {
+    await worker.close();
+  }
 });

@@ -42,7 +42,7 @@ export function fakeWorker(scenario: string): string {
   const dir = mkdtempSync(join(tmpdir(), "lmport-fake-"));
   const path = join(dir, "worker.py");
   writeFileSync(path, `#!${findPython().python}
-import os, struct, sys
+import os, struct, sys, time
 import msgpack
 _in, _out = sys.stdin.buffer, sys.stdout.buffer
 def send_raw(body):

@@ -7,7 +7,8 @@ defmodule LMPort.Worker do
 
     * waits for `hello` in `init/1` and refuses a worker that speaks another protocol major version;
     * monitors every caller and sends `cancel` for its requests when the caller dies;
-    * holds a client-side deadline per request (its timeout plus `:grace_ms`): on expiry it sends `cancel`,
+    * holds a client-side deadline per request (its timeout plus `:grace_ms`, at most 2^32 - 1 ms, the longest
+      Erlang timer): on expiry it sends `cancel`,
       answers the caller with `%LMPort.Error{code: "deadline_exceeded", details: %{"client_side" => true}}` and pings the worker; a worker that does not
       answer the ping in time has its process group killed and the GenServer stops (its supervisor restarts it);
     * answers every pending caller with `%LMPort.Error{code: "worker_exited"}` when the worker exits, then stops;
@@ -34,6 +35,9 @@ defmodule LMPort.Worker do
 
   @protocol_major 1
   @default_grace_ms 5_000
+  # The longest delay Process.send_after/3 is documented to take (about 49.7 days; above an architecture-specific
+  # limit it raises badarg): the client-side deadline is capped at it.
+  @max_timer_ms 0xFFFF_FFFF
   @default_profiles %{
     "default" => 120_000,
     "streaming" => 1_800_000,
@@ -301,7 +305,8 @@ defmodule LMPort.Worker do
       {:ok, bin} ->
         Port.command(state.port, bin)
         mref = Process.monitor(pid)
-        timer = Process.send_after(self(), {:deadline, id}, deadline_ms(state, ropts) + state.grace_ms)
+        client_ms = min(deadline_ms(state, ropts) + state.grace_ms, @max_timer_ms)
+        timer = Process.send_after(self(), {:deadline, id}, client_ms)
         entry = %{from: if(ropts.stream, do: nil, else: from), pid: pid, mref: mref, timer: timer}
 
         state = %{

@@ -1,0 +1,29 @@
+defmodule LMPort.FakeWorkerTest do
+  @moduledoc "Protocol edge cases against a scripted stand-in for the worker (`fake_worker/1`): fast, no model."
+  use ExUnit.Case, async: true
+  import LMPort.TestHelpers
+
+  @moduletag capture_log: true
+
+  defp start(scenario, opts \\ []) do
+    start_supervised!({LMPort.Worker, [python: fake_worker(scenario), grace_ms: 300] ++ opts},
+      restart: :temporary
+    )
+  end
+
+  test "a timeout beyond Erlang's timer range (2^32 - 1 ms) is a long deadline, not a crash" do
+    worker =
+      start("""
+      hello()
+      request = recv()
+      respond(request, {"timeout_ms": request["timeout_ms"]})
+      recv()
+      """)
+
+    # the worker takes up to 2^53 - 1 ms; Erlang timers raise badarg far below that
+    assert {:ok, %{"timeout_ms" => 1_125_899_906_842_624}} =
+             LMPort.Worker.call(worker, "ping", %{}, timeout: 2 ** 50)
+
+    assert Process.alive?(worker)
+  end
+end
