@@ -71,7 +71,7 @@ class DecodeGraphs:
             slot_mapping=self.slot_mapping[:size], num_decode_tokens=size,
             decode_block_tables=self.block_tables[:size], decode_seq_lens=self.seq_lens[:size],
             prefill_cu_seqlens_q=self.no_prefill, prefill_seq_lens=self.seq_lens[:0],
-            prefill_block_tables=self.block_tables[:0], max_query_len=1, max_seq_len=1)
+            prefill_block_tables=self.block_tables[:0], max_query_len=1)
 
     def _forward(self, size: int) -> None:
         with forward_context(self._metadata(size)):

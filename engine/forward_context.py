@@ -23,7 +23,6 @@ class AttentionMetadata:
     prefill_seq_lens: torch.Tensor  # int32[S], cached context + new tokens
     prefill_block_tables: torch.Tensor  # int32[S, M]
     max_query_len: int
-    max_seq_len: int
 
 
 _current: AttentionMetadata | None = None
@@ -36,7 +35,8 @@ def set_forward_context(meta: AttentionMetadata | None) -> None:
 
 def get_forward_context() -> AttentionMetadata:
     if _current is None:
-        raise RuntimeError("attention layers ran outside a forward context (use engine.forward_context.forward_context)")
+        raise RuntimeError("attention layers ran outside a forward context "
+                           "(use engine.forward_context.forward_context)")
     return _current
 
 

@@ -153,7 +153,6 @@ class ModelRunner:
             prefill_seq_lens=lens[d:],
             prefill_block_tables=tables[d:],
             max_query_len=max(batch.num_new_tokens),
-            max_seq_len=max(seq_lens),
         )
         ids = self._to_device(input_ids, torch.int64)
         pos = self._to_device(positions, torch.int64)

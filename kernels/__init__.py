@@ -96,10 +96,10 @@ def paged_attention_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
 
 def paged_attention_prefill(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                             cu_seqlens_q: torch.Tensor, seq_lens: torch.Tensor, block_tables: torch.Tensor,
-                            max_query_len: int, max_seq_len: int, scale: float) -> torch.Tensor:
+                            max_query_len: int, scale: float) -> torch.Tensor:
     """Varlen causal attention [N, Hq, D]; sequence s's queries are the last q_len_s of its seq_lens[s] keys."""
     return _impl(q, "attention").paged_attention_prefill(q, k_cache, v_cache, cu_seqlens_q, seq_lens, block_tables,
-                                                         max_query_len, max_seq_len, scale)
+                                                         max_query_len, scale)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float,

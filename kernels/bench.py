@@ -84,7 +84,7 @@ def check_against_reference(shape: Shape, device: torch.device) -> float:
     q_lens = [1, 40, 300, 17]  # the rest of each sequence is cached context
     cu = torch.tensor([0] + q_lens, device=device).cumsum(0).to(torch.int32)
     qp = torch.randn(sum(q_lens), shape.q_heads, shape.head_dim, device=device, dtype=shape.dtype)
-    args = (qp, k_cache, v_cache, cu, lens, tables, max(q_lens), max(seq_lens), shape.scale)
+    args = (qp, k_cache, v_cache, cu, lens, tables, max(q_lens), shape.scale)
     pairs.append((triton_attention.paged_attention_prefill(*args), reference.paged_attention_prefill(*args)))
     for got, want in pairs:
         worst = max(worst, ((got.double() - want.double()).norm() / want.double().norm()).item())
@@ -111,7 +111,7 @@ def bench_prefill(shape: Shape, context: int, total_tokens: int, device: torch.d
     k_cache, v_cache, tables, lens = paged_cache(shape, [context] * num_seqs, device)
     cu = torch.arange(num_seqs + 1, device=device, dtype=torch.int32) * context
     q = torch.randn(num_seqs * context, shape.q_heads, shape.head_dim, device=device, dtype=shape.dtype)
-    args = (q, k_cache, v_cache, cu, lens, tables, context, context, shape.scale)
+    args = (q, k_cache, v_cache, cu, lens, tables, context, shape.scale)
     ms = _time_ms(lambda: triton_attention.paged_attention_prefill(*args))
     # QK^T and PV, 2 FLOPs per multiply-add, over the causal triangle (diagonal included)
     flops = num_seqs * 4 * shape.q_heads * shape.head_dim * context * (context + 1) / 2

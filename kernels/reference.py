@@ -1,6 +1,7 @@
 """PyTorch reference kernels: the CPU path runs these, and every Triton kernel is tested against them.
 
-Cache layout: k_cache / v_cache are [num_blocks, block_size, num_kv_heads, head_dim]; slot = block * block_size + offset.
+Cache layout: k_cache / v_cache are [num_blocks, block_size, num_kv_heads, head_dim];
+slot = block * block_size + offset.
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ def paged_attention_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
 
 def paged_attention_prefill(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                             cu_seqlens_q: torch.Tensor, seq_lens: torch.Tensor, block_tables: torch.Tensor,
-                            max_query_len: int, max_seq_len: int, scale: float) -> torch.Tensor:
+                            max_query_len: int, scale: float) -> torch.Tensor:
     block_size = k_cache.shape[1]
     out = torch.empty_like(q)
     for s, (start, end, seq_len) in enumerate(zip(cu_seqlens_q[:-1].tolist(), cu_seqlens_q[1:].tolist(),

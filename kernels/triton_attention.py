@@ -288,11 +288,11 @@ def paged_attention_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
 
 def paged_attention_prefill(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                             cu_seqlens_q: torch.Tensor, seq_lens: torch.Tensor, block_tables: torch.Tensor,
-                            max_query_len: int, max_seq_len: int, scale: float, *,
+                            max_query_len: int, scale: float, *,
                             out: torch.Tensor | None = None) -> torch.Tensor:
     """q [N, Hq, D] packed by cu_seqlens_q -> [N, Hq, D]; `out` may be preallocated.
 
-    The grid is sized by max_query_len; max_seq_len is not needed (each program stops at its own sequence's keys).
+    The grid is sized by max_query_len; each program stops at its own sequence's keys.
     """
     num_tokens, num_q_heads, head_dim = q.shape
     page, num_kv_heads = _check_inputs(q, k_cache, block_tables)

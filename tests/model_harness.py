@@ -66,7 +66,7 @@ class PagedHarness:
             decode_block_tables=tables[:num_decode], decode_seq_lens=lens[:num_decode],
             prefill_cu_seqlens_q=tensor([c - cu[num_decode] for c in cu[num_decode:]], torch.int32),
             prefill_seq_lens=lens[num_decode:], prefill_block_tables=tables[num_decode:],
-            max_query_len=max(len(work[i][1]) for i in order), max_seq_len=max(seq_lens))
+            max_query_len=max(len(work[i][1]) for i in order))
         for seq, tokens in work:
             seq.num_computed += len(tokens)
         return tensor(ids, torch.int64), tensor(positions, torch.int64), meta, order, cu

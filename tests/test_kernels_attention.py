@@ -87,7 +87,7 @@ def test_reference_prefill_matches_naive(heads, dtype):
     seed = fresh_seed()
     case, q, cu, scale = prefill_inputs(*heads, dtype)
     out = reference.paged_attention_prefill(q, case.k_cache, case.v_cache, cu, case.seq_lens, case.block_tables,
-                                            max(n for _, n in PREFILL_CHUNKS), int(case.seq_lens.max()), scale)
+                                            max(n for _, n in PREFILL_CHUNKS), scale)
     for s, (keys, values) in enumerate(zip(case.keys, case.values)):
         rows = slice(int(cu[s]), int(cu[s + 1]))
         err = rel_error(out[rows], naive_attention(q[rows], keys, values, scale))
@@ -116,13 +116,13 @@ def test_triton_decode_matches_reference(heads, dtype):
 def test_triton_prefill_matches_reference(heads, dtype):
     seed = fresh_seed()
     case, q, cu, scale = prefill_inputs(*heads, dtype)
-    max_query_len, max_seq_len = max(n for _, n in PREFILL_CHUNKS), int(case.seq_lens.max())
+    max_query_len = max(n for _, n in PREFILL_CHUNKS)
     expected = reference.paged_attention_prefill(q, case.k_cache, case.v_cache, cu, case.seq_lens, case.block_tables,
-                                                 max_query_len, max_seq_len, scale)
+                                                 max_query_len, scale)
     nan_case = case.with_unused(float("nan"))
     out = poisoned(q.shape, dtype)
     triton_attention.paged_attention_prefill(q, nan_case.k_cache, nan_case.v_cache, cu, case.seq_lens,
-                                             case.block_tables, max_query_len, max_seq_len, scale, out=out)
+                                             case.block_tables, max_query_len, scale, out=out)
     for s in range(len(PREFILL_CHUNKS)):
         rows = slice(int(cu[s]), int(cu[s + 1]))
         err = rel_error(out[rows], expected[rows])

@@ -108,8 +108,7 @@ class PagedAttention(nn.Module):
         if num_decode < num_tokens:
             parts.append(kernels.paged_attention_prefill(q[num_decode:], self.k_cache, self.v_cache,
                                                          meta.prefill_cu_seqlens_q, meta.prefill_seq_lens,
-                                                         meta.prefill_block_tables, meta.max_query_len,
-                                                         meta.max_seq_len, self.scale))
+                                                         meta.prefill_block_tables, meta.max_query_len, self.scale))
         out = parts[0] if len(parts) == 1 else torch.cat(parts)
         return out.reshape(num_tokens, self.num_heads * self.head_dim)
 
