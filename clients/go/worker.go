@@ -434,8 +434,13 @@ func (w *Worker) readLoop(stdout io.Reader, maxFrame uint32, helloCh chan<- erro
 			w.dispatch(&msg)
 		}
 	}
+	// Wait also waits for exec's copy of the worker's stderr (when Options.Stderr is not an *os.File), which lasts
+	// as long as anything in the group holds that pipe: if the worker is gone and a child of it is not, sweep the
+	// group after the grace so that Wait, and every pending call, cannot hang on it.
+	sweep := time.AfterFunc(w.grace, w.sweep)
 	_, _ = io.Copy(io.Discard, stdout) // drain so Wait can return
 	waitErr := w.cmd.Wait()
+	sweep.Stop()
 	w.mu.Lock()
 	if w.exitErr == nil {
 		if w.state == stateClosing {

@@ -10,6 +10,9 @@ import (
 	"io"
 	"os"
 	"os/exec"
+	"path/filepath"
+	"strconv"
+	"strings"
 	"sync"
 	"syscall"
 	"testing"
@@ -463,6 +466,76 @@ func TestWedgedWorkerIsKilled(t *testing.T) {
 	}
 	_, err = w.Ping(context.Background(), nil)
 	expectCode(t, err, "worker_exited")
+}
+
+// A worker that dies while a process it started still holds its stderr (a pipe: Options.Stderr is not an
+// *os.File) fails its pending calls all the same, and the group sweep ends that process.
+func TestWorkerDeathWithChildHoldingStderr(t *testing.T) {
+	python, root, err := findPython("")
+	if err != nil {
+		t.Fatal(err)
+	}
+	script := filepath.Join(t.TempDir(), "python")
+	// the "interpreter" leaves a child in the group that keeps stderr open, then becomes the real one
+	body := "#!/bin/sh\nsleep 300 </dev/null >/dev/null &\nexec \"$LMPORT_TEST_REAL_PYTHON\" \"$@\"\n"
+	if err := os.WriteFile(script, []byte(body), 0o755); err != nil {
+		t.Fatal(err)
+	}
+	env := append(os.Environ(), "OMP_NUM_THREADS=1", "LMPORT_TEST_REAL_PYTHON="+python)
+	if root != "" {
+		env = append(env, "PYTHONPATH="+root)
+	}
+	w, err := Start(context.Background(), Options{Python: script, Env: env, Stderr: io.Discard,
+		Grace: 500 * time.Millisecond})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer w.Close()
+	if err := syscall.Kill(w.Hello().PID, syscall.SIGSTOP); err != nil { // the ping below stays pending
+		t.Fatal(err)
+	}
+	errCh := make(chan error, 1)
+	go func() {
+		_, err := w.Ping(context.Background(), nil, WithTimeout(time.Minute))
+		errCh <- err
+	}()
+	time.Sleep(200 * time.Millisecond)
+	if err := syscall.Kill(w.Hello().PID, syscall.SIGKILL); err != nil {
+		t.Fatal(err)
+	}
+	select {
+	case err := <-errCh:
+		expectCode(t, err, "worker_exited")
+	case <-time.After(10 * time.Second):
+		syscall.Kill(-w.PGID(), syscall.SIGKILL)
+		t.Fatal("the pending call hangs while a child holds the worker's stderr")
+	}
+	select {
+	case <-w.Done():
+	case <-time.After(5 * time.Second):
+		t.Fatal("Done is not closed")
+	}
+	if !waitFor(t, 5*time.Second, func() bool { return !groupRunning(w.PGID()) }) {
+		t.Fatal("the child survived the sweep")
+	}
+}
+
+// groupRunning reports whether a process of the group is alive and not a zombie (an orphan's zombie lingers until
+// its new parent reaps it, which a container's init may never do). Linux: it reads /proc.
+func groupRunning(pgid int) bool {
+	paths, _ := filepath.Glob("/proc/[0-9]*/stat")
+	for _, path := range paths {
+		data, err := os.ReadFile(path)
+		if err != nil {
+			continue
+		}
+		// "pid (comm) state ppid pgrp ...": comm may hold spaces and parentheses
+		fields := strings.Fields(string(data[strings.LastIndexByte(string(data), ')')+1:]))
+		if len(fields) >= 3 && fields[0] != "Z" && fields[2] == strconv.Itoa(pgid) {
+			return true
+		}
+	}
+	return false
 }
 
 func TestCloseLeavesNoProcess(t *testing.T) {
