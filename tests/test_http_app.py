@@ -174,3 +174,12 @@ def test_websocket_auth_by_header_or_query_key() -> None:
                 assert messages[2]["object"] == "chat.completion.done"
     finally:
         running.stop()
+
+
+def test_a_refused_content_part_names_its_message(server) -> None:
+    messages = [{"role": "system", "content": "be brief"},
+                {"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "image_url", "image_url": {}}]}]
+    for path, body in (("/v1/chat/completions", {**CHAT, "messages": messages}), ("/tokenize", {"messages": messages})):
+        response = httpx.post(f"{server.url}{path}", json=body)
+        assert response.status_code == 400, response.text
+        assert response.json()["error"]["param"] == "messages[1].content[1]"

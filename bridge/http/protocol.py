@@ -117,14 +117,15 @@ class ChatMessage(BaseModel):
     role: str
     content: str | list[dict[str, Any]] | None = None
 
-    def template_dict(self) -> dict[str, Any]:
+    def template_dict(self, index: int) -> dict[str, Any]:
+        """The message as the chat template takes it; `index` (its place in `messages`) names a refused part."""
         message = self.model_dump(exclude_none=True)
         if isinstance(self.content, list):
             texts = []
             for i, part in enumerate(self.content):
                 if part.get("type") != "text" or not isinstance(part.get("text"), str):
-                    raise bad_request(f"messages.content[{i}]", "only text content parts "
-                                                                "({\"type\": \"text\", \"text\": ...}) are supported")
+                    raise bad_request(f"messages[{index}].content[{i}]", "only text content parts "
+                                      "({\"type\": \"text\", \"text\": ...}) are supported")
                 texts.append(part["text"])
             message["content"] = "\n".join(texts)
         return message
@@ -168,7 +169,11 @@ class ChatCompletionRequest(_SamplingFields):
         return params, renames
 
     def template_messages(self) -> list[dict[str, Any]]:
-        return [m.template_dict() for m in self.messages]
+        return template_messages(self.messages)
+
+
+def template_messages(messages: list[ChatMessage]) -> list[dict[str, Any]]:
+    return [m.template_dict(j) for j, m in enumerate(messages)]
 
 
 class TokenizeRequest(_Strict):

@@ -13,7 +13,13 @@ from bridge.http import metrics as metrics_module
 from bridge.http.chat import create_chat_completion
 from bridge.http.completions import create_completion
 from bridge.http.errors import bad_request, from_engine_error
-from bridge.http.protocol import ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest
+from bridge.http.protocol import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    DetokenizeRequest,
+    TokenizeRequest,
+    template_messages,
+)
 from bridge.http.state import ServerState
 from bridge.http.websocket import chat_socket
 from engine import __version__
@@ -78,7 +84,7 @@ async def tokenize(body: TokenizeRequest, state: ServerState = Depends(get_state
         raise bad_request("prompt", "give exactly one of prompt (text) or messages (a chat)")
     try:
         if body.messages is not None:
-            tokens = await asyncio.to_thread(state.backend.chat_token_ids, [m.template_dict() for m in body.messages],
+            tokens = await asyncio.to_thread(state.backend.chat_token_ids, template_messages(body.messages),
                                              body.chat_template, body.add_generation_prompt)
         else:
             tokens = await asyncio.to_thread(state.backend.tokenize, body.prompt, body.add_special_tokens)
