@@ -26,4 +26,20 @@ defmodule LMPort.FakeWorkerTest do
 
     assert Process.alive?(worker)
   end
+
+  test "params that cannot be encoded are the caller's error; the GenServer keeps serving" do
+    worker =
+      start("""
+      hello()
+      while True:
+          respond(recv(), {"n": 1})
+      """)
+
+    for params <- [%{"n" => [1 | 2]}, %{"n" => <<0xFF>>}, %{"n" => {:tuple}}] do
+      assert {:error, %LMPort.Error{code: "invalid_params", details: %{"field" => "params"}}} =
+               LMPort.Worker.call(worker, "ping", params)
+    end
+
+    assert {:ok, %{"n" => 1}} = LMPort.Worker.call(worker, "ping", %{})
+  end
 end

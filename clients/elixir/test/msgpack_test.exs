@@ -93,6 +93,8 @@ defmodule LMPort.MsgpackTest do
     assert {:error, %Msgpack.EncodeError{}} = Msgpack.encode(2 ** 64)
     assert {:error, %Msgpack.EncodeError{}} = Msgpack.encode(-(2 ** 63) - 1)
     assert {:error, %Msgpack.EncodeError{}} = Msgpack.encode({:tuple})
+    assert {:error, %Msgpack.EncodeError{message: improper}} = Msgpack.encode(%{"a" => [1, 2 | 3]})
+    assert improper =~ "improper list"
     assert {:error, %Msgpack.DecodeError{}} = Msgpack.decode(<<0x92, 0x01>>)
     assert {:error, %Msgpack.DecodeError{}} = Msgpack.decode(<<0xC1>>)
     assert {:error, %Msgpack.DecodeError{message: trailing}} = Msgpack.decode(<<0x01, 0x02>>)

@@ -104,7 +104,7 @@ defmodule LMPort.Msgpack do
   defp enc(%Ext{type: t, data: d}) when is_integer(t) and t in -128..127 and is_binary(d),
     do: [ext_header(byte_size(d), t), d]
 
-  defp enc(list) when is_list(list), do: [array_header(length(list)) | Enum.map(list, &enc/1)]
+  defp enc(list) when is_list(list), do: enc_list(list, [], 0)
 
   defp enc(map) when is_map(map) and not is_struct(map) do
     pairs = Enum.sort_by(map, fn {k, _} -> if is_atom(k), do: Atom.to_string(k), else: k end)
@@ -112,6 +112,12 @@ defmodule LMPort.Msgpack do
   end
 
   defp enc(other), do: raise(EncodeError, message: "cannot encode #{inspect(other, limit: 8)} as msgpack")
+
+  defp enc_list([], acc, n), do: [array_header(n) | Enum.reverse(acc)]
+  defp enc_list([item | rest], acc, n), do: enc_list(rest, [enc(item) | acc], n + 1)
+
+  defp enc_list(tail, _acc, _n),
+    do: raise(EncodeError, message: "cannot encode an improper list (tail: #{inspect(tail, limit: 8)})")
 
   # Same choices as msgpack-python: non-negative -> fixint/uint*, negative -> negative fixint/int*.
   defp enc_int(i) when i >= 0 and i < 0x80, do: <<i>>

@@ -301,31 +301,38 @@ defmodule LMPort.Worker do
       |> put_if("timeout_profile", ropts.profile)
       |> put_if("stream", ropts.stream || nil)
 
-    case encode_request(frame, state.hello["max_frame_bytes"]) do
-      {:ok, bin} ->
-        Port.command(state.port, bin)
-        mref = Process.monitor(pid)
-        client_ms = min(deadline_ms(state, ropts) + state.grace_ms, @max_timer_ms)
-        timer = Process.send_after(self(), {:deadline, id}, client_ms)
-        entry = %{from: if(ropts.stream, do: nil, else: from), pid: pid, mref: mref, timer: timer}
+    with {:ok, bin} <- encode_request(frame, state.hello["max_frame_bytes"]),
+         :ok <- command(state.port, bin) do
+      mref = Process.monitor(pid)
+      client_ms = min(deadline_ms(state, ropts) + state.grace_ms, @max_timer_ms)
+      timer = Process.send_after(self(), {:deadline, id}, client_ms)
+      entry = %{from: if(ropts.stream, do: nil, else: from), pid: pid, mref: mref, timer: timer}
 
-        state = %{
-          state
-          | next_id: id + 1,
-            pending: Map.put(state.pending, id, entry),
-            monitors: Map.put(state.monitors, mref, id)
-        }
+      state = %{
+        state
+        | next_id: id + 1,
+          pending: Map.put(state.pending, id, entry),
+          monitors: Map.put(state.monitors, mref, id)
+      }
 
-        if ropts.stream, do: {:reply, {:ok, {self(), id}}, state}, else: {:noreply, state}
-
-      {:error, error} ->
-        {:reply, {:error, error}, state}
+      if ropts.stream, do: {:reply, {:ok, {self(), id}}, state}, else: {:noreply, state}
+    else
+      {:error, error} -> {:reply, {:error, error}, state}
     end
   end
 
+  # The port may have closed with its exit message still queued behind this call: answer, don't crash.
+  defp command(port, bin) do
+    Port.command(port, bin)
+    :ok
+  rescue
+    ArgumentError -> {:error, Error.new("worker_exited", "lmport worker's port is closed")}
+  end
+
   # The worker would discard an oversize frame without learning its id, so the caller would only see a timeout.
+  # Whatever the caller passed, a value that cannot be encoded is its error, never a crash of this GenServer.
   defp encode_request(frame, max_bytes) do
-    case Msgpack.encode(frame) do
+    case safe_encode(frame) do
       {:ok, bin} when is_integer(max_bytes) and byte_size(bin) > max_bytes ->
         {:error,
          Error.new(
@@ -343,6 +350,12 @@ defmodule LMPort.Worker do
            "field" => "params"
          })}
     end
+  end
+
+  defp safe_encode(frame) do
+    Msgpack.encode(frame)
+  rescue
+    e -> {:error, e}
   end
 
   defp put_if(map, _key, nil), do: map
