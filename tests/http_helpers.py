@@ -51,6 +51,7 @@ class FakeBackend:
         if loaded:
             self.loaded.set()
         self.submitted: list[tuple[list[list[int]], dict[str, Any]]] = []
+        self.refuse: BaseException | None = None  # submit answers this error at once, as the service's admission does
 
     def load(self) -> None:
         self.loaded.wait(30)
@@ -71,6 +72,9 @@ class FakeBackend:
     def submit(self, prompts: list[list[int]], sampling: dict[str, Any], on_chunk: Callable[[dict[str, Any]], None],
                on_done: Callable[[Any, BaseException | None], None]) -> Callable[[], None]:
         self.submitted.append((prompts, sampling))
+        if self.refuse is not None:
+            on_done(None, self.refuse)
+            return lambda: None
         requests = []
         for index, _ in enumerate(prompts):
             outputs = [{"index": i, "text": "x" * sampling["max_tokens"], "token_ids": [120] * sampling["max_tokens"],

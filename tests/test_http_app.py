@@ -9,6 +9,7 @@ import httpx
 import openai
 import pytest
 
+from bridge.protocol import BridgeError
 from tests.http_helpers import FakeBackend, fake_server
 
 CHAT = {"model": "smollm2", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3}
@@ -183,3 +184,17 @@ def test_a_refused_content_part_names_its_message(server) -> None:
         response = httpx.post(f"{server.url}{path}", json=body)
         assert response.status_code == 400, response.text
         assert response.json()["error"]["param"] == "messages[1].content[1]"
+
+
+def test_a_prompt_that_never_fits_the_kv_cache_names_messages_on_chat() -> None:
+    running, backend = fake_server()
+    try:
+        running.wait_ready()
+        backend.refuse = BridgeError("out_of_memory", "the prompt can never fit the KV cache")
+        for path, body, param in (("/v1/chat/completions", CHAT, "messages"),
+                                  ("/v1/completions", {"prompt": "ab", "max_tokens": 2}, "prompt")):
+            response = httpx.post(f"{running.url}{path}", json=body)
+            assert response.status_code == 413, response.text
+            assert response.json()["error"]["param"] == param, (path, response.json())
+    finally:
+        running.stop()

@@ -120,6 +120,7 @@ def test_service_errors_map_to_http_status_and_request_param() -> None:
     assert error.param == "prompt[1]"
     assert from_engine_error(InvalidParams("temperature", "too hot")).param == "temperature"
     assert from_engine_error(BridgeError("out_of_memory", "never fits")).status == 413
+    assert from_engine_error(BridgeError("out_of_memory", "never fits"), {"prompts": "messages"}).param == "messages"
     unavailable = from_engine_error(BridgeError("shutting_down", "bye"))
     assert unavailable.status == 503 and "Retry-After" in unavailable.headers
     assert from_engine_error(RuntimeError("boom")).status == 500

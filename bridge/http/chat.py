@@ -117,7 +117,7 @@ class ChatView:
             if self.admitted.generation.client_gone:
                 return
         except Exception as exc:  # noqa: BLE001 — headers are gone: the error travels as an event
-            yield sse.event(from_engine_error(exc).body())
+            yield sse.event(from_engine_error(exc, self.admitted.renames).body())
         finally:
             self.release()
         yield sse.DONE

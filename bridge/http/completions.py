@@ -105,7 +105,7 @@ class _View:
             if self.body.include_usage:
                 yield sse.event({**self._envelope([]), "usage": generation.usage.to_dict()})
         except Exception as exc:  # noqa: BLE001 — headers are gone: the error travels as an event
-            yield sse.event(from_engine_error(exc).body())
+            yield sse.event(from_engine_error(exc, self.admitted.renames).body())
         finally:
             self.state.release(self.admitted)
         yield sse.DONE

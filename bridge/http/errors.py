@@ -93,8 +93,9 @@ def from_engine_error(exc: BaseException, renames: dict[str, str] | None = None)
         logger.error("unexpected error", exc_info=exc)
         return APIError(500, f"internal error: {type(exc).__name__}: {exc}", type="server_error", code="internal")
     status, kind = _BRIDGE_STATUS.get(exc.code, (500, "server_error"))
+    renames = renames or {}
     field = (exc.details or {}).get("field")
-    param = _request_param(field, renames or {}) if field else ("prompt" if status == 413 else None)
+    param = _request_param(field, renames) if field else (renames.get("prompts", "prompt") if status == 413 else None)
     message = exc.message
     if field and param != field:
         message = message.replace(field, param, 1)

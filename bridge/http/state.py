@@ -15,8 +15,15 @@ from starlette.requests import HTTPConnection
 
 from bridge.http.auth import KeyChecker
 from bridge.http.config import Settings
-from bridge.http.errors import APIError, bad_request, from_engine_error, model_not_found, not_ready, rate_limited, \
-    too_large
+from bridge.http.errors import (
+    APIError,
+    bad_request,
+    from_engine_error,
+    model_not_found,
+    not_ready,
+    rate_limited,
+    too_large,
+)
 from bridge.http.generation import Backend, Generation
 from bridge.http.metrics import ServerMetrics
 from bridge.http.ratelimit import RateLimiter
@@ -32,6 +39,7 @@ class Admitted:
     reserved_tokens: int
     request_id: str
     created: int
+    renames: dict[str, str]  # service field names -> the request's, for errors that arrive while it runs
 
 
 class ServerState:
@@ -122,7 +130,7 @@ class ServerState:
         except Exception as exc:  # noqa: BLE001 — admission errors (bad token ids, ...) answer 4xx
             self.limiter.refund(identity, cost)
             raise from_engine_error(exc, renames) from None
-        return Admitted(generation, identity, cost, f"{prefix}-{uuid.uuid4().hex}", int(time.time()))
+        return Admitted(generation, identity, cost, f"{prefix}-{uuid.uuid4().hex}", int(time.time()), renames or {})
 
     def release(self, admitted: Admitted) -> None:
         usage = admitted.generation.usage

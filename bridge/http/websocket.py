@@ -56,7 +56,7 @@ async def chat_socket(ws: WebSocket, state: ServerState) -> None:
             except WebSocketDisconnect:
                 return
             except Exception as exc:  # noqa: BLE001
-                await ws.send_json(from_engine_error(exc).body())
+                await ws.send_json(from_engine_error(exc, view.admitted.renames).body())
             finally:
                 view.release()
     except WebSocketDisconnect:
