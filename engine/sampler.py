@@ -21,7 +21,7 @@ import torch
 from engine.sampling_params import SamplingParams
 
 if TYPE_CHECKING:
-    from engine.sequence import Sequence
+    from engine.sequence import Request, Sequence
 
 NEG_INF = float("-inf")
 
@@ -34,12 +34,13 @@ class SamplingBatch:
     num_prompt_tokens: list[int]
     generators: list[torch.Generator | None]  # a seeded row's own generator, else None
     bad_words: list[list[list[int]] | None]  # tokenized bad_words (SamplingParams.bad_words_token_ids)
+    requests: list[Request | None]  # where a row's per-prompt values are cached across steps (None: not cached)
 
     @classmethod
     def from_sequences(cls, seqs: Seq[Sequence]) -> SamplingBatch:
         return cls(params=[s.request.params for s in seqs], token_ids=[s.token_ids for s in seqs],
                    num_prompt_tokens=[s.num_prompt_tokens for s in seqs], generators=[s.generator for s in seqs],
-                   bad_words=[s.request.bad_words_token_ids for s in seqs])
+                   bad_words=[s.request.bad_words_token_ids for s in seqs], requests=[s.request for s in seqs])
 
     @classmethod
     def build(cls, params: list[SamplingParams], prompts: list[list[int]], outputs: list[list[int]],
@@ -48,7 +49,7 @@ class SamplingBatch:
         """From separate prompt and output token lists (tests, callers without Sequence objects)."""
         return cls(params=params, token_ids=[p + o for p, o in zip(prompts, outputs)],
                    num_prompt_tokens=[len(p) for p in prompts], generators=generators or [None] * len(params),
-                   bad_words=bad_words or [None] * len(params))
+                   bad_words=bad_words or [None] * len(params), requests=[None] * len(params))
 
     def output_ids(self, row: int) -> list[int]:
         return self.token_ids[row][self.num_prompt_tokens[row]:]
@@ -57,6 +58,18 @@ class SamplingBatch:
         """The last `length` output tokens (fewer if the output is shorter), without copying the whole output."""
         tokens = self.token_ids[row]
         return tokens[max(self.num_prompt_tokens[row], len(tokens) - length):]
+
+    def distinct_prompt_ids(self, row: int, device: torch.device) -> torch.Tensor:
+        """The prompt's distinct token ids (sorted, int64, on device). The prompt never changes, so a row with a
+        request computes them once and keeps them on the request for the following steps."""
+        request = self.requests[row]
+        cached = request.distinct_prompt_token_ids if request is not None else None
+        if cached is None or cached.device != device:
+            prompt = self.token_ids[row][:self.num_prompt_tokens[row]]
+            cached = torch.unique(torch.tensor(prompt, dtype=torch.int64, device=device))
+            if request is not None:
+                request.distinct_prompt_token_ids = cached
+        return cached
 
 
 @dataclass(slots=True)
@@ -233,8 +246,7 @@ def apply_penalties(logits: torch.Tensor, rows: list[int], batch: SamplingBatch)
     out_keys, out_counts = _occurrences(logits, rows, [batch.output_ids(i) for i in rows])
     rep_rows = [i for i in rows if params[i].repetition_penalty != 1.0]
     if rep_rows:
-        prompt_keys, _ = _occurrences(logits, rep_rows, [batch.token_ids[i][:batch.num_prompt_tokens[i]]
-                                                         for i in rep_rows])
+        prompt_keys = _prompt_keys(logits, rep_rows, batch)
         keys = torch.unique(torch.cat([prompt_keys, out_keys]))  # a penalty of 1.0 leaves other rows unchanged
         penalty = _per_row(logits, [p.repetition_penalty for p in params])[keys // width]
         seen = flat[keys]
@@ -244,6 +256,16 @@ def apply_penalties(logits: torch.Tensor, rows: list[int], batch: SamplingBatch)
         frequency = _per_row(logits, [p.frequency_penalty for p in params])[row_of]
         presence = _per_row(logits, [p.presence_penalty for p in params])[row_of]
         flat.index_add_(0, out_keys, -(frequency * out_counts + presence))
+
+
+def _prompt_keys(logits: torch.Tensor, rows: list[int], batch: SamplingBatch) -> torch.Tensor:
+    """Flat indices (row * width + token) into logits of the given rows' distinct prompt tokens."""
+    device = logits.device
+    distinct = [batch.distinct_prompt_ids(i, device) for i in rows]
+    counts = [d.numel() for d in distinct]
+    row_ids = torch.repeat_interleave(torch.tensor(rows, device=device), torch.tensor(counts, device=device),
+                                      output_size=sum(counts))
+    return row_ids * logits.shape[1] + torch.cat(distinct)
 
 
 def _occurrences(logits: torch.Tensor, rows: list[int],

@@ -85,6 +85,8 @@ class Request:
     emitted: bool = False  # an output was delivered already (prompt logprobs go out once in delta mode)
     prompt_logprobs: list[PositionLogprobs | None] | None = None
     bad_words_token_ids: list[list[int]] | None = None
+    # The prompt's distinct token ids on the sampling device, for repetition_penalty (SamplingBatch fills it once).
+    distinct_prompt_token_ids: torch.Tensor | None = field(default=None, init=False, repr=False)
     metrics: RequestMetrics = field(init=False)
 
     def __post_init__(self) -> None:

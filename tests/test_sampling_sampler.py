@@ -8,9 +8,10 @@ import math
 import pytest
 import torch
 
-from engine.sampler import (Sampler, SamplingBatch, apply_min_p, apply_top_k, apply_top_p, compute_prompt_logprobs,
-                            draw)
+from engine.sampler import Sampler, SamplingBatch, apply_min_p, apply_top_k, apply_top_p, compute_prompt_logprobs, draw
 from engine.sampling_params import SamplingParams
+from engine.sequence import Sequence
+from tests.engine_helpers import make_seq
 
 V = 12
 EOS = 11
@@ -239,6 +240,29 @@ def test_greedy_and_random_rows_mixed() -> None:
 def test_greedy_with_repetition_penalty() -> None:
     params = SamplingParams(temperature=0.0, repetition_penalty=2.0)
     assert make_sampler()(BASE.clone().unsqueeze(0), batch_of([params], [[4]])).token_ids == [11]
+
+
+def test_repetition_penalty_prompt_tokens_computed_once_per_request() -> None:
+    """Rows built from sequences keep their prompt's distinct tokens on the request: later steps reuse them (same
+    result as an uncached batch), and the n sequences of one request share them."""
+    params = dict(repetition_penalty=1.3, frequency_penalty=0.2)
+    first, other = make_seq([9, 1, 9, 2, 1], "a", **params), make_seq([3, 3], "b", **params)
+    sibling = Sequence(request=first.request, token_ids=list(first.token_ids), num_prompt_tokens=5, index=1)
+    for step, token in enumerate([4, 0, 4]):
+        seqs = [first, other, sibling]
+        logits = torch.stack([BASE * (1 + 0.1 * i) for i in range(len(seqs))])
+        expected = logits.clone()
+        make_sampler().apply_processors(expected, batch_of([s.request.params for s in seqs],
+                                                           [s.output_token_ids for s in seqs],
+                                                           [s.token_ids[:s.num_prompt_tokens] for s in seqs]))
+        make_sampler().apply_processors(logits, SamplingBatch.from_sequences(seqs))
+        assert torch.equal(logits, expected)
+        assert first.request.distinct_prompt_token_ids.tolist() == [1, 2, 9]
+        if step == 0:
+            cached = first.request.distinct_prompt_token_ids
+        assert first.request.distinct_prompt_token_ids is cached  # not recomputed
+        for seq in seqs:
+            seq.token_ids.append(token)
 
 
 def run_seeded(mix: list[tuple[SamplingParams, int | None]], steps: int = 25) -> list[list[int]]:
