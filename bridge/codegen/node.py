@@ -23,7 +23,7 @@ PATH = "src/generated/api.ts"
 
 # Members of the hand-written Transport a generated method must not shadow.
 RESERVED = frozenset({"call", "stream", "close", "pid", "pgid", "hello", "exited", "onEvent", "invoke",
-                      "invokeStream", "constructor", "spawn"})
+                      "invokeStream", "methodProfile", "constructor", "spawn"})
 
 # Names the hand-written modules export from src/index.ts (or api.ts imports): a generated name must not reuse one.
 HANDWRITTEN_EXPORTS = frozenset({"RequestStream", "Transport", "CallOptions", "MethodSpec", "FieldSpec", "Hello",
@@ -47,7 +47,7 @@ _TS_TYPES = {"str": "string", "int": "number", "float": "number", "bool": "boole
 
 _PRELUDE = """\
 import type { RequestStream } from "../stream.js";
-import { Transport, type CallOptions, type MethodSpec } from "../transport.js";
+import { Transport, type CallOptions, type MethodSpec, type TimeoutProfile } from "../transport.js";
 import type { FieldSpec } from "../validate.js";
 
 /** A handle the worker returned (for example from `llm`): the map itself, or its bare `ref` string. */
@@ -301,6 +301,9 @@ def _worker_class(manifest: dict[str, Any], methods: list[dict[str, Any]]) -> st
             body.append(_doc(_method_doc(m, True), "  ")
                         + f"  {name}Stream({params}): RequestStream<{chunk}, {summary}> {{\n"
                         f"    return this.invokeStream({spec}, {literal}, options);\n  }}\n")
+    body.append("  /** The method's own timeout profile, from the manifest (what the worker applies too). */\n"
+                "  protected override methodProfile(method: string): TimeoutProfile {\n"
+                "    return METHODS[method]?.profile ?? \"default\";\n  }\n")
     return ("\n/**\n * A running lmport worker: one method per worker method, each returning a promise (streaming "
             "methods\n * also have a `...Stream` form). Start one with `await Worker.spawn(options)`; stop it with "
             "`close()`.\n */\n"

@@ -6,7 +6,7 @@ defmodule LMPort.FakeWorkerTest do
   @moduletag capture_log: true
 
   defp start(scenario, opts \\ []) do
-    start_supervised!({LMPort.Worker, [python: fake_worker(scenario), grace_ms: 300] ++ opts},
+    start_supervised!({LMPort.Worker, Keyword.merge([python: fake_worker(scenario), grace_ms: 300], opts)},
       restart: :temporary
     )
   end
@@ -41,5 +41,22 @@ defmodule LMPort.FakeWorkerTest do
     end
 
     assert {:ok, %{"n" => 1}} = LMPort.Worker.call(worker, "ping", %{})
+  end
+
+  test "a raw call's client-side deadline follows the method's own profile, as the worker's does" do
+    # the worker would give generate its ml_inference deadline (10 s); "default" (100 ms) + grace is too short
+    worker =
+      start(
+        """
+        hello(timeout_profiles={"default": 100, "streaming": 10000, "ml_inference": 10000, "batch_job": 10000})
+        request = recv()
+        time.sleep(0.6)
+        respond(request, {"method": request["method"]})
+        recv()
+        """,
+        grace_ms: 100
+      )
+
+    assert {:ok, %{"method" => "generate"}} = LMPort.Worker.call(worker, "generate", %{})
   end
 end

@@ -191,9 +191,12 @@ export class Transport {
     this.#eventListeners.push(listener);
   }
 
-  /** Calls any worker method by name; the generated wrappers are typed shortcuts for this. */
+  /**
+   * Calls any worker method by name; the generated wrappers are typed shortcuts for this. `profile` sets the
+   * client-side deadline when `options` name none; by default the method's own, as the worker does.
+   */
   call<R = unknown>(method: string, params: Record<string, unknown> = {}, options: CallOptions = {},
-                    profile: TimeoutProfile = "default"): Promise<R> {
+                    profile: TimeoutProfile = this.methodProfile(method)): Promise<R> {
     return new Promise<R>((resolve, reject) => {
       this.#start(method, params, options, profile, { resolve: resolve as (r: unknown) => void, reject });
     });
@@ -219,6 +222,14 @@ export class Transport {
   close(): Promise<void> {
     this.#closing ??= this.#shutdown();
     return this.#closing;
+  }
+
+  /**
+   * The timeout profile of a method that a call names none for: "default" here; the generated `Worker` answers
+   * from the manifest, matching the worker's own choice.
+   */
+  protected methodProfile(_method: string): TimeoutProfile {
+    return "default";
   }
 
   /** Used by the generated wrappers: splits call options from parameters, validates, sends. */

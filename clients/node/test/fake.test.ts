@@ -42,3 +42,20 @@ recv()
     await worker.close();
   }
 });
+
+test("a raw call's client-side deadline follows the method's own profile, as the worker's does", async () => {
+  // the worker would give generate its ml_inference deadline (10 s); "default" (100 ms) + grace is too short
+  const fake = fakeWorker(`
+hello(timeout_profiles={"default": 100, "streaming": 10000, "ml_inference": 10000, "batch_job": 10000})
+request = recv()
+time.sleep(0.6)
+respond(request, {"method": request["method"]})
+recv()
+`);
+  const worker = await Worker.spawn({ python: fake, stderr: "ignore", grace: 100 });
+  try {
+    assert.deepEqual(await worker.call("generate", {}), { method: "generate" });
+  } finally {
+    await worker.close();
+  }
+});

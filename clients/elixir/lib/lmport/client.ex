@@ -19,8 +19,6 @@ defmodule LMPort.Client do
     with :ok <- check_stream(method, spec, stream?),
          :ok <- check_call_opts(call_opts),
          {:ok, params} <- Validate.params(method, spec["params"], Map.merge(positional, Map.new(param_opts))) do
-      call_opts = Keyword.put(call_opts, :default_profile, spec["timeout_profile"] || "default")
-
       if stream?,
         do: {:ok, Worker.stream(worker, method, params, [summary: stream? == :with_summary] ++ call_opts)},
         else: Worker.call(worker, method, params, call_opts)

@@ -91,11 +91,12 @@ defmodule LMPort.Worker do
   Sends one request and waits for its response: `{:ok, result}` or `{:error, %LMPort.Error{}}`.
 
   `opts`: `:timeout` (ms) or `:timeout_profile` (sent to the worker, which enforces it), else the application
-  defaults (`config :lmport, timeout: ms` / `timeout_profile: name`), else `:default_profile` (the method's).
+  defaults (`config :lmport, timeout: ms` / `timeout_profile: name`), else `:default_profile` (default: the
+  method's own profile in `LMPort.Schema`, as the worker applies it).
   """
   @spec call(server, String.t(), map, call_opts) :: {:ok, term} | {:error, Error.t()}
   def call(server, method, params, opts \\ []) do
-    safe_call(server, {:call, method, params, request_opts(opts, false)})
+    safe_call(server, {:call, method, params, request_opts(method, opts, false)})
   end
 
   @doc """
@@ -109,7 +110,7 @@ defmodule LMPort.Worker do
   @spec stream(server, String.t(), map, call_opts) :: Enumerable.t()
   def stream(server, method, params, opts \\ []) do
     {summary?, opts} = Keyword.pop(opts, :summary, false)
-    ropts = request_opts(opts, true)
+    ropts = request_opts(method, opts, true)
 
     Stream.resource(
       fn ->
@@ -174,7 +175,7 @@ defmodule LMPort.Worker do
   end
 
   # Per call, else the application's defaults (`config :lmport, timeout: ms` / `timeout_profile: name`).
-  defp request_opts(opts, stream?) do
+  defp request_opts(method, opts, stream?) do
     {timeout, profile} =
       case {opts[:timeout], opts[:timeout_profile]} do
         {nil, nil} -> {Application.get_env(:lmport, :timeout), Application.get_env(:lmport, :timeout_profile)}
@@ -184,8 +185,20 @@ defmodule LMPort.Worker do
     if timeout != nil and not (is_integer(timeout) and timeout > 0),
       do: raise(ArgumentError, "timeout must be a positive integer of milliseconds, got: #{inspect(timeout)}")
 
-    default = if stream?, do: "streaming", else: Keyword.get(opts, :default_profile, "default")
+    default =
+      if stream?,
+        do: "streaming",
+        else: Keyword.get_lazy(opts, :default_profile, fn -> profile_of(method) end)
+
     %{timeout: timeout, profile: profile && to_string(profile), default: default, stream: stream?}
+  end
+
+  # The method's own timeout profile, from the manifest: what the worker applies when a request names none.
+  defp profile_of(method) do
+    case LMPort.Schema.methods() do
+      %{^method => %{"timeout_profile" => profile}} -> profile
+      _ -> "default"
+    end
   end
 
   ## GenServer

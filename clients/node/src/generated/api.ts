@@ -3,7 +3,7 @@
 // Protocol 1.
 
 import type { RequestStream } from "../stream.js";
-import { Transport, type CallOptions, type MethodSpec } from "../transport.js";
+import { Transport, type CallOptions, type MethodSpec, type TimeoutProfile } from "../transport.js";
 import type { FieldSpec } from "../validate.js";
 
 /** A handle the worker returned (for example from `llm`): the map itself, or its bare `ref` string. */
@@ -814,5 +814,10 @@ export class Worker extends Transport {
    */
   stats(options?: StatsOptions): Promise<WireMap> {
     return this.invoke(METHODS["stats"]!, {}, options);
+  }
+
+  /** The method's own timeout profile, from the manifest (what the worker applies too). */
+  protected override methodProfile(method: string): TimeoutProfile {
+    return METHODS[method]?.profile ?? "default";
   }
 }
