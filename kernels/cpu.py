@@ -144,12 +144,13 @@ void attend_group(const scalar_t* q, int64_t q_s1,                 // q row of h
                   const int32_t* table, int64_t L, int64_t block_size, int64_t G, int64_t D_rt, float scale,
                   scalar_t* out, int64_t o_s1,
                   std::vector<float>& qf, std::vector<float>& scores, std::vector<float>& acc,
-                  std::vector<float>& tile_buf) {
+                  std::vector<float>& tile_buf, std::vector<float>& inv_sum) {
   const int64_t D = DC > 0 ? DC : D_rt;
   qf.resize(G * D);
-  scores.resize(G * L + G);
+  scores.resize(G * L);  // row g: the scores, then the softmax numerators, of keys 0..L-1
   acc.assign(G * D, 0.0f);
   tile_buf.resize(block_size * D);
+  inv_sum.resize(G);
   for (int64_t g = 0; g < G; ++g) {
     to_float(q + g * q_s1, qf.data() + g * D, D);
     for (int64_t d = 0; d < D; ++d) qf[g * D + d] *= scale;
@@ -179,7 +180,6 @@ void attend_group(const scalar_t* q, int64_t q_s1,                 // q row of h
   }
 
   // softmax numerators and denominators
-  std::vector<float> inv_sum(G);
   for (int64_t g = 0; g < G; ++g) {
     float* sg = sc + g * L;
     // max in 16 lanes (vectorizes as vmaxps), then across the lanes
@@ -259,7 +259,7 @@ void run(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cac
     TORCH_CHECK(lens[b] <= capacity, "seq_lens[", b, "] = ", lens[b], " exceeds the block table (", capacity, ")");
 
   at::parallel_for(0, B * Hkv, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> qf, scores, acc, tile;
+    std::vector<float> qf, scores, acc, tile, inv_sum;  // scratch, reused by every item of this chunk
     for (int64_t item = begin; item < end; ++item) {
       const int64_t b = item / Hkv, h = item % Hkv;
       const int64_t L = lens[b];
@@ -270,7 +270,8 @@ void run(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cac
         continue;
       }
       attend_group<scalar_t, DC>(qp + b * q_s0 + h * G * q_s1, q_s1, kp + h * k_s2, vp + h * k_s2, k_s0, k_s1,
-                                 bt + b * bt_s0, L, block_size, G, D, fscale, o, o_s1, qf, scores, acc, tile);
+                                 bt + b * bt_s0, L, block_size, G, D, fscale, o, o_s1, qf, scores, acc, tile,
+                                 inv_sum);
     }
   });
 }
