@@ -27,8 +27,9 @@ type Options struct {
 	Dir          string        // working directory of the worker; empty means this process's
 	Stderr       io.Writer     // the worker's logs; nil means os.Stderr
 	StartTimeout time.Duration // how long to wait for the worker's hello; default 120s (the first start imports torch)
-	// Grace is added to a call's deadline before the client gives up on the worker, and allowed between
-	// shutdown and killing the process group in Close. Default 5s.
+	// Grace is added to a call's deadline before the client gives up on the worker, allowed between shutdown
+	// and killing the process group in Close, and the longest a write to the worker's stdin may make no progress
+	// before the worker counts as wedged (it stopped reading) and is killed. Default 5s.
 	Grace time.Duration
 	// MaxFrameBytes is the largest frame accepted from the worker. Default: any (2^32 - 1).
 	MaxFrameBytes uint32
@@ -118,7 +119,7 @@ const (
 type Worker struct {
 	hello    Hello
 	cmd      *exec.Cmd
-	stdin    io.WriteCloser
+	stdin    *os.File // our own pipe (not exec's StdinPipe), so that writes can have a deadline
 	grace    time.Duration
 	profiles map[string]int64
 
@@ -162,16 +163,22 @@ func Start(ctx context.Context, opts Options) (*Worker, error) {
 		cmd.Stderr = os.Stderr
 	}
 	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true} // Close kills the whole group
-	stdin, err := cmd.StdinPipe()
+	stdinR, stdin, err := os.Pipe()
 	if err != nil {
 		return nil, err
 	}
+	cmd.Stdin = stdinR // an *os.File: the worker gets it as is, with no copying goroutine
 	stdout, err := cmd.StdoutPipe()
-	if err != nil {
-		return nil, err
+	if err == nil {
+		err = cmd.Start()
+		if err != nil {
+			err = &Error{Code: "spawn_failed", Message: "cannot start the worker: " + err.Error(), cause: err}
+		}
 	}
-	if err := cmd.Start(); err != nil {
-		return nil, &Error{Code: "spawn_failed", Message: "cannot start the worker: " + err.Error(), cause: err}
+	_ = stdinR.Close() // the worker's end
+	if err != nil {
+		_ = stdin.Close()
+		return nil, err
 	}
 	w := &Worker{cmd: cmd, stdin: stdin, grace: orDefault(opts.Grace, 5*time.Second),
 		pending: map[uint64]*pending{}, exited: make(chan struct{}), events: make(chan Event, 64)}
@@ -362,6 +369,12 @@ func (w *Worker) unavailable(method string) *Error {
 	return &Error{Code: "shutting_down", Retryable: true, Message: "worker is closed; cannot call " + method}
 }
 
+// writeChunk is how much of a frame one write may take before its no-progress deadline is renewed.
+const writeChunk = 1 << 20
+
+// write sends one frame. A worker that stops reading its stdin (stopped, wedged) would block it, and with it every
+// caller, the probe and Close, once the pipe is full: a write that makes no progress for the grace kills the
+// worker's group instead (that fails every pending call, and every blocked write with EPIPE).
 func (w *Worker) write(msg any) error {
 	frame, err := EncodeFrame(msg)
 	if err != nil {
@@ -369,8 +382,28 @@ func (w *Worker) write(msg any) error {
 	}
 	w.writeMu.Lock()
 	defer w.writeMu.Unlock()
-	if _, err := w.stdin.Write(frame); err != nil {
-		return &Error{Code: "worker_exited", Message: "cannot write to the worker: " + err.Error(), cause: err}
+	for len(frame) > 0 {
+		chunk := frame
+		if len(chunk) > writeChunk {
+			chunk = chunk[:writeChunk]
+		}
+		_ = w.stdin.SetWriteDeadline(time.Now().Add(w.grace))
+		n, err := w.stdin.Write(chunk)
+		frame = frame[n:]
+		if errors.Is(err, os.ErrDeadlineExceeded) {
+			message := fmt.Sprintf("worker stopped reading its input (a write made no progress for %s); killed it",
+				w.grace)
+			w.mu.Lock()
+			if w.state == stateReady && w.exitErr == nil {
+				w.exitErr = &Error{Code: "worker_exited", Message: message}
+			}
+			w.mu.Unlock()
+			w.kill()
+			return &Error{Code: "worker_exited", Message: message, cause: err}
+		}
+		if err != nil {
+			return &Error{Code: "worker_exited", Message: "cannot write to the worker: " + err.Error(), cause: err}
+		}
 	}
 	return nil
 }
@@ -392,8 +425,8 @@ func (w *Worker) cancel(id uint64) {
 	w.mu.Lock()
 	alive := w.state != stateExited
 	w.mu.Unlock()
-	if alive {
-		_ = w.write(&request{Type: "cancel", ID: id})
+	if alive { // in a goroutine: the caller may be the reader (a stream's bad chunk), which must never wait on stdin
+		go func() { _ = w.write(&request{Type: "cancel", ID: id}) }()
 	}
 }
 
@@ -441,6 +474,7 @@ func (w *Worker) readLoop(stdout io.Reader, maxFrame uint32, helloCh chan<- erro
 	_, _ = io.Copy(io.Discard, stdout) // drain so Wait can return
 	waitErr := w.cmd.Wait()
 	sweep.Stop()
+	_ = w.stdin.Close() // fails any write still blocked; exec closes only the pipes it made
 	w.mu.Lock()
 	if w.exitErr == nil {
 		if w.state == stateClosing {
@@ -553,10 +587,12 @@ func (w *Worker) Close() error {
 		w.nextID++
 		id := w.nextID
 		w.mu.Unlock()
-		if ready {
-			_ = w.write(&request{Type: "request", ID: id, Method: "shutdown", Params: map[string]any{}})
-		}
-		_ = w.stdin.Close()
+		go func() { // not in line: a wedged worker would block the write, and the signals below must always run
+			if ready {
+				_ = w.write(&request{Type: "request", ID: id, Method: "shutdown", Params: map[string]any{}})
+			}
+			_ = w.stdin.Close()
+		}()
 		if !w.waitExit(w.grace) {
 			w.signalGroup(syscall.SIGTERM)
 			if !w.waitExit(minDuration(w.grace, 2*time.Second)) {

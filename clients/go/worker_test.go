@@ -538,6 +538,79 @@ func groupRunning(pgid int) bool {
 	return false
 }
 
+// A worker that stops reading its stdin with more than a pipe's worth of frame queued: the blocked write gives up
+// after the grace and kills the group, instead of blocking the caller (and every other writer) forever.
+func TestStalledWriteKillsAWedgedWorker(t *testing.T) {
+	w, err := Start(context.Background(), Options{Stderr: io.Discard, Grace: 500 * time.Millisecond})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer w.Close()
+	if err := syscall.Kill(w.Hello().PID, syscall.SIGSTOP); err != nil {
+		t.Fatal(err)
+	}
+	errCh := make(chan error, 2)
+	big := map[string]any{"padding": strings.Repeat("x", 1<<20)} // far more than the pipe buffer holds
+	go func() { errCh <- w.Call(context.Background(), "ping", big, nil) }()
+	go func() { // queued behind the blocked write
+		time.Sleep(100 * time.Millisecond)
+		_, err := w.Ping(context.Background(), nil)
+		errCh <- err
+	}()
+	for i := 0; i < 2; i++ {
+		select {
+		case err := <-errCh:
+			expectCode(t, err, "worker_exited")
+		case <-time.After(10 * time.Second):
+			syscall.Kill(-w.PGID(), syscall.SIGKILL)
+			t.Fatal("a write to the stopped worker blocks")
+		}
+	}
+	select {
+	case <-w.Done():
+	case <-time.After(5 * time.Second):
+		t.Fatal("the wedged worker was not killed")
+	}
+	if e := expectCode(t, func() error { _, err := w.Ping(context.Background(), nil); return err }(),
+		"worker_exited"); !strings.Contains(e.Message, "stopped reading") {
+		t.Fatalf("exit error %v", e)
+	}
+}
+
+// Close on a worker that stopped reading while a write to it is blocked still signals and kills the group.
+func TestCloseWithABlockedWrite(t *testing.T) {
+	w, err := Start(context.Background(), Options{Stderr: io.Discard, Grace: 2 * time.Second})
+	if err != nil {
+		t.Fatal(err)
+	}
+	pgid := w.PGID()
+	if err := syscall.Kill(w.Hello().PID, syscall.SIGSTOP); err != nil {
+		t.Fatal(err)
+	}
+	errCh := make(chan error, 1)
+	go func() {
+		errCh <- w.Call(context.Background(), "ping", map[string]any{"padding": strings.Repeat("x", 1<<20)}, nil)
+	}()
+	time.Sleep(200 * time.Millisecond) // the write holds the write lock, blocked on the full pipe
+	closed := make(chan struct{})
+	go func() {
+		w.Close()
+		close(closed)
+	}()
+	select {
+	case <-closed:
+	case <-time.After(15 * time.Second):
+		syscall.Kill(-pgid, syscall.SIGKILL)
+		t.Fatal("Close blocks on a wedged worker")
+	}
+	if err := <-errCh; err == nil {
+		t.Fatal("the blocked call succeeded")
+	}
+	if !waitFor(t, 5*time.Second, func() bool { return !groupRunning(pgid) }) {
+		t.Fatal("the group survived Close")
+	}
+}
+
 func TestCloseLeavesNoProcess(t *testing.T) {
 	w, err := startWorker(context.Background())
 	if err != nil {
