@@ -402,6 +402,8 @@ defmodule LMPort.Worker do
 
   def handle_info({:EXIT, port, reason}, %{port: port} = state) do
     state = fail_all(state, Error.new("worker_exited", "lmport worker port closed: #{inspect(reason)}"))
+    # the port is gone, but the worker or what it started may live on: nothing of its group may remain
+    ProcessGroup.kill_leftovers(state.pgid, state.os_pid)
     {:stop, {:shutdown, {:worker_exited, reason}}, %{state | port: nil}}
   end
 
