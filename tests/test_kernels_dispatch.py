@@ -1,4 +1,5 @@
-"""Backend selection in kernels/__init__.py: reference on CPU, Triton when forced, clear errors otherwise."""
+"""Backend selection in kernels/__init__.py: C++ kernels (kernels.cpu) or the reference on CPU, Triton when forced,
+clear errors otherwise."""
 
 from __future__ import annotations
 
@@ -28,11 +29,16 @@ needs_interpreter = pytest.mark.skipif(DEVICE.type == "cuda", reason="Triton on 
 
 
 @needs_interpreter
-def test_cpu_tensors_run_the_reference_unless_triton_is_forced(backend):
+def test_cpu_tensors_run_the_cpu_kernels_or_the_reference_unless_triton_is_forced(backend):
+    """silu_and_mul dispatches through _impl_cpu: "auto" picks the C++ kernels (which fall back to the reference
+    themselves if they cannot be built), "torch" the pure reference."""
     x = torch.randn(2, 8)
     backend("auto")
-    assert kernels._impl(x, "activation") is reference
+    auto = kernels._cpu() if kernels.get_backend() == "auto" else reference  # LMPORT_KERNEL_BACKEND may force one
+    assert kernels._impl_cpu(x, "activation") is auto
+    assert kernels._impl(x, "activation") is reference  # what the kernels without a C++ version run (prefill, ...)
     backend("torch")
+    assert kernels._impl_cpu(x, "activation") is reference
     assert kernels._impl(x, "activation") is reference
     backend("triton")
     assert kernels._impl(x, "activation").__name__ == "kernels.triton_activation"
