@@ -52,6 +52,7 @@ class FakeBackend:
             self.loaded.set()
         self.submitted: list[tuple[list[list[int]], dict[str, Any]]] = []
         self.refuse: BaseException | None = None  # submit answers this error at once, as the service's admission does
+        self.chat_error: BaseException | None = None  # chat_token_ids raises this
 
     def load(self) -> None:
         self.loaded.wait(30)
@@ -67,6 +68,14 @@ class FakeBackend:
 
     def chat_token_ids(self, messages: list[dict[str, Any]], chat_template: str | None,
                        add_generation_prompt: bool) -> list[int]:
+        """`role:content;` per message, or `chat_template` rendered by jinja2 as transformers renders one."""
+        if self.chat_error is not None:
+            raise self.chat_error
+        if chat_template is not None:
+            from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+            return self.tokenize(ImmutableSandboxedEnvironment().from_string(chat_template).render(
+                messages=messages, add_generation_prompt=add_generation_prompt))
         return self.tokenize("".join(f"{m['role']}:{m.get('content') or ''};" for m in messages))
 
     def submit(self, prompts: list[list[int]], sampling: dict[str, Any], on_chunk: Callable[[dict[str, Any]], None],

@@ -198,3 +198,33 @@ def test_a_prompt_that_never_fits_the_kv_cache_names_messages_on_chat() -> None:
             assert response.json()["error"]["param"] == param, (path, response.json())
     finally:
         running.stop()
+
+
+def test_chat_template_errors_are_400_and_service_errors_keep_their_status() -> None:
+    running, backend = fake_server()
+    try:
+        running.wait_ready()
+        url = running.url
+        chat = {**CHAT, "max_tokens": 2}
+        for template in ("{% for m in messages %}", "{{ raise_exception('roles must alternate') }}", "{{ 1 / 0 }}"):
+            for path, body in (("/v1/chat/completions", {**chat, "chat_template": template}),
+                               ("/tokenize", {"messages": CHAT["messages"], "chat_template": template})):
+                response = httpx.post(f"{url}{path}", json=body)
+                assert response.status_code == 400, (path, template, response.text)
+                error = response.json()["error"]
+                assert error["param"] == "chat_template" and "chat template failed" in error["message"], error
+        assert httpx.post(f"{url}/tokenize", json={"messages": CHAT["messages"], "chat_template":
+                                                   "{{ messages[0].content }}"}).json()["tokens"] == [104, 105]
+        backend.chat_error = ValueError("this tokenizer has no chat template")
+        response = httpx.post(f"{url}/v1/chat/completions", json=chat)
+        assert response.status_code == 400 and response.json()["error"]["param"] == "messages"
+        for error, status, code in ((BridgeError("shutting_down", "the worker is shutting down"), 503, "shutting_down"),
+                                    (BridgeError("not_found", "unknown handle", {"field": "llm"}), 404, "not_found"),
+                                    (RuntimeError("a bug"), 500, "internal")):
+            backend.chat_error = error
+            for path, body in (("/v1/chat/completions", chat), ("/tokenize", {"messages": CHAT["messages"]})):
+                response = httpx.post(f"{url}{path}", json=body)
+                assert response.status_code == status, (path, error, response.text)
+                assert response.json()["error"]["code"] == code
+    finally:
+        running.stop()

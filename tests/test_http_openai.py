@@ -125,6 +125,8 @@ def test_tokenize_detokenize_round_trip(server) -> None:
     assert chat["count"] > tokens["count"]
     bad = httpx.post(f"{server.url}/detokenize", json={"tokens": [-1]})
     assert bad.status_code == 400 and bad.json()["error"]["param"] == "tokens"
+    broken = httpx.post(f"{server.url}/tokenize", json={"messages": MESSAGES, "chat_template": "{% if %}"})
+    assert broken.status_code == 400 and broken.json()["error"]["param"] == "chat_template"
 
 
 def test_websocket_streams_chat_deltas(server, client) -> None:

@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
@@ -12,11 +11,10 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 
 from bridge.http import sse
 from bridge.http.completions import CLIENT_CLOSED
-from bridge.http.errors import bad_request, from_engine_error
+from bridge.http.errors import from_engine_error
 from bridge.http.logprobs import chat_logprobs
 from bridge.http.protocol import ChatCompletionRequest
 from bridge.http.state import Admitted, ServerState
-from engine.errors import LMPortError
 
 Receive = Callable[[], Awaitable[dict[str, Any]]]
 
@@ -29,13 +27,7 @@ async def admit_chat(body: ChatCompletionRequest, state: ServerState, identity: 
     fields, renames = body.sampling()
     sampling = state.sampling(fields, renames)
     messages = body.template_messages()
-    try:
-        prompt = await asyncio.to_thread(state.backend.chat_token_ids, messages, body.chat_template,
-                                         body.add_generation_prompt)
-    except LMPortError as exc:
-        raise from_engine_error(exc) from None
-    except Exception as exc:  # noqa: BLE001 — a template that cannot render these messages is the caller's input
-        raise bad_request("messages", f"the chat template failed on these messages: {exc}") from None
+    prompt = await state.chat_prompt(messages, body.chat_template, body.add_generation_prompt)
     max_param = renames.get("max_tokens", "max_tokens")
     sampling = state.fit([prompt], sampling, "messages", max_param, "max_tokens" in fields)
     admitted = await state.admit(identity, [prompt], sampling, "chatcmpl", {**renames, "prompts": "messages"})

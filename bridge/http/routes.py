@@ -82,14 +82,14 @@ async def tokenize(body: TokenizeRequest, state: ServerState = Depends(get_state
     state.require_ready()
     if (body.prompt is None) == (body.messages is None):
         raise bad_request("prompt", "give exactly one of prompt (text) or messages (a chat)")
-    try:
-        if body.messages is not None:
-            tokens = await asyncio.to_thread(state.backend.chat_token_ids, template_messages(body.messages),
-                                             body.chat_template, body.add_generation_prompt)
-        else:
+    if body.messages is not None:
+        tokens = await state.chat_prompt(template_messages(body.messages), body.chat_template,
+                                         body.add_generation_prompt)
+    else:
+        try:
             tokens = await asyncio.to_thread(state.backend.tokenize, body.prompt, body.add_special_tokens)
-    except Exception as exc:  # noqa: BLE001
-        raise from_engine_error(exc) from None
+        except Exception as exc:  # noqa: BLE001
+            raise from_engine_error(exc) from None
     return {"count": len(tokens), "max_model_len": state.backend.max_model_len, "tokens": tokens}
 
 

@@ -11,6 +11,7 @@ import uuid
 from dataclasses import dataclass
 from typing import Any
 
+from jinja2 import TemplateError
 from starlette.requests import HTTPConnection
 
 from bridge.http.auth import KeyChecker
@@ -27,8 +28,14 @@ from bridge.http.errors import (
 from bridge.http.generation import Backend, Generation
 from bridge.http.metrics import ServerMetrics
 from bridge.http.ratelimit import RateLimiter
+from bridge.protocol import BridgeError
+from engine.errors import LMPortError
 
 logger = logging.getLogger("lmport.http")
+
+# what a chat template raises when it cannot render the messages it was given (jinja's own errors, its
+# raise_exception(), Python errors inside an expression, transformers' "no chat template")
+TEMPLATE_ERRORS = (TemplateError, ValueError, TypeError, ArithmeticError)
 
 
 @dataclass(slots=True)
@@ -99,6 +106,23 @@ class ServerState:
 
     async def tokenize(self, text: str) -> list[int]:
         return await asyncio.to_thread(self.backend.tokenize, text)
+
+    async def chat_prompt(self, messages: list[dict[str, Any]], chat_template: str | None,
+                          add_generation_prompt: bool) -> list[int]:
+        """The chat's prompt token ids. A template that cannot render these messages is the caller's input: 400
+        naming `chat_template` when the request gave one, else `messages`; the service's and engine's errors
+        (shutting_down, not_found, invalid_params) map as they do everywhere, anything else is a 500."""
+        try:
+            return await asyncio.to_thread(self.backend.chat_token_ids, messages, chat_template,
+                                           add_generation_prompt)
+        except (LMPortError, BridgeError) as exc:
+            raise from_engine_error(exc, {"prompts": "messages"}) from None
+        except TEMPLATE_ERRORS as exc:
+            param = "messages" if chat_template is None else "chat_template"
+            raise bad_request(param, f"the chat template failed on these messages: {type(exc).__name__}: "
+                                     f"{exc}") from None
+        except Exception as exc:  # noqa: BLE001 — a bug: logged, answered as a 500 in the API's error shape
+            raise from_engine_error(exc) from None
 
     def fit(self, prompts: list[list[int]], sampling: dict[str, Any], prompt_param: str,
             max_tokens_param: str | None, max_tokens_given: bool) -> dict[str, Any]:
