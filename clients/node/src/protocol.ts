@@ -3,25 +3,31 @@
  * msgpack map) and the host -> worker messages. Keys are written in sorted order, as in tests/vectors.
  */
 
-import { decode, encode } from "@msgpack/msgpack";
+import { Decoder, Encoder } from "@msgpack/msgpack";
 import { LMPortError } from "./errors.js";
 
 const HEADER = 4;
 const MAX_LENGTH = 0xffff_ffff;
 
+// One codec of each kind for the process, not one per frame: frames are encoded and decoded one at a time,
+// synchronously (the codecs clone themselves if ever re-entered). The encoder keeps its buffer, grown to the
+// largest frame sent so far; encodeFrame copies the body out of it before the next frame can reuse it.
+const encoder = new Encoder({ ignoreUndefined: true });
+const decoder = new Decoder();
+
 /** Encodes a message as one frame (header + msgpack body). Undefined map values are left out. */
 export function encodeFrame(message: unknown): Buffer {
-  const body = encode(message, { ignoreUndefined: true });
+  const body = encoder.encodeSharedRef(message); // a view of the encoder's buffer, valid until its next use
   if (body.length > MAX_LENGTH) throw new LMPortError("invalid_request", `frame of ${body.length} bytes is too long`);
   const frame = Buffer.allocUnsafe(HEADER + body.length);
   frame.writeUInt32BE(body.length, 0);
-  frame.set(body, HEADER);
+  frame.set(body, HEADER); // the copy
   return frame;
 }
 
 /** Decodes one frame body (without its header). */
 export function decodeBody(body: Uint8Array): unknown {
-  return decode(body);
+  return decoder.decode(body);
 }
 
 /**

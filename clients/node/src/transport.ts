@@ -105,6 +105,7 @@ export class Transport {
   readonly #writeQueue: Buffer[] = [];
   readonly #eventListeners: ((name: string, data: unknown) => void)[] = [];
   #writeBlocked = false;
+  #referenced = true; // a spawned child and its pipes hold the event loop until unref'd
   #nextId = 1;
   #state: "starting" | "ready" | "closing" | "exited" = "starting";
   #exitError: LMPortError | undefined;
@@ -466,9 +467,14 @@ export class Transport {
     }
   }
 
-  /** Keeps Node alive only while something is in flight; an idle or closed worker never holds the loop. */
+  /**
+   * Keeps Node alive only while something is in flight; an idle or closed worker never holds the loop. Called on
+   * every start and settle, it touches the handles only when the worker turns busy or idle.
+   */
   #updateRef(): void {
     const busy = this.#state !== "exited" && (this.#pending.size > 0 || this.#helloWaiter !== undefined);
+    if (busy === this.#referenced) return;
+    this.#referenced = busy;
     const child = this.#child;
     for (const handle of [child, child.stdout, child.stdin, child.stderr] as (ChildProcess | Socket | null)[]) {
       if (busy) handle?.ref();

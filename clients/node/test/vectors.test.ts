@@ -83,6 +83,17 @@ test("message vectors: host messages built by this client are byte-identical", (
   }
 });
 
+test("each frame owns its bytes: the shared encoder's next frame, even a failed one, leaves it as it was", () => {
+  const first = encodeFrame(requestMessage(1, "tokenize", { text: "x".repeat(300) }));
+  const snapshot = Buffer.from(first);
+  encodeFrame(requestMessage(2, "generate", { prompts: ["y".repeat(5_000)] }));
+  assert.throws(() => encodeFrame({ bad: 10n ** 30n }));
+  assert.deepEqual(first, snapshot);
+  assert.deepEqual(decodeBody(first.subarray(4)), { id: 1, method: "tokenize", params: { text: "x".repeat(300) },
+    type: "request" });
+  assert.equal(hex(encodeFrame(cancelMessage(3)).subarray(4)), hex(encode({ id: 3, type: "cancel" })));
+});
+
 test("frames are reassembled from any chunking", () => {
   const stream = Buffer.concat(messages.map((v) => Buffer.from(v.frame, "hex")));
   const expected = messages.map((v) => Buffer.from(v.frame, "hex").subarray(4).toString("hex"));
