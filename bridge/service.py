@@ -611,24 +611,19 @@ class Service:
         with self._lock:
             entry.calls.add(call)
         base = f"bridge-{next(self._request_ids)}"
-        added: list[str] = []
-        try:
-            for i, (prompt, sp) in enumerate(zip(prompts, params)):
-                request_id = f"{base}-{i}"
-                entry.llm.add_request(prompt, sp.clone(output_kind=kind), request_id,
-                                      on_output=lambda out, i=i: generation.on_output(i, out),
-                                      on_error=generation.on_error)
-                added.append(request_id)
+        request_ids = [f"{base}-{i}" for i in range(len(prompts))]
+        try:  # all or none: a prompt that fails validation queues none of the call's prompts
+            entry.llm.add_requests(prompts, [sp.clone(output_kind=kind) for sp in params], request_ids,
+                                   on_output=generation.on_output, on_error=generation.on_error)
         except Exception as exc:
-            _prefix_field(exc, f"prompts[{len(added)}]" if len(prompts) > 1 else "prompts")
-            call.finish(error=self.to_bridge_error(exc))
-            for request_id in added:
-                entry.llm.abort(request_id)
+            index = getattr(exc, "index", 0)  # engine.LLM.add_requests: which prompt failed
+            _prefix_field(exc, f"prompts[{index}]" if len(prompts) > 1 else "prompts")
             with self._lock:
                 entry.calls.discard(call)
+            call.finish(error=self.to_bridge_error(exc))
             return
-        generation.request_ids = added
-        call.set_abort(lambda: [entry.llm.abort(r) for r in added])
+        generation.request_ids = request_ids
+        call.set_abort(lambda: [entry.llm.abort(r) for r in request_ids])
 
 
 class _Generation:

@@ -104,6 +104,30 @@ class LLM:
         self._enqueue([queued])
         return stream
 
+    def add_requests(self, prompts: Sequence[Prompt], sampling_params: Sequence[SamplingParams],
+                     request_ids: Sequence[str | None] | None = None,
+                     on_output: Callable[[int, RequestOutput], None] | None = None,
+                     on_error: Callable[[BaseException], None] | None = None) -> list[RequestStream]:
+        """Queue several requests, all or none: every prompt is validated (in the caller's thread) before any is
+        queued, and they join the same engine step. on_output gets each output with its prompt's index.
+
+        An InvalidParams raised for one prompt carries `index`, that prompt's position, so a caller can name it.
+        """
+        if len(sampling_params) != len(prompts):
+            raise InvalidParams("sampling_params", f"got {len(sampling_params)} sampling params for "
+                                                   f"{len(prompts)} prompts")
+        ids = list(request_ids) if request_ids is not None else [None] * len(prompts)
+        prepared = []
+        for i, (prompt, params, request_id) in enumerate(zip(prompts, sampling_params, ids)):
+            deliver = None if on_output is None else functools.partial(on_output, i)
+            try:
+                prepared.append(self._prepare_request(prompt, params, request_id, deliver, on_error))
+            except InvalidParams as exc:
+                exc.index = i  # type: ignore[attr-defined]
+                raise
+        self._enqueue([queued for _, queued in prepared])
+        return [stream for stream, _ in prepared]
+
     def _prepare_request(self, prompt: Prompt, sampling_params: SamplingParams | None, request_id: str | None,
                          on_output: Callable[[RequestOutput], None] | None,
                          on_error: Callable[[BaseException], None] | None,
@@ -218,10 +242,9 @@ class LLM:
             params_list = list(sampling_params)
         else:
             params_list = [sampling_params or SamplingParams()] * len(prompt_list)
-        prepared = [self._prepare_request(p, sp.clone(output_kind=RequestOutputKind.FINAL_ONLY), None, None, None)
-                    for p, sp in zip(prompt_list, params_list)]  # a bad prompt fails the call before any is queued
-        self._enqueue([queued for _, queued in prepared])
-        streams = [stream for stream, _ in prepared]
+        # all or none: a bad prompt fails the call before any is queued
+        streams = self.add_requests(prompt_list, [sp.clone(output_kind=RequestOutputKind.FINAL_ONLY)
+                                                  for sp in params_list])
         results: list[RequestOutput] = []
         with tqdm(total=len(streams), desc="Processed prompts", unit="req", disable=not use_tqdm or len(streams) < 2,
                   dynamic_ncols=True) as bar:

@@ -253,6 +253,17 @@ def test_bad_requests_name_the_problem_and_the_worker_keeps_serving(client, llm)
     assert client.ping(5)["n"] == 5
 
 
+def test_a_bad_prompt_among_many_queues_none_of_them(client, llm):
+    before = client.stats(llm)
+    with pytest.raises(BridgeError) as info:
+        client.generate(llm, ["a fine prompt", "word " * 3000, "another"], GREEDY)
+    assert info.value.code == "invalid_params" and info.value.details["field"] == "prompts[1]", info.value
+    client.generate(llm, "hi", {"max_tokens": 1})  # one step later: anything queued would have reached the engine
+    after = client.stats(llm)
+    assert after["requests_total"] == before["requests_total"] + 1
+    assert after["requests_aborted"] == before["requests_aborted"]
+
+
 def test_a_kv_cache_too_small_for_one_sequence_is_out_of_memory(client):
     with pytest.raises(BridgeError) as info:
         client.llm("smollm2", dtype="float32", kv_cache_memory_bytes=1 << 20, max_model_len=2048)
