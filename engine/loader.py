@@ -48,17 +48,23 @@ class LoadedModel:
 
 # --- resolution ---
 
-def resolve_model(model: str, revision: str | None = None) -> Path:
+def resolve_model(model: str, revision: str | None = None, field: str = "model") -> Path:
     """Map `model` to a local HF-format directory: the bundled SmolLM2 (converted once), a local HF directory,
-    a local .gguf file (converted once), or a hub id present in the local HF cache. Raises ModelNotFound."""
+    a local .gguf file (converted once), or a hub id present in the local HF cache. Raises ModelNotFound, or
+    InvalidParams (naming `field`) for a file that is not .gguf and for a revision given with a local model."""
     if model.lower() in BUNDLED_NAMES:
         if revision is not None:
             raise InvalidParams("revision", f"the bundled model {model!r} has no revisions; drop revision")
         return convert_gguf(bundled_gguf())
     path = Path(model).expanduser()
-    if path.is_file() and path.suffix == ".gguf":
+    if path.is_file():
+        if path.suffix != ".gguf":
+            raise InvalidParams(field, f"{path} is a file but not a .gguf file; {field} takes a model directory "
+                                       "(config.json, tokenizer files, *.safetensors), a .gguf file or a hub id")
+        _reject_local_revision(revision, path, "a local .gguf file")
         return convert_gguf(path)
     if path.is_dir():
+        _reject_local_revision(revision, path, "a local directory")
         if not (path / "config.json").is_file():
             raise ModelNotFound(f"{path} is a directory but has no config.json; a model directory needs "
                                 "config.json, tokenizer files and *.safetensors weights")
@@ -66,6 +72,12 @@ def resolve_model(model: str, revision: str | None = None) -> Path:
     if path.exists() or path.suffix == ".gguf" or not _HUB_ID.fullmatch(model) or model.startswith("."):
         raise ModelNotFound(f"{model!r} is neither a model directory nor a .gguf file (no such path: {path})")
     return _from_hf_cache(model, revision)
+
+
+def _reject_local_revision(revision: str | None, path: Path, what: str) -> None:
+    if revision is not None:
+        raise InvalidParams("revision", f"only applies to hub ids looked up in the local HF cache; {path} is {what}: "
+                                        "drop revision")
 
 
 def hf_hub_cache() -> Path:
@@ -87,7 +99,8 @@ def _from_hf_cache(repo_id: str, revision: str | None) -> Path:
     except (LocalEntryNotFoundError, HFValidationError, FileNotFoundError):
         raise ModelNotFound(
             f"model {repo_id!r} (revision {revision or 'main'}) is neither a local path nor in the local HF "
-            f"cache: looked in {looked} (cache {cache}: set HF_HUB_CACHE or HF_HOME to use another). lmport never downloads. Provide it by "
+            f"cache: looked in {looked} (cache {cache}: set HF_HUB_CACHE or HF_HOME to use another). "
+            f"lmport never downloads. Provide it by "
             f"running `hf download {repo_id}` where there is network (then copy the cache here), or pass a local "
             f"model directory or .gguf file as model ('smollm2' is the bundled default).") from None
     if not (snapshot / "config.json").is_file():
@@ -186,7 +199,7 @@ def load_model(config: EngineConfig) -> LoadedModel:
     device = resolve_device(config.device)
     dtype = resolve_dtype(config.dtype, hf_config, device)
     max_model_len = resolve_max_model_len(config.max_model_len, model_cls.max_context_len(hf_config))
-    tokenizer_path = resolve_model(config.tokenizer) if config.tokenizer else model_path
+    tokenizer_path = resolve_model(config.tokenizer, field="tokenizer") if config.tokenizer else model_path
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_path, trust_remote_code=config.trust_remote_code)
 
     with torch.device(device), _default_dtype(dtype):
