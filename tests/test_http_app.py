@@ -228,3 +228,14 @@ def test_chat_template_errors_are_400_and_service_errors_keep_their_status() -> 
                 assert response.json()["error"]["code"] == code
     finally:
         running.stop()
+
+
+def test_a_batch_of_text_prompts_is_tokenized_in_order() -> None:
+    running, backend = fake_server()
+    try:
+        running.wait_ready()
+        reply = httpx.post(f"{running.url}/v1/completions", json={"prompt": ["ab", "cde", "f"], "max_tokens": 1})
+        assert reply.status_code == 200 and reply.json()["usage"]["prompt_tokens"] == 6
+        assert backend.submitted[-1][0] == [[97, 98], [99, 100, 101], [102]]
+    finally:
+        running.stop()

@@ -23,7 +23,7 @@ async def create_completion(body: CompletionRequest, request: Request, state: Se
     state.require_ready()
     sampling = state.sampling(body.sampling())
     texts = body.prompts()
-    prompts = [await state.tokenize(p) if isinstance(p, str) else p for p in texts]
+    prompts = await state.prompt_ids(texts)
     sampling = state.fit(prompts, sampling, "prompt", "max_tokens", body.max_tokens is not None)
     admitted = await state.admit(identity, prompts, sampling, "cmpl", {"prompts": "prompt"})
     admitted.generation.watch(request.receive)

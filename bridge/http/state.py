@@ -104,8 +104,12 @@ class ServerState:
         except Exception as exc:  # noqa: BLE001 — every validation failure becomes a 400 naming the field
             raise from_engine_error(exc, renames) from None
 
-    async def tokenize(self, text: str) -> list[int]:
-        return await asyncio.to_thread(self.backend.tokenize, text)
+    async def prompt_ids(self, prompts: list[str | list[int]]) -> list[list[int]]:
+        """Every prompt as token ids (texts tokenized), in one trip to a worker thread for the whole batch."""
+        if all(not isinstance(p, str) for p in prompts):
+            return [list(p) for p in prompts]
+        return await asyncio.to_thread(lambda: [self.backend.tokenize(p) if isinstance(p, str) else list(p)
+                                                for p in prompts])
 
     async def chat_prompt(self, messages: list[dict[str, Any]], chat_template: str | None,
                           add_generation_prompt: bool) -> list[int]:
