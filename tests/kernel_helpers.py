@@ -1,4 +1,5 @@
-"""Builders shared by the kernel tests: interpreter switch, seeds, poisoned outputs, paged-cache cases."""
+"""Builders shared by the kernel tests: interpreter switch, seeds, poisoned outputs, paged-cache cases, the rotary
+cache."""
 
 from __future__ import annotations
 
@@ -41,6 +42,14 @@ def enable_triton_interpreter() -> None:
                 importlib.reload(sys.modules[f"kernels.triton_{name}"])
         import kernels
         kernels._triton_module.cache_clear()
+
+
+def rope_cache(max_positions: int, head_dim: int) -> torch.Tensor:
+    """The engine's own float32 cos/sin cache (engine.models.rope.cos_sin_cache) for default RoPE, theta 10000."""
+    from transformers import PretrainedConfig
+
+    from engine.models.rope import cos_sin_cache
+    return cos_sin_cache(PretrainedConfig(), head_dim, max_positions)
 
 
 def fresh_seed() -> int:

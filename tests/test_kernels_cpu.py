@@ -16,14 +16,13 @@ import random
 import pytest
 import torch
 
-from tests.kernel_helpers import fresh_seed, make_paged_case
-
 import kernels
 from kernels import cpu, reference
+from tests.kernel_helpers import fresh_seed, make_paged_case, rope_cache
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
-# max |actual - expected| / max |expected|
-TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 1e-2}
+# On max |actual - expected| / max |expected| (max_rel), not the norm ratio that kernel_helpers.TOLERANCE bounds.
+MAX_REL_TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 1e-2}
 # (num_kv_heads, GQA group, head_dim, block_size): ratios 1 and 3; head_dims with a compiled specialisation (32, 64,
 # 128) and one through the generic path (48); both page sizes
 HEAD_CONFIGS = [(2, 1, 32, 8), (3, 3, 64, 16), (1, 3, 128, 8), (2, 1, 128, 16), (2, 3, 48, 16), (4, 1, 64, 8)]
@@ -90,7 +89,7 @@ def test_matches_reference(batch, num_kv_heads, group, head_dim, block_size, dty
     seed, actual, expected = run_case(batch, num_kv_heads, group, head_dim, block_size, dtype)
     assert actual.dtype == dtype and actual.shape == expected.shape
     err = max_rel(actual, expected)
-    assert err < TOLERANCE[dtype], f"max rel error {err:.2e} (seed {seed})"
+    assert err < MAX_REL_TOLERANCE[dtype], f"max rel error {err:.2e} (seed {seed})"
 
 
 def test_strided_query_and_per_layer_cache_view():
@@ -235,19 +234,13 @@ def test_silu_and_mul_matches_reference(rows, inter, dtype, module_calls):
     check_elementwise(cpu.silu_and_mul(strided), reference.silu_and_mul(strided), f"strided seed {seed}")
 
 
-def _rope_cache(max_pos: int, head_dim: int) -> torch.Tensor:
-    inv_freq = 1.0 / (10000.0 ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
-    freqs = torch.arange(max_pos, dtype=torch.float32)[:, None] * inv_freq[None, :]
-    return torch.cat((freqs.cos(), freqs.sin()), dim=-1)
-
-
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("q_heads,kv_heads,head_dim", [(9, 3, 64), (4, 4, 32), (3, 1, 96), (2, 1, 34)])
 @pytest.mark.parametrize("rows", [1, 37])
 def test_rotary_embedding_matches_reference_on_qkv_views(rows, q_heads, kv_heads, head_dim, dtype, module_calls):
     """q and k as the model passes them: split views of one fused qkv projection (row stride > width)."""
     seed = fresh_seed()
-    cache = _rope_cache(4096, head_dim)
+    cache = rope_cache(4096, head_dim)
     positions = torch.randint(0, 4096, (rows,))
     positions[0] = 0
     qkv = (torch.randn(rows, (q_heads + 2 * kv_heads) * head_dim) * 2).to(dtype)
@@ -267,7 +260,7 @@ def test_rotary_embedding_matches_reference_on_qkv_views(rows, q_heads, kv_heads
 def test_elementwise_out_of_range_position_raises():
     q, k = torch.randn(2, 64), torch.randn(2, 64)
     with pytest.raises(RuntimeError, match="out of the rotary cache"):
-        cpu.rotary_embedding(torch.tensor([0, 16]), q, k, _rope_cache(16, 64), 64)
+        cpu.rotary_embedding(torch.tensor([0, 16]), q, k, rope_cache(16, 64), 64)
 
 
 def test_elementwise_auto_dispatch_reaches_the_kernels(module_calls):
@@ -281,13 +274,13 @@ def test_elementwise_auto_dispatch_reaches_the_kernels(module_calls):
             kernels.rms_norm(x, weight, 1e-6)
             kernels.rms_norm(x, weight, 1e-6, x)
             kernels.silu_and_mul(x)
-            kernels.rotary_embedding(positions, x, x[:, :32], _rope_cache(8, 32), 32)
+            kernels.rotary_embedding(positions, x, x[:, :32], rope_cache(8, 32), 32)
             assert module_calls == ["rms_norm", "rms_norm", "silu_and_mul", "rotary_embedding"]
         module_calls.clear()
         kernels.set_backend("torch")
         kernels.rms_norm(x, weight, 1e-6, x)
         kernels.silu_and_mul(x)
-        kernels.rotary_embedding(positions, x, x[:, :32], _rope_cache(8, 32), 32)
+        kernels.rotary_embedding(positions, x, x[:, :32], rope_cache(8, 32), 32)
         assert not module_calls, "the 'torch' backend must run the pure reference"
     finally:
         kernels.set_backend(before)
@@ -299,6 +292,6 @@ def test_elementwise_fall_back_after_a_failed_build(monkeypatch):
     x, weight = torch.randn(3, 32), torch.rand(32)
     torch.testing.assert_close(cpu.rms_norm(x, weight, 1e-6, x), reference.rms_norm(x, weight, 1e-6, x))
     torch.testing.assert_close(cpu.silu_and_mul(x), reference.silu_and_mul(x))
-    cache = _rope_cache(8, 16)
+    cache = rope_cache(8, 16)
     torch.testing.assert_close(cpu.rotary_embedding(torch.arange(3), x, x, cache, 16),
                                reference.rotary_embedding(torch.arange(3), x, x, cache, 16))

@@ -6,12 +6,19 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests.kernel_helpers import DEVICE, TOLERANCE, enable_triton_interpreter, fresh_seed, poisoned, rel_error
+from tests.kernel_helpers import (
+    DEVICE,
+    TOLERANCE,
+    enable_triton_interpreter,
+    fresh_seed,
+    poisoned,
+    rel_error,
+    rope_cache,
+)
 
 enable_triton_interpreter()
 
-from kernels import reference  # noqa: E402
-from kernels import triton_activation, triton_cache, triton_norm, triton_rope  # noqa: E402
+from kernels import reference, triton_activation, triton_cache, triton_norm, triton_rope  # noqa: E402
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
@@ -93,12 +100,6 @@ def test_rms_norm_allocates_promoted_outputs():
 
 # --- rotary_embedding ---
 
-def make_cos_sin(max_pos: int, head_dim: int) -> torch.Tensor:
-    inv_freq = 1.0 / (10000 ** (torch.arange(0, head_dim, 2).float() / head_dim))
-    freqs = torch.outer(torch.arange(max_pos).float(), inv_freq)
-    return torch.cat((freqs.cos(), freqs.sin()), dim=-1)
-
-
 def naive_rope(positions, x, cos_sin, head_dim):
     half = head_dim // 2
     positions, x, cos_sin = positions.cpu(), x.cpu(), cos_sin.cpu()
@@ -116,7 +117,7 @@ def naive_rope(positions, x, cos_sin, head_dim):
 def test_rotary_embedding(dtype, heads):
     seed = fresh_seed()
     num_q_heads, num_kv_heads, head_dim = heads
-    cos_sin = make_cos_sin(64, head_dim).to(DEVICE)
+    cos_sin = rope_cache(64, head_dim).to(DEVICE)
     positions = torch.randint(1, 64, (6,)).to(DEVICE)  # position 0 is the identity: a missed row would pass
     qkv = torch.randn(6, (num_q_heads + 2 * num_kv_heads) * head_dim).to(DEVICE, dtype)
     q, k, v = qkv.split([num_q_heads * head_dim, num_kv_heads * head_dim, num_kv_heads * head_dim], dim=-1)
