@@ -100,7 +100,7 @@ def bench_decode(shape: Shape, batch: int, context: int, device: torch.device) -
     kv_bytes = 2 * batch * context * shape.kv_heads * shape.head_dim * element
     io_bytes = 2 * q.numel() * element + tables.numel() * 4
     splits = triton_attention.decode_num_splits(batch, shape.kv_heads, tables.shape[1] * shape.block_size,
-                                                torch.cuda.get_device_properties(device).multi_processor_count)
+                                                triton_attention.num_sms(device))
     return {"batch": batch, "context": context, "num_splits": splits, "ms": ms,
             "bytes_per_s": (kv_bytes + io_bytes) / (ms * 1e-3)}
 

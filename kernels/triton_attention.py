@@ -208,7 +208,7 @@ def _reduce_block_s(num_splits: int) -> int:
     return max(MAX_SPLITS, triton.next_power_of_2(num_splits))
 
 
-def _num_sms(device: torch.device) -> int:
+def num_sms(device: torch.device) -> int:
     """SMs to fill; the interpreter runs programs one by one, so on CPU there is nothing to fill."""
     return _cuda_sms(device) if device.type == "cuda" else 0
 
@@ -264,7 +264,7 @@ def paged_attention_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         return out
     block_n, num_warps, num_stages = _decode_config(q.dtype)
     if num_splits is None:
-        num_splits = decode_num_splits(batch, num_kv_heads, block_tables.shape[1] * page, _num_sms(q.device))
+        num_splits = decode_num_splits(batch, num_kv_heads, block_tables.shape[1] * page, num_sms(q.device))
     group = num_q_heads // num_kv_heads
     block_d = triton.next_power_of_2(head_dim)
     if num_splits > 1:
