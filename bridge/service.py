@@ -403,8 +403,9 @@ class Service:
         config = EngineConfig.from_dict(options)
         key = repr(sorted(config.to_dict().items()))
         with self._load_lock:
-            with self._lock:
+            with self._lock:  # lookup and ref in one step: a release() in between could unload the engine
                 entry = self._engines.get(key)
+                ref = None if entry is None else self._add_ref(entry)
             if entry is None:
                 from engine.llm import LLM
 
@@ -412,12 +413,16 @@ class Service:
                 entry = _Engine(f"engine-{next(self._engine_ids)}", key, llm, _engine_info(llm, config))
                 with self._lock:
                     self._engines[key] = entry
+                    ref = self._add_ref(entry)
                 self.on_event("model_loaded", {"engine": entry.id, **entry.info})
-            with self._lock:
-                ref = f"llm-{next(self._ref_ids)}"
-                entry.refs.add(ref)
-                self._refs[ref] = entry
         return {"ref": ref, "engine": entry.id, **entry.info}  # type: ignore[return-value]
+
+    def _add_ref(self, entry: _Engine) -> str:
+        """A new handle to the engine; the caller holds self._lock."""
+        ref = f"llm-{next(self._ref_ids)}"
+        entry.refs.add(ref)
+        self._refs[ref] = entry
+        return ref
 
     @rpc(options="SamplingParams")
     def sampling_params(self, **fields: Any) -> dict:

@@ -10,7 +10,8 @@ import threading
 import pytest
 
 from bridge.protocol import BridgeError
-from bridge.service import Call, Service
+from bridge.service import Call, Service, _Engine
+from engine.config import EngineConfig
 from engine.errors import InvalidParams, ModelNotFound, OutOfKVCache
 from engine.llm import EngineDead
 
@@ -112,3 +113,41 @@ def test_asyncio_adapters():
         return pong, info.value.code, streamed.value.code
 
     assert asyncio.run(main()) == ({"n": 4, "time": pytest.approx(0, abs=1e10)}, "not_found", "not_found")
+
+
+class _FakeLLM:
+    def __init__(self) -> None:
+        self.shut_down = False
+
+    def shutdown(self) -> None:
+        self.shut_down = True
+
+
+class _HookLock:
+    """Service._lock that runs `hook` (once) right after the next time it is released."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.hook = None
+
+    def __enter__(self):
+        return self._lock.__enter__()
+
+    def __exit__(self, *exc):
+        self._lock.__exit__(*exc)
+        hook, self.hook = self.hook, None
+        if hook is not None:
+            hook()
+
+
+def test_llm_reusing_an_engine_is_not_undone_by_a_concurrent_release():
+    service = Service()
+    key = repr(sorted(EngineConfig.from_dict({}).to_dict().items()))
+    entry = _Engine("engine-1", key, _FakeLLM(), {"model": "smollm2"}, refs={"llm-0"})
+    service._engines[key] = entry
+    service._refs["llm-0"] = entry
+    service._lock = _HookLock()
+    service._lock.hook = lambda: service.release("llm-0")  # the old handle's release lands inside llm()
+    handle = service.llm()
+    assert not entry.llm.shut_down and service.get_llm(handle) is entry.llm
+    assert service._engines[key] is entry and entry.refs == {handle["ref"]}
