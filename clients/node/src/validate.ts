@@ -22,13 +22,22 @@ export function invalidParams(field: string, message: string): LMPortError {
   return new LMPortError("invalid_params", `${field}: ${message}`, { field });
 }
 
+// Field tables are module constants (generated): each is indexed once, not per call or per list item.
+const fieldNames = new WeakMap<readonly FieldSpec[], ReadonlySet<string>>();
+
+function namesOf(fields: readonly FieldSpec[]): ReadonlySet<string> {
+  let names = fieldNames.get(fields);
+  if (names === undefined) fieldNames.set(fields, names = new Set(fields.map((f) => f.name)));
+  return names;
+}
+
 /** Checks `value` against `fields`: unknown keys, missing required ones, types, choices and ranges. */
 export function checkFields(owner: string, fields: readonly FieldSpec[], value: Record<string, unknown>,
                             prefix = ""): void {
-  const known = new Map(fields.map((f) => [f.name, f]));
+  const known = namesOf(fields);
   for (const key of Object.keys(value)) {
     if (!known.has(key) && value[key] !== undefined) {
-      throw invalidParams(prefix + key, `unknown ${owner} field; known: ${[...known.keys()].join(", ")}`);
+      throw invalidParams(prefix + key, `unknown ${owner} field; known: ${[...known].join(", ")}`);
     }
   }
   for (const field of fields) {
@@ -59,22 +68,40 @@ function checkNested(owner: string, fields: readonly FieldSpec[], value: unknown
 
 /** Whether `value` fits a manifest type string; unknown type names accept anything. */
 export function matchesType(type: string, value: unknown): boolean {
-  return splitUnion(type).some((alt) => matchesOne(alt, value));
+  return checkOf(type)(value);
 }
 
-function matchesOne(type: string, value: unknown): boolean {
+type Check = (value: unknown) => boolean;
+
+// Type strings come from the manifest, a handful: each is parsed once into a check, not per call or list element.
+const checks = new Map<string, Check>();
+
+function checkOf(type: string): Check {
+  let check = checks.get(type);
+  if (check === undefined) {
+    const alternatives = splitUnion(type).map(checkOne);
+    check = alternatives.length === 1 ? alternatives[0]! : (value) => alternatives.some((alt) => alt(value));
+    checks.set(type, check);
+  }
+  return check;
+}
+
+function checkOne(type: string): Check {
   const list = /^list\[(.*)\]$/.exec(type);
-  if (list) return Array.isArray(value) && value.every((item) => matchesType(list[1]!, item));
+  if (list) {
+    const item = checkOf(list[1]!);
+    return (value) => Array.isArray(value) && value.every((v) => item(v));
+  }
   switch (type) {
-    case "str": return typeof value === "string";
-    case "int": return Number.isInteger(value);
-    case "float": return typeof value === "number";
-    case "bool": return typeof value === "boolean";
-    case "null": return value === null;
-    case "dict": return isRecord(value);
-    case "list": return Array.isArray(value);
-    case "handle": return typeof value === "string" || (isRecord(value) && typeof value.ref === "string");
-    default: return true;
+    case "str": return (value) => typeof value === "string";
+    case "int": return (value) => Number.isInteger(value);
+    case "float": return (value) => typeof value === "number";
+    case "bool": return (value) => typeof value === "boolean";
+    case "null": return (value) => value === null;
+    case "dict": return isRecord;
+    case "list": return Array.isArray;
+    case "handle": return (value) => typeof value === "string" || (isRecord(value) && typeof value.ref === "string");
+    default: return () => true;
   }
 }
 

@@ -19,33 +19,45 @@ defmodule LMPort.Validate do
 
   @type spec :: %{required(String.t()) => term}
 
+  # Every type string of the manifest, split into its alternatives once, at compile time (a spec from elsewhere is
+  # split when it is checked).
+  @alternatives Schema.methods()
+                |> Map.values()
+                |> Enum.flat_map(& &1["params"])
+                |> Enum.concat(Enum.concat(Map.values(Schema.schemas())))
+                |> Enum.map(& &1["type"])
+                |> Enum.filter(&is_binary/1)
+                |> Map.new(&{&1, &1 |> String.split("|") |> Enum.map(fn alt -> String.trim(alt) end)})
+
   @doc "Validates `values` (atom or string keys) of `method` against `specs`; returns the wire params map."
   @spec params(String.t(), [spec], map | keyword) :: {:ok, map} | {:error, Error.t()}
   def params(method, specs, values), do: params(method, "", specs, values)
 
+  # Walks the specs (no index of them is built per call): the values given are few, the specs a few dozen.
   defp params(method, prefix, specs, values) do
-    by_name = Map.new(specs, &{&1["name"], &1})
     values = Map.new(values, fn {k, v} -> {to_string(k), v} end)
 
-    with :ok <- check_unknown(method, prefix, by_name, values),
+    with :ok <- check_unknown(method, prefix, specs, values),
          :ok <- check_required(method, prefix, specs, values) do
-      map_ok(values, %{}, fn
-        {_name, nil}, acc ->
-          {:ok, acc}
+      map_ok(specs, %{}, fn %{"name" => name} = spec, acc ->
+        case values do
+          %{^name => value} when value != nil ->
+            with {:ok, v} <- field(method, prefix, spec, value), do: {:ok, Map.put(acc, name, v)}
 
-        {name, value}, acc ->
-          with {:ok, v} <- field(method, prefix, by_name[name], value), do: {:ok, Map.put(acc, name, v)}
+          _ ->
+            {:ok, acc}
+        end
       end)
     end
   end
 
-  defp check_unknown(method, prefix, by_name, values) do
-    case Enum.reject(Map.keys(values), &Map.has_key?(by_name, &1)) do
+  defp check_unknown(method, prefix, specs, values) do
+    case Enum.reject(Map.keys(values), fn key -> Enum.any?(specs, &(&1["name"] == key)) end) do
       [] ->
         :ok
 
       [name | _] ->
-        allowed = by_name |> Map.keys() |> Enum.sort() |> Enum.join(", ")
+        allowed = specs |> Enum.map(& &1["name"]) |> Enum.sort() |> Enum.join(", ")
         invalid(method, prefix <> name, "is not an option (allowed: #{allowed})")
     end
   end
@@ -69,7 +81,9 @@ defmodule LMPort.Validate do
   end
 
   defp alternatives(nil), do: ["any"]
-  defp alternatives(type), do: type |> String.split("|") |> Enum.map(&String.trim/1)
+  defp alternatives(type), do: Map.get_lazy(@alternatives, type, fn -> split(type) end)
+
+  defp split(type), do: type |> String.split("|") |> Enum.map(&String.trim/1)
 
   defp typed(method, path, types, value) do
     case Enum.find_value(types, &coerce(&1, value)) do
