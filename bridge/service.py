@@ -518,7 +518,7 @@ class Service:
         Returns:
             {ref, unloaded}: unloaded is true when this was the engine's last handle.
         """
-        entry = self._entry(ref)
+        entry = self._entry(ref, "ref")
         name = _ref_of(ref)
         with self._lock:
             if self._refs.pop(name, None) is None:
@@ -598,12 +598,13 @@ class Service:
 
     # --- generation ---
 
-    def _entry(self, handle: Handle | str) -> _Engine:
+    def _entry(self, handle: Handle | str, field: str = "llm") -> _Engine:
+        """The engine behind a handle; not_found names `field`, the parameter that held the handle."""
         ref = _ref_of(handle)
         with self._lock:
             entry = self._refs.get(ref)
         if entry is None:
-            raise BridgeError("not_found", f"unknown handle {ref!r} (released, or never created)", {"field": "llm"})
+            raise BridgeError("not_found", f"unknown handle {ref!r} (released, or never created)", {"field": field})
         return entry
 
     def _start_generation(self, call: Call, entry: _Engine, prompts: list[Any],

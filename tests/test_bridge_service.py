@@ -42,6 +42,13 @@ def test_submit_answers_exactly_once_with_result_or_error():
     assert service.stats()["service"]["requests_total"] == 4
 
 
+def test_an_unknown_handle_names_the_parameter_that_held_it():
+    _, error = run_call(Service(), "release", {"ref": "llm-404"})
+    assert error.code == "not_found" and error.details == {"field": "ref"}
+    _, error = run_call(Service(), "tokenize", {"llm": "llm-404", "text": "x"})
+    assert error.code == "not_found" and error.details == {"field": "llm"}
+
+
 def test_a_call_past_its_deadline_answers_deadline_exceeded_and_a_late_result_is_dropped():
     service = Service()
     outcomes = []
