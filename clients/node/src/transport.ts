@@ -90,10 +90,6 @@ const MAX_FRAME = 0xffff_ffff; // worker -> host frames have no limit beyond the
 /** setTimeout's longest delay (about 24.8 days); a longer one fires after 1 ms instead. */
 const MAX_TIMER_MS = 0x7fff_ffff;
 
-const DEFAULT_PROFILES: Record<string, number> = {
-  default: 120_000, streaming: 1_800_000, ml_inference: 600_000, batch_job: 3_600_000,
-};
-
 export class Transport {
   /** The hello frame: server version, pgid, limits, methods, timeout profiles. */
   hello!: Hello;
@@ -308,9 +304,10 @@ export class Transport {
     return () => this.#cancel(id, new LMPortError("cancelled", `${method} cancelled`));
   }
 
+  /** A profile's milliseconds, from the worker's hello (which always carries them); unknown names: "default". */
   #profileMs(profile: TimeoutProfile): number {
-    const profiles = this.hello?.timeout_profiles ?? DEFAULT_PROFILES;
-    return profiles[profile] ?? profiles.default ?? DEFAULT_PROFILES.default!;
+    const profiles = this.hello.timeout_profiles;
+    return profiles[profile] ?? profiles.default!;
   }
 
   /** Fails a pending call locally and tells the worker to stop working on it. */

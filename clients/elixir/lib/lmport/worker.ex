@@ -38,14 +38,19 @@ defmodule LMPort.Worker do
   # The longest delay Process.send_after/3 is documented to take (about 49.7 days; above an architecture-specific
   # limit it raises badarg): the client-side deadline is capped at it.
   @max_timer_ms 0xFFFF_FFFF
-  @default_profiles %{
-    "default" => 120_000,
-    "streaming" => 1_800_000,
-    "ml_inference" => 600_000,
-    "batch_job" => 3_600_000
-  }
 
-  defstruct [:port, :os_pid, :pgid, :hello, :grace_ms, :owner_ref, next_id: 1, pending: %{}, monitors: %{}]
+  defstruct [
+    :port,
+    :os_pid,
+    :pgid,
+    :hello,
+    :profiles,
+    :grace_ms,
+    :owner_ref,
+    next_id: 1,
+    pending: %{},
+    monitors: %{}
+  ]
 
   @type server :: GenServer.server()
   @type call_opts :: [
@@ -216,6 +221,8 @@ defmodule LMPort.Worker do
          os_pid: Port.info(port, :os_pid) |> elem(1),
          pgid: hello["pgid"],
          hello: hello,
+         # the worker's own profiles (hello always carries them) over the manifest's, merged once
+         profiles: Map.merge(LMPort.Schema.timeout_profiles(), hello["timeout_profiles"] || %{}),
          grace_ms: Keyword.get(opts, :grace_ms, @default_grace_ms),
          owner_ref: opts[:owner] && Process.monitor(opts[:owner])
        }}
@@ -376,10 +383,8 @@ defmodule LMPort.Worker do
 
   defp deadline_ms(_state, %{timeout: ms}) when is_integer(ms), do: ms
 
-  defp deadline_ms(state, ropts) do
-    profiles = Map.merge(@default_profiles, state.hello["timeout_profiles"] || %{})
-    Map.get(profiles, ropts.profile || ropts.default, profiles["default"])
-  end
+  defp deadline_ms(%{profiles: profiles}, ropts),
+    do: Map.get(profiles, ropts.profile || ropts.default, profiles["default"])
 
   @impl true
   def handle_info({port, {:data, frame}}, %{port: port} = state) do
