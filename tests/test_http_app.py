@@ -239,3 +239,19 @@ def test_a_batch_of_text_prompts_is_tokenized_in_order() -> None:
         assert backend.submitted[-1][0] == [[97, 98], [99, 100, 101], [102]]
     finally:
         running.stop()
+
+
+def test_min_tokens_is_checked_against_the_max_tokens_the_request_gets(server) -> None:
+    messages = CHAT["messages"]  # "user:hi;": 8 tokens of the fake's 64, so up to 56 may be generated
+    reply = httpx.post(f"{server.url}/v1/chat/completions", json={"messages": messages, "min_tokens": 20})
+    assert reply.status_code == 200, reply.text
+    assert reply.json()["usage"]["completion_tokens"] == 56
+    reply = httpx.post(f"{server.url}/v1/completions", json={"prompt": "abcd", "max_tokens": None, "min_tokens": 20})
+    assert reply.status_code == 200 and reply.json()["usage"]["completion_tokens"] == 60, reply.text
+    for body, param in (({"messages": messages, "min_tokens": 57}, "min_tokens"),
+                        ({"messages": messages, "max_completion_tokens": 5, "min_tokens": 6}, "min_tokens"),
+                        ({"messages": messages, "max_completion_tokens": 0}, "max_completion_tokens")):
+        refused = httpx.post(f"{server.url}/v1/chat/completions", json=body)
+        assert refused.status_code == 400 and refused.json()["error"]["param"] == param, (body, refused.text)
+    refused = httpx.post(f"{server.url}/v1/completions", json={"prompt": "abcd", "min_tokens": 20})
+    assert refused.status_code == 400 and refused.json()["error"]["param"] == "min_tokens"  # max_tokens: 16

@@ -21,10 +21,10 @@ CLIENT_CLOSED = 499  # nginx's "client closed request": nobody reads it, but acc
 async def create_completion(body: CompletionRequest, request: Request, state: ServerState, identity: str) -> Response:
     model = state.check_model(body.model)
     state.require_ready()
-    sampling = state.sampling(body.sampling())
+    fields = body.sampling()
     texts = body.prompts()
     prompts = await state.prompt_ids(texts)
-    sampling = state.fit(prompts, sampling, "prompt", "max_tokens", body.max_tokens is not None)
+    sampling = state.sampling(state.fit(prompts, fields, "prompt", "max_tokens"))
     admitted = await state.admit(identity, prompts, sampling, "cmpl", {"prompts": "prompt"})
     admitted.generation.watch(request.receive)
     view = _View(body, model, admitted, state, texts, prompts)

@@ -1,5 +1,6 @@
 """The server's shared state and the admission steps every generation endpoint takes in the same order:
-authenticate -> model known -> engine ready -> sampling fields valid -> prompts fit -> rate limit -> submit."""
+authenticate -> model known -> engine ready -> prompts tokenized -> prompts fit (max_tokens settled) -> sampling fields
+valid -> rate limit -> submit."""
 
 from __future__ import annotations
 
@@ -128,22 +129,25 @@ class ServerState:
         except Exception as exc:  # noqa: BLE001 — a bug: logged, answered as a 500 in the API's error shape
             raise from_engine_error(exc) from None
 
-    def fit(self, prompts: list[list[int]], sampling: dict[str, Any], prompt_param: str,
-            max_tokens_param: str | None, max_tokens_given: bool) -> dict[str, Any]:
-        """413 for a prompt that cannot fit; 400 when prompt + max_tokens exceeds max_model_len (vLLM's rule);
-        without max_tokens, generation may run to the end of the context."""
+    def fit(self, prompts: list[list[int]], fields: dict[str, Any], prompt_param: str,
+            max_tokens_param: str) -> dict[str, Any]:
+        """The request's sampling fields with max_tokens settled: 413 for a prompt that cannot fit; 400 when prompt +
+        max_tokens exceeds max_model_len (vLLM's rule); without max_tokens, generation may run to the end of the
+        context. It takes the fields as the request gave them, before validation, so that validation sees the
+        max_tokens the request will run with (not SamplingParams' default 16 beside a larger min_tokens)."""
         limit = self.backend.max_model_len
         longest = max(len(p) for p in prompts)
         if longest >= limit:
             raise too_large(prompt_param, f"This model's maximum context length is {limit} tokens; the prompt has "
                                           f"{longest} tokens, which leaves no room for output.")
-        if not max_tokens_given:
-            return {**sampling, "max_tokens": limit - longest}
-        if longest + sampling["max_tokens"] > limit:
+        max_tokens = fields.get("max_tokens")
+        if max_tokens is None:
+            return {**fields, "max_tokens": limit - longest}
+        if longest + max_tokens > limit:  # a max_tokens below 1 passes here and is refused by validation
             raise bad_request(max_tokens_param, f"This model's maximum context length is {limit} tokens; the prompt "
                                                 f"has {longest} tokens and {max_tokens_param} asks for "
-                                                f"{sampling['max_tokens']}, {longest + sampling['max_tokens']} in all.")
-        return sampling
+                                                f"{max_tokens}, {longest + max_tokens} in all.")
+        return fields
 
     async def admit(self, identity: str, prompts: list[list[int]], sampling: dict[str, Any], prefix: str,
                     renames: dict[str, str] | None = None) -> Admitted:
