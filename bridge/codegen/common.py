@@ -175,22 +175,15 @@ def stale_files(out_dir: Path, files: dict[str, str]) -> list[str]:
             problems.append(f"missing: {path}")
         elif path.read_text(encoding="utf-8") != text:
             problems.append(f"stale: {path}")
-    wanted = {(out_dir / rel).resolve() for rel in files}
-    for directory in sorted({(out_dir / rel).parent for rel in files}):
-        if not directory.is_dir():
-            continue
-        for path in sorted(directory.iterdir()):
-            if path.is_file() and path.resolve() not in wanted and is_generated(_head(path)):
-                problems.append(f"no longer generated: {path}")
+    problems += [f"no longer generated: {path}" for path in _orphans(out_dir, files)]
     return problems
 
 
 def write_files(out_dir: Path, files: dict[str, str]) -> list[Path]:
     """Writes `files` under `out_dir` and removes generated files the generator no longer produces."""
     written = []
-    for problem in stale_files(out_dir, files):
-        if problem.startswith("no longer generated: "):
-            Path(problem.removeprefix("no longer generated: ")).unlink()
+    for path in _orphans(out_dir, files):
+        path.unlink()
     for rel, text in sorted(files.items()):
         path = out_dir / rel
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -198,6 +191,14 @@ def write_files(out_dir: Path, files: dict[str, str]) -> list[Path]:
             path.write_text(text, encoding="utf-8")
             written.append(path)
     return written
+
+
+def _orphans(out_dir: Path, files: dict[str, str]) -> list[Path]:
+    """Generated files in the directories of `files` that are not among them (the generator dropped them)."""
+    wanted = {(out_dir / rel).resolve() for rel in files}
+    return [path for directory in sorted({(out_dir / rel).parent for rel in files}) if directory.is_dir()
+            for path in sorted(directory.iterdir())
+            if path.is_file() and path.resolve() not in wanted and is_generated(_head(path))]
 
 
 def _head(path: Path) -> str:
