@@ -22,7 +22,7 @@ from engine.loader import load_model
 from engine.model_runner import ModelRunner, StepLogits
 from engine.outputs import CompletionOutput, Logprob, PositionLogprobs, RequestOutput
 from engine.sampler import Sampler, SamplerOutput, SamplingBatch, compute_prompt_logprobs
-from engine.sampling_params import RequestOutputKind, SamplingParams
+from engine.sampling_params import RequestOutputKind, SamplingParams, check_token_ids
 from engine.scheduler import ScheduledBatch, Scheduler
 from engine.sequence import Request, Sequence
 
@@ -70,9 +70,7 @@ class LLMEngine:
         if len(token_ids) >= self.max_model_len:
             raise InvalidParams("prompt", f"the prompt has {len(token_ids)} tokens; max_model_len is "
                                           f"{self.max_model_len}, which leaves no room for output")
-        bad = next((t for t in token_ids if not 0 <= t < self.vocab_size), None)
-        if bad is not None:
-            raise InvalidParams("prompt_token_ids", f"token id {bad} is outside the vocabulary [0, {self.vocab_size})")
+        token_ids = check_token_ids(token_ids, "prompt_token_ids", self.vocab_size)
         params.verify_for_model(self.vocab_size, self.config.max_logprobs, self.max_model_len)
         request = Request(request_id=request_id, prompt=text, prompt_token_ids=token_ids, params=params,
                           on_output=on_output)
@@ -112,12 +110,12 @@ class LLMEngine:
             return prompt, self.tokenizer.encode(prompt)
         if isinstance(prompt, dict):
             if "prompt_token_ids" in prompt:
-                return prompt.get("prompt"), _token_list(prompt["prompt_token_ids"], "prompt_token_ids")
+                return prompt.get("prompt"), check_token_ids(prompt["prompt_token_ids"], "prompt_token_ids")
             if "prompt" in prompt and isinstance(prompt["prompt"], str):
                 return prompt["prompt"], self.tokenizer.encode(prompt["prompt"])
             raise InvalidParams("prompt", "a prompt map needs 'prompt' (text) or 'prompt_token_ids'")
         if isinstance(prompt, list):
-            return None, _token_list(prompt, "prompt_token_ids")
+            return None, check_token_ids(prompt, "prompt_token_ids")
         raise InvalidParams("prompt", f"expected text, a list of token ids or a map, got {type(prompt).__name__}")
 
     # --- the step ---
@@ -135,7 +133,8 @@ class LLMEngine:
         now = time.time()
         for seq, num_new in zip(batch.seqs, batch.num_new_tokens):
             if seq.num_computed_tokens < seq.num_prompt_tokens:
-                self.counters["prefill_tokens_computed"] += min(num_new, seq.num_prompt_tokens - seq.num_computed_tokens)
+                self.counters["prefill_tokens_computed"] += min(num_new,
+                                                                seq.num_prompt_tokens - seq.num_computed_tokens)
             seq.num_computed_tokens += num_new
             self.block_manager.cache_full_blocks(seq)
         self._record_prompt_logprobs(batch, step_logits)
@@ -291,9 +290,3 @@ class LLMEngine:
 @functools.lru_cache(maxsize=1 << 16)
 def _decode_single(tokenizer: Any, token_id: int) -> str:
     return tokenizer.decode([token_id])
-
-
-def _token_list(value: Any, field: str) -> list[int]:
-    if not isinstance(value, list) or not all(isinstance(t, int) and not isinstance(t, bool) for t in value):
-        raise InvalidParams(field, "expected a list of integer token ids")
-    return list(value)

@@ -138,9 +138,8 @@ class SamplingParams:
                                 f"got {self.truncate_prompt_tokens}")
         for name in ("stop_token_ids", "allowed_token_ids", "logit_bias"):
             ids = getattr(self, name)
-            bad = next((t for t in ids or () if not 0 <= t < vocab_size), None)
-            if bad is not None:
-                raise InvalidParams(name, f"token id {bad} is outside the vocabulary [0, {vocab_size})")
+            if ids is not None:
+                check_token_ids(list(ids), name, vocab_size)
 
     def bad_words_token_ids(self, tokenizer: Any) -> list[list[int]]:
         """Tokenize bad_words as vLLM does: each word alone and, when that gives a different first token of the
@@ -193,6 +192,22 @@ def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
+def check_token_ids(value: Any, field: str, vocab_size: int | None = None) -> list[int]:
+    """The one check of a token-id list (prompt_token_ids, stop_token_ids, allowed_token_ids, logit_bias keys,
+    detokenize's input): a list or tuple of integers (a bool is not a token id), each inside [0, vocab_size) when
+    vocab_size is given. Returns the ids as a new list; raises InvalidParams naming `field`."""
+    if not isinstance(value, (list, tuple)):
+        raise InvalidParams(field, f"expected a list of integer token ids, got {type(value).__name__}")
+    for index, token in enumerate(value):
+        if not _is_int(token):
+            raise InvalidParams(field, f"expected a list of integer token ids, got {token!r} at index {index}")
+    if vocab_size is not None:
+        bad = next((t for t in value if not 0 <= t < vocab_size), None)
+        if bad is not None:
+            raise InvalidParams(field, f"token id {bad} is outside the vocabulary [0, {vocab_size})")
+    return list(value)
+
+
 def _check_value(f: dataclasses.Field, value: Any) -> Any:
     """Type- and range-check one field; returns the value normalized (ints widened to float for float fields)."""
     if value is None:
@@ -202,9 +217,7 @@ def _check_value(f: dataclasses.Field, value: Any) -> Any:
     kind = type(f.default) if f.default is not None else None
     name = f.name
     if name in _INT_LISTS:
-        if not isinstance(value, (list, tuple)) or not all(_is_int(t) for t in value):
-            raise InvalidParams(name, f"expected a list of integer token ids, got {value!r}")
-        return list(value)
+        return check_token_ids(value, name)
     if name in ("stop", "bad_words"):
         if not isinstance(value, (list, tuple)) or not all(isinstance(s, str) for s in value):
             raise InvalidParams(name, f"expected a string or a list of strings, got {value!r}")
