@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import re
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -151,6 +152,17 @@ def constraint_text(field: dict[str, Any]) -> str:
     elif hi is not None:
         parts.append(f"<= {hi}")
     return "; ".join(parts)
+
+
+def facts(field: dict[str, Any], fmt_default: Callable[[Any], str]) -> str:
+    """`Default: ... Allowed: ...` of a parameter or field ("" when it has neither); `fmt_default` writes the default
+    value in the language's own notation."""
+    parts = []
+    if "default" in field and not field.get("required"):
+        parts.append(f"Default: {fmt_default(field['default'])}.")
+    if constraint := constraint_text(field):
+        parts.append(f"Allowed: {constraint}.")
+    return " ".join(parts)
 
 
 def header(lang: str, comment: str) -> str:

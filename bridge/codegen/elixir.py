@@ -13,7 +13,7 @@ from typing import Any
 
 from bridge.codegen.common import (
     api_methods,
-    constraint_text,
+    facts,
     header,
     option_params,
     params_schema,
@@ -265,18 +265,13 @@ def _method_doc(manifest: dict[str, Any], method: dict[str, Any]) -> str:
 
 
 def _param_line(manifest: dict[str, Any], param: dict[str, Any], label: str) -> str:
-    facts = [" | ".join(type_alternatives(param.get("type")))]
-    if param.get("required"):
-        facts.append("required")
-    elif "default" in param:
-        facts.append(f"default `{_flat(param['default'])}`")
-    if constraint := constraint_text(param):
-        facts.append(constraint)
+    kind = " | ".join(type_alternatives(param.get("type"))) + (", required" if param.get("required") else "")
     text = _one_line(param.get("doc", ""))
     if schema := schema_for_param(manifest, param):
         fields = ", ".join(f"`{f['name']}`" for f in manifest["schemas"][schema])
         text = _sentence(text) + f" A keyword list or map of {schema} fields ({fields}), checked locally."
-    line = f"* {label} ({', '.join(facts)}) — {text}".rstrip(" —")
+    text = " ".join(filter(None, [_sentence(text), facts(param, lambda value: f"`{_flat(value)}`")]))
+    line = f"* {label} ({kind}) — {text}".rstrip(" —")
     return textwrap.fill(line, width=108, initial_indent="  ", subsequent_indent="    ", break_on_hyphens=False,
                          break_long_words=False)
 

@@ -144,13 +144,7 @@ def _field_doc(field: dict[str, Any]) -> list[str]:
 
 
 def _facts(field: dict[str, Any]) -> str:
-    """`Default: ... Allowed: ...` of a parameter or field ("" when it has neither)."""
-    facts = []
-    if "default" in field and not field.get("required"):
-        facts.append(f"Default: `{json.dumps(field['default'])}`.")
-    if constraint := common.constraint_text(field):
-        facts.append(f"Allowed: {constraint}.")
-    return " ".join(facts)
+    return common.facts(field, lambda value: f"`{json.dumps(value)}`")
 
 
 def _escape(text: str) -> str:

@@ -81,42 +81,45 @@ defmodule LMPort do
 
   ## Arguments
 
-    * `model` (str, default `"smollm2"`) — Model to load: 'smollm2' (the bundled SmolLM2-135M-Instruct), a
-      local HF directory, a local .gguf file, or a hub id already present in the local HF cache.
+    * `model` (str) — Model to load: 'smollm2' (the bundled SmolLM2-135M-Instruct), a local HF directory, a
+      local .gguf file, or a hub id already present in the local HF cache. Default: `"smollm2"`.
 
   ## Options
 
-    * `:revision` (str | null, default `nil`) — Revision of a hub model to look up in the local HF cache.
-    * `:tokenizer` (str | null, default `nil`) — Tokenizer to use instead of the model's own (same forms as
-      model).
-    * `:dtype` (str, default `"auto"`, one of "auto", "float32", "bfloat16", "float16") — Weight and
-      activation dtype; 'auto' takes the model config's dtype.
-    * `:max_model_len` (int | null, default `nil`, >= 1) — Longest sequence (prompt + output) in tokens;
-      default: the model's limit.
-    * `:trust_remote_code` (bool, default `false`) — Allow the tokenizer/config to run code shipped with the
-      model.
-    * `:device` (str, default `"auto"`) — Device to run on: 'auto' (CUDA when available), 'cpu', 'cuda' or
-      'cuda:N'.
-    * `:gpu_memory_utilization` (float, default `0.9`, 0.0 .. 1.0) — Fraction of GPU memory the engine may use
-      (CUDA only).
-    * `:kv_cache_memory_bytes` (int | null, default `nil`, >= 1) — Bytes reserved for the KV cache; overrides
-      gpu_memory_utilization. CPU default: 2 GiB.
-    * `:max_num_seqs` (int, default `256`, >= 1) — Most sequences running in one batch.
-    * `:max_num_batched_tokens` (int, default `8192`, >= 1) — Most tokens (prefill + decode) computed in one
-      engine step.
-    * `:enable_prefix_caching` (bool, default `true`) — Reuse KV blocks of identical prompt prefixes across
-      requests.
-    * `:enable_chunked_prefill` (bool, default `true`) — Split long prompts across steps so decodes keep
-      flowing.
-    * `:block_size` (int, default `16`, one of 8, 16, 32, 64, 128) — Tokens per KV-cache block.
-    * `:seed` (int, default `0`, >= 0) — Seed of the engine's generator for requests without their own seed.
-    * `:enforce_eager` (bool, default `false`) — Run every step eagerly: no CUDA graphs for decode steps (CUDA
-      only).
-    * `:num_gpu_blocks_override` (int | null, default `nil`, >= 1) — Use exactly this many KV blocks (testing,
-      preemption).
-    * `:max_logprobs` (int, default `20`, >= 0) — Largest logprobs / prompt_logprobs a request may ask for.
-    * `:kernel_backend` (str, default `"auto"`, one of "auto", "triton", "torch") — Kernels to run: 'auto'
-      (Triton on CUDA, PyTorch on CPU) or 'torch' (the PyTorch reference everywhere, for debugging).
+    * `:revision` (str | null) — Revision of a hub model to look up in the local HF cache. Default: `nil`.
+    * `:tokenizer` (str | null) — Tokenizer to use instead of the model's own (same forms as model). Default:
+      `nil`.
+    * `:dtype` (str) — Weight and activation dtype; 'auto' takes the model config's dtype. Default: `"auto"`.
+      Allowed: one of "auto", "float32", "bfloat16", "float16".
+    * `:max_model_len` (int | null) — Longest sequence (prompt + output) in tokens; default: the model's
+      limit. Default: `nil`. Allowed: >= 1.
+    * `:trust_remote_code` (bool) — Allow the tokenizer/config to run code shipped with the model. Default:
+      `false`.
+    * `:device` (str) — Device to run on: 'auto' (CUDA when available), 'cpu', 'cuda' or 'cuda:N'. Default:
+      `"auto"`.
+    * `:gpu_memory_utilization` (float) — Fraction of GPU memory the engine may use (CUDA only). Default:
+      `0.9`. Allowed: 0.0 .. 1.0.
+    * `:kv_cache_memory_bytes` (int | null) — Bytes reserved for the KV cache; overrides
+      gpu_memory_utilization. CPU default: 2 GiB. Default: `nil`. Allowed: >= 1.
+    * `:max_num_seqs` (int) — Most sequences running in one batch. Default: `256`. Allowed: >= 1.
+    * `:max_num_batched_tokens` (int) — Most tokens (prefill + decode) computed in one engine step. Default:
+      `8192`. Allowed: >= 1.
+    * `:enable_prefix_caching` (bool) — Reuse KV blocks of identical prompt prefixes across requests. Default:
+      `true`.
+    * `:enable_chunked_prefill` (bool) — Split long prompts across steps so decodes keep flowing. Default:
+      `true`.
+    * `:block_size` (int) — Tokens per KV-cache block. Default: `16`. Allowed: one of 8, 16, 32, 64, 128.
+    * `:seed` (int) — Seed of the engine's generator for requests without their own seed. Default: `0`.
+      Allowed: >= 0.
+    * `:enforce_eager` (bool) — Run every step eagerly: no CUDA graphs for decode steps (CUDA only). Default:
+      `false`.
+    * `:num_gpu_blocks_override` (int | null) — Use exactly this many KV blocks (testing, preemption).
+      Default: `nil`. Allowed: >= 1.
+    * `:max_logprobs` (int) — Largest logprobs / prompt_logprobs a request may ask for. Default: `20`.
+      Allowed: >= 0.
+    * `:kernel_backend` (str) — Kernels to run: 'auto' (Triton on CUDA, PyTorch on CPU) or 'torch' (the
+      PyTorch reference everywhere, for debugging). Default: `"auto"`. Allowed: one of "auto", "triton",
+      "torch".
     * `:timeout`, `:timeout_profile` — see the module doc; this method's default profile is
       `:ml_inference` (600000 ms)
 
@@ -135,53 +138,54 @@ defmodule LMPort do
 
   ## Options
 
-    * `:n` (int, default `1`, >= 1) — Number of completions to return for the prompt; they share the prompt's
-      KV blocks.
-    * `:temperature` (float, default `1.0`, 0.0 .. 2.0) — Randomness of sampling; below 1e-5 means greedy
-      (argmax), and then n must be 1.
-    * `:top_p` (float, default `1.0`, 0.0 .. 1.0) — Nucleus sampling: keep the most likely tokens whose
-      cumulative probability reaches top_p; 1 disables it.
-    * `:top_k` (int, default `0`, >= -1) — Keep only the top_k most likely tokens (ties at the boundary are
-      kept); 0 or -1 disables it.
-    * `:min_p` (float, default `0.0`, 0.0 .. 1.0) — Drop tokens whose probability is below min_p times the
-      most likely token's; 0 disables it.
-    * `:presence_penalty` (float, default `0.0`, -2.0 .. 2.0) — Subtracted from the logit of every token
-      already present in the output.
-    * `:frequency_penalty` (float, default `0.0`, -2.0 .. 2.0) — Subtracted from a token's logit once per
-      occurrence in the output.
-    * `:repetition_penalty` (float, default `1.0`, >= 0.0) — Tokens seen in the prompt or output get positive
-      logits divided and negative logits multiplied by it; 1 disables it.
-    * `:seed` (int | null, default `nil`, -9007199254740991 .. 9007199254740991) — Seed of this request's own
-      generator: the same seed gives the same tokens whatever else is batched with it; -1 means no seed.
-    * `:stop` (str | list[str] | null, default `nil`) — Strings that end the completion when generated (found
-      across token boundaries); the text is cut before the stop string.
-    * `:stop_token_ids` (list[int] | null, default `nil`) — Token ids that end the completion when sampled.
-    * `:ignore_eos` (bool, default `false`) — Keep generating after the end-of-sequence token.
-    * `:max_tokens` (int, default `16`, >= 1) — Most tokens to generate per completion.
-    * `:min_tokens` (int, default `0`, >= 0) — Fewest tokens to generate before EOS, stop_token_ids or stop
-      strings can end the completion; at most max_tokens.
-    * `:logprobs` (int | null, default `nil`, >= 0) — Return the log-probabilities of this many most likely
-      tokens, plus the sampled one, at each generated position (at most the engine's max_logprobs, default
-      20).
-    * `:prompt_logprobs` (int | null, default `nil`, >= 0) — Return this many most likely tokens, plus the
-      prompt's own token, at each prompt position (None at position 0).
-    * `:detokenize` (bool, default `true`) — Turn generated tokens into text; stop strings need it.
-    * `:skip_special_tokens` (bool, default `true`) — Leave special tokens (e.g. <|im_end|>) out of the output
-      text.
-    * `:spaces_between_special_tokens` (bool, default `true`) — Let the tokenizer's decoder put spaces between
-      adjacent special tokens; false joins them without spaces.
-    * `:include_stop_str_in_output` (bool, default `false`) — Keep the matched stop string (or stop token's
-      text) at the end of the output text.
-    * `:logit_bias` (dict | null, default `nil`) — Token id -> bias added to its logit before sampling; values
-      are clamped to [-100, 100].
-    * `:allowed_token_ids` (list[int] | null, default `nil`) — Only these token ids may be sampled.
-    * `:bad_words` (list[str] | null, default `nil`) — Words that must not be generated: the last token of a
-      word is banned whenever the output ends with the rest of it.
-    * `:truncate_prompt_tokens` (int | null, default `nil`, >= 1) — Keep only the last this-many prompt
-      tokens.
-    * `:output_kind` (str, default `"cumulative"`, one of "cumulative", "delta", "final_only") — What each
-      streamed output carries: 'cumulative' (everything so far), 'delta' (only the new part) or 'final_only'
-      (one output at the end).
+    * `:n` (int) — Number of completions to return for the prompt; they share the prompt's KV blocks. Default:
+      `1`. Allowed: >= 1.
+    * `:temperature` (float) — Randomness of sampling; below 1e-5 means greedy (argmax), and then n must be 1.
+      Default: `1.0`. Allowed: 0.0 .. 2.0.
+    * `:top_p` (float) — Nucleus sampling: keep the most likely tokens whose cumulative probability reaches
+      top_p; 1 disables it. Default: `1.0`. Allowed: 0.0 .. 1.0.
+    * `:top_k` (int) — Keep only the top_k most likely tokens (ties at the boundary are kept); 0 or -1
+      disables it. Default: `0`. Allowed: >= -1.
+    * `:min_p` (float) — Drop tokens whose probability is below min_p times the most likely token's; 0
+      disables it. Default: `0.0`. Allowed: 0.0 .. 1.0.
+    * `:presence_penalty` (float) — Subtracted from the logit of every token already present in the output.
+      Default: `0.0`. Allowed: -2.0 .. 2.0.
+    * `:frequency_penalty` (float) — Subtracted from a token's logit once per occurrence in the output.
+      Default: `0.0`. Allowed: -2.0 .. 2.0.
+    * `:repetition_penalty` (float) — Tokens seen in the prompt or output get positive logits divided and
+      negative logits multiplied by it; 1 disables it. Default: `1.0`. Allowed: >= 0.0.
+    * `:seed` (int | null) — Seed of this request's own generator: the same seed gives the same tokens
+      whatever else is batched with it; -1 means no seed. Default: `nil`. Allowed: -9007199254740991 ..
+      9007199254740991.
+    * `:stop` (str | list[str] | null) — Strings that end the completion when generated (found across token
+      boundaries); the text is cut before the stop string. Default: `nil`.
+    * `:stop_token_ids` (list[int] | null) — Token ids that end the completion when sampled. Default: `nil`.
+    * `:ignore_eos` (bool) — Keep generating after the end-of-sequence token. Default: `false`.
+    * `:max_tokens` (int) — Most tokens to generate per completion. Default: `16`. Allowed: >= 1.
+    * `:min_tokens` (int) — Fewest tokens to generate before EOS, stop_token_ids or stop strings can end the
+      completion; at most max_tokens. Default: `0`. Allowed: >= 0.
+    * `:logprobs` (int | null) — Return the log-probabilities of this many most likely tokens, plus the
+      sampled one, at each generated position (at most the engine's max_logprobs, default 20). Default: `nil`.
+      Allowed: >= 0.
+    * `:prompt_logprobs` (int | null) — Return this many most likely tokens, plus the prompt's own token, at
+      each prompt position (None at position 0). Default: `nil`. Allowed: >= 0.
+    * `:detokenize` (bool) — Turn generated tokens into text; stop strings need it. Default: `true`.
+    * `:skip_special_tokens` (bool) — Leave special tokens (e.g. <|im_end|>) out of the output text. Default:
+      `true`.
+    * `:spaces_between_special_tokens` (bool) — Let the tokenizer's decoder put spaces between adjacent
+      special tokens; false joins them without spaces. Default: `true`.
+    * `:include_stop_str_in_output` (bool) — Keep the matched stop string (or stop token's text) at the end of
+      the output text. Default: `false`.
+    * `:logit_bias` (dict | null) — Token id -> bias added to its logit before sampling; values are clamped to
+      [-100, 100]. Default: `nil`.
+    * `:allowed_token_ids` (list[int] | null) — Only these token ids may be sampled. Default: `nil`.
+    * `:bad_words` (list[str] | null) — Words that must not be generated: the last token of a word is banned
+      whenever the output ends with the rest of it. Default: `nil`.
+    * `:truncate_prompt_tokens` (int | null) — Keep only the last this-many prompt tokens. Default: `nil`.
+      Allowed: >= 1.
+    * `:output_kind` (str) — What each streamed output carries: 'cumulative' (everything so far), 'delta'
+      (only the new part) or 'final_only' (one output at the end). Default: `"cumulative"`. Allowed: one of
+      "cumulative", "delta", "final_only".
     * `:timeout`, `:timeout_profile` — see the module doc; this method's default profile is
       `:default` (120000 ms)
 
@@ -206,13 +210,13 @@ defmodule LMPort do
 
   ## Options
 
-    * `:sampling_params` (dict | list[dict] | null, default `nil`) — one map of SamplingParams fields for
-      every prompt, or a list with one per prompt. A keyword list or map of SamplingParams fields (`n`,
-      `temperature`, `top_p`, `top_k`, `min_p`, `presence_penalty`, `frequency_penalty`, `repetition_penalty`,
-      `seed`, `stop`, `stop_token_ids`, `ignore_eos`, `max_tokens`, `min_tokens`, `logprobs`,
-      `prompt_logprobs`, `detokenize`, `skip_special_tokens`, `spaces_between_special_tokens`,
-      `include_stop_str_in_output`, `logit_bias`, `allowed_token_ids`, `bad_words`, `truncate_prompt_tokens`,
-      `output_kind`), checked locally.
+    * `:sampling_params` (dict | list[dict] | null) — one map of SamplingParams fields for every prompt, or a
+      list with one per prompt. A keyword list or map of SamplingParams fields (`n`, `temperature`, `top_p`,
+      `top_k`, `min_p`, `presence_penalty`, `frequency_penalty`, `repetition_penalty`, `seed`, `stop`,
+      `stop_token_ids`, `ignore_eos`, `max_tokens`, `min_tokens`, `logprobs`, `prompt_logprobs`, `detokenize`,
+      `skip_special_tokens`, `spaces_between_special_tokens`, `include_stop_str_in_output`, `logit_bias`,
+      `allowed_token_ids`, `bad_words`, `truncate_prompt_tokens`, `output_kind`), checked locally. Default:
+      `nil`.
     * `:stream` — `true` returns `{:ok, stream}`: a lazy `Stream` of the chunks' deltas;
       halting it early cancels the request in the worker. `:with_summary` also ends the
       stream with `{:summary, response}` (usage, finish reasons, metrics)
@@ -240,15 +244,15 @@ defmodule LMPort do
 
   ## Options
 
-    * `:sampling_params` (dict | list[dict] | null, default `nil`) — one map of SamplingParams fields for
-      every conversation, or a list with one each. A keyword list or map of SamplingParams fields (`n`,
-      `temperature`, `top_p`, `top_k`, `min_p`, `presence_penalty`, `frequency_penalty`, `repetition_penalty`,
-      `seed`, `stop`, `stop_token_ids`, `ignore_eos`, `max_tokens`, `min_tokens`, `logprobs`,
-      `prompt_logprobs`, `detokenize`, `skip_special_tokens`, `spaces_between_special_tokens`,
-      `include_stop_str_in_output`, `logit_bias`, `allowed_token_ids`, `bad_words`, `truncate_prompt_tokens`,
-      `output_kind`), checked locally.
-    * `:chat_template` (str | null, default `nil`) — a Jinja template to use instead of the tokenizer's own.
-    * `:add_generation_prompt` (bool, default `true`) — end the prompt with the assistant turn's opening.
+    * `:sampling_params` (dict | list[dict] | null) — one map of SamplingParams fields for every conversation,
+      or a list with one each. A keyword list or map of SamplingParams fields (`n`, `temperature`, `top_p`,
+      `top_k`, `min_p`, `presence_penalty`, `frequency_penalty`, `repetition_penalty`, `seed`, `stop`,
+      `stop_token_ids`, `ignore_eos`, `max_tokens`, `min_tokens`, `logprobs`, `prompt_logprobs`, `detokenize`,
+      `skip_special_tokens`, `spaces_between_special_tokens`, `include_stop_str_in_output`, `logit_bias`,
+      `allowed_token_ids`, `bad_words`, `truncate_prompt_tokens`, `output_kind`), checked locally. Default:
+      `nil`.
+    * `:chat_template` (str | null) — a Jinja template to use instead of the tokenizer's own. Default: `nil`.
+    * `:add_generation_prompt` (bool) — end the prompt with the assistant turn's opening. Default: `true`.
     * `:stream` — `true` returns `{:ok, stream}`: a lazy `Stream` of the chunks' deltas;
       halting it early cancels the request in the worker. `:with_summary` also ends the
       stream with `{:summary, response}` (usage, finish reasons, metrics)
@@ -275,8 +279,8 @@ defmodule LMPort do
 
   ## Options
 
-    * `:add_special_tokens` (bool, default `true`) — add the tokenizer's special tokens (e.g. BOS) as the
-      model expects.
+    * `:add_special_tokens` (bool) — add the tokenizer's special tokens (e.g. BOS) as the model expects.
+      Default: `true`.
     * `:timeout`, `:timeout_profile` — see the module doc; this method's default profile is
       `:default` (120000 ms)
 
@@ -300,7 +304,7 @@ defmodule LMPort do
 
   ## Options
 
-    * `:skip_special_tokens` (bool, default `false`) — leave special tokens out of the text.
+    * `:skip_special_tokens` (bool) — leave special tokens out of the text. Default: `false`.
     * `:timeout`, `:timeout_profile` — see the module doc; this method's default profile is
       `:default` (120000 ms)
 
@@ -341,7 +345,7 @@ defmodule LMPort do
 
   ## Options
 
-    * `:n` (int, default `0`) — any integer, echoed back.
+    * `:n` (int) — any integer, echoed back. Default: `0`.
     * `:timeout`, `:timeout_profile` — see the module doc; this method's default profile is
       `:default` (120000 ms)
 
@@ -378,7 +382,7 @@ defmodule LMPort do
 
   ## Options
 
-    * `:llm` (handle | null, default `nil`) — an LLM handle to report on; omit for everything.
+    * `:llm` (handle | null) — an LLM handle to report on; omit for everything. Default: `nil`.
     * `:timeout`, `:timeout_profile` — see the module doc; this method's default profile is
       `:default` (120000 ms)
 
