@@ -139,11 +139,24 @@ class _Transport:
                 break
             for payload in decoder.feed(data):
                 try:
-                    self._route(protocol.unpack(payload))  # type: ignore[arg-type]
-                except Exception:  # noqa: BLE001 — a bad frame must not stop the reader
+                    message = protocol.unpack(payload)  # type: ignore[arg-type]
+                except BridgeError as exc:
+                    # Past an undecodable frame the stream cannot be trusted (docs/protocol.md; the Node client
+                    # does the same): every pending call fails with protocol_error and the worker is killed.
+                    self._fail_all(BridgeError("protocol_error", f"unreadable frame from the worker: {exc.message}"))
+                    self.kill()
+                    return
+                try:
+                    self._route(message)
+                except Exception:  # noqa: BLE001 — a frame we cannot act on (or an on_event that raised) is logged
                     logger.exception("lmport client: bad frame from the worker")
         code = self.process.wait()
-        self._exited = BridgeError("worker_exited", f"the worker exited with code {code}")
+        self._fail_all(BridgeError("worker_exited", f"the worker exited with code {code}"))
+
+    def _fail_all(self, error: BridgeError) -> None:
+        """The worker is gone (or abandoned): pending calls and later ones fail with the first such error."""
+        if self._exited is None:
+            self._exited = error
         self._hello_ready.set()
         pending, self._pending = self._pending, {}
         for put in pending.values():

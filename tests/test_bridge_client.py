@@ -93,6 +93,25 @@ def test_a_worker_speaking_another_protocol_version_is_refused(tmp_path):
     assert info.value.code == "protocol_mismatch"
 
 
+def test_an_undecodable_frame_fails_pending_calls_with_protocol_error_and_kills_the_worker(tmp_path):
+    fake = tmp_path / "fake-python"
+    hello = protocol.pack({"type": "hello", "protocol": 1, "server": "fake", "timeout_profiles": {"default": 60000}})
+    garbage = protocol.HEADER.pack(1) + b"\xc1"  # 0xc1 is never valid msgpack
+    fake.write_text(f"#!{sys.executable}\nimport os, time\nos.write(1, {hello!r})\nos.read(0, 1 << 16)\n"
+                    f"os.write(1, {garbage!r})\ntime.sleep(30)\n")
+    fake.chmod(fake.stat().st_mode | stat.S_IEXEC)
+    client = Client.spawn(python=str(fake), deadline_grace=1)
+    start = time.monotonic()
+    with pytest.raises(BridgeError) as info:
+        client.ping(timeout=3)  # the fake answers it with garbage
+    assert info.value.code == "protocol_error" and time.monotonic() - start < 3
+    assert client.process.wait(5) is not None
+    with pytest.raises(BridgeError) as info:
+        client.ping()
+    assert info.value.code == "protocol_error"
+    client.close()
+
+
 def test_async_client_gathers_calls_and_closes():
     async def main() -> tuple[list[int], int | None]:
         client = await AsyncClient.spawn(cwd=str(REPO), stderr=tempfile.TemporaryFile())
