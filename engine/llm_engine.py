@@ -189,15 +189,15 @@ class LLMEngine:
             seq.logprobs.append(position)
             seq.cumulative_logprob += position[token_id].logprob
         num_out = seq.num_output_tokens
+        is_stop_token = bool(params.stop_token_ids) and token_id in params.stop_token_ids
         ends_on_token = num_out >= params.min_tokens and (
-            (token_id in self.eos_token_ids and not params.ignore_eos)
-            or bool(params.stop_token_ids) and token_id in params.stop_token_ids)
+            (token_id in self.eos_token_ids and not params.ignore_eos) or is_stop_token)
         stop_string = None
         if seq.detokenizer is not None:
             stop_string = seq.detokenizer.update([token_id], stop_terminated=ends_on_token)
         if ends_on_token:
             seq.finish_reason = "stop"
-            if params.stop_token_ids and token_id in params.stop_token_ids:
+            if is_stop_token:
                 seq.stop_reason = token_id
         elif stop_string is not None:
             seq.finish_reason, seq.stop_reason = "stop", stop_string
