@@ -46,13 +46,6 @@ ERROR_CODES: dict[str, tuple[bool, str]] = {
     "internal": (False, "A bug in the worker; the message (and traceback under --debug) says where."),
 }
 
-# Codes a client raises on its own (never sent by the worker); every client language uses the same names.
-CLIENT_ERROR_CODES: dict[str, str] = {
-    "worker_exited": "The worker process exited (or its pipe closed) before answering.",
-    "protocol_mismatch": "The worker's hello announced a protocol major version this client does not speak.",
-}
-
-
 class BridgeError(Exception):
     """An error with a protocol code. Raised by the service, sent as a response error, raised again by clients."""
 
