@@ -810,7 +810,7 @@ def _sampling_list(params: dict | list[dict] | None, count: int) -> list[Any]:
     many = isinstance(params, list)
     if many and len(params) != count:
         raise _invalid("sampling_params", f"got {len(params)} maps for {count} prompts")
-    items = params if many else [params or {}] * count
+    items = params if many else [params or {}]  # one map for every prompt: parsed once, shared (callers clone)
     result = []
     for i, item in enumerate(items):
         try:
@@ -818,7 +818,7 @@ def _sampling_list(params: dict | list[dict] | None, count: int) -> list[Any]:
         except InvalidParams as exc:
             where = f"sampling_params[{i}]" if many else "sampling_params"
             raise _invalid(f"{where}.{exc.field}", exc.message) from None
-    return result
+    return result if many else result * count
 
 
 def _engine_info(llm: Any, config: Any) -> dict[str, Any]:
