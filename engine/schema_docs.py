@@ -7,39 +7,60 @@ docs/protocol.md in place; `python -m engine.schema_docs --check` exits 1 when o
 from __future__ import annotations
 
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
 DOCS = Path(__file__).resolve().parent.parent / "docs"
 
 
-def markdown_table(schema: list[dict[str, Any]]) -> str:
-    lines = ["| name | type | default | range | meaning |", "|---|---|---|---|---|"]
-    for entry in schema:
-        if "choices" in entry:
-            allowed = ", ".join(f"`{c}`" for c in entry["choices"])
-        elif "min" in entry or "max" in entry:
-            allowed = f"{entry.get('min', '-inf')} .. {entry.get('max', 'inf')}"
-        else:
-            allowed = ""
-        default = "null" if entry["default"] is None else repr(entry["default"]).replace("'", '"')
-        doc = entry["doc"].replace("|", "\\|")
-        kind = entry["type"].replace("|", " \\| ")
-        lines.append(f"| `{entry['name']}` | `{kind}` | `{default}` | {allowed} | {doc} |")
+def markdown_table(columns: list[str], rows: Iterable[Sequence[str]]) -> str:
+    """A markdown table: the header row, its rule, then one line per row (cells already escaped with _cell)."""
+    lines = [_table_line(columns), "|" + "---|" * len(columns)]
+    lines.extend(_table_line(row) for row in rows)
     return "\n".join(lines) + "\n"
+
+
+def _table_line(cells: Sequence[str]) -> str:
+    return f"| {' | '.join(cells)} |"
+
+
+def _cell(text: Any) -> str:
+    """text escaped for a table cell: a `|` would end the cell."""
+    return str(text).replace("|", "\\|")
+
+
+def _type_cell(kind: Any) -> str:
+    """A type ("int|null") as code, its alternatives spaced out: `int \\| null`."""
+    return f"`{_cell(str(kind).replace('|', ' | '))}`"
+
+
+def schema_table(schema: list[dict[str, Any]]) -> str:
+    """The table of an option or parameter schema (config.option_schema, sampling_params_schema)."""
+    return markdown_table(["name", "type", "default", "range", "meaning"], (_schema_row(e) for e in schema))
+
+
+def _schema_row(entry: dict[str, Any]) -> list[str]:
+    if "choices" in entry:
+        allowed = ", ".join(f"`{c}`" for c in entry["choices"])
+    elif "min" in entry or "max" in entry:
+        allowed = f"{entry.get('min', '-inf')} .. {entry.get('max', 'inf')}"
+    else:
+        allowed = ""
+    default = "null" if entry["default"] is None else repr(entry["default"]).replace("'", '"')
+    return [f"`{entry['name']}`", _type_cell(entry["type"]), f"`{default}`", allowed, _cell(entry["doc"])]
 
 
 def _engine_options() -> str:
     from engine.config import option_schema
 
-    return markdown_table(option_schema())
+    return schema_table(option_schema())
 
 
 def _sampling_params() -> str:
     from engine.sampling_params import sampling_params_schema
 
-    return markdown_table(sampling_params_schema())
+    return schema_table(sampling_params_schema())
 
 
 def _result_shapes() -> str:
@@ -47,12 +68,9 @@ def _result_shapes() -> str:
 
     tables = []
     for record, fields in results_schema().items():
-        lines = [f"**{record}**", "", "| key | type | meaning |", "|---|---|---|"]
-        for f in fields:
-            absent = "" if f["required"] else " Left out when absent."
-            kind = str(f["type"]).replace("|", " \\| ")
-            lines.append(f"| `{f['name']}` | `{kind}` | {str(f['doc']).replace('|', chr(92) + '|')}{absent} |")
-        tables.append("\n".join(lines) + "\n")
+        rows = ([f"`{f['name']}`", _type_cell(f["type"]),
+                 _cell(f["doc"]) + ("" if f["required"] else " Left out when absent.")] for f in fields)
+        tables.append(f"**{record}**\n\n" + markdown_table(["key", "type", "meaning"], rows))
     return "\n".join(tables)
 
 
