@@ -1,11 +1,13 @@
 """Per-step attention metadata shared by every attention layer of one forward pass.
 
 The model runner builds one AttentionMetadata per step and installs it for the duration of the forward call, so that
-model code keeps the plain `forward(input_ids, positions)` signature.
+model code keeps the plain `forward(input_ids, positions)` signature. The installed metadata belongs to the calling
+thread: engines in one process (each stepping on its own thread) never see each other's.
 """
 
 from __future__ import annotations
 
+import contextvars
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -25,25 +27,27 @@ class AttentionMetadata:
     max_query_len: int
 
 
-_current: AttentionMetadata | None = None
+# A context variable, so per thread (and asyncio task): it starts unset in every new thread.
+_current: contextvars.ContextVar[AttentionMetadata | None] = contextvars.ContextVar("lmport_forward_context",
+                                                                                   default=None)
 
 
 def set_forward_context(meta: AttentionMetadata | None) -> None:
-    global _current
-    _current = meta
+    _current.set(meta)
 
 
 def get_forward_context() -> AttentionMetadata:
-    if _current is None:
+    meta = _current.get()
+    if meta is None:
         raise RuntimeError("attention layers ran outside a forward context "
                            "(use engine.forward_context.forward_context)")
-    return _current
+    return meta
 
 
 @contextmanager
 def forward_context(meta: AttentionMetadata) -> Iterator[AttentionMetadata]:
-    set_forward_context(meta)
+    token = _current.set(meta)
     try:
         yield meta
     finally:
-        set_forward_context(None)
+        _current.reset(token)
