@@ -30,8 +30,11 @@ class StepLogits:
 
 class ModelRunner:
     def __init__(self, loaded: LoadedModel, config: EngineConfig) -> None:
-        kernels.set_backend(config.kernel_backend)
-        kernels.prepare(loaded.device)
+        # This engine's kernels, installed around each of its model calls (never process-wide: another engine in the
+        # same process may run another backend).
+        self.kernel_backend = config.kernel_backend
+        with kernels.use_backend(self.kernel_backend):
+            kernels.prepare(loaded.device)
         self.model = loaded.model
         self.device = loaded.device
         self.dtype = loaded.dtype
@@ -47,7 +50,8 @@ class ModelRunner:
         for i, layer in enumerate(self.attention_layers):
             layer.k_cache, layer.v_cache = self.kv_cache[0, i], self.kv_cache[1, i]
         self.max_blocks_per_seq = -(-loaded.max_model_len // self.block_size)
-        self.decode_graphs = self._capture_decode_graphs(config)
+        with kernels.use_backend(self.kernel_backend):
+            self.decode_graphs = self._capture_decode_graphs(config)
         self.graphed_steps = 0
 
     def _capture_decode_graphs(self, config: EngineConfig) -> DecodeGraphs | None:
@@ -157,12 +161,13 @@ class ModelRunner:
         ids = self._to_device(input_ids, torch.int64)
         pos = self._to_device(positions, torch.int64)
         graphs = self.decode_graphs
-        if graphs is not None and d == len(batch.seqs) and d <= graphs.max_batch_size:
-            hidden = graphs.run(ids, pos, meta)
-            self.graphed_steps += 1
-        else:
-            with forward_context(meta):
-                hidden = self.model(ids, pos)
-        rows = self._to_device(keep_rows, torch.int64)
-        logits = self.model.compute_logits(hidden.index_select(0, rows))
+        with kernels.use_backend(self.kernel_backend):
+            if graphs is not None and d == len(batch.seqs) and d <= graphs.max_batch_size:
+                hidden = graphs.run(ids, pos, meta)
+                self.graphed_steps += 1
+            else:
+                with forward_context(meta):
+                    hidden = self.model(ids, pos)
+            rows = self._to_device(keep_rows, torch.int64)
+            logits = self.model.compute_logits(hidden.index_select(0, rows))
         return StepLogits(logits=logits, sample_rows=sample_rows, prompt_rows=prompt_rows)

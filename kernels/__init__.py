@@ -1,7 +1,9 @@
 """The kernel API the model code calls, with one dispatch point per kernel.
 
-Backend per call: `set_backend("torch" | "triton" | "auto")` if set to something other than "auto", else the
-LMPORT_KERNEL_BACKEND environment variable (read at import), else "auto". "auto" runs Triton on CUDA tensors; on CPU
+Backend per call: the innermost `with use_backend(...)` block of the calling thread (an engine runs its model calls
+in one, so engines with different backends can share a process), else `set_backend("torch" | "triton" | "auto")`, the
+process default; "auto" at either level defers to the LMPORT_KERNEL_BACKEND environment variable (read at import),
+else it is "auto". "auto" runs Triton on CUDA tensors; on CPU
 tensors it runs the compiled C++ kernels of kernels.cpu for paged_attention_decode, rms_norm, rotary_embedding and
 silu_and_mul (each falling back to the reference itself if the extension cannot be built) and the PyTorch reference
 (kernels.reference) for the rest; "torch" forces the reference everywhere (debugging on CUDA; the pure-PyTorch CPU
@@ -12,9 +14,12 @@ The Triton modules are imported on first use, so the CPU path never loads a Trit
 
 from __future__ import annotations
 
+import contextvars
 import functools
 import importlib
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from types import ModuleType
 
 import torch
@@ -23,8 +28,8 @@ from kernels import reference
 
 BACKENDS = ("auto", "triton", "torch")
 
-__all__ = ["BACKENDS", "set_backend", "get_backend", "prepare", "store_kv_cache", "paged_attention_decode",
-           "paged_attention_prefill", "rms_norm", "rotary_embedding", "silu_and_mul"]
+__all__ = ["BACKENDS", "set_backend", "use_backend", "get_backend", "prepare", "store_kv_cache",
+           "paged_attention_decode", "paged_attention_prefill", "rms_norm", "rotary_embedding", "silu_and_mul"]
 
 
 def _checked(name: str, source: str) -> str:
@@ -35,17 +40,32 @@ def _checked(name: str, source: str) -> str:
 
 _env_backend = _checked(os.environ.get("LMPORT_KERNEL_BACKEND", "auto"), "LMPORT_KERNEL_BACKEND")
 _backend = "auto"
+# Per thread (and asyncio task): a context variable starts unset in every new thread.
+_scoped: contextvars.ContextVar[str | None] = contextvars.ContextVar("lmport_kernel_backend", default=None)
 
 
 def set_backend(name: str) -> None:
-    """Select the kernels for every later call ("auto" defers to LMPORT_KERNEL_BACKEND, then to the device)."""
+    """Select the process default for every later call outside a use_backend block ("auto" defers to
+    LMPORT_KERNEL_BACKEND, then to the device)."""
     global _backend
     _backend = _checked(name, "kernel_backend")
 
 
+@contextmanager
+def use_backend(name: str) -> Iterator[None]:
+    """Run the kernel calls of this block, on this thread, with `name` over the process default ("auto" defers to
+    LMPORT_KERNEL_BACKEND, as in set_backend). Blocks nest; other threads are unaffected."""
+    token = _scoped.set(_checked(name, "kernel_backend"))
+    try:
+        yield
+    finally:
+        _scoped.reset(token)
+
+
 def get_backend() -> str:
-    """The backend in force: "auto", "triton" or "torch"."""
-    return _backend if _backend != "auto" else _env_backend
+    """The backend in force for this thread: "auto", "triton" or "torch"."""
+    name = _scoped.get() or _backend
+    return name if name != "auto" else _env_backend
 
 
 @functools.cache

@@ -190,6 +190,36 @@ def test_bad_prompts_are_rejected_by_field(llm):
     assert llm.stats()["requests_total"] == before
 
 
+def test_engines_in_one_process_keep_their_own_kernel_backend(tmp_path):
+    """kernel_backend is per engine (the bridge may hold several): loading a second engine with another backend must
+    not switch the kernels of the first, nor the process default, even while both step at once."""
+    import os
+
+    import kernels
+    from tests.model_harness import write_tiny_model_dir
+
+    write_tiny_model_dir(tmp_path)
+    process_default = kernels.get_backend()
+    engines, seen = {}, {}
+    try:
+        for backend in ("auto", "torch"):
+            engines[backend] = LLM(str(tmp_path), dtype="float32", kernel_backend=backend,
+                                   kv_cache_memory_bytes=8 << 20)
+        for backend, engine in engines.items():  # what the kernel dispatch sees inside each engine's forward
+            seen[backend] = set()
+            engine.engine.runner.model.register_forward_pre_hook(
+                lambda module, args, _seen=seen[backend]: _seen.add(kernels.get_backend()))
+        params = SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True)
+        streams = [engine.add_request("hello there", params) for engine in engines.values()]
+        for stream in streams:
+            assert len(stream.result().outputs[0].token_ids) == 4
+    finally:
+        for engine in engines.values():
+            engine.shutdown()
+    assert seen == {"auto": {os.environ.get("LMPORT_KERNEL_BACKEND", "auto")}, "torch": {"torch"}}
+    assert kernels.get_backend() == process_default
+
+
 def test_a_cache_too_small_for_max_model_len_fails_readably():
     with pytest.raises(OutOfKVCache) as err:
         LLM("smollm2", dtype="float32", max_model_len=4096, kv_cache_memory_bytes=8 << 20)
