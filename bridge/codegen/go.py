@@ -244,8 +244,8 @@ def _any_holds(records: dict[str, Any], expr: str) -> str:
             kind = "[]any"
         elif alt in records:
             kind = f"map[string]any ({alt})"
-        else:
-            kind = _RESULT_SCALARS.get(alt, "any")
+        else:  # an integer in an `any` decodes as int64 (clients/go/protocol.go)
+            kind = {"int": "int64"}.get(alt) or _RESULT_SCALARS.get(alt, "any")
         if kind not in kinds:
             kinds.append(kind)
     return ", ".join(kinds[:-1]) + f" or {kinds[-1]}" if len(kinds) > 1 else kinds[0]

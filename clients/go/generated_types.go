@@ -601,7 +601,7 @@ type CompletionOutput struct {
 
 	// The stop string or stop token id that ended it.
 	//
-	// Holds int, string or nil.
+	// Holds int64, string or nil.
 	StopReason any `msgpack:"stop_reason"`
 }
 
@@ -685,7 +685,7 @@ type ChunkOutput struct {
 
 	// The stop string or stop token id that ended it.
 	//
-	// Holds int, string or nil.
+	// Holds int64, string or nil.
 	StopReason any `msgpack:"stop_reason"`
 }
 
@@ -732,7 +732,7 @@ type SummaryOutput struct {
 
 	// The stop string or stop token id that ended it.
 	//
-	// Holds int, string or nil.
+	// Holds int64, string or nil.
 	StopReason any `msgpack:"stop_reason"`
 
 	// Tokens this completion generated.

@@ -5,8 +5,10 @@ import (
 	"encoding/binary"
 	"fmt"
 	"io"
+	"math"
 	"reflect"
 	"strings"
+	"sync"
 
 	"github.com/vmihailenco/msgpack/v5"
 	"github.com/vmihailenco/msgpack/v5/msgpcode"
@@ -56,7 +58,8 @@ func ReadFrame(r io.Reader, maxBytes uint32) ([]byte, error) {
 }
 
 // Decode decodes a msgpack body into out. Dynamic values (any, maps, lists) come out as map[string]any,
-// []any, int64 (uint64 above the int64 range), float64, string, []byte (msgpack bin), bool and nil.
+// []any, int64 (uint64 above the int64 range), float64, string, []byte (msgpack bin), bool and nil. Integers are
+// int64 whichever msgpack type carries them: Python's msgpack writes every int above 127 as an unsigned type.
 func Decode(body []byte, out any) error {
 	dec := msgpack.NewDecoder(bytes.NewReader(body))
 	dec.UseLooseInterfaceDecoding(true)
@@ -94,7 +97,113 @@ func Decode(body []byte, out any) error {
 		}
 		return nil
 	}
-	return dec.Decode(out) // typed targets: structs, []int, string, ...
+	// typed targets: structs, []int, string, ...; their any and map[string]any parts hold what the library's loose
+	// decoding made, so its uint64s are made int64 afterwards
+	if err := dec.Decode(out); err != nil {
+		return err
+	}
+	if v := reflect.ValueOf(out); v.IsValid() && holdsAny(v.Type()) {
+		fixInts(v)
+	}
+	return nil
+}
+
+// signedInt is x with an unsigned integer that fits int64 (what the library's loose decoding makes of msgpack's
+// unsigned types) made int64, and the maps and lists x holds fixed in place the same way.
+func signedInt(x any) any {
+	switch v := x.(type) {
+	case uint64:
+		if v <= math.MaxInt64 {
+			return int64(v)
+		}
+	case map[string]any:
+		for k, item := range v {
+			v[k] = signedInt(item)
+		}
+	case map[any]any:
+		for k, item := range v {
+			v[k] = signedInt(item)
+		}
+	case []any:
+		for i, item := range v {
+			v[i] = signedInt(item)
+		}
+	}
+	return x
+}
+
+// fixInts applies signedInt to every empty-interface value inside v (a decoded typed target), skipping the parts
+// whose type holds none (token id lists, strings, ...).
+func fixInts(v reflect.Value) {
+	switch v.Kind() {
+	case reflect.Pointer:
+		if !v.IsNil() && holdsAny(v.Type().Elem()) {
+			fixInts(v.Elem())
+		}
+	case reflect.Interface:
+		if !v.IsNil() && v.CanSet() {
+			if n, ok := v.Elem().Interface().(uint64); ok && n <= math.MaxInt64 {
+				v.Set(reflect.ValueOf(int64(n)))
+			} else {
+				signedInt(v.Elem().Interface()) // maps and lists: in place
+			}
+		}
+	case reflect.Struct:
+		for i := 0; i < v.NumField(); i++ {
+			if f := v.Field(i); f.CanSet() && holdsAny(f.Type()) {
+				fixInts(f)
+			}
+		}
+	case reflect.Slice, reflect.Array:
+		for i := 0; i < v.Len(); i++ {
+			fixInts(v.Index(i))
+		}
+	case reflect.Map:
+		if m, ok := v.Interface().(map[string]any); ok {
+			signedInt(m)
+			return
+		}
+		iter := v.MapRange()
+		for iter.Next() {
+			item := reflect.New(v.Type().Elem()).Elem()
+			item.Set(iter.Value())
+			fixInts(item)
+			v.SetMapIndex(iter.Key(), item)
+		}
+	}
+}
+
+var holdsAnyCache sync.Map // reflect.Type -> bool
+
+// holdsAny reports whether a value of type t may hold an empty interface value (through its pointers, exported
+// fields, elements or map values).
+func holdsAny(t reflect.Type) bool {
+	if cached, ok := holdsAnyCache.Load(t); ok {
+		return cached.(bool)
+	}
+	holds := holdsAnyIn(t, map[reflect.Type]bool{})
+	holdsAnyCache.Store(t, holds)
+	return holds
+}
+
+func holdsAnyIn(t reflect.Type, seen map[reflect.Type]bool) bool {
+	if seen[t] { // a recursive type: whatever it holds is found where it first appeared
+		return false
+	}
+	seen[t] = true
+	switch t.Kind() {
+	case reflect.Interface:
+		return t.NumMethod() == 0
+	case reflect.Pointer, reflect.Slice, reflect.Array, reflect.Map:
+		return holdsAnyIn(t.Elem(), seen)
+	case reflect.Struct:
+		for i := 0; i < t.NumField(); i++ {
+			if f := t.Field(i); f.IsExported() && holdsAnyIn(f.Type, seen) {
+				return true
+			}
+		}
+	}
+	return false
 }
 
 func asMap(v any) (map[string]any, error) {
@@ -105,7 +214,8 @@ func asMap(v any) (map[string]any, error) {
 	return m, nil
 }
 
-// decodeAny is the library's loose decoding, except that bin stays []byte (the library makes it a string).
+// decodeAny is the library's loose decoding, except that bin stays []byte (the library makes it a string) and
+// unsigned integers that fit int64 are int64.
 func decodeAny(d *msgpack.Decoder) (any, error) {
 	c, err := d.PeekCode()
 	if err != nil {
@@ -143,7 +253,8 @@ func decodeAny(d *msgpack.Decoder) (any, error) {
 		}
 		return list, nil
 	}
-	return d.DecodeInterfaceLoose()
+	v, err := d.DecodeInterfaceLoose()
+	return signedInt(v), err
 }
 
 // decodeResult decodes a result, a stream delta or a stream summary into out (a pointer); its protocol_error names

@@ -1,6 +1,8 @@
 package lmport
 
 import (
+	"math"
+	"reflect"
 	"strings"
 	"testing"
 
@@ -77,5 +79,48 @@ func TestResultStructsDecode(t *testing.T) {
 	body, _ = msgpack.Marshal("not a map")
 	if de = decodeResult("x", body, &chunk); de == nil || !strings.HasPrefix(de.Message, "cannot decode x into lmport.Chunk: ") {
 		t.Fatalf("got %v", de)
+	}
+}
+
+// Python's msgpack writes every int above 127 as an unsigned type (300 as uint16 cd 01 2c): such integers still
+// decode as int64, in untyped results and in the any / map[string]any parts of typed ones; only a value above
+// the int64 range stays uint64.
+func TestUnsignedIntegersDecodeAsInt64(t *testing.T) {
+	body, _ := msgpack.Marshal(map[string]any{"n": uint16(300), "small": uint8(7), "big": uint64(math.MaxUint64),
+		"list": []any{uint32(70000), map[string]any{"k": uint64(1 << 40)}}, "neg": int16(-300)})
+	var got map[string]any
+	if err := Decode(body, &got); err != nil {
+		t.Fatal(err)
+	}
+	want := map[string]any{"n": int64(300), "small": int64(7), "big": uint64(math.MaxUint64),
+		"list": []any{int64(70000), map[string]any{"k": int64(1 << 40)}}, "neg": int64(-300)}
+	if !reflect.DeepEqual(got, want) {
+		t.Fatalf("decoded %#v, want %#v", got, want)
+	}
+	var anyv any
+	if err := Decode(body, &anyv); err != nil || !reflect.DeepEqual(anyv, want) {
+		t.Fatalf("decoded %#v (%v)", anyv, err)
+	}
+
+	// a stop token id in a typed result, and the details of an error
+	body, _ = msgpack.Marshal([]any{map[string]any{"request_id": "r", "finished": true, "outputs": []any{
+		map[string]any{"index": 0, "text": "", "token_ids": []uint16{50256}, "stop_reason": uint16(50256)}}}})
+	var outs []RequestOutput
+	if err := Decode(body, &outs); err != nil {
+		t.Fatal(err)
+	}
+	if o := outs[0].Outputs[0]; o.StopReason != int64(50256) || o.TokenIDs[0] != 50256 {
+		t.Fatalf("stop reason %#v (%T), token ids %v", o.StopReason, o.StopReason, o.TokenIDs)
+	}
+	body, _ = msgpack.Marshal(map[string]any{"type": "response", "id": uint8(200), "ok": false, "error": map[string]any{
+		"code": "invalid_params", "message": "too long", "details": map[string]any{"limit": uint16(4096),
+			"seen": []any{uint8(200)}}}})
+	var msg message
+	if err := Decode(body, &msg); err != nil {
+		t.Fatal(err)
+	}
+	if d := msg.Error.toError().Details; d["limit"] != int64(4096) || d["seen"].([]any)[0] != int64(200) ||
+		idOf(msg.ID) != 200 {
+		t.Fatalf("details %#v, id %#v", d, msg.ID)
 	}
 }

@@ -84,17 +84,20 @@ func untag(t *testing.T, meaning any) any {
 	return meaning
 }
 
-// canon makes decoded values comparable: every integer kind becomes "int:N", every float "float:BITS" (so
-// -0.0 differs from 0.0), bin stays []byte.
+// canon makes decoded values comparable: an int64 becomes "int:N" (any other integer type "TYPE:N", so a
+// decoder handing out uint64 for msgpack's unsigned types fails), every float "float:BITS" (so -0.0 differs
+// from 0.0), bin stays []byte.
 func canon(v any) any {
 	rv := reflect.ValueOf(v)
 	switch {
 	case v == nil:
 		return nil
-	case rv.CanInt():
+	case rv.Kind() == reflect.Int64:
 		return fmt.Sprintf("int:%d", rv.Int())
+	case rv.CanInt():
+		return fmt.Sprintf("%T:%d", v, rv.Int())
 	case rv.CanUint():
-		return fmt.Sprintf("int:%d", rv.Uint())
+		return fmt.Sprintf("%T:%d", v, rv.Uint())
 	case rv.CanFloat():
 		return fmt.Sprintf("float:%x", math.Float64bits(rv.Float()))
 	}
