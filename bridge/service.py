@@ -206,7 +206,8 @@ class _Deadlines:
             if self._thread is None:
                 self._thread = threading.Thread(target=self._run, name="lmport-deadlines", daemon=True)
                 self._thread.start()
-            self._cond.notify()
+            if self._heap[0][2] is call:  # the timer sleeps until the earliest deadline: wake it only if that moved
+                self._cond.notify()
 
     def _run(self) -> None:
         while True:

@@ -6,6 +6,7 @@ import asyncio
 import subprocess
 import sys
 import threading
+import time
 
 import pytest
 
@@ -57,6 +58,18 @@ def test_a_call_past_its_deadline_answers_deadline_exceeded_and_a_late_result_is
     service.submit(call)
     assert len(outcomes) == 1 and outcomes[0][1].code == "deadline_exceeded"
     assert call.finish("late") is False and len(outcomes) == 1
+
+
+def test_a_deadline_earlier_than_those_waiting_fires_on_time():
+    service = Service()
+    fired = threading.Event()
+    late = Call("late", "ping", {}, on_done=lambda r, e: None)
+    late.deadline = time.monotonic() + 60
+    service._deadlines.add(late)  # the timer now sleeps for a minute
+    soon = Call("soon", "ping", {}, timeout_ms=50, on_done=lambda r, e: fired.set())
+    soon.deadline = time.monotonic() + 0.05
+    service._deadlines.add(soon)
+    assert fired.wait(2) and soon.cancel_error.code == "deadline_exceeded" and not late.done
 
 
 def test_finished_calls_do_not_accumulate_in_the_deadline_heap():
