@@ -85,10 +85,17 @@ class FakeBackend:
             on_done(None, self.refuse)
             return lambda: None
         requests = []
-        for index, _ in enumerate(prompts):
+        keep = sampling.get("truncate_prompt_tokens")
+        for index, prompt in enumerate(prompts):
+            prompt = prompt[-keep:] if keep else prompt  # as the engine truncates
             outputs = [{"index": i, "text": "x" * sampling["max_tokens"], "token_ids": [120] * sampling["max_tokens"],
-                        "finish_reason": "length", "stop_reason": None} for i in range(sampling["n"])]
-            on_chunk({"index": index, "outputs": outputs, "finished": True})
+                        "logprobs": None if sampling.get("logprobs") is None else [[_entry(120)]] * sampling[
+                            "max_tokens"], "finish_reason": "length", "stop_reason": None}
+                       for i in range(sampling["n"])]
+            chunk = {"index": index, "outputs": outputs, "finished": True}
+            if sampling.get("prompt_logprobs") is not None:  # the first token has nothing before it
+                chunk["prompt_logprobs"] = [None] + [[_entry(t)] for t in prompt[1:]]
+            on_chunk(chunk)
             requests.append({"index": index, "num_cached_tokens": 0, "metrics": None,
                              "outputs": [{"index": o["index"], "finish_reason": "length"} for o in outputs]})
         on_done({"requests": requests}, None)
@@ -102,3 +109,8 @@ class FakeBackend:
 
     def close(self) -> None:
         self.loaded.set()
+
+
+def _entry(token_id: int) -> dict[str, Any]:
+    """One logprobs entry, the engine's shape: every token is the fake's only candidate."""
+    return {"token_id": token_id, "logprob": -1.0, "rank": 1, "decoded_token": chr(token_id)}

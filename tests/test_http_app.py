@@ -255,3 +255,36 @@ def test_min_tokens_is_checked_against_the_max_tokens_the_request_gets(server) -
         assert refused.status_code == 400 and refused.json()["error"]["param"] == param, (body, refused.text)
     refused = httpx.post(f"{server.url}/v1/completions", json={"prompt": "abcd", "min_tokens": 20})
     assert refused.status_code == 400 and refused.json()["error"]["param"] == "min_tokens"  # max_tokens: 16
+
+
+def test_truncate_prompt_tokens_counts_what_the_engine_runs(server) -> None:
+    # 100 tokens do not fit the fake's 64, their last 10 do; the default max_tokens leaves room for them
+    reply = httpx.post(f"{server.url}/v1/chat/completions", json={"messages": [{"role": "user", "content": "z" * 100}],
+                                                                 "truncate_prompt_tokens": 10})
+    assert reply.status_code == 200, reply.text
+    assert reply.json()["usage"] == {"prompt_tokens": 10, "completion_tokens": 54, "total_tokens": 64}
+    running, backend = fake_server(rate_limit_tpm=60)
+    try:
+        running.wait_ready()
+        # the rate limiter charges the truncated prompt (5 + 20, twice within 60), not the whole one (40 + 20)
+        for _ in range(2):
+            reply = httpx.post(f"{running.url}/v1/completions", json={"prompt": "q" * 40, "max_tokens": 20,
+                                                                      "truncate_prompt_tokens": 5})
+            assert reply.status_code == 200 and reply.json()["usage"]["prompt_tokens"] == 5, reply.text
+            assert [len(p) for p in backend.submitted[-1][0]] == [5]
+    finally:
+        running.stop()
+
+
+def test_echo_with_truncate_prompt_tokens_shows_the_prompt_the_model_saw(server) -> None:
+    reply = httpx.post(f"{server.url}/v1/completions", json={"prompt": ["abcdefghij", "klm"], "max_tokens": 2,
+                                                             "echo": True, "logprobs": 0,
+                                                             "truncate_prompt_tokens": 4}).json()
+    first, second = reply["choices"]
+    assert first["text"] == "ghijxx" and second["text"] == "klmxx"
+    for choice in (first, second):
+        logprobs = choice["logprobs"]
+        assert "".join(logprobs["tokens"]) == choice["text"]
+        assert logprobs["token_logprobs"][0] is None and logprobs["token_logprobs"][1:] == [-1.0] * (
+            len(choice["text"]) - 1)
+    assert reply["usage"]["prompt_tokens"] == 7

@@ -59,6 +59,16 @@ def test_completion_batch_token_ids_echo_and_logprobs(server, client) -> None:
     assert "".join(lp.tokens) == second.text
 
 
+def test_truncated_prompt_is_what_echo_logprobs_and_usage_show(server, client) -> None:
+    prompt = "word " * (TEST_ENGINE["max_model_len"] + 50)  # too long for the model, whole
+    reply = client.completions.create(model="smollm2", prompt=prompt, max_tokens=2, temperature=0, echo=True,
+                                      logprobs=1, extra_body={"truncate_prompt_tokens": 6})
+    choice = reply.choices[0]
+    assert reply.usage.prompt_tokens == 6
+    assert len(choice.logprobs.tokens) == 6 + 2 and choice.logprobs.token_logprobs[0] is None
+    assert "".join(choice.logprobs.tokens) == choice.text and choice.text.startswith(" word" * 5 + " ")
+
+
 def test_chat_n_stop_and_logprobs(client) -> None:
     reply = client.chat.completions.create(model="smollm2", messages=MESSAGES, max_completion_tokens=12, n=3,
                                            temperature=0.9, seed=7, logprobs=True, top_logprobs=2)

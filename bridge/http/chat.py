@@ -14,7 +14,7 @@ from bridge.http.completions import CLIENT_CLOSED
 from bridge.http.errors import from_engine_error
 from bridge.http.logprobs import chat_logprobs
 from bridge.http.protocol import ChatCompletionRequest
-from bridge.http.state import Admitted, ServerState
+from bridge.http.state import Admitted, ServerState, truncate
 
 Receive = Callable[[], Awaitable[dict[str, Any]]]
 
@@ -26,7 +26,7 @@ async def admit_chat(body: ChatCompletionRequest, state: ServerState, identity: 
     state.require_ready()
     fields, renames = body.sampling()
     messages = body.template_messages()
-    prompt = await state.chat_prompt(messages, body.chat_template, body.add_generation_prompt)
+    [prompt] = truncate([await state.chat_prompt(messages, body.chat_template, body.add_generation_prompt)], fields)
     fields = state.fit([prompt], fields, "messages", renames.get("max_tokens", "max_tokens"))
     sampling = state.sampling(fields, renames)
     admitted = await state.admit(identity, [prompt], sampling, "chatcmpl", {**renames, "prompts": "messages"})

@@ -13,7 +13,7 @@ from bridge.http import sse
 from bridge.http.errors import from_engine_error
 from bridge.http.logprobs import CompletionLogprobs
 from bridge.http.protocol import CompletionRequest
-from bridge.http.state import Admitted, ServerState
+from bridge.http.state import Admitted, ServerState, truncate
 
 CLIENT_CLOSED = 499  # nginx's "client closed request": nobody reads it, but access logs show what happened
 
@@ -23,7 +23,10 @@ async def create_completion(body: CompletionRequest, request: Request, state: Se
     state.require_ready()
     fields = body.sampling()
     texts = body.prompts()
-    prompts = await state.prompt_ids(texts)
+    whole = await state.prompt_ids(texts)
+    prompts = truncate(whole, fields)
+    # echo shows the prompt the model saw: a truncated one is its kept tokens' text, not the text that was sent
+    texts = [text if len(kept) == len(all_ids) else kept for text, kept, all_ids in zip(texts, prompts, whole)]
     sampling = state.sampling(state.fit(prompts, fields, "prompt", "max_tokens"))
     admitted = await state.admit(identity, prompts, sampling, "cmpl", {"prompts": "prompt"})
     admitted.generation.watch(request.receive)

@@ -1,6 +1,6 @@
 """The server's shared state and the admission steps every generation endpoint takes in the same order:
-authenticate -> model known -> engine ready -> prompts tokenized -> prompts fit (max_tokens settled) -> sampling fields
-valid -> rate limit -> submit."""
+authenticate -> model known -> engine ready -> prompts tokenized (and truncated) -> prompts fit (max_tokens settled)
+-> sampling fields valid -> rate limit -> submit."""
 
 from __future__ import annotations
 
@@ -167,6 +167,16 @@ class ServerState:
     def release(self, admitted: Admitted) -> None:
         usage = admitted.generation.usage
         self.limiter.refund(admitted.identity, admitted.reserved_tokens - usage.prompt_tokens - usage.completion_tokens)
+
+
+def truncate(prompts: list[list[int]], fields: dict[str, Any]) -> list[list[int]]:
+    """The prompts as the engine will run them: `truncate_prompt_tokens` keeps each one's last that-many tokens (the
+    engine's rule, applied here first so that fit, the rate-limit cost, usage and echo all count what runs; the
+    engine's own pass is then a no-op). A value below 1 is left alone for validation to refuse."""
+    keep = fields.get("truncate_prompt_tokens")
+    if keep is None or keep < 1:
+        return prompts
+    return [p[-keep:] for p in prompts]
 
 
 def _rate_error(limit: str | None, retry_after_s: float) -> APIError:
