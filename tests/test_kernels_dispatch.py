@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -61,6 +62,24 @@ def test_forcing_triton_on_cpu_without_the_interpreter_is_a_clear_error(backend,
     monkeypatch.delenv("TRITON_INTERPRET")
     with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
         kernels.silu_and_mul(torch.randn(2, 8))
+
+
+def test_use_backend_overrides_the_default_for_its_block_and_thread_only(backend):
+    backend("torch")
+    with kernels.use_backend("triton"):
+        assert kernels.get_backend() == "triton"
+        with kernels.use_backend("torch"):
+            assert kernels.get_backend() == "torch"
+        assert kernels.get_backend() == "triton"
+        other: list[str] = []
+        thread = threading.Thread(target=lambda: other.append(kernels.get_backend()))
+        thread.start()
+        thread.join()
+        assert other == ["torch"]  # another thread keeps the process default
+    assert kernels.get_backend() == "torch"
+    with pytest.raises(ValueError, match="kernel_backend must be one of"):
+        with kernels.use_backend("cuda"):
+            pass
 
 
 def test_unknown_backend_is_rejected_by_name(backend):
