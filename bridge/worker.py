@@ -234,11 +234,14 @@ class Worker:
                     frame = protocol.pack(protocol.response_ok(request_id, result))
                 except Exception as exc:  # noqa: BLE001 — a result that cannot be encoded is still answered
                     error = BridgeError("internal", f"the result could not be encoded: {exc}")
-                else:
-                    self._out.put(frame)
             if error is not None:
-                self._send(protocol.response_error(request_id, error))
-            elif method == "shutdown":
+                try:
+                    frame = protocol.pack(protocol.response_error(request_id, error))
+                except Exception as exc:  # noqa: BLE001 — so is an error with unencodable details
+                    frame = protocol.pack(protocol.response_error(request_id, BridgeError(
+                        "internal", f"a {error.code!r} error could not be encoded: {exc}")))
+            self._out.put(frame)
+            if error is None and method == "shutdown":
                 self.stop("shutdown requested")
         return respond
 

@@ -151,6 +151,18 @@ def test_unexpected_exceptions_are_internal_errors_with_a_traceback_under_debug(
         debug.close()
 
 
+def test_an_error_whose_details_cannot_be_encoded_is_still_answered():
+    from bridge.service import Service
+    from bridge.worker import Worker
+
+    worker = Worker(-1, Service(), protocol.DEFAULT_MAX_FRAME_BYTES, protocol.DEFAULT_MAX_INFLIGHT, 1.0)
+    worker._responder(7, "tokenize")(None, protocol.BridgeError("invalid_params", "bad", {"value": object()}))
+    message = protocol.unpack(worker._out.get_nowait()[protocol.HEADER.size:])
+    assert message["id"] == 7 and message["ok"] is False
+    assert message["error"]["code"] == "internal" and "details" not in message["error"]
+    assert "'invalid_params' error could not be encoded" in message["error"]["message"]
+
+
 def test_timeout_profiles_are_overridable_by_flags():
     w = RawWorker("--timeout-profile", "default=1500", "--timeout-profile", "nightly=9000")
     try:
