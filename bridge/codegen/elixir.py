@@ -182,7 +182,8 @@ locally against the manifest (unknown keys, types, ranges, choices) before anyth
 ## Call options (every function)
 
   * `:timeout` — milliseconds; the worker aborts the request when it passes (`"deadline_exceeded"`), and
-    the client gives up after it plus a grace (`"timeout"`), cancelling the request in the worker.
+    the client gives up after it plus a grace (`"deadline_exceeded"` with `details["client_side"] == true`),
+    cancelling the request in the worker.
   * `:timeout_profile` — {profile_list}.
     Without either, `config :lmport, timeout: ms` or `timeout_profile: name` applies, else the method's
     default profile.

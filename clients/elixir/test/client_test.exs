@@ -2,7 +2,7 @@ defmodule LMPort.ClientTest do
   @moduledoc "What happens before anything reaches a worker: local validation and Python discovery."
   use ExUnit.Case, async: false
 
-  # No worker has this name: a call that passes validation fails with worker_unavailable instead.
+  # No worker has this name: a call that passes validation fails with spawn_failed instead.
   @nobody :no_such_lmport_worker
 
   test "valid options pass validation and reach the transport" do

@@ -59,4 +59,68 @@ defmodule LMPort.FakeWorkerTest do
 
     assert {:ok, %{"method" => "generate"}} = LMPort.Worker.call(worker, "generate", %{})
   end
+
+  describe "client-only codes, the same in every client (docs/protocol.md)" do
+    setup do
+      Process.flag(:trap_exit, true)
+      :ok
+    end
+
+    test "a worker that speaks another protocol version: protocol_mismatch" do
+      for hello <- ["hello(protocol=2)", "hello(protocol=None)"] do
+        assert {:error, %LMPort.Error{code: "protocol_mismatch", message: message}} =
+                 LMPort.Worker.start_link(python: fake_worker(hello <> "\nrecv()"))
+
+        assert message =~ "this client speaks 1"
+      end
+    end
+
+    test "an unreadable frame: protocol_error for every pending call, the worker is killed" do
+      worker =
+        start("""
+        hello()
+        recv()
+        recv()
+        send_raw(b"\\xc1")
+        time.sleep(60)
+        """)
+
+      %{"os_pid" => os_pid} = LMPort.Worker.info(worker)
+      ref = Process.monitor(worker)
+      pending = for _ <- 1..2, do: Task.async(fn -> LMPort.Worker.call(worker, "ping", %{}) end)
+
+      for result <- Task.await_many(pending) do
+        assert {:error, %LMPort.Error{code: "protocol_error", message: message}} = result
+        assert message =~ "unreadable frame"
+      end
+
+      assert_receive {:DOWN, ^ref, :process, _, {:shutdown, :protocol_error}}, 5_000
+      assert {_, 1} = System.cmd("kill", ["-0", "#{os_pid}"], stderr_to_stdout: true)
+    end
+
+    test "a stream chunk out of order: protocol_error in the consumer, the request is cancelled" do
+      worker =
+        start("""
+        hello()
+        request = recv()
+        send(type="chunk", id=request["id"], seq=0, data={"n": 0})
+        send(type="chunk", id=request["id"], seq=2, data={"n": 2})
+        send(type="chunk", id=request["id"], seq=3, data={"n": 3})
+        cancel = recv()
+        ping = recv()
+        respond(ping, {"cancelled": cancel == {"type": "cancel", "id": request["id"]}})
+        recv()
+        """)
+
+      seen = :ets.new(:seen, [:public])
+
+      assert_raise LMPort.Error, ~r/\[protocol_error\] stream chunk seq 2, expected 1/, fn ->
+        LMPort.Worker.stream(worker, "generate", %{}) |> Enum.each(&:ets.insert(seen, {&1["n"]}))
+      end
+
+      assert :ets.tab2list(seen) == [{0}]
+      assert {:ok, %{"cancelled" => true}} = LMPort.Worker.call(worker, "ping", %{})
+      refute_received {:lmport, _, _, _}
+    end
+  end
 end

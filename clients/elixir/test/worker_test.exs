@@ -83,7 +83,9 @@ defmodule LMPort.WorkerTest do
 
   test "stream: :with_summary ends the stream with the final response", %{llm: llm} do
     sp = [max_tokens: 6, temperature: 0, ignore_eos: true]
-    items = LMPort.generate!(@worker, llm, "The sea", sampling_params: sp, stream: :with_summary) |> Enum.to_list()
+
+    items =
+      LMPort.generate!(@worker, llm, "The sea", sampling_params: sp, stream: :with_summary) |> Enum.to_list()
 
     {deltas, [{:summary, summary}]} = Enum.split(items, -1)
     assert Enum.all?(deltas, &is_map/1) and List.last(deltas)["finished"] == true
@@ -134,7 +136,7 @@ defmodule LMPort.WorkerTest do
     wait_idle(llm)
   end
 
-  test "timeout: 200 ends a long generation with a timeout error; the worker keeps serving", %{llm: llm} do
+  test "timeout: 200 ends a long generation with deadline_exceeded; the worker keeps serving", %{llm: llm} do
     {elapsed, result} =
       :timer.tc(fn ->
         LMPort.generate(@worker, llm, "Go on forever:", sampling_params: @long, timeout: 200)

@@ -2,7 +2,7 @@
 import assert from "node:assert/strict";
 import { test } from "node:test";
 import { Worker } from "../src/index.js";
-import { fakeWorker, runHost } from "./helpers.js";
+import { fakeWorker, groupAlive, runHost } from "./helpers.js";
 
 test("a throwing event listener is the host's bug: it surfaces as uncaught, the worker keeps serving", async () => {
   const fake = fakeWorker(`
@@ -55,6 +55,43 @@ recv()
   const worker = await Worker.spawn({ python: fake, stderr: "ignore", grace: 100 });
   try {
     assert.deepEqual(await worker.call("generate", {}), { method: "generate" });
+  } finally {
+    await worker.close();
+  }
+});
+
+test("client-only codes (docs/protocol.md): protocol_mismatch, and protocol_error for an unreadable frame", async () => {
+  await assert.rejects(Worker.spawn({ python: fakeWorker("hello(protocol=2)\nrecv()"), stderr: "ignore" }),
+    { code: "protocol_mismatch" });
+  const worker = await Worker.spawn({ python: fakeWorker(`
+hello()
+recv()
+send_raw(b"\\xc1")
+time.sleep(60)
+`), stderr: "ignore" });
+  await assert.rejects(worker.ping(), { code: "protocol_error" });
+  await worker.close();
+  assert.ok(!groupAlive(worker.pgid)); // it was killed
+});
+
+test("a stream chunk out of order ends the stream with protocol_error and cancels the request", async () => {
+  const worker = await Worker.spawn({ python: fakeWorker(`
+hello()
+request = recv()
+send(type="chunk", id=request["id"], seq=0, data={"n": 0})
+send(type="chunk", id=request["id"], seq=2, data={"n": 2})
+cancel = recv()
+ping = recv()
+respond(ping, {"cancelled": cancel == {"type": "cancel", "id": request["id"]}})
+recv()
+`), stderr: "ignore" });
+  try {
+    const seen: unknown[] = [];
+    await assert.rejects(async () => {
+      for await (const chunk of worker.stream<{ n: number }>("generate")) seen.push(chunk.n);
+    }, { code: "protocol_error", message: "stream chunk seq 2, expected 1" });
+    assert.deepEqual(seen, [0]);
+    assert.deepEqual(await worker.ping(), { cancelled: true });
   } finally {
     await worker.close();
   }

@@ -7,7 +7,11 @@ defmodule LMPort.Error do
       timeout plus grace) passed without a response; the request was cancelled in the worker.
     * `"worker_exited"` — the worker process exited (or was killed) while the request was pending.
     * `"spawn_failed"` — the worker could not be started (no Python, no hello) or is not running.
-    * `"protocol_error"` — a frame could not be encoded or decoded.
+    * `"protocol_mismatch"` — the worker's `hello` announced another protocol major version.
+    * `"protocol_error"` — a frame from the worker could not be decoded (the worker is then killed), or a
+      stream's chunk `seq` skipped (the stream is cancelled).
+
+  A request that cannot be encoded is `"invalid_params"` (`details["field"] == "params"`).
 
   `details` holds the worker's `details` map (for `"invalid_params"`, `details["field"]` names the field).
   """

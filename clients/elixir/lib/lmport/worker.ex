@@ -5,13 +5,18 @@ defmodule LMPort.Worker do
   Frames are `{:packet, 4}` msgpack maps (protocol v1). Any number of requests are in flight at once, each
   with its own integer id; the worker batches them in one engine. The GenServer:
 
-    * waits for `hello` in `init/1` and refuses a worker that speaks another protocol major version;
+    * waits for `hello` in `init/1` and refuses a worker that speaks another protocol major version
+      (`"protocol_mismatch"`);
     * monitors every caller and sends `cancel` for its requests when the caller dies;
     * holds a client-side deadline per request (its timeout plus `:grace_ms`, at most 2^32 - 1 ms, the longest
-      Erlang timer): on expiry it sends `cancel`,
-      answers the caller with `%LMPort.Error{code: "deadline_exceeded", details: %{"client_side" => true}}` and pings the worker; a worker that does not
-      answer the ping in time has its process group killed and the GenServer stops (its supervisor restarts it);
+      Erlang timer): on expiry it sends `cancel`, answers the caller with
+      `%LMPort.Error{code: "deadline_exceeded", details: %{"client_side" => true}}` and pings the worker; a worker
+      that does not answer the ping in time has its process group killed and the GenServer stops (its supervisor
+      restarts it);
     * answers every pending caller with `%LMPort.Error{code: "worker_exited"}` when the worker exits, then stops;
+    * on a frame it cannot decode, answers every pending caller with `"protocol_error"`, kills the worker's
+      process group and stops; a stream whose chunk `seq` skips raises `"protocol_error"` in its consumer and is
+      cancelled;
     * on shutdown sends `shutdown`, waits `:grace_ms`, then `kill -TERM` and `kill -KILL` the worker's
       process group (the `pgid` from `hello`).
 
@@ -109,8 +114,9 @@ defmodule LMPort.Worker do
 
   The request is sent when the stream is first consumed, by the consuming process. Halting early (`Enum.take/2`,
   a `break` in `Enum.reduce_while/3`, an exception) cancels it in the worker. An error response raises
-  `LMPort.Error` from the consumer. With `summary: true` in `opts` the last element is `{:summary, result}`: the
-  final response, which for generate/chat holds usage, finish reasons and metrics.
+  `LMPort.Error` from the consumer, as does a chunk out of order (`"protocol_error"`, the request is cancelled).
+  With `summary: true` in `opts` the last element is `{:summary, result}`: the final response, which for
+  generate/chat holds usage, finish reasons and metrics.
   """
   @spec stream(server, String.t(), map, call_opts) :: Enumerable.t()
   def stream(server, method, params, opts \\ []) do
@@ -120,25 +126,29 @@ defmodule LMPort.Worker do
     Stream.resource(
       fn ->
         case safe_call(server, {:call, method, params, ropts}) do
-          {:ok, {wpid, id}} -> {wpid, id, Process.monitor(wpid), summary?, :open}
+          {:ok, {wpid, id}} -> {wpid, id, Process.monitor(wpid), summary?, 0}
           {:error, error} -> raise error
         end
       end,
       &next_chunk/1,
-      fn {wpid, id, mref, _, state} ->
+      fn {wpid, id, mref, _, seq} ->
         Process.demonitor(mref, [:flush])
-        if state == :open, do: cancel_stream(wpid, id)
+        if seq != :done, do: cancel_stream(wpid, id)
         flush(wpid, id)
       end
     )
   end
 
+  # The accumulator's last element is the `seq` of the next chunk while the request runs, :done after it.
   defp next_chunk({_, _, _, _, :done} = acc), do: {:halt, acc}
 
-  defp next_chunk({wpid, id, mref, summary?, :open} = acc) do
+  defp next_chunk({wpid, id, mref, summary?, seq}) do
     receive do
-      {:lmport, ^wpid, ^id, {:chunk, _seq, data}} ->
-        {[data], acc}
+      {:lmport, ^wpid, ^id, {:chunk, ^seq, data}} ->
+        {[data], {wpid, id, mref, summary?, seq + 1}}
+
+      {:lmport, ^wpid, ^id, {:chunk, other, _data}} ->
+        raise Error.new("protocol_error", "stream chunk seq #{inspect(other)}, expected #{seq}")
 
       {:lmport, ^wpid, ^id, {:done, {:ok, summary}}} ->
         done = {wpid, id, mref, summary?, :done}
@@ -265,8 +275,22 @@ defmodule LMPort.Worker do
     receive do
       {^port, {:data, frame}} ->
         case Msgpack.decode(frame) do
-          {:ok, %{"type" => "hello"} = hello} -> check_protocol(port, hello)
-          other -> hello_failure(port, "expected hello as the first frame, got #{inspect(other, limit: 10)}")
+          {:ok, %{"type" => "hello"} = hello} ->
+            check_protocol(port, hello)
+
+          {:ok, other} ->
+            hello_failure(
+              port,
+              "spawn_failed",
+              "expected hello as the first frame, got #{inspect(other, limit: 10)}"
+            )
+
+          {:error, e} ->
+            hello_failure(
+              port,
+              "protocol_error",
+              "unreadable first frame from the worker: #{Exception.message(e)}"
+            )
         end
 
       {^port, {:exit_status, status}} ->
@@ -276,30 +300,30 @@ defmodule LMPort.Worker do
            "lmport worker exited with status #{status} before hello (see its stderr)"
          )}
     after
-      timeout -> hello_failure(port, "no hello from the lmport worker within #{timeout} ms")
+      timeout -> hello_failure(port, "spawn_failed", "no hello from the lmport worker within #{timeout} ms")
     end
   end
 
-  defp check_protocol(port, %{"protocol" => protocol} = hello) do
-    if major(protocol) == @protocol_major,
-      do: {:ok, hello},
-      else:
+  # A hello without a protocol version is another protocol too.
+  defp check_protocol(port, hello) do
+    case hello["protocol"] do
+      @protocol_major ->
+        {:ok, hello}
+
+      other ->
         hello_failure(
           port,
-          "worker speaks protocol #{inspect(protocol)}, this client speaks #{@protocol_major}"
+          "protocol_mismatch",
+          "worker speaks protocol #{inspect(other)}, this client speaks #{@protocol_major}"
         )
+    end
   end
 
-  defp check_protocol(port, _), do: hello_failure(port, "hello carries no protocol version")
-
-  defp major(v) when is_integer(v), do: v
-  defp major(_), do: nil
-
-  defp hello_failure(port, message) do
+  defp hello_failure(port, code, message) do
     {:os_pid, os_pid} = Port.info(port, :os_pid) || {:os_pid, nil}
     Port.close(port)
     if os_pid, do: ProcessGroup.signal(nil, os_pid, "KILL")
-    {:error, Error.new("spawn_failed", message)}
+    {:error, Error.new(code, message)}
   end
 
   @impl true
@@ -392,9 +416,16 @@ defmodule LMPort.Worker do
       {:ok, %{"type" => type} = msg} ->
         {:noreply, handle_frame(type, msg, state)}
 
-      other ->
-        Logger.error("lmport: undecodable frame from the worker: #{inspect(other, limit: 10)}")
+      {:ok, _not_a_message} ->
         {:noreply, state}
+
+      # The stream of frames can no longer be trusted: give up on this worker, as on a wedged one.
+      {:error, e} ->
+        message = "unreadable frame from the lmport worker: #{Exception.message(e)}"
+        Logger.error("lmport: #{message}; killing its process group")
+        state = fail_all(state, Error.new("protocol_error", message))
+        ProcessGroup.signal(state.pgid, state.os_pid, "KILL")
+        {:stop, {:shutdown, :protocol_error}, state}
     end
   end
 

@@ -13,7 +13,8 @@ defmodule LMPort do
   ## Call options (every function)
 
     * `:timeout` — milliseconds; the worker aborts the request when it passes (`"deadline_exceeded"`), and
-      the client gives up after it plus a grace (`"timeout"`), cancelling the request in the worker.
+      the client gives up after it plus a grace (`"deadline_exceeded"` with `details["client_side"] == true`),
+      cancelling the request in the worker.
     * `:timeout_profile` — `:default` (120000 ms), `:streaming` (1800000 ms), `:ml_inference` (600000 ms), `:batch_job` (3600000 ms).
       Without either, `config :lmport, timeout: ms` or `timeout_profile: name` applies, else the method's
       default profile.
