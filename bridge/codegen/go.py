@@ -1,11 +1,11 @@
 """Go API layer for clients/go: option structs with doc comments and Validate methods, and one Worker method
 per manifest method, wrapping the hand-written transport (clients/go/worker.go, stream.go, validate.go).
 
-Two files: generated_types.go (the manifest's schemas, result records, error codes, timeout profiles) and
-generated_api.go (per-method option structs and wrappers). Parameters common.positional_params() names are Go
-arguments; the rest live in a `*<Method>Options` struct (or the schema struct whose fields they are, e.g. LLM takes
-*EngineOptions). Optional scalars are pointers (nil = the worker's default; lmport.Ptr builds them); unions of
-several types are `any`, checked at run time. Output is gofmt-clean.
+Two files: generated_types.go (the manifest's schemas, result records, error codes, timeout profiles and each
+method's own profile) and generated_api.go (per-method option structs and wrappers). Parameters
+common.positional_params() names are Go arguments; the rest live in a `*<Method>Options` struct (or the schema
+struct whose fields they are, e.g. LLM takes *EngineOptions). Optional scalars are pointers (nil = the worker's
+default; lmport.Ptr builds them); unions of several types are `any`, checked at run time. Output is gofmt-clean.
 
 Result records (the manifest's `results` section, from bridge/results.py) become plain structs with msgpack tags:
 int -> int (like the token ids Tokenize returns), float -> float64, `T|null` -> *T (a list stays a slice: nil is
@@ -309,9 +309,17 @@ def _constants(manifest: dict[str, Any]) -> str:
     profiles = ", ".join(f"{json.dumps(k)}: {v}" for k, v in manifest["timeout_profiles"].items())
     codes = "".join(f"\t{{Code: {json.dumps(e['code'])}, Retryable: {_literal(bool(e.get('retryable')))}, "
                     f"Doc: {json.dumps(e.get('doc', ''))}}},\n" for e in manifest["error_codes"])
+    keys = [json.dumps(m["name"]) + ":" for m in manifest["methods"]]
+    width = max(map(len, keys), default=0)  # gofmt aligns the values
+    methods = "".join(f"\t{key.ljust(width)} {json.dumps(m.get('timeout_profile', 'default'))},\n"
+                      for key, m in zip(keys, manifest["methods"]))
     return ("// DefaultTimeoutProfiles are the worker's default deadlines in milliseconds (the live ones arrive in "
             "its hello).\n"
             f"var DefaultTimeoutProfiles = map[string]int64{{{profiles}}}\n\n"
+            "// methodProfiles holds each method's own timeout profile (the manifest's timeout_profile): the one the "
+            "worker\n// applies to a request that names none, and so the one Worker.Call's client-side deadline "
+            "follows.\n"
+            f"var methodProfiles = map[string]string{{\n{methods}}}\n\n"
             "// ErrorCode describes one error code the worker may answer with.\n"
             "type ErrorCode struct {\n\tCode      string\n\tRetryable bool\n\tDoc       string\n}\n\n"
             "// ErrorCodes lists the worker's error codes.\n"

@@ -776,6 +776,23 @@ type Summary struct {
 // DefaultTimeoutProfiles are the worker's default deadlines in milliseconds (the live ones arrive in its hello).
 var DefaultTimeoutProfiles = map[string]int64{"default": 120000, "streaming": 1800000, "ml_inference": 600000, "batch_job": 3600000}
 
+// methodProfiles holds each method's own timeout profile (the manifest's timeout_profile): the one the worker
+// applies to a request that names none, and so the one Worker.Call's client-side deadline follows.
+var methodProfiles = map[string]string{
+	"describe":        "default",
+	"llm":             "ml_inference",
+	"sampling_params": "default",
+	"generate":        "ml_inference",
+	"chat":            "ml_inference",
+	"tokenize":        "default",
+	"detokenize":      "default",
+	"release":         "default",
+	"ping":            "default",
+	"health":          "default",
+	"stats":           "default",
+	"shutdown":        "default",
+}
+
 // ErrorCode describes one error code the worker may answer with.
 type ErrorCode struct {
 	Code      string

@@ -236,9 +236,18 @@ func (w *Worker) Events() <-chan Event { return w.events }
 func (w *Worker) Done() <-chan struct{} { return w.exited }
 
 // Call calls any worker method by name, decoding the result into out (a pointer, or nil to discard it).
-// The generated methods are typed shortcuts for it.
+// The generated methods are typed shortcuts for it. Without a timeout option the client-side deadline follows the
+// method's own timeout profile from the manifest (generate: "ml_inference"), as the worker's does.
 func (w *Worker) Call(ctx context.Context, method string, params map[string]any, out any, opts ...CallOption) error {
-	return w.invoke(ctx, method, "default", params, out, opts)
+	return w.invoke(ctx, method, methodProfile(method), params, out, opts)
+}
+
+// methodProfile is the method's own timeout profile (generated from the manifest); "default" for one it lacks.
+func methodProfile(method string) string {
+	if profile, ok := methodProfiles[method]; ok {
+		return profile
+	}
+	return "default"
 }
 
 // CallStream starts a streaming call of any method by name; the Stream decodes its deltas as Chunk and its final

@@ -1,0 +1,77 @@
+package lmport
+
+// Protocol edge cases against a scripted stand-in for the worker: fast, no model.
+
+import (
+	"context"
+	"io"
+	"os"
+	"path/filepath"
+	"testing"
+	"time"
+)
+
+// fakeWorker writes an executable Python script that plays the worker: the scenario runs after these helpers:
+// hello(**override), recv() (the next host message; exits at EOF), send(**message) and respond(request, result).
+// Start runs it as `script -m bridge.worker`; it ignores its arguments.
+func fakeWorker(t *testing.T, scenario string) string {
+	t.Helper()
+	python, _, err := findPython("")
+	if err != nil {
+		t.Fatal(err)
+	}
+	path := filepath.Join(t.TempDir(), "worker.py")
+	script := "#!" + python + `
+import os, struct, sys, time
+import msgpack
+_in, _out = sys.stdin.buffer, sys.stdout.buffer
+def send(**message):
+    body = msgpack.packb(message)
+    _out.write(struct.pack(">I", len(body)) + body)
+    _out.flush()
+def recv():
+    head = _in.read(4)
+    if len(head) < 4:
+        sys.exit(0)
+    return msgpack.unpackb(_in.read(struct.unpack(">I", head)[0]))
+def hello(**override):
+    send(**{"type": "hello", "protocol": 1, "server": "fake", "version": "0", "pid": os.getpid(),
+            "pgid": os.getpgrp(), "max_frame_bytes": 1 << 26, "max_inflight": 8, "methods": ["ping"],
+            "timeout_profiles": {"default": 120000, "streaming": 1800000, "ml_inference": 600000,
+                                 "batch_job": 3600000}, **override})
+def respond(request, result=None):
+    send(type="response", id=request["id"], ok=True, result={} if result is None else result)
+` + scenario
+	if err := os.WriteFile(path, []byte(script), 0o755); err != nil {
+		t.Fatal(err)
+	}
+	return path
+}
+
+func TestRawCallDeadlineFollowsTheMethodsProfile(t *testing.T) {
+	// the worker gives generate its ml_inference deadline (10 s); "default" (100 ms) + grace would be too short
+	fake := fakeWorker(t, `
+hello(timeout_profiles={"default": 100, "streaming": 10000, "ml_inference": 10000, "batch_job": 10000})
+request = recv()
+time.sleep(0.6)
+respond(request, {"method": request["method"], "timeout_profile": request.get("timeout_profile")})
+recv()
+`)
+	ctx := context.Background()
+	w, err := Start(ctx, Options{Python: fake, Stderr: io.Discard, Grace: 100 * time.Millisecond})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer w.Close()
+	var out map[string]any
+	if err := w.Call(ctx, "generate", map[string]any{}, &out); err != nil {
+		t.Fatal(err)
+	}
+	// answered, and the worker was left to pick the profile (the request names none)
+	if out["method"] != "generate" || out["timeout_profile"] != nil {
+		t.Fatalf("got %v", out)
+	}
+	if methodProfile("generate") != "ml_inference" || methodProfile("no_such_method") != "default" {
+		t.Fatal("method profiles not from the manifest")
+	}
+}
