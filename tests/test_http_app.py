@@ -4,6 +4,8 @@ rate limiting and the SSE framing, driven by httpx and the official openai clien
 from __future__ import annotations
 
 import json
+import threading
+import time
 
 import httpx
 import openai
@@ -288,3 +290,48 @@ def test_echo_with_truncate_prompt_tokens_shows_the_prompt_the_model_saw(server)
         assert logprobs["token_logprobs"][0] is None and logprobs["token_logprobs"][1:] == [-1.0] * (
             len(choice["text"]) - 1)
     assert reply["usage"]["prompt_tokens"] == 7
+
+
+class _RefusedFromAnotherThread(FakeBackend):
+    """submit() has the refusal answered on another thread, which reads the generation's state just before submit
+    returns and is held there (as a preempted thread would be) until the event loop took submit's result."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.reading = threading.Event()  # the other thread has looked at the generation and is held
+        self.assigned = threading.Event()  # the event loop stored what submit returned
+
+    def submit(self, prompts, sampling, on_chunk, on_done):
+        refusal = BridgeError("invalid_params", "prompts: refused", {"field": "prompts"})
+        threading.Thread(target=on_done, args=(None, refusal), name="refuser").start()
+        self.reading.wait(1)  # (code that never looks is not held: the refusal has long arrived)
+        return lambda: None
+
+
+def test_a_refusal_answered_on_another_thread_while_submitting_is_never_lost(monkeypatch) -> None:
+    from bridge.http.generation import Generation
+
+    backend = _RefusedFromAnotherThread()
+    slot = Generation.__dict__["_cancel"]
+
+    def get(generation):
+        value = slot.__get__(generation)
+        if value is None and threading.current_thread().name == "refuser":
+            backend.reading.set()
+            backend.assigned.wait(2)
+            time.sleep(0.3)  # the event loop has run on past storing it
+        return value
+
+    def put(generation, value):
+        slot.__set__(generation, value)
+        if value is not None:
+            backend.assigned.set()
+
+    monkeypatch.setattr(Generation, "_cancel", property(get, put))
+    running, _ = fake_server(backend)
+    try:
+        running.wait_ready()
+        response = httpx.post(f"{running.url}/v1/completions", json={"prompt": "ab", "max_tokens": 2}, timeout=10)
+        assert response.status_code == 400 and response.json()["error"]["param"] == "prompt", response.text
+    finally:
+        running.stop()

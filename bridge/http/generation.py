@@ -11,6 +11,7 @@ num_cached_tokens, metrics, outputs: [{index, finish_reason, ...}]}]}`.
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
@@ -88,21 +89,36 @@ class Generation:
 
     async def start(self) -> None:
         """Submit (on a worker thread: the service's admission may block); admission errors (InvalidParams,
-        BridgeError) raise here, before anything was sent."""
+        BridgeError) raise here, before anything was sent.
+
+        An error counts as an admission error when it arrives before submit returned, on whatever thread: the
+        flag that says so is flipped under a lock on the submitting thread, before the event loop can look at
+        what was collected, so an error is either collected here or queued for chunks(), never neither."""
         loop = asyncio.get_running_loop()
         put = self._queue.put_nowait
+        lock = threading.Lock()
+        submitting = True
         admission: list[BaseException] = []
 
         def on_chunk(data: dict[str, Any]) -> None:
             loop.call_soon_threadsafe(put, Chunk(data, time.monotonic()))
 
         def on_done(summary: Any, error: BaseException | None) -> None:
-            if self._cancel is None and error is not None:
-                admission.append(error)  # refused while submitting: raised below, in this thread
-                return
+            with lock:
+                if submitting and error is not None:
+                    admission.append(error)  # refused while submitting: start() raises it
+                    return
             loop.call_soon_threadsafe(put, _Done(summary, error))
 
-        self._cancel = await asyncio.to_thread(self.backend.submit, self.prompts, self.sampling, on_chunk, on_done)
+        def submit() -> Callable[[], None]:
+            nonlocal submitting
+            try:
+                return self.backend.submit(self.prompts, self.sampling, on_chunk, on_done)
+            finally:
+                with lock:
+                    submitting = False
+
+        self._cancel = await asyncio.to_thread(submit)
         if admission:
             self._finished = True
             raise admission[0]
