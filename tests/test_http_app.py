@@ -335,3 +335,25 @@ def test_a_refusal_answered_on_another_thread_while_submitting_is_never_lost(mon
         assert response.status_code == 400 and response.json()["error"]["param"] == "prompt", response.text
     finally:
         running.stop()
+
+
+class _BrokenLoad(FakeBackend):
+    def load(self) -> None:
+        raise RuntimeError("no weights here")
+
+
+def test_failed_load_and_unknown_path_answer_as_documented(server) -> None:
+    missing = httpx.get(f"{server.url}/v1/nothing-here")
+    assert missing.status_code == 404
+    assert missing.json()["error"]["type"] == "not_found_error" and missing.json()["error"]["code"] is None
+    running, _ = fake_server(_BrokenLoad())
+    try:
+        end = time.monotonic() + 10
+        while running.state.load_error is None and time.monotonic() < end:
+            time.sleep(0.02)
+        health = httpx.get(f"{running.url}/health")
+        assert health.status_code == 503 and health.json()["status"] == "error"
+        refused = httpx.post(f"{running.url}/v1/chat/completions", json=CHAT)
+        assert refused.status_code == 503 and refused.json()["error"]["code"] == "model_load_failed"
+    finally:
+        running.stop()
