@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import argparse
 import sys
+from typing import Any
 
 from bridge.client import Client
+from bridge.protocol import BridgeError
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -22,6 +24,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     params = {"max_tokens": args.max_tokens, "temperature": args.temperature, "top_p": args.top_p, "seed": args.seed}
     with Client.spawn("--log-level", "WARNING") as client:
+        _check_sampling_params(client, params)  # a bad option fails before the model loads
         llm = client.llm(args.model, dtype=args.dtype)
         chunks = (client.chat(llm, [{"role": "user", "content": args.prompt}], params, stream=True) if args.chat
                   else client.generate(llm, args.prompt, params, stream=True))
@@ -31,3 +34,16 @@ def run(args: argparse.Namespace) -> int:
                 sys.stdout.flush()
     sys.stdout.write("\n")
     return 0
+
+
+def _check_sampling_params(client: Client, params: dict[str, Any]) -> None:
+    """Validate through the worker, naming the field as generate itself would (sampling_params.<field>)."""
+    try:
+        client.sampling_params(**params)
+    except BridgeError as exc:
+        field = (exc.details or {}).get("field")
+        if exc.code != "invalid_params" or not field:
+            raise
+        # the service words it "<field>: <why>" (see bridge.service._invalid)
+        raise BridgeError(exc.code, f"sampling_params.{exc.message}", {"field": f"sampling_params.{field}"}) \
+            from None

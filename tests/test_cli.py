@@ -30,6 +30,13 @@ def test_a_bad_sampling_parameter_through_the_worker_names_the_field():
     assert workers() <= before, "the command's worker outlived it"
 
 
+def test_a_bad_sampling_parameter_is_reported_before_any_model_loads():
+    run = lmport("generate", "Hi", "--model", "no-such-model-anywhere", "--max-tokens", "0")
+    assert run.returncode == 2
+    assert run.stderr.strip().endswith(
+        "lmport generate: error: invalid_params: sampling_params.max_tokens: must be >= 1, got 0"), run.stderr
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
 def test_an_unavailable_device_names_the_field():
     run = lmport("bench", "throughput", "--device", "cuda", "--skip-hf")
