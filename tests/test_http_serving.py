@@ -6,8 +6,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -157,12 +157,11 @@ def test_bench_serve_reports_vllm_style_metrics(server) -> None:
 def test_lmport_serve_command_starts_loads_and_stops_on_sigint(tmp_path) -> None:
     config = tmp_path / "serve.yaml"
     config.write_text("port: 0\nserved_model_name: [tiny, smollm2]\nuvicorn_log_level: warning\n")
-    port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "bridge.cli", "serve", "--config", str(config), "--port", str(port),
+    proc = subprocess.Popen([sys.executable, "-m", "bridge.cli", "serve", "--config", str(config),
                              "--kv-cache-memory-bytes", str(TEST_ENGINE["kv_cache_memory_bytes"]),
                              "--max-model-len", "512"], stderr=subprocess.PIPE, text=True)
     try:
-        url = f"http://127.0.0.1:{port}"
+        url = f"http://127.0.0.1:{bound_port(proc)}"
         statuses = []
         end = time.monotonic() + 120
         while time.monotonic() < end:
@@ -183,8 +182,10 @@ def test_lmport_serve_command_starts_loads_and_stops_on_sigint(tmp_path) -> None
 
 
 
-def free_port() -> int:
-    """A free loopback port (closed again before the server binds it)."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+def bound_port(proc: subprocess.Popen) -> int:
+    """The port `lmport serve` (port 0) says it bound, read from its log on stderr."""
+    for line in proc.stderr:
+        found = re.search(r"serving .* on http://[^\s]+:(\d+)$", line.rstrip())
+        if found:
+            return int(found.group(1))
+    raise AssertionError(f"lmport serve exited ({proc.wait()}) without saying its port")

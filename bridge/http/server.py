@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import socket
 import sys
 import threading
 import time
@@ -34,28 +35,49 @@ def run(args: argparse.Namespace) -> int:
         print(f"lmport serve: {exc}", file=sys.stderr)
         return 2
     serve = settings.serve
-    logger.info("serving %s as %s on http://%s:%d", settings.model, settings.model_names, serve.host, serve.port)
-    uvicorn.run(build_app(settings), host=serve.host, port=serve.port, log_level=serve.uvicorn_log_level,
-                access_log=serve.access_log, timeout_graceful_shutdown=5)
-    return 0
+    try:
+        sock = listen(serve.host, serve.port)
+    except OSError as exc:
+        print(f"lmport serve: cannot listen on {serve.host}:{serve.port}: {exc}", file=sys.stderr)
+        return 1
+    # the bound port: with --port 0 this line is how a caller (a test, a supervisor) learns it
+    logger.info("serving %s as %s on http://%s:%d", settings.model, settings.model_names, serve.host,
+                sock.getsockname()[1])
+    server = uvicorn.Server(uvicorn.Config(build_app(settings), log_level=serve.uvicorn_log_level,
+                                           access_log=serve.access_log, timeout_graceful_shutdown=5))
+    try:
+        server.run(sockets=[sock])
+    except KeyboardInterrupt:  # uvicorn raises the SIGINT it caught again once it has shut down
+        pass
+    finally:
+        sock.close()
+    return 0 if server.started else 1
+
+
+def listen(host: str, port: int) -> socket.socket:
+    """A listening socket (port 0: the OS picks a free one). Listening before uvicorn starts means a client that
+    connects meanwhile waits in the backlog rather than being refused."""
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+        sock.listen(2048)
+    except OSError:
+        sock.close()
+        raise
+    return sock
 
 
 class RunningServer:
     """A server on a background thread (tests, benchmarks, embedding in a Python program)."""
 
     def __init__(self, settings: config.Settings, backend: Backend | None = None) -> None:
-        import socket
-
         import uvicorn
 
         from bridge.http.app import build_app
 
         serve = settings.serve
-        self._socket = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        self._socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self._socket.bind((serve.host, serve.port))  # port 0: the OS picks a free one
-        # listen now: a client that connects before uvicorn's loop starts waits in the backlog rather than being refused
-        self._socket.listen(2048)
+        self._socket = listen(serve.host, serve.port)
         self.port = self._socket.getsockname()[1]
         self.url = f"http://{serve.host}:{self.port}"
         self.app = build_app(settings, backend)
