@@ -124,13 +124,7 @@ def _comment(text: str, indent: str = "") -> str:
 
 
 def _facts(field: dict[str, Any]) -> str:
-    facts = []
-    if "default" in field and not field.get("required"):
-        default = "nil" if field["default"] is None else _literal(field["default"])
-        facts.append(f"Default: {default}.")
-    if constraint := common.constraint_text(field):
-        facts.append(f"Allowed: {constraint}.")
-    return " ".join(facts)
+    return common.facts(field, lambda value: "nil" if value is None else _literal(value))
 
 
 def _literal(value: Any) -> str:
