@@ -40,13 +40,18 @@ def capture_sizes(max_batch_size: int) -> list[int]:
 
 
 class DecodeGraphs:
-    """Static decode inputs plus the graphs captured on them. `run` takes one decode-only batch's tensors."""
+    """Static decode inputs plus the graphs captured on them. `run` takes one decode-only batch's tensors.
 
-    def __init__(self, model: nn.Module, max_batch_size: int, max_blocks_per_seq: int, hidden_size: int,
-                 dtype: torch.dtype, device: torch.device) -> None:
+    The hidden-state buffer takes the model's hidden size (`model.config.hidden_size`), dtype and device (its
+    parameters').
+    """
+
+    def __init__(self, model: nn.Module, max_batch_size: int, max_blocks_per_seq: int) -> None:
         self.model = model
         self.sizes = capture_sizes(max_batch_size)
         rows = self.sizes[-1]
+        weight = next(model.parameters())
+        dtype, device, hidden_size = weight.dtype, weight.device, model.config.hidden_size
         self.input_ids = torch.zeros(rows, dtype=torch.int64, device=device)
         self.positions = torch.zeros(rows, dtype=torch.int64, device=device)
         self.slot_mapping = torch.full((rows,), -1, dtype=torch.int64, device=device)

@@ -42,6 +42,7 @@ class ModelRunner:
         self.attention_layers = [m for m in self.model.modules() if isinstance(m, PagedAttention)]
         first = self.attention_layers[0]
         self.num_kv_heads, self.head_dim = first.num_kv_heads, first.head_dim
+        self.max_blocks_per_seq = -(-loaded.max_model_len // self.block_size)  # one max_model_len sequence's blocks
         self.num_blocks = self._plan_num_blocks(config, loaded.max_model_len)
         shape = (2, len(self.attention_layers), self.num_blocks, self.block_size, self.num_kv_heads, self.head_dim)
         # Zeroed, not empty: padded block-table entries and masked positions are read with weight 0, and 0 * NaN
@@ -49,7 +50,6 @@ class ModelRunner:
         self.kv_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
         for i, layer in enumerate(self.attention_layers):
             layer.k_cache, layer.v_cache = self.kv_cache[0, i], self.kv_cache[1, i]
-        self.max_blocks_per_seq = -(-loaded.max_model_len // self.block_size)
         with kernels.use_backend(self.kernel_backend):
             self.decode_graphs = self._capture_decode_graphs(config)
         self.graphed_steps = 0
@@ -61,8 +61,7 @@ class ModelRunner:
             logger.info("CUDA graphs off: the PyTorch reference kernels synchronise with the host "
                         "(kernel_backend='torch')")
             return None
-        graphs = DecodeGraphs(self.model, config.max_num_seqs, self.max_blocks_per_seq, self.model.config.hidden_size,
-                              self.dtype, self.device)
+        graphs = DecodeGraphs(self.model, config.max_num_seqs, self.max_blocks_per_seq)
         try:
             graphs.capture()
         except RuntimeError:  # a kernel that cannot be captured must not keep the engine from serving
@@ -87,7 +86,7 @@ class ModelRunner:
             free, total = torch.cuda.mem_get_info(self.device)
             budget = int(total * config.gpu_memory_utilization) - (total - free)
             num_blocks, source = max(budget, 0) // per_block, f"gpu_memory_utilization={config.gpu_memory_utilization}"
-        needed = -(-max_model_len // self.block_size)
+        needed = self.max_blocks_per_seq
         if num_blocks < needed:
             raise OutOfKVCache(
                 f"The KV cache ({source}) holds {num_blocks} blocks of {self.block_size} tokens = "

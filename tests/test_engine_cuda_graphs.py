@@ -36,7 +36,8 @@ def test_capture_sizes(max_batch, expected):
 
 
 def test_bucket_is_the_smallest_size_that_holds_the_batch():
-    graphs = DecodeGraphs(torch.nn.Identity(), 40, 4, 8, torch.float32, torch.device("cpu"))
+    graphs = DecodeGraphs(tiny_model(torch.float16), 40, 4)
+    assert graphs.hidden.shape == (40, 48) and graphs.hidden.dtype == torch.float16  # read from the model
     assert [graphs.bucket(n) for n in (1, 2, 3, 5, 9, 17, 33, 40)] == [1, 2, 4, 8, 16, 32, 40, 40]
     for bad in (0, 41):
         with pytest.raises(ValueError, match=f"decode batch of {bad} outside 1..40"):
@@ -70,7 +71,7 @@ def test_padded_static_decode_matches_the_eager_decode(backend):
     harness = PagedHarness(model, block_size=4, seed=seed)
     seqs = [PagedSeq() for _ in range(5)]
     harness.step([(s, torch.randint(0, VOCAB, (n,)).tolist()) for s, n in zip(seqs, (19, 3, 11, 26, 7))])
-    graphs = DecodeGraphs(model, 8, MAX_BLOCKS, 48, torch.float32, DEVICE)
+    graphs = DecodeGraphs(model, 8, MAX_BLOCKS)
     before = kernels._backend
     try:
         kernels.set_backend(backend)
@@ -124,7 +125,7 @@ def test_the_captured_decode_step_never_waits_for_the_device(backend, capturable
     harness = PagedHarness(model, block_size=4)
     seqs = [PagedSeq() for _ in range(3)]
     harness.step([(s, [1, 2, 3, 4, 5]) for s in seqs])
-    graphs = DecodeGraphs(model, 4, MAX_BLOCKS, 48, torch.float32, DEVICE)
+    graphs = DecodeGraphs(model, 4, MAX_BLOCKS)
     before = kernels._backend
     try:
         kernels.set_backend(backend)

@@ -72,8 +72,7 @@ def test_decode_steps_through_the_padded_static_buffers_give_the_same_tokens(llm
     expected = texts(llm.generate(PROMPTS[:5], GREEDY, use_tqdm=False))
     before = llm.stats()["cuda_graph_steps"]
     saved_graphs = runner.decode_graphs  # None on CPU, the captured graphs on a GPU
-    runner.decode_graphs = DecodeGraphs(runner.model, 8, runner.max_blocks_per_seq, runner.model.config.hidden_size,
-                                        runner.dtype, runner.device)
+    runner.decode_graphs = DecodeGraphs(runner.model, 8, runner.max_blocks_per_seq)
     try:
         got = texts(llm.generate(PROMPTS[:5], GREEDY, use_tqdm=False))
     finally:
