@@ -47,6 +47,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    parent_pid = os.getppid()  # before --preload imports: a parent dying during them must still be noticed
     frames_fd = protect_stdout()
     profiles = dict(protocol.TIMEOUT_PROFILES)
     for item in args.timeout_profile:
@@ -55,6 +56,10 @@ def run(args: argparse.Namespace) -> int:
             logger.error("--timeout-profile expects NAME=MS with MS > 0, got %r", item)
             return 2
         profiles[name] = int(ms)
+    for flag, value in (("--max-inflight", args.max_inflight), ("--max-frame-bytes", args.max_frame_bytes)):
+        if value <= 0:  # 0 would answer every request 'overloaded' / discard every frame as oversize
+            logger.error("%s must be > 0, got %d", flag, value)
+            return 2
     if not args.no_setsid:
         try:
             os.setsid()
@@ -63,7 +68,7 @@ def run(args: argparse.Namespace) -> int:
     for module in args.preload:
         importlib.import_module(module)
     worker = Worker(frames_fd, Service(profiles, debug=args.debug), args.max_frame_bytes, args.max_inflight,
-                    args.grace)
+                    args.grace, parent_pid)
     return worker.serve()
 
 
@@ -78,13 +83,13 @@ def protect_stdout() -> int:
 
 class Worker:
     def __init__(self, frames_fd: int, service: Service, max_frame_bytes: int, max_inflight: int,
-                 grace: float) -> None:
+                 grace: float, parent_pid: int | None = None) -> None:
         self.frames_fd = frames_fd
         self.service = service
         self.max_frame_bytes = max_frame_bytes
         self.max_inflight = max_inflight
         self.grace = grace
-        self.parent_pid = os.getppid()
+        self.parent_pid = os.getppid() if parent_pid is None else parent_pid  # the watchdog compares against it
         self._calls: dict[int | str, Call] = {}  # in flight (not pings); reader inserts, callbacks remove
         self._out: queue.SimpleQueue[bytes | None] = queue.SimpleQueue()
         self._stop = threading.Event()

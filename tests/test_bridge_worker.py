@@ -13,6 +13,7 @@ import textwrap
 import time
 
 import msgpack
+import psutil
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -172,6 +173,14 @@ def test_timeout_profiles_are_overridable_by_flags():
         w.close()
 
 
+@pytest.mark.parametrize("flag", ["--max-inflight", "--max-frame-bytes"])
+def test_a_limit_below_1_is_refused_naming_the_flag(flag):
+    run = subprocess.run([sys.executable, "-m", "bridge.worker", flag, "0"], cwd=REPO, stdin=subprocess.DEVNULL,
+                         capture_output=True, timeout=60)
+    assert run.returncode == 2 and f"{flag} must be > 0, got 0" in run.stderr.decode()
+    assert run.stdout == b""  # no hello: it never started serving
+
+
 def test_stray_prints_and_c_writes_to_fd1_do_not_corrupt_the_stream():
     w = RawWorker("--preload", "tests.bridge_noise")
     try:
@@ -277,3 +286,43 @@ def test_parent_death_alone_stops_the_worker():
         assert not group_alive(worker_pid), "the worker outlived its parent although its stdin stayed open"
     finally:
         os.close(write_end)
+
+
+SLOW_PRELOAD_HOST = textwrap.dedent("""
+    import subprocess, sys, time
+    stdin_fd, stdout_fd = int(sys.argv[1]), int(sys.argv[2])  # the test holds the other ends: no EOF, no EPIPE
+    proc = subprocess.Popen([sys.executable, "-m", "bridge.worker", "--preload", "slow_preload"], stdin=stdin_fd,
+                            stdout=stdout_fd)
+    print(proc.pid, flush=True)
+    time.sleep(600)
+""")
+
+
+def test_a_parent_dying_during_preload_still_stops_the_worker(tmp_path):
+    marker = tmp_path / "preloading"
+    (tmp_path / "slow_preload.py").write_text(f"import time\nopen({str(marker)!r}, 'w').close()\ntime.sleep(3)\n")
+    stdin_read, stdin_write = os.pipe()
+    stdout_read, stdout_write = os.pipe()
+    worker = None
+    try:
+        host = subprocess.Popen([sys.executable, "-c", SLOW_PRELOAD_HOST, str(stdin_read), str(stdout_write)],
+                                cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                                pass_fds=(stdin_read, stdout_write), env={**os.environ, "PYTHONPATH": str(tmp_path)})
+        os.close(stdin_read)
+        os.close(stdout_write)
+        worker = psutil.Process(int(host.stdout.readline()))
+        end = time.monotonic() + 30
+        while not marker.exists() and time.monotonic() < end:
+            time.sleep(0.05)
+        assert marker.exists(), "the worker never reached its preload"
+        host.kill()  # while the worker sits in its preload
+        host.wait()
+        try:
+            worker.wait(8)  # the preload takes 3 s; the watchdog then notices within a second
+        except psutil.TimeoutExpired:
+            pytest.fail("the worker outlived a parent that died during --preload")
+    finally:
+        if worker is not None and worker.is_running():
+            worker.kill()
+        os.close(stdin_write)
+        os.close(stdout_read)
