@@ -15,6 +15,8 @@ from bridge.service import VERSION, method_specs
 
 
 def build_manifest(timeout_profiles: dict[str, int] | None = None) -> dict[str, Any]:
+    """timeout_profiles is the whole table (Service.timeout_profiles, defaults already merged in); None: the
+    protocol's defaults."""
     from bridge.results import results_schema
     from engine.config import option_schema
     from engine.sampling_params import sampling_params_schema
@@ -30,7 +32,7 @@ def build_manifest(timeout_profiles: dict[str, int] | None = None) -> dict[str, 
             "results": results_schema(),
             "error_codes": [{"code": code, "retryable": retryable, "doc": doc}
                             for code, (retryable, doc) in ERROR_CODES.items()],
-            "timeout_profiles": {**TIMEOUT_PROFILES, **(timeout_profiles or {})}}
+            "timeout_profiles": dict(TIMEOUT_PROFILES if timeout_profiles is None else timeout_profiles)}
 
 
 def _param(p: Any) -> dict[str, Any]:
