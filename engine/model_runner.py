@@ -50,6 +50,7 @@ class ModelRunner:
         self.kv_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
         for i, layer in enumerate(self.attention_layers):
             layer.k_cache, layer.v_cache = self.kv_cache[0, i], self.kv_cache[1, i]
+        self.no_prefill = torch.zeros(1, dtype=torch.int32, device=self.device)  # cu_seqlens_q of no prefill
         with kernels.use_backend(self.kernel_backend):
             self.decode_graphs = self._capture_decode_graphs(config)
         self.graphed_steps = 0
@@ -142,17 +143,21 @@ class ModelRunner:
             query_starts.append(len(input_ids))
 
         d = batch.num_decodes
+        decode_only = d == len(batch.seqs)
         max_blocks = max(len(s.block_table) for s in batch.seqs)
         tables = self._to_device([s.block_table + [0] * (max_blocks - len(s.block_table)) for s in batch.seqs],
                                  torch.int32)
         lens = self._to_device(seq_lens, torch.int32)
-        prefill_starts = [q - query_starts[d] for q in query_starts[d:]]
+        if decode_only:  # no prefill rows: the attention layers never read cu_seqlens_q
+            prefill_cu_seqlens_q = self.no_prefill
+        else:
+            prefill_cu_seqlens_q = self._to_device([q - query_starts[d] for q in query_starts[d:]], torch.int32)
         meta = AttentionMetadata(
             slot_mapping=self._to_device(slots, torch.int64),
             num_decode_tokens=d,
             decode_block_tables=tables[:d],
             decode_seq_lens=lens[:d],
-            prefill_cu_seqlens_q=self._to_device(prefill_starts, torch.int32),
+            prefill_cu_seqlens_q=prefill_cu_seqlens_q,
             prefill_seq_lens=lens[d:],
             prefill_block_tables=tables[d:],
             max_query_len=max(batch.num_new_tokens),
@@ -161,12 +166,13 @@ class ModelRunner:
         pos = self._to_device(positions, torch.int64)
         graphs = self.decode_graphs
         with kernels.use_backend(self.kernel_backend):
-            if graphs is not None and d == len(batch.seqs) and d <= graphs.max_batch_size:
+            if graphs is not None and decode_only and d <= graphs.max_batch_size:
                 hidden = graphs.run(ids, pos, meta)
                 self.graphed_steps += 1
             else:
                 with forward_context(meta):
                     hidden = self.model(ids, pos)
-            rows = self._to_device(keep_rows, torch.int64)
-            logits = self.model.compute_logits(hidden.index_select(0, rows))
+            if keep_rows != list(range(len(input_ids))):  # e.g. a decode-only step keeps every row: no copy
+                hidden = hidden.index_select(0, self._to_device(keep_rows, torch.int64))
+            logits = self.model.compute_logits(hidden)
         return StepLogits(logits=logits, sample_rows=sample_rows, prompt_rows=prompt_rows)
