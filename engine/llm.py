@@ -21,7 +21,7 @@ from engine.config import EngineConfig
 from engine.errors import InvalidParams, LMPortError
 from engine.llm_engine import LLMEngine, Prompt
 from engine.outputs import RequestOutput
-from engine.sampling_params import RequestOutputKind, SamplingParams
+from engine.sampling_params import RequestOutputKind, SamplingParams, check_token_ids
 from engine.sequence import Request
 
 logger = logging.getLogger("lmport")
@@ -86,7 +86,8 @@ class LLM:
         self.engine = loaded[0]
         # The options as resolved: "auto" dtype/device and the default max_model_len replaced by what was chosen.
         self.config = self.engine.config.replace(dtype=str(self.engine.dtype).removeprefix("torch."),
-                                                 device=str(self.engine.device), max_model_len=self.engine.max_model_len)
+                                                 device=str(self.engine.device),
+                                                 max_model_len=self.engine.max_model_len)
         self.tokenizer = self.engine.tokenizer
         self.max_model_len = self.engine.max_model_len
         self.num_kv_blocks = self.engine.block_manager.num_blocks
@@ -280,9 +281,7 @@ class LLM:
             return self.tokenizer.encode(text, add_special_tokens=add_special_tokens)
 
     def detokenize(self, token_ids: list[int], skip_special_tokens: bool = False) -> str:
-        bad = next((t for t in token_ids if not isinstance(t, int) or not 0 <= t < self.engine.vocab_size), None)
-        if bad is not None:
-            raise InvalidParams("token_ids", f"{bad!r} is not a token id in [0, {self.engine.vocab_size})")
+        token_ids = check_token_ids(token_ids, "token_ids", self.engine.vocab_size)
         with self._tokenizer_lock:
             return self.tokenizer.decode(token_ids, skip_special_tokens=skip_special_tokens)
 

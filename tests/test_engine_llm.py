@@ -225,3 +225,16 @@ def test_a_cache_too_small_for_max_model_len_fails_readably():
         LLM("smollm2", dtype="float32", max_model_len=4096, kv_cache_memory_bytes=8 << 20)
     message = str(err.value)
     assert "max_model_len=4096" in message and "kv_cache_memory_bytes" in message
+
+
+def test_detokenize_checks_token_ids_like_every_other_token_id_field() -> None:
+    from types import SimpleNamespace
+
+    fake = SimpleNamespace(engine=SimpleNamespace(vocab_size=100), _tokenizer_lock=threading.Lock(),
+                           tokenizer=SimpleNamespace(decode=lambda ids, skip_special_tokens: f"{ids}"))
+    assert LLM.detokenize(fake, [1, 2]) == "[1, 2]"
+    with pytest.raises(InvalidParams, match="got True at index 0") as err:
+        LLM.detokenize(fake, [True])
+    assert err.value.field == "token_ids"
+    with pytest.raises(InvalidParams, match="token id 100 is outside"):
+        LLM.detokenize(fake, [100])
