@@ -357,3 +357,46 @@ def test_failed_load_and_unknown_path_answer_as_documented(server) -> None:
         assert refused.status_code == 503 and refused.json()["error"]["code"] == "model_load_failed"
     finally:
         running.stop()
+
+
+class _FailsMidStream(FakeBackend):
+    """One chunk of text, then the engine fails (on its own thread, after submit returned)."""
+
+    def submit(self, prompts, sampling, on_chunk, on_done):
+        def later() -> None:
+            time.sleep(0.05)
+            on_chunk({"index": 0, "outputs": [{"index": 0, "text": "x", "token_ids": [120], "finish_reason": None,
+                                               "stop_reason": None}], "finished": False})
+            on_done(None, BridgeError("engine_error", "a step raised"))
+
+        threading.Thread(target=later).start()
+        return lambda: None
+
+
+def test_streams_frame_usage_echo_and_a_late_error_as_events() -> None:
+    def events(url: str, body: dict) -> list:
+        with httpx.stream("POST", url, json={**body, "stream": True}) as response:
+            lines = [line.removeprefix("data: ") for line in response.iter_lines() if line]
+        assert lines[-1] == "[DONE]"
+        return [json.loads(line) for line in lines[:-1]]
+
+    running, _ = fake_server()
+    try:
+        running.wait_ready()
+        chunks = events(f"{running.url}/v1/completions", {"prompt": "ab", "max_tokens": 2, "echo": True,
+                                                          "stream_options": {"include_usage": True}})
+        assert [c["choices"][0]["text"] for c in chunks[:-1]] == ["abxx"]
+        assert all(c["object"] == "text_completion" and c["usage"] is None for c in chunks[:-1])
+        assert chunks[-1]["choices"] == [] and chunks[-1]["usage"]["total_tokens"] == 4
+    finally:
+        running.stop()
+    running, _ = fake_server(_FailsMidStream())
+    try:
+        running.wait_ready()
+        for path, body in (("/v1/completions", {"prompt": "ab", "max_tokens": 2}), ("/v1/chat/completions", CHAT)):
+            chunks = events(f"{running.url}{path}", body)
+            assert chunks[-1]["error"]["code"] == "engine_error" and chunks[-1]["error"]["type"] == "server_error"
+            texts = [c["choices"][0].get("text", c["choices"][0].get("delta", {}).get("content")) for c in chunks[:-1]]
+            assert texts[-1] == "x"
+    finally:
+        running.stop()

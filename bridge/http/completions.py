@@ -7,15 +7,12 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.responses import Response
 
-from bridge.http import sse
-from bridge.http.errors import from_engine_error
 from bridge.http.logprobs import CompletionLogprobs
 from bridge.http.protocol import CompletionRequest
+from bridge.http.replies import Reply, has_news, respond
 from bridge.http.state import Admitted, ServerState, truncate
-
-CLIENT_CLOSED = 499  # nginx's "client closed request": nobody reads it, but access logs show what happened
 
 
 async def create_completion(body: CompletionRequest, request: Request, state: ServerState, identity: str) -> Response:
@@ -30,39 +27,24 @@ async def create_completion(body: CompletionRequest, request: Request, state: Se
     sampling = state.sampling(state.fit(prompts, fields, "prompt", "max_tokens"))
     admitted = await state.admit(identity, prompts, sampling, "cmpl", {"prompts": "prompt"})
     admitted.generation.watch(request.receive)
-    view = _View(body, model, admitted, state, texts, prompts)
-    if body.stream:
-        return StreamingResponse(view.stream(), media_type=sse.MEDIA_TYPE, headers=sse.HEADERS)
-    try:
-        results = await admitted.generation.collect()
-    finally:
-        state.release(admitted)
-    if admitted.generation.client_gone:
-        return Response(status_code=CLIENT_CLOSED)
-    return JSONResponse(view.whole(results))
+    return await respond(CompletionReply(body, model, admitted, state, texts, prompts), body.stream,
+                         body.include_usage)
 
 
-class _View:
-    """Turns engine outputs into this endpoint's JSON, keeping per-choice state across stream chunks."""
+class CompletionReply(Reply):
+    """Engine outputs as `text_completion` objects, keeping per-choice state (echo, logprob offsets) across chunks."""
+
+    kind = chunk_kind = "text_completion"
 
     def __init__(self, body: CompletionRequest, model: str, admitted: Admitted, state: ServerState,
                  texts: list[str | list[int]], prompts: list[list[int]]) -> None:
+        super().__init__(model, admitted, state)
         self.body = body
-        self.model = model
-        self.admitted = admitted
-        self.state = state
         self.texts = texts
         self.prompts = prompts
         self.n = body.n
         self.logprob_builders: dict[int, CompletionLogprobs] = {}
         self.started: set[int] = set()
-
-    def _decode(self, token_id: int) -> str:
-        return self.state.backend.detokenize([token_id])
-
-    def _envelope(self, choices: list[dict[str, Any]]) -> dict[str, Any]:
-        return {"id": self.admitted.request_id, "object": "text_completion", "created": self.admitted.created,
-                "model": self.model, "choices": choices}
 
     def _prompt_text(self, prompt_index: int) -> str:
         text = self.texts[prompt_index]
@@ -76,7 +58,7 @@ class _View:
         first = index not in self.started
         self.started.add(index)
         if self.body.logprobs is not None:
-            builder = self.logprob_builders.setdefault(index, CompletionLogprobs(self.body.logprobs, self._decode))
+            builder = self.logprob_builders.setdefault(index, CompletionLogprobs(self.body.logprobs, self.decode))
             logprobs = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
             if first and self.body.echo:
                 positions = prompt_logprobs or [None] * len(self.prompts[prompt_index])
@@ -92,23 +74,11 @@ class _View:
         choices = [self._choice(p, out, result.get("prompt_logprobs"))
                    for p, result in enumerate(results) for out in result["outputs"]]
         choices.sort(key=lambda c: c["index"])
-        return {**self._envelope(choices), "usage": self.admitted.generation.usage.to_dict()}
+        return {**self.envelope(self.kind, choices), "usage": self.admitted.generation.usage.to_dict()}
 
-    async def stream(self) -> AsyncIterator[bytes]:
-        generation = self.admitted.generation
-        usage_field = {"usage": None} if self.body.include_usage else {}
-        try:
-            async for chunk in generation.chunks():
-                for out in chunk.data["outputs"]:
-                    choice = self._choice(chunk.data["index"], out, chunk.data.get("prompt_logprobs"))
-                    if choice["text"] or choice["finish_reason"] or out["token_ids"]:
-                        yield sse.event({**self._envelope([choice]), **usage_field})
-            if generation.client_gone:
-                return
-            if self.body.include_usage:
-                yield sse.event({**self._envelope([]), "usage": generation.usage.to_dict()})
-        except Exception as exc:  # noqa: BLE001 — headers are gone: the error travels as an event
-            yield sse.event(from_engine_error(exc, self.admitted.renames).body())
-        finally:
-            self.state.release(self.admitted)
-        yield sse.DONE
+    async def deltas(self) -> AsyncIterator[dict[str, Any]]:
+        async for chunk in self.admitted.generation.chunks():
+            for out in chunk.data["outputs"]:
+                choice = self._choice(chunk.data["index"], out, chunk.data.get("prompt_logprobs"))
+                if choice["text"] or has_news(out):  # an echoed prompt is news too
+                    yield self.envelope(self.chunk_kind, [choice])
