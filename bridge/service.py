@@ -553,8 +553,9 @@ class Service:
         """Liveness and what is loaded.
 
         Returns:
-            {status ("ok" or "shutting_down"), pid, uptime_s, inflight, device, engines: [{engine, model, refs,
-            device, dtype, num_running, num_waiting, kv_cache_usage}]}.
+            {status ("ok" or "shutting_down"), pid, uptime_s, inflight, device (the first engine's; null before
+            any is loaded, so health never imports torch), engines: [{engine, model, refs, device, dtype,
+            num_running, num_waiting, kv_cache_usage}]}.
         """
         with self._lock:
             entries = list(self._engines.values())
@@ -566,7 +567,7 @@ class Service:
                             **{k: stats[k] for k in ("num_running", "num_waiting", "kv_cache_usage")}})
         return {"status": "shutting_down" if self._closing else "ok", "pid": os.getpid(),
                 "uptime_s": time.time() - self.started, "inflight": self.inflight,
-                "device": engines[0]["device"] if engines else _default_device(), "engines": engines}
+                "device": engines[0]["device"] if engines else None, "engines": engines}
 
     @rpc()
     def stats(self, llm: Handle | None = None) -> dict:
@@ -831,9 +832,3 @@ def _engine_info(llm: Any, config: Any) -> dict[str, Any]:
             "max_num_seqs": config.max_num_seqs,
             "max_concurrency": round(min(config.max_num_seqs, kv_tokens / llm.max_model_len), 2),
             "config": config.to_dict()}
-
-
-def _default_device() -> str:
-    import torch
-
-    return "cuda" if torch.cuda.is_available() else "cpu"

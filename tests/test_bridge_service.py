@@ -171,3 +171,11 @@ def test_llm_reusing_an_engine_is_not_undone_by_a_concurrent_release():
     handle = service.llm()
     assert not entry.llm.shut_down and service.get_llm(handle) is entry.llm
     assert service._engines[key] is entry and entry.refs == {handle["ref"]}
+
+
+def test_health_before_any_model_is_answered_without_importing_torch():
+    code = ("import sys; from bridge.service import Service; health = Service().health(); "
+            "print(health['device'], health['engines'], 'torch' in sys.modules)")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["None", "[]", "False"]

@@ -407,8 +407,9 @@ func (w *Worker) Ping(ctx context.Context, opts *PingOptions, call ...CallOption
 
 // Health calls the worker's 'health' method. Liveness and what is loaded.
 //
-// Returns: {status ("ok" or "shutting_down"), pid, uptime_s, inflight, device, engines: [{engine, model, refs,
-// device, dtype, num_running, num_waiting, kv_cache_usage}]}.
+// Returns: {status ("ok" or "shutting_down"), pid, uptime_s, inflight, device (the first engine's; null before
+// any is loaded, so health never imports torch), engines: [{engine, model, refs, device, dtype, num_running,
+// num_waiting, kv_cache_usage}]}.
 func (w *Worker) Health(ctx context.Context, call ...CallOption) (map[string]any, error) {
 	var out map[string]any
 	params := map[string]any{}

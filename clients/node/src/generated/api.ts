@@ -800,7 +800,7 @@ export class Worker extends Transport {
    * Liveness and what is loaded.
    *
    * @param options optional parameters and call options (signal, timeout, timeoutProfile)
-   * @returns {status ("ok" or "shutting_down"), pid, uptime_s, inflight, device, engines: [{engine, model, refs, device, dtype, num_running, num_waiting, kv_cache_usage}]}.
+   * @returns {status ("ok" or "shutting_down"), pid, uptime_s, inflight, device (the first engine's; null before any is loaded, so health never imports torch), engines: [{engine, model, refs, device, dtype, num_running, num_waiting, kv_cache_usage}]}.
    */
   health(options?: HealthOptions): Promise<WireMap> {
     return this.invoke(METHODS["health"]!, {}, options);

@@ -368,7 +368,7 @@ defmodule LMPort do
     * `:timeout`, `:timeout_profile` — see the module doc; this method's default profile is
       `:default` (120000 ms)
 
-  Returns `dict`: {status ("ok" or "shutting_down"), pid, uptime_s, inflight, device, engines: [{engine, model, refs, device, dtype, num_running, num_waiting, kv_cache_usage}]}.
+  Returns `dict`: {status ("ok" or "shutting_down"), pid, uptime_s, inflight, device (the first engine's; null before any is loaded, so health never imports torch), engines: [{engine, model, refs, device, dtype, num_running, num_waiting, kv_cache_usage}]}.
   """
   @spec health(worker(), keyword()) :: result(term())
   def health(worker, opts \\ []),
