@@ -63,7 +63,8 @@ class _Transport:
             self.kill()
             raise BridgeError("spawn_failed", f"the worker sent no hello within {timeout} s")
         if self._exited is not None and not self.hello:
-            raise self._exited
+            raise BridgeError("spawn_failed", f"the worker exited before its hello: {self._exited.message}",
+                              details=self._exited.details)
         if self.hello.get("protocol") != protocol.PROTOCOL_VERSION:
             self.kill()
             raise BridgeError("protocol_mismatch", f"the worker speaks protocol {self.hello.get('protocol')!r}; "
@@ -238,8 +239,11 @@ def _result(message: dict[str, Any]) -> Any:
 
 def _spawn_process(worker_args: tuple[str, ...], python: str | None, env: dict[str, str] | None,
                    cwd: str | None, stderr: Any) -> subprocess.Popen[bytes]:
-    return subprocess.Popen([python or sys.executable, "-m", "bridge.worker", *worker_args],
-                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=stderr, env=env, cwd=cwd)
+    try:
+        return subprocess.Popen([python or sys.executable, "-m", "bridge.worker", *worker_args],
+                                stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=stderr, env=env, cwd=cwd)
+    except OSError as exc:  # no such interpreter, not executable, bad cwd
+        raise BridgeError("spawn_failed", f"cannot start the worker: {exc}") from exc
 
 
 def _params(**values: Any) -> dict[str, Any]:

@@ -93,6 +93,18 @@ def test_a_worker_speaking_another_protocol_version_is_refused(tmp_path):
     assert info.value.code == "protocol_mismatch"
 
 
+def test_a_worker_that_cannot_start_or_exits_before_hello_is_spawn_failed(tmp_path):
+    with pytest.raises(BridgeError) as info:
+        Client.spawn(python=str(tmp_path / "no-such-python"))
+    assert info.value.code == "spawn_failed" and "no-such-python" in info.value.message
+    fake = tmp_path / "fake-python"
+    fake.write_text(f"#!{sys.executable}\nraise SystemExit(3)\n")
+    fake.chmod(fake.stat().st_mode | stat.S_IEXEC)
+    with pytest.raises(BridgeError) as info:
+        Client.spawn(python=str(fake))
+    assert info.value.code == "spawn_failed" and "before its hello" in info.value.message
+
+
 def test_an_undecodable_frame_fails_pending_calls_with_protocol_error_and_kills_the_worker(tmp_path):
     fake = tmp_path / "fake-python"
     hello = protocol.pack({"type": "hello", "protocol": 1, "server": "fake", "timeout_profiles": {"default": 60000}})
