@@ -125,7 +125,8 @@ def test_metrics_parse_and_counters_move(server) -> None:
     model = (("model_name", "smollm2"),)
     before = metric_samples(server)
     reply = httpx.post(f"{server.url}/v1/completions", json={"prompt": "The sea", "max_tokens": 5,
-                                                             "temperature": 0, "ignore_eos": True}).json()
+                                                             "temperature": 0, "ignore_eos": True},
+                       timeout=60).json()
     after = metric_samples(server)
 
     def moved(name: str, labels: tuple = model) -> float:
@@ -173,7 +174,8 @@ def test_lmport_serve_command_starts_loads_and_stops_on_sigint(tmp_path) -> None
                 break
             time.sleep(0.05)
         assert statuses[-1] == 200 and 503 in statuses, statuses  # it answered while loading
-        reply = httpx.post(f"{url}/v1/completions", json={"model": "tiny", "prompt": "Hi", "max_tokens": 2}).json()
+        reply = httpx.post(f"{url}/v1/completions", json={"model": "tiny", "prompt": "Hi", "max_tokens": 2},
+                           timeout=60).json()
         assert reply["model"] == "tiny" and reply["usage"]["completion_tokens"] == 2
         assert httpx.get(f"{url}/v1/models").json()["data"][0]["max_model_len"] == 512
     finally:
