@@ -624,8 +624,7 @@ class Service:
             entry.llm.add_requests(prompts, [sp.clone(output_kind=kind) for sp in params], request_ids,
                                    on_output=generation.on_output, on_error=generation.on_error)
         except Exception as exc:
-            index = getattr(exc, "index", 0)  # engine.LLM.add_requests: which prompt failed
-            _prefix_field(exc, f"prompts[{index}]" if len(prompts) > 1 else "prompts")
+            _name_the_prompt(exc, len(prompts))
             with self._lock:
                 entry.calls.discard(call)
             call.finish(error=self.to_bridge_error(exc))
@@ -768,10 +767,13 @@ def _invalid(field_name: str, message: str) -> BridgeError:
     return BridgeError("invalid_params", f"{field_name}: {message}", {"field": field_name})
 
 
-def _prefix_field(exc: Exception, prefix: str) -> None:
-    """InvalidParams about the prompt (raised per prompt by the engine) names the prompt it came from."""
-    if getattr(exc, "field", None) in ("prompt", "prompt_token_ids"):
-        exc.field = prefix  # type: ignore[attr-defined]
+def _name_the_prompt(exc: Exception, count: int) -> None:
+    """InvalidParams about a prompt names the wire field it came from: prompts[i] (LLM.add_requests sets which
+    prompt in `index`), or prompts when the call had one."""
+    from engine.errors import InvalidParams
+
+    if isinstance(exc, InvalidParams) and exc.field in ("prompt", "prompt_token_ids"):
+        exc.field = f"prompts[{exc.index or 0}]" if count > 1 else "prompts"
 
 
 def _bind(spec: MethodSpec, params: dict[str, Any]) -> dict[str, Any]:

@@ -8,12 +8,14 @@ class LMPortError(Exception):
 
 
 class InvalidParams(LMPortError, ValueError):
-    """A user-supplied value is out of range or of the wrong type; `field` names it."""
+    """A user-supplied value is out of range or of the wrong type; `field` names it. `index` is the position of the
+    prompt it belongs to when several were submitted at once (LLM.add_requests)."""
 
     def __init__(self, field: str, message: str) -> None:
         super().__init__(f"{field}: {message}")
         self.field = field
         self.message = message
+        self.index: int | None = None
 
 
 class ModelNotFound(LMPortError):

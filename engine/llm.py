@@ -124,7 +124,7 @@ class LLM:
             try:
                 prepared.append(self._prepare_request(prompt, params, request_id, deliver, on_error))
             except InvalidParams as exc:
-                exc.index = i  # type: ignore[attr-defined]
+                exc.index = i
                 raise
         self._enqueue([queued for _, queued in prepared])
         return [stream for stream, _ in prepared]
