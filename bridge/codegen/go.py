@@ -327,11 +327,8 @@ def _options_type(manifest: dict[str, Any], method: dict[str, Any]) -> tuple[str
     options = common.option_params(method)
     if not options:
         return "", ""
-    positional = {p["name"] for p in common.positional_params(method)}
-    names = {p["name"] for p in options}
-    for schema, fields in manifest["schemas"].items():
-        if names and names == {f["name"] for f in fields} - positional:
-            return f"*{schema}", ""
+    if schema := common.params_schema(manifest, method):
+        return f"*{schema}", ""
     name = f"{go_name(method['name'])}Options"
     doc = f"{name} are the optional parameters of Worker.{go_name(method['name'])}; nil fields take the worker's " \
           "defaults."
