@@ -304,30 +304,8 @@ class Service:
         self._deadlines.add(call)
 
     def to_bridge_error(self, exc: BaseException) -> BridgeError:
-        """Map any exception onto a protocol error (python_type always; traceback under debug)."""
-        # Checked before the imports: engine.llm pulls in torch, and ping's errors (answered on the worker's
-        # reader thread) must not wait for that.
-        if isinstance(exc, BridgeError):
-            return exc
-        from engine.errors import InvalidParams, ModelNotFound, OutOfKVCache, UnsupportedModel
-        from engine.llm import EngineDead
-
-        if isinstance(exc, InvalidParams):
-            error = _invalid(exc.field, exc.message)
-        elif isinstance(exc, ModelNotFound):
-            error = BridgeError("not_found", str(exc), {"field": "model"})
-        elif isinstance(exc, UnsupportedModel):
-            error = BridgeError("invalid_params", str(exc), {"field": "model"})
-        elif isinstance(exc, (OutOfKVCache, MemoryError)) or type(exc).__name__ == "OutOfMemoryError":
-            error = BridgeError("out_of_memory", str(exc) or type(exc).__name__)
-        elif isinstance(exc, EngineDead):
-            error = BridgeError("engine_error", str(exc))
-        else:
-            error = BridgeError("internal", f"{type(exc).__name__}: {exc}")
-        error.python_type = f"{type(exc).__module__}.{type(exc).__qualname__}"
-        if self.debug:
-            error.traceback = "".join(traceback.format_exception(exc))
-        return error
+        """Map any exception onto a protocol error: `to_bridge_error` with this service's debug setting."""
+        return to_bridge_error(exc, debug=self.debug)
 
     async def acall(self, method: str, params: dict[str, Any] | None = None, *, timeout_ms: int | None = None,
                     timeout_profile: str | None = None) -> Any:
@@ -759,6 +737,36 @@ def _settle(future: asyncio.Future[Any], result: Any, error: BridgeError | None)
         future.set_exception(error)
     else:
         future.set_result(result)
+
+
+# --- errors ---
+
+def to_bridge_error(exc: BaseException, *, debug: bool = False) -> BridgeError:
+    """Map any exception onto a protocol error (python_type always; traceback under debug). The one mapping from
+    exceptions onto error codes: the service (so the stdio worker) and the HTTP server (bridge/http/errors.py)."""
+    # Checked before the imports: engine.llm pulls in torch, and ping's errors (answered on the worker's
+    # reader thread) must not wait for that.
+    if isinstance(exc, BridgeError):
+        return exc
+    from engine.errors import InvalidParams, ModelNotFound, OutOfKVCache, UnsupportedModel
+    from engine.llm import EngineDead
+
+    if isinstance(exc, InvalidParams):
+        error = _invalid(exc.field, exc.message)
+    elif isinstance(exc, ModelNotFound):
+        error = BridgeError("not_found", str(exc), {"field": "model"})
+    elif isinstance(exc, UnsupportedModel):
+        error = BridgeError("invalid_params", str(exc), {"field": "model"})
+    elif isinstance(exc, (OutOfKVCache, MemoryError)) or type(exc).__name__ == "OutOfMemoryError":
+        error = BridgeError("out_of_memory", str(exc) or type(exc).__name__)
+    elif isinstance(exc, EngineDead):
+        error = BridgeError("engine_error", str(exc))
+    else:
+        error = BridgeError("internal", f"{type(exc).__name__}: {exc}")
+    error.python_type = f"{type(exc).__module__}.{type(exc).__qualname__}"
+    if debug:
+        error.traceback = "".join(traceback.format_exception(exc))
+    return error
 
 
 # --- parameter handling ---

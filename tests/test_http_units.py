@@ -13,7 +13,9 @@ from bridge.http.metrics import ServerMetrics
 from bridge.http.protocol import ChatCompletionRequest, CompletionRequest
 from bridge.http.ratelimit import RateLimiter
 from bridge.protocol import BridgeError
-from engine.errors import InvalidParams
+from bridge.service import Service
+from engine.errors import InvalidParams, ModelNotFound, UnsupportedModel
+from engine.llm import EngineDead
 
 
 class Clock:
@@ -126,6 +128,19 @@ def test_service_errors_map_to_http_status_and_request_param() -> None:
     assert from_engine_error(RuntimeError("boom")).status == 500
     body = from_engine_error(InvalidParams("n", "bad")).body()
     assert set(body["error"]) == {"message", "type", "param", "code"}
+
+
+@pytest.mark.parametrize("exc, status, code, param", [
+    (UnsupportedModel("no native implementation of FooForCausalLM"), 400, "invalid_params", "model"),
+    (EngineDead("step failed"), 500, "engine_error", None),
+    (MemoryError(), 413, "out_of_memory", "prompt"),
+    (ModelNotFound("no model 'x'"), 404, "model_not_found", "model"),
+])
+def test_engine_errors_map_through_http_as_through_the_service(exc, status, code, param) -> None:
+    direct = from_engine_error(exc)
+    via_service = from_engine_error(Service().to_bridge_error(exc))
+    assert (direct.status, direct.code, direct.param) == (status, code, param)
+    assert direct.body() == via_service.body() and direct.status == via_service.status
 
 
 def test_validation_locations_become_dotted_params() -> None:

@@ -17,7 +17,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import JSONResponse
 
 from bridge.protocol import BridgeError
-from engine.errors import InvalidParams, LMPortError, ModelNotFound, OutOfKVCache
+from bridge.service import to_bridge_error
+from engine.errors import LMPortError
 
 logger = logging.getLogger("lmport.http")
 
@@ -65,7 +66,7 @@ def not_ready(message: str = "The model is still loading; retry shortly.") -> AP
     return APIError(503, message, type="service_unavailable", code="model_loading", headers={"Retry-After": "1"})
 
 
-_BRIDGE_STATUS = {  # service error code -> (HTTP status, OpenAI error type)
+_BRIDGE_STATUS = {  # service error code -> (HTTP status, OpenAI error type); any other code is a 500 server_error
     "invalid_params": (400, "invalid_request_error"),
     "invalid_request": (400, "invalid_request_error"),
     "not_found": (404, "invalid_request_error"),
@@ -78,20 +79,19 @@ _BRIDGE_STATUS = {  # service error code -> (HTTP status, OpenAI error type)
 
 
 def from_engine_error(exc: BaseException, renames: dict[str, str] | None = None) -> APIError:
-    """Map a service or engine exception onto the HTTP error. `renames` maps the service's field names onto the
-    request's: SamplingParams says `max_tokens` where the chat request said `max_completion_tokens`, the service
-    says `prompts[1]` where the request said `prompt`."""
+    """Map a service or engine exception onto the HTTP error. Which error code an exception is comes from the
+    service (bridge.service.to_bridge_error), so HTTP and the bridge agree; here only code -> HTTP status and type.
+    `renames` maps the service's field names onto the request's: SamplingParams says `max_tokens` where the chat
+    request said `max_completion_tokens`, the service says `prompts[1]` where the request said `prompt`."""
     if isinstance(exc, APIError):
         return exc
-    if isinstance(exc, InvalidParams):
-        exc = BridgeError("invalid_params", str(exc), {"field": exc.field})
-    elif isinstance(exc, ModelNotFound):
-        exc = BridgeError("not_found", str(exc), {"field": "model"})
-    elif isinstance(exc, OutOfKVCache):
-        exc = BridgeError("out_of_memory", str(exc))
     if not isinstance(exc, BridgeError):
-        logger.error("unexpected error", exc_info=exc)
-        return APIError(500, f"internal error: {type(exc).__name__}: {exc}", type="server_error", code="internal")
+        error = to_bridge_error(exc)
+        if error.code in ("internal", "engine_error"):
+            logger.error("unexpected error", exc_info=exc)
+        if error.code == "internal":
+            return APIError(500, f"internal error: {error.message}", type="server_error", code="internal")
+        exc = error
     status, kind = _BRIDGE_STATUS.get(exc.code, (500, "server_error"))
     renames = renames or {}
     field = (exc.details or {}).get("field")
