@@ -115,7 +115,7 @@ def field_schema(f: dataclasses.Field, owner: type) -> dict[str, Any]:
         default = default.value
     entry: dict[str, Any] = {"name": f.name, "type": type_name(hints[f.name]), "required": False,
                              "default": default, "doc": f.metadata.get("doc", "")}
-    for key in ("choices", "min", "max"):
+    for key in ("choices", "min", "max", "exclusive_min"):
         if key in f.metadata:
             entry[key] = f.metadata[key]
     return entry

@@ -171,7 +171,8 @@ class SamplingParams:
 
 
 def sampling_params_schema() -> list[dict[str, Any]]:
-    """Every sampling parameter as {name, type, required, default, doc, choices?, min?, max?} for the manifest."""
+    """Every sampling parameter as {name, type, required, default, doc, choices?, min?, max?, exclusive_min?} for the
+    manifest (exclusive_min: true means the value must be > min)."""
     entries = [field_schema(f, SamplingParams) for f in dataclasses.fields(SamplingParams)]
     for entry in entries:
         if entry["name"] == "output_kind":
@@ -237,7 +238,7 @@ def _check_value(f: dataclasses.Field, value: Any) -> Any:
     elif not _is_int(value):
         raise InvalidParams(name, f"expected an integer, got {type(value).__name__} {value!r}")
     low, high = f.metadata.get("min"), f.metadata.get("max")
-    open_low = f.metadata.get("exclusive_min", False)  # the manifest carries min only; docs and messages say "> min"
+    open_low = f.metadata.get("exclusive_min", False)  # the value must be > min (the manifest carries the flag too)
     if (low is not None and (value <= low if open_low else value < low)) or (high is not None and value > high):
         if high is None:
             raise InvalidParams(name, f"must be {'>' if open_low else '>='} {low}, got {value!r}")

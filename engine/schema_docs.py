@@ -45,6 +45,8 @@ def _schema_row(entry: dict[str, Any]) -> list[str]:
         allowed = ", ".join(f"`{c}`" for c in entry["choices"])
     elif "min" in entry or "max" in entry:
         allowed = f"{entry.get('min', '-inf')} .. {entry.get('max', 'inf')}"
+        if entry.get("exclusive_min"):  # the lower bound itself is not allowed: (0.0 .. 1.0]
+            allowed = f"({allowed}" + ("]" if "max" in entry else "")
     else:
         allowed = ""
     default = "null" if entry["default"] is None else repr(entry["default"]).replace("'", '"')

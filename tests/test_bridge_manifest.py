@@ -39,6 +39,10 @@ def test_option_schemas_are_the_engine_definitions():
     sampling = sampling_params_schema()
     assert [f["name"] for f in built["schemas"]["SamplingParams"]] == [f["name"] for f in sampling]
     assert {m["name"]: m["params"] for m in built["methods"]}["llm"] == built["schemas"]["EngineOptions"]
+    fields = {f["name"]: f for f in built["schemas"]["SamplingParams"]}
+    # an open lower bound travels as exclusive_min (the worker rejects top_p=0); a closed one carries no flag
+    assert fields["top_p"]["exclusive_min"] is True and fields["repetition_penalty"]["exclusive_min"] is True
+    assert "exclusive_min" not in fields["min_p"]
     assert [e["code"] for e in built["error_codes"]] == list(protocol.ERROR_CODES)
     assert built["timeout_profiles"] == protocol.TIMEOUT_PROFILES
 

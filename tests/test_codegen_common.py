@@ -44,6 +44,8 @@ def test_naming() -> None:
 def test_constraint_text() -> None:
     assert constraint_text({"min": 0, "max": 1}) == "0 .. 1"
     assert constraint_text({"min": 1}) == ">= 1"
+    assert constraint_text({"min": 0.0, "max": 1.0, "exclusive_min": True}) == "(0.0 .. 1.0]"
+    assert constraint_text({"min": 0.0, "exclusive_min": True}) == "> 0.0"
     assert constraint_text({"choices": ["a", "b"]}) == 'one of "a", "b"'
     assert constraint_text({}) == ""
 

@@ -4,11 +4,18 @@ from __future__ import annotations
 
 from engine.config import option_schema
 from engine.sampling_params import sampling_params_schema
-from engine.schema_docs import DOCS, stale_docs
+from engine.schema_docs import DOCS, _schema_row, stale_docs
 
 
 def test_generated_tables_are_current() -> None:
     assert stale_docs() == [], "stale tables: run `python -m engine.schema_docs`"
+
+
+def test_open_lower_bounds_are_marked() -> None:
+    rows = {e["name"]: _schema_row(e) for e in sampling_params_schema()}
+    assert rows["top_p"][3] == "(0.0 .. 1.0]"
+    assert rows["repetition_penalty"][3] == "(0.0 .. inf"
+    assert rows["min_p"][3] == "0.0 .. 1.0"
 
 
 def test_every_field_documented_with_its_doc() -> None:

@@ -140,15 +140,17 @@ def camel_case(name: str) -> str:
 
 
 def constraint_text(field: dict[str, Any]) -> str:
-    """Human-readable constraints of a parameter/field: "one of a, b", ">= 0", "0 .. 1"."""
+    """Human-readable constraints of a parameter/field: "one of a, b", ">= 0", "0 .. 1"; with exclusive_min the
+    lower bound is open, as in docs/sampling.md: "> 0", "(0 .. 1]"."""
     parts = []
     if field.get("choices"):
         parts.append("one of " + ", ".join(json.dumps(c) for c in field["choices"]))
     lo, hi = field.get("min"), field.get("max")
+    open_low = bool(field.get("exclusive_min")) and lo is not None
     if lo is not None and hi is not None:
-        parts.append(f"{lo} .. {hi}")
+        parts.append(f"({lo} .. {hi}]" if open_low else f"{lo} .. {hi}")
     elif lo is not None:
-        parts.append(f">= {lo}")
+        parts.append(f"> {lo}" if open_low else f">= {lo}")
     elif hi is not None:
         parts.append(f"<= {hi}")
     return "; ".join(parts)

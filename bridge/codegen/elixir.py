@@ -31,7 +31,7 @@ _SPEC_TYPES = {"str": "String.t()", "int": "integer()", "float": "float()", "boo
                "list[int]": "[integer()]", "list[float]": "[number()]", "list[str]": "[String.t()]",
                "list[dict]": "[map()]", "null": "nil"}
 # Keys of a parameter spec that validation needs (docs stay in the @doc text, not in the data).
-_SPEC_KEYS = ("name", "type", "required", "default", "choices", "min", "max")
+_SPEC_KEYS = ("name", "type", "required", "default", "choices", "min", "max", "exclusive_min")
 
 
 def generate(manifest: dict[str, Any]) -> dict[str, str]:

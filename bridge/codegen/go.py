@@ -188,7 +188,8 @@ def _checks(field: dict[str, Any], value: str, t: GoType, prefixed: bool, indent
         ret(f"checkChoice({label}, {value}, {choices})")
     if t.scalar in ("int", "float"):
         if field.get("min") is not None:
-            ret(f"checkMin({label}, float64({value}), {_literal(field['min'])})")
+            check = "checkMinExclusive" if field.get("exclusive_min") else "checkMin"
+            ret(f"{check}({label}, float64({value}), {_literal(field['min'])})")
         if field.get("max") is not None:
             ret(f"checkMax({label}, float64({value}), {_literal(field['max'])})")
     return "".join(out)

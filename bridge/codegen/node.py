@@ -193,7 +193,7 @@ def _field_spec(manifest: dict[str, Any] | None, field: dict[str, Any]) -> str:
     items = [f"name: {json.dumps(field['name'])}", f"type: {json.dumps(field.get('type') or 'any')}"]
     if field.get("required"):
         items.append("required: true")
-    for key in ("choices", "min", "max"):
+    for key in ("choices", "min", "max", "exclusive_min"):
         if field.get(key) is not None:
             items.append(f"{key}: {json.dumps(field[key])}")
     schema = common.schema_for_param(manifest, field) if manifest else None

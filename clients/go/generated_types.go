@@ -19,7 +19,7 @@ type SamplingParams struct {
 
 	// Nucleus sampling: keep the most likely tokens whose cumulative probability reaches top_p; 1 disables it.
 	//
-	// Default: 1.0. Allowed: 0.0 .. 1.0.
+	// Default: 1.0. Allowed: (0.0 .. 1.0].
 	TopP *float64 `msgpack:"top_p,omitempty"`
 
 	// Keep only the top_k most likely tokens (ties at the boundary are kept); 0 or -1 disables it.
@@ -45,7 +45,7 @@ type SamplingParams struct {
 	// Tokens seen in the prompt or output get positive logits divided and negative logits multiplied by it; 1
 	// disables it.
 	//
-	// Default: 1.0. Allowed: >= 0.0.
+	// Default: 1.0. Allowed: > 0.0.
 	RepetitionPenalty *float64 `msgpack:"repetition_penalty,omitempty"`
 
 	// Seed of this request's own generator: the same seed gives the same tokens whatever else is batched with it; -1
@@ -162,7 +162,7 @@ func (o *SamplingParams) validate(prefix string) error {
 		}
 	}
 	if o.TopP != nil {
-		if err := checkMin(prefix+"top_p", float64(*o.TopP), 0.0); err != nil {
+		if err := checkMinExclusive(prefix+"top_p", float64(*o.TopP), 0.0); err != nil {
 			return err
 		}
 		if err := checkMax(prefix+"top_p", float64(*o.TopP), 1.0); err != nil {
@@ -199,7 +199,7 @@ func (o *SamplingParams) validate(prefix string) error {
 		}
 	}
 	if o.RepetitionPenalty != nil {
-		if err := checkMin(prefix+"repetition_penalty", float64(*o.RepetitionPenalty), 0.0); err != nil {
+		if err := checkMinExclusive(prefix+"repetition_penalty", float64(*o.RepetitionPenalty), 0.0); err != nil {
 			return err
 		}
 	}

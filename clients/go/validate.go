@@ -16,6 +16,14 @@ func checkMin(field string, v, min float64) error {
 	return nil
 }
 
+// checkMinExclusive is checkMin for an open lower bound (exclusive_min in the manifest): min itself fails.
+func checkMinExclusive(field string, v, min float64) error {
+	if v <= min {
+		return invalidParam(field, "must be > %v, got %v", min, v)
+	}
+	return nil
+}
+
 func checkMax(field string, v, max float64) error {
 	if v > max {
 		return invalidParam(field, "must be <= %v, got %v", max, v)

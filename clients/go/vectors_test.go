@@ -239,6 +239,15 @@ func TestLocalValidation(t *testing.T) {
 	if err := (&GenerateOptions{SamplingParams: SamplingParams{TopP: Ptr(0.5)}}).Validate(); err != nil {
 		t.Fatal(err)
 	}
+	// an open lower bound (exclusive_min): top_p=0 fails here, as the worker would fail it; top_p=1 passes
+	err = (&SamplingParams{TopP: Ptr(0.0)}).Validate()
+	if !HasCode(err, "invalid_params") || err.(*Error).Details["field"] != "top_p" ||
+		err.(*Error).Message != "top_p: must be > 0, got 0" {
+		t.Fatalf("got %v", err)
+	}
+	if err := (&SamplingParams{TopP: Ptr(1.0), RepetitionPenalty: Ptr(0.5)}).Validate(); err != nil {
+		t.Fatal(err)
+	}
 	if err := (&GenerateOptions{SamplingParams: 3}).Validate(); !HasCode(err, "invalid_params") {
 		t.Fatalf("got %v", err)
 	}

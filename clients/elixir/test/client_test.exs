@@ -25,6 +25,10 @@ defmodule LMPort.ClientTest do
     cases = [
       {LMPort.generate(@nobody, "llm-1", "Hi", sampling_params: [temperature: -1.0]),
        "sampling_params.temperature", ">="},
+      {LMPort.generate(@nobody, "llm-1", "Hi", sampling_params: [top_p: 0]), "sampling_params.top_p",
+       "must be > 0.0, got: 0.0"},
+      {LMPort.generate(@nobody, "llm-1", "Hi", sampling_params: [repetition_penalty: 0.0]),
+       "sampling_params.repetition_penalty", "must be > 0.0"},
       {LMPort.generate(@nobody, "llm-1", "Hi", sampling_params: [tempreature: 1.0]),
        "sampling_params.tempreature", "is not an option"},
       {LMPort.generate(@nobody, "llm-1", "Hi", sampling_params: [max_tokens: "ten"]),

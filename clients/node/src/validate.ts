@@ -14,6 +14,8 @@ export interface FieldSpec {
   readonly choices?: readonly unknown[];
   readonly min?: number;
   readonly max?: number;
+  /** The value must be > min, not >= min (e.g. top_p in (0, 1]). */
+  readonly exclusive_min?: boolean;
   /** Nested fields, for a map parameter that follows a schema (e.g. sampling_params). */
   readonly fields?: readonly FieldSpec[];
 }
@@ -53,7 +55,9 @@ export function checkFields(owner: string, fields: readonly FieldSpec[], value: 
       throw invalidParams(name, `must be one of ${JSON.stringify(field.choices)}, got ${describe(v)}`);
     }
     if (typeof v === "number") {
-      if (field.min !== undefined && v < field.min) throw invalidParams(name, `must be >= ${field.min}, got ${v}`);
+      if (field.min !== undefined && (field.exclusive_min ? v <= field.min : v < field.min)) {
+        throw invalidParams(name, `must be ${field.exclusive_min ? ">" : ">="} ${field.min}, got ${v}`);
+      }
       if (field.max !== undefined && v > field.max) throw invalidParams(name, `must be <= ${field.max}, got ${v}`);
     }
     if (field.fields) checkNested(field.name, field.fields, v, name);

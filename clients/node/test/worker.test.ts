@@ -76,6 +76,10 @@ test("invalid options fail locally, naming the field", async () => {
     "invalid_params");
   assert.equal(error.details.field, "sampling_params.temperature");
   await expectError(worker.generate(llm, "x", { sampling_params: { nope: 1 } as never }), "invalid_params");
+  // an open lower bound (exclusive_min): top_p=0 fails here, worded by the client, not by the worker
+  const open = await expectError(worker.generate(llm, "x", { sampling_params: { top_p: 0 } }), "invalid_params");
+  assert.equal(open.details.field, "sampling_params.top_p");
+  assert.equal(open.message, "sampling_params.top_p: must be > 0, got 0");
   // and the worker's own validation reaches the caller the same way
   await expectError(worker.generate("llm-404", "x"), "not_found");
   await expectError(worker.ping({ timeoutProfile: "no_such_profile" }), "invalid_request");

@@ -5,10 +5,10 @@ defmodule LMPort.Validate do
 
   Checks unknown keys, required parameters, types (the manifest's type vocabulary: `str`, `int`, `float`,
   `bool`, `any`, `dict`, `handle`, `list`, `list[int]`, `list[float]`, `list[str]`, `list[dict]`, `null`, and
-  unions joined with `|`; unknown types accept anything), `choices` and `min`/`max`. A `dict` parameter named
-  after a schema (`sampling_params` -> `SamplingParams`) is checked field by field against that schema, as is
-  each map of a list of them. Field paths in errors are the worker's: `sampling_params.temperature`,
-  `sampling_params[1].max_tokens`.
+  unions joined with `|`; unknown types accept anything), `choices` and `min`/`max` (with `exclusive_min: true`
+  the value must be > `min`). A `dict` parameter named after a schema (`sampling_params` -> `SamplingParams`) is
+  checked field by field against that schema, as is each map of a list of them. Field paths in errors are the
+  worker's: `sampling_params.temperature`, `sampling_params[1].max_tokens`.
 
   Values are normalised for the wire: keyword lists given for `dict` become maps, atoms given for `str` become
   strings, integers given for `float` become floats. `nil` for an optional parameter leaves it out.
@@ -135,6 +135,9 @@ defmodule LMPort.Validate do
 
   defp check_range(method, path, spec, value) when is_number(value) do
     cond do
+      is_number(spec["min"]) and spec["exclusive_min"] == true and value <= spec["min"] ->
+        invalid(method, path, "must be > #{spec["min"]}, got: #{value}")
+
       is_number(spec["min"]) and value < spec["min"] ->
         invalid(method, path, "must be >= #{spec["min"]}, got: #{value}")
 

@@ -38,7 +38,7 @@ export interface SamplingParams {
   /**
    * Nucleus sampling: keep the most likely tokens whose cumulative probability reaches top_p; 1 disables it.
    *
-   * Default: `1.0`. Allowed: 0.0 .. 1.0.
+   * Default: `1.0`. Allowed: (0.0 .. 1.0].
    */
   top_p?: number;
   /**
@@ -68,7 +68,7 @@ export interface SamplingParams {
   /**
    * Tokens seen in the prompt or output get positive logits divided and negative logits multiplied by it; 1 disables it.
    *
-   * Default: `1.0`. Allowed: >= 0.0.
+   * Default: `1.0`. Allowed: > 0.0.
    */
   repetition_penalty?: number;
   /**
@@ -179,12 +179,12 @@ export interface SamplingParams {
 export const SamplingParamsFields: readonly FieldSpec[] = [
   { name: "n", type: "int", min: 1 },
   { name: "temperature", type: "float", min: 0.0, max: 2.0 },
-  { name: "top_p", type: "float", min: 0.0, max: 1.0 },
+  { name: "top_p", type: "float", min: 0.0, max: 1.0, exclusive_min: true },
   { name: "top_k", type: "int", min: -1 },
   { name: "min_p", type: "float", min: 0.0, max: 1.0 },
   { name: "presence_penalty", type: "float", min: -2.0, max: 2.0 },
   { name: "frequency_penalty", type: "float", min: -2.0, max: 2.0 },
-  { name: "repetition_penalty", type: "float", min: 0.0 },
+  { name: "repetition_penalty", type: "float", min: 0.0, exclusive_min: true },
   { name: "seed", type: "int|null", min: -9007199254740991, max: 9007199254740991 },
   { name: "stop", type: "str|list[str]|null" },
   { name: "stop_token_ids", type: "list[int]|null" },

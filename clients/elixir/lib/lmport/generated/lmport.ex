@@ -144,7 +144,7 @@ defmodule LMPort do
     * `:temperature` (float) — Randomness of sampling; below 1e-5 means greedy (argmax), and then n must be 1.
       Default: `1.0`. Allowed: 0.0 .. 2.0.
     * `:top_p` (float) — Nucleus sampling: keep the most likely tokens whose cumulative probability reaches
-      top_p; 1 disables it. Default: `1.0`. Allowed: 0.0 .. 1.0.
+      top_p; 1 disables it. Default: `1.0`. Allowed: (0.0 .. 1.0].
     * `:top_k` (int) — Keep only the top_k most likely tokens (ties at the boundary are kept); 0 or -1
       disables it. Default: `0`. Allowed: >= -1.
     * `:min_p` (float) — Drop tokens whose probability is below min_p times the most likely token's; 0
@@ -154,7 +154,7 @@ defmodule LMPort do
     * `:frequency_penalty` (float) — Subtracted from a token's logit once per occurrence in the output.
       Default: `0.0`. Allowed: -2.0 .. 2.0.
     * `:repetition_penalty` (float) — Tokens seen in the prompt or output get positive logits divided and
-      negative logits multiplied by it; 1 disables it. Default: `1.0`. Allowed: >= 0.0.
+      negative logits multiplied by it; 1 disables it. Default: `1.0`. Allowed: > 0.0.
     * `:seed` (int | null) — Seed of this request's own generator: the same seed gives the same tokens
       whatever else is batched with it; -1 means no seed. Default: `nil`. Allowed: -9007199254740991 ..
       9007199254740991.

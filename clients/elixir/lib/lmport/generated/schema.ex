@@ -104,7 +104,8 @@ defmodule LMPort.Schema do
         "required" => false,
         "default" => 1.0,
         "min" => 0.0,
-        "max" => 1.0
+        "max" => 1.0,
+        "exclusive_min" => true
       },
       %{"name" => "top_k", "type" => "int", "required" => false, "default" => 0, "min" => -1},
       %{
@@ -136,7 +137,8 @@ defmodule LMPort.Schema do
         "type" => "float",
         "required" => false,
         "default" => 1.0,
-        "min" => 0.0
+        "min" => 0.0,
+        "exclusive_min" => true
       },
       %{
         "name" => "seed",
