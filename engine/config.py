@@ -11,6 +11,7 @@ import difflib
 import re
 import types
 import typing
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -54,7 +55,7 @@ class EngineConfig:
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
-            _check_field(f, getattr(self, f.name))
+            check_field(f, getattr(self, f.name), EngineConfig)
         if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device):
             raise InvalidParams("device", f"must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {self.device!r}")
         if not self.enable_chunked_prefill and self.max_model_len is not None \
@@ -74,9 +75,10 @@ class EngineConfig:
         return dataclasses.replace(self, **changes)
 
 
-def reject_unknown_keys(given: dict[str, Any], owner: type, what: str) -> None:
-    """A typo must never be silently ignored: name the first unknown key and suggest the closest known one."""
-    known = {f.name for f in dataclasses.fields(owner)}
+def reject_unknown_keys(given: dict[str, Any], owner: type | Collection[str], what: str) -> None:
+    """A typo must never be silently ignored: name the first unknown key and suggest the closest known one. `owner`
+    is the dataclass whose fields are the known keys, or the known names themselves."""
+    known = {f.name for f in dataclasses.fields(owner)} if isinstance(owner, type) else set(owner)
     unknown = sorted(set(given) - known)
     if unknown:
         close = difflib.get_close_matches(unknown[0], known, n=1)
@@ -126,15 +128,18 @@ def option_schema() -> list[dict[str, Any]]:
     return [field_schema(f, EngineConfig) for f in dataclasses.fields(EngineConfig)]
 
 
-def _check_field(f: dataclasses.Field, value: Any) -> None:
-    if value is None:
+def check_field(f: dataclasses.Field, value: Any, owner: type) -> None:
+    """Check one field of the dataclass `owner` against its type hint and its metadata (choices, min, max); the
+    error names the field. EngineConfig and the server's settings (bridge/http/config.py) validate through it."""
+    expected = type_name(typing.get_type_hints(owner)[f.name]).split("|")
+    if value is None and "null" in expected:
         return
-    expected = type_name(typing.get_type_hints(EngineConfig)[f.name]).split("|")
-    ok = (("bool" in expected and isinstance(value, bool))
-          or ("int" in expected and isinstance(value, int) and not isinstance(value, bool))
-          or ("float" in expected and isinstance(value, (int, float)) and not isinstance(value, bool))
-          or ("str" in expected and isinstance(value, str)))
-    if not ok:
+    if expected[0].startswith("list["):
+        item = [expected[0][len("list["):-1]]
+        if not isinstance(value, list) or not all(_is_kind(v, item) for v in value):
+            raise InvalidParams(f.name, f"expected a list of {item[0]}, got {type(value).__name__} {value!r}")
+        return
+    if not _is_kind(value, expected):
         raise InvalidParams(f.name, f"expected {' or '.join(t for t in expected if t != 'null')}, "
                                     f"got {type(value).__name__} {value!r}")
     meta = f.metadata
@@ -144,3 +149,10 @@ def _check_field(f: dataclasses.Field, value: Any) -> None:
         raise InvalidParams(f.name, f"must be >= {meta['min']}, got {value!r}")
     if "max" in meta and value > meta["max"]:
         raise InvalidParams(f.name, f"must be <= {meta['max']}, got {value!r}")
+
+
+def _is_kind(value: Any, kinds: list[str]) -> bool:
+    return (("bool" in kinds and isinstance(value, bool))
+            or ("int" in kinds and isinstance(value, int) and not isinstance(value, bool))
+            or ("float" in kinds and isinstance(value, (int, float)) and not isinstance(value, bool))
+            or ("str" in kinds and isinstance(value, str)))

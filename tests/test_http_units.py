@@ -107,6 +107,12 @@ def test_settings_errors_name_the_setting(tmp_path) -> None:
     with pytest.raises(InvalidParams) as err:
         load_settings({"port": 70000}, environ={})
     assert err.value.field == "port"
+    with pytest.raises(InvalidParams, match="expected a list of str") as err:
+        load_settings({"api_key": ["a", 1]}, environ={})
+    assert err.value.field == "api_key"
+    with pytest.raises(InvalidParams, match="expected str") as err:
+        load_settings({"host": None}, environ={})
+    assert err.value.field == "host"
 
 
 # --- errors ---

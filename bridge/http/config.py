@@ -9,9 +9,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import difflib
 import os
-import typing
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,7 +17,7 @@ from typing import Any
 
 import yaml
 
-from engine.config import EngineConfig, option_schema, type_name
+from engine.config import EngineConfig, check_field, field_schema, option_schema, reject_unknown_keys
 from engine.errors import InvalidParams
 
 ENV_PREFIX = "LMPORT_"
@@ -52,6 +50,10 @@ class ServeConfig:
                           choices=["critical", "error", "warning", "info", "debug", "trace"])
     access_log: bool = _opt(False, "Log every HTTP request (uvicorn's access log).")
 
+    def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):
+            check_field(f, getattr(self, f.name), ServeConfig)
+
 
 @dataclass(slots=True)
 class Settings:
@@ -68,15 +70,10 @@ class Settings:
 
 
 def _schema() -> dict[str, dict[str, Any]]:
-    """name -> {type, doc, choices?, min?, max?, default, target}, target being 'serve' or 'engine'."""
-    hints = typing.get_type_hints(ServeConfig)
-    entries: dict[str, dict[str, Any]] = {}
-    for f in dataclasses.fields(ServeConfig):
-        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
-        entries[f.name] = {"type": type_name(hints[f.name]), "default": default, "target": "serve", **f.metadata}
-    for entry in option_schema():
-        entries[entry["name"]] = {**entry, "target": "engine"}
-    return entries
+    """name -> {name, type, doc, choices?, min?, max?, default, target}, target being 'serve' or 'engine'."""
+    serve = [field_schema(f, ServeConfig) for f in dataclasses.fields(ServeConfig)]
+    return {**{e["name"]: {**e, "target": "serve"} for e in serve},
+            **{e["name"]: {**e, "target": "engine"} for e in option_schema()}}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -122,10 +119,9 @@ def load_settings(args: argparse.Namespace | Mapping[str, Any] | None = None,
 def _build(values: dict[str, Any], schema: dict[str, dict[str, Any]]) -> Settings:
     serve_values = {k: v for k, v in values.items() if schema[k]["target"] == "serve"}
     engine_values = {k: v for k, v in values.items() if schema[k]["target"] == "engine"}
-    for name, value in serve_values.items():
-        _check(name, schema[name], value)
-    EngineConfig.from_dict(engine_values)  # validates ranges and choices, naming the option
-    return Settings(serve=ServeConfig(**serve_values), engine=engine_values)
+    serve = ServeConfig(**serve_values)  # both validate types, ranges and choices, naming the setting
+    EngineConfig.from_dict(engine_values)
+    return Settings(serve=serve, engine=engine_values)
 
 
 def _read_yaml(path: Path, schema: dict[str, dict[str, Any]]) -> dict[str, Any]:
@@ -137,13 +133,10 @@ def _read_yaml(path: Path, schema: dict[str, dict[str, Any]]) -> dict[str, Any]:
         raise InvalidParams("config", f"{path} is not valid YAML: {exc}") from None
     if not isinstance(data, dict):
         raise InvalidParams("config", f"{path} must hold a map of settings, got {type(data).__name__}")
+    data = {str(key).replace("-", "_"): value for key, value in data.items()}
+    reject_unknown_keys(data, schema, f"setting in {path}")
     out: dict[str, Any] = {}
-    for key, value in data.items():
-        name = str(key).replace("-", "_")
-        if name not in schema:
-            close = difflib.get_close_matches(name, schema, n=1)
-            hint = f"; did you mean {close[0]!r}?" if close else ""
-            raise InvalidParams(str(key), f"unknown setting in {path}{hint}")
+    for name, value in data.items():
         entry = schema[name]
         if entry["type"].startswith("list") and isinstance(value, str):
             value = _split(value)
@@ -185,24 +178,3 @@ def _scalar_parser(name: str, kinds: list[str]) -> Any:
 
 def _split(raw: str) -> list[str]:
     return [part.strip() for part in raw.split(",") if part.strip()]
-
-
-def _check(name: str, entry: dict[str, Any], value: Any) -> None:
-    kinds = entry["type"].split("|")
-    if value is None and "null" in kinds:
-        return
-    if kinds[0].startswith("list"):
-        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-            raise InvalidParams(name, f"expected a list of strings, got {value!r}")
-        return
-    ok = (("bool" in kinds and isinstance(value, bool))
-          or ("int" in kinds and isinstance(value, int) and not isinstance(value, bool))
-          or ("str" in kinds and isinstance(value, str)))
-    if not ok:
-        raise InvalidParams(name, f"expected {' or '.join(k for k in kinds if k != 'null')}, got {value!r}")
-    if "choices" in entry and value not in entry["choices"]:
-        raise InvalidParams(name, f"must be one of {entry['choices']}, got {value!r}")
-    if "min" in entry and value < entry["min"]:
-        raise InvalidParams(name, f"must be >= {entry['min']}, got {value!r}")
-    if "max" in entry and value > entry["max"]:
-        raise InvalidParams(name, f"must be <= {entry['max']}, got {value!r}")
