@@ -50,8 +50,9 @@ class EngineConfig:
     enforce_eager: bool = _opt(False, "Run every step eagerly: no CUDA graphs for decode steps (CUDA only).")
     num_gpu_blocks_override: int | None = _opt(None, "Use exactly this many KV blocks (testing, preemption).", min=1)
     max_logprobs: int = _opt(20, "Largest logprobs / prompt_logprobs a request may ask for.", min=0)
-    kernel_backend: str = _opt("auto", "Kernels to run: 'auto' (Triton on CUDA, PyTorch on CPU) or 'torch' "
-                               "(the PyTorch reference everywhere, for debugging).", choices=["auto", "triton", "torch"])
+    kernel_backend: str = _opt("auto", "Kernels to run: 'auto' (Triton on CUDA, the C++ kernels on CPU), 'triton', "
+                               "or 'torch' (the PyTorch reference everywhere, for debugging).",
+                               choices=["auto", "triton", "torch"])
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):

@@ -424,8 +424,8 @@ type EngineOptions struct {
 	// Default: 20. Allowed: >= 0.
 	MaxLogprobs *int `msgpack:"max_logprobs,omitempty"`
 
-	// Kernels to run: 'auto' (Triton on CUDA, PyTorch on CPU) or 'torch' (the PyTorch reference everywhere, for
-	// debugging).
+	// Kernels to run: 'auto' (Triton on CUDA, the C++ kernels on CPU), 'triton', or 'torch' (the PyTorch reference
+	// everywhere, for debugging).
 	//
 	// Default: "auto". Allowed: one of "auto", "triton", "torch".
 	KernelBackend *string `msgpack:"kernel_backend,omitempty"`

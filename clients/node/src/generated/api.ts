@@ -315,7 +315,7 @@ export interface EngineOptions {
    */
   max_logprobs?: number;
   /**
-   * Kernels to run: 'auto' (Triton on CUDA, PyTorch on CPU) or 'torch' (the PyTorch reference everywhere, for debugging).
+   * Kernels to run: 'auto' (Triton on CUDA, the C++ kernels on CPU), 'triton', or 'torch' (the PyTorch reference everywhere, for debugging).
    *
    * Default: `"auto"`. Allowed: one of "auto", "triton", "torch".
    */

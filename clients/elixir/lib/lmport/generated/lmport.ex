@@ -118,9 +118,9 @@ defmodule LMPort do
       Default: `nil`. Allowed: >= 1.
     * `:max_logprobs` (int) — Largest logprobs / prompt_logprobs a request may ask for. Default: `20`.
       Allowed: >= 0.
-    * `:kernel_backend` (str) — Kernels to run: 'auto' (Triton on CUDA, PyTorch on CPU) or 'torch' (the
-      PyTorch reference everywhere, for debugging). Default: `"auto"`. Allowed: one of "auto", "triton",
-      "torch".
+    * `:kernel_backend` (str) — Kernels to run: 'auto' (Triton on CUDA, the C++ kernels on CPU), 'triton', or
+      'torch' (the PyTorch reference everywhere, for debugging). Default: `"auto"`. Allowed: one of "auto",
+      "triton", "torch".
     * `:timeout`, `:timeout_profile` — see the module doc; this method's default profile is
       `:ml_inference` (600000 ms)
 
