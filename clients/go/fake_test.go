@@ -7,12 +7,13 @@ import (
 	"io"
 	"os"
 	"path/filepath"
+	"strconv"
 	"testing"
 	"time"
 )
 
-// fakeWorker writes an executable Python script that plays the worker: the scenario runs after these helpers:
-// hello(**override), recv() (the next host message; exits at EOF), send(**message) and respond(request, result).
+// fakeWorker writes an executable Python script that plays the worker: the scenario runs after the helpers of the
+// repo's tests/fake_worker.py (hello, recv, send, send_raw, respond), shared by every client.
 // Start runs it as `script -m bridge.worker`; it ignores its arguments.
 func fakeWorker(t *testing.T, scenario string) string {
 	t.Helper()
@@ -21,27 +22,11 @@ func fakeWorker(t *testing.T, scenario string) string {
 		t.Fatal(err)
 	}
 	path := filepath.Join(t.TempDir(), "worker.py")
-	script := "#!" + python + `
-import os, struct, sys, time
-import msgpack
-_in, _out = sys.stdin.buffer, sys.stdout.buffer
-def send(**message):
-    body = msgpack.packb(message)
-    _out.write(struct.pack(">I", len(body)) + body)
-    _out.flush()
-def recv():
-    head = _in.read(4)
-    if len(head) < 4:
-        sys.exit(0)
-    return msgpack.unpackb(_in.read(struct.unpack(">I", head)[0]))
-def hello(**override):
-    send(**{"type": "hello", "protocol": 1, "server": "fake", "version": "0", "pid": os.getpid(),
-            "pgid": os.getpgrp(), "max_frame_bytes": 1 << 26, "max_inflight": 8, "methods": ["ping"],
-            "timeout_profiles": {"default": 120000, "streaming": 1800000, "ml_inference": 600000,
-                                 "batch_job": 3600000}, **override})
-def respond(request, result=None):
-    send(type="response", id=request["id"], ok=True, result={} if result is None else result)
-` + scenario
+	shared, err := filepath.Abs(filepath.Join("..", "..", "tests"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	script := "#!" + python + "\nimport sys\nsys.path.insert(0, " + strconv.Quote(shared) + ")\nfrom fake_worker import *\n" + scenario
 	if err := os.WriteFile(path, []byte(script), 0o755); err != nil {
 		t.Fatal(err)
 	}

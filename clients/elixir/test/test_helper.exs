@@ -87,36 +87,20 @@ defmodule LMPort.TestHelpers do
 
   @doc """
   Writes a scripted stand-in for the worker (an executable Python file run by the project's interpreter) and
-  returns its path, for `python:`: the protocol's edge cases on demand. `scenario` is Python run after these
-  helpers: `hello(**override)`, `recv()` (the next host message; exits at EOF), `send(**message)`, `send_raw(body)`
-  (a frame holding any bytes) and `respond(request, result)`.
+  returns its path, for `python:`: the protocol's edge cases on demand. `scenario` is Python run after the helpers
+  of the repo's tests/fake_worker.py (hello, recv, send, send_raw, respond), shared by every client.
   """
   def fake_worker(scenario) do
     {:ok, python} = LMPort.Python.find([])
     path = Path.join(System.tmp_dir!(), "lmport-fake-#{System.unique_integer([:positive])}.py")
 
+    shared = Path.expand("../../../tests", __DIR__)
+
     File.write!(path, """
     #!#{python}
-    import os, struct, sys, time
-    import msgpack
-    _in, _out = sys.stdin.buffer, sys.stdout.buffer
-    def send_raw(body):
-        _out.write(struct.pack(">I", len(body)) + body)
-        _out.flush()
-    def send(**message):
-        send_raw(msgpack.packb(message))
-    def recv():
-        head = _in.read(4)
-        if len(head) < 4:
-            sys.exit(0)
-        return msgpack.unpackb(_in.read(struct.unpack(">I", head)[0]))
-    def hello(**override):
-        send(**{"type": "hello", "protocol": 1, "server": "fake", "version": "0", "pid": os.getpid(),
-                "pgid": os.getpgrp(), "max_frame_bytes": 1 << 26, "max_inflight": 8, "methods": ["ping"],
-                "timeout_profiles": {"default": 120000, "streaming": 1800000, "ml_inference": 600000,
-                                     "batch_job": 3600000}, **override})
-    def respond(request, result=None):
-        send(type="response", id=request["id"], ok=True, result={} if result is None else result)
+    import sys
+    sys.path.insert(0, #{inspect(shared)})
+    from fake_worker import *
     #{scenario}
     """)
 
