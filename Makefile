@@ -80,14 +80,14 @@ gpu-report:
 	$(PYTHON) -c 'import torch, sys; sys.exit(0 if torch.cuda.is_available() else "gpu-report needs a CUDA GPU")'
 	-$(PYTHON) -m pytest -q -rs -p no:cacheprovider $(GPU_TESTS) 2>&1 | tee $(GPU_REPORT)/tests.txt
 	for dtype in float32 bfloat16; do \
-		$(PYTHON) -m bridge.cli bench parity --device cuda --dtype $$dtype | tee $(GPU_REPORT)/parity-$$dtype.txt || true; \
+		$(PYTHON) -m lmport.bridge.cli bench parity --device cuda --dtype $$dtype | tee $(GPU_REPORT)/parity-$$dtype.txt || true; \
 	done
 	for dtype in bfloat16 float32; do \
-		$(PYTHON) -m bridge.cli bench throughput --device cuda --dtype $$dtype | tee $(GPU_REPORT)/throughput-$$dtype.txt; \
+		$(PYTHON) -m lmport.bridge.cli bench throughput --device cuda --dtype $$dtype | tee $(GPU_REPORT)/throughput-$$dtype.txt; \
 	done
-	$(PYTHON) -m bridge.cli bench throughput --device cuda --enforce-eager --skip-hf | tee $(GPU_REPORT)/throughput-eager.txt
-	$(PYTHON) -m kernels.bench --dtype bfloat16 --json $(GPU_REPORT)/kernels-bf16.json | tee $(GPU_REPORT)/kernels-bf16.txt
-	$(PYTHON) -m kernels.bench --q-heads 9 --kv-heads 3 --head-dim 64 --dtype float32 \
+	$(PYTHON) -m lmport.bridge.cli bench throughput --device cuda --enforce-eager --skip-hf | tee $(GPU_REPORT)/throughput-eager.txt
+	$(PYTHON) -m lmport.kernels.bench --dtype bfloat16 --json $(GPU_REPORT)/kernels-bf16.json | tee $(GPU_REPORT)/kernels-bf16.txt
+	$(PYTHON) -m lmport.kernels.bench --q-heads 9 --kv-heads 3 --head-dim 64 --dtype float32 \
 		--json $(GPU_REPORT)/kernels-fp32.json | tee $(GPU_REPORT)/kernels-fp32.txt
 
 clean:

@@ -14,8 +14,8 @@ from typing import Any
 
 import psutil
 
-from bridge import protocol
-from bridge.results import split_union
+from lmport.bridge import protocol
+from lmport.bridge.results import split_union
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -23,7 +23,7 @@ REPO = Path(__file__).resolve().parent.parent
 class RawWorker:
     def __init__(self, *args: str, hello_timeout: float = 30.0, stdin: Any = subprocess.PIPE) -> None:
         self.stderr = tempfile.TemporaryFile()
-        self.proc = subprocess.Popen([sys.executable, "-m", "bridge.worker", *args], stdin=stdin,
+        self.proc = subprocess.Popen([sys.executable, "-m", "lmport.bridge.worker", *args], stdin=stdin,
                                      stdout=subprocess.PIPE, stderr=self.stderr, cwd=REPO)
         self.decoder = protocol.FrameDecoder()
         self.inbox: deque[dict[str, Any]] = deque()

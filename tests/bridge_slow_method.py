@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import time
 
-from bridge.service import rpc
+from lmport.bridge.service import rpc
 
 
 @rpc()

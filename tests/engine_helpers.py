@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from engine.sampling_params import SamplingParams
-from engine.sequence import Request, Sequence
+from lmport.engine.sampling_params import SamplingParams
+from lmport.engine.sequence import Request, Sequence
 
 
 def make_seq(token_ids: list[int], request_id: str = "r", **params: object) -> Sequence:

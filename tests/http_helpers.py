@@ -8,9 +8,9 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
-from bridge.http.config import load_settings
-from bridge.http.server import RunningServer
-from engine.sampling_params import SamplingParams
+from lmport.bridge.http.config import load_settings
+from lmport.bridge.http.server import RunningServer
+from lmport.engine.sampling_params import SamplingParams
 
 # small enough for a shared 2-core machine, big enough for 32 concurrent short requests
 TEST_ENGINE = {"model": "smollm2", "dtype": "float32", "max_model_len": 2048, "kv_cache_memory_bytes": 256 << 20}
@@ -19,7 +19,7 @@ TEST_ENGINE = {"model": "smollm2", "dtype": "float32", "max_model_len": 2048, "k
 @functools.cache
 def shared_service() -> Any:
     """One service for every test server; it keeps a handle of its own, so the engine outlives each server."""
-    from bridge.service import Service
+    from lmport.bridge.service import Service
 
     service = Service()
     service.llm(**TEST_ENGINE)
@@ -28,7 +28,7 @@ def shared_service() -> Any:
 
 def model_server(**serve_options: Any) -> RunningServer:
     """The real app over the shared service (the bundled model, loaded once per test session)."""
-    from bridge.http.backend import ServiceBackend
+    from lmport.bridge.http.backend import ServiceBackend
 
     settings = load_settings({"port": 0, "uvicorn_log_level": "warning", **TEST_ENGINE, **serve_options}, environ={})
     return RunningServer(settings, ServiceBackend(settings.engine, service=shared_service())).wait_ready()

@@ -35,20 +35,20 @@ def enable_triton_interpreter() -> None:
             for name in ("triton.language.standard", "triton.language.random", "triton.language"):
                 if name in sys.modules:
                     importlib.reload(sys.modules[name])
-    common = sys.modules.get("kernels.triton_common")
+    common = sys.modules.get("lmport.kernels.triton_common")
     if common is not None and not common.INTERPRET:
         for name in TRITON_MODULES:
-            if f"kernels.triton_{name}" in sys.modules:
-                importlib.reload(sys.modules[f"kernels.triton_{name}"])
-        import kernels
+            if f"lmport.kernels.triton_{name}" in sys.modules:
+                importlib.reload(sys.modules[f"lmport.kernels.triton_{name}"])
+        from lmport import kernels
         kernels._triton_module.cache_clear()
 
 
 def rope_cache(max_positions: int, head_dim: int) -> torch.Tensor:
-    """The engine's own float32 cos/sin cache (engine.models.rope.cos_sin_cache) for default RoPE, theta 10000."""
+    """The engine's own float32 cos/sin cache (lmport.engine.models.rope.cos_sin_cache) for default RoPE, theta 10000."""
     from transformers import PretrainedConfig
 
-    from engine.models.rope import cos_sin_cache
+    from lmport.engine.models.rope import cos_sin_cache
     return cos_sin_cache(PretrainedConfig(), head_dim, max_positions)
 
 

@@ -10,8 +10,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from engine.forward_context import AttentionMetadata, forward_context
-from engine.models.layers import PagedAttention
+from lmport.engine.forward_context import AttentionMetadata, forward_context
+from lmport.engine.models.layers import PagedAttention
 
 
 @dataclass

@@ -12,7 +12,7 @@ pytestmark = pytest.mark.slow
 
 
 def test_throughput_bench_compares_engine_and_transformers_on_one_device():
-    run = subprocess.run([sys.executable, "-m", "bridge.cli", "bench", "throughput", "--num-prompts", "3",
+    run = subprocess.run([sys.executable, "-m", "lmport.bridge.cli", "bench", "throughput", "--num-prompts", "3",
                           "--max-tokens", "4", "--device", "cpu", "--json"],
                          capture_output=True, text=True, timeout=300, check=True)
     result = json.loads(run.stdout)

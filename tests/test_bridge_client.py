@@ -12,9 +12,9 @@ import time
 
 import pytest
 
-from bridge import protocol
-from bridge.client import AsyncClient, Client
-from bridge.protocol import BridgeError
+from lmport.bridge import protocol
+from lmport.bridge.client import AsyncClient, Client
+from lmport.bridge.protocol import BridgeError
 from tests.bridge_helpers import REPO, group_alive
 
 
@@ -141,7 +141,7 @@ def test_bench_bridge_reports_latency_and_rate(capsys):
     import argparse
     import json
 
-    from bridge import bench_bridge
+    from lmport.bridge import bench_bridge
 
     parser = argparse.ArgumentParser()
     bench_bridge.add_arguments(parser)

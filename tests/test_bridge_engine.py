@@ -10,9 +10,9 @@ import time
 
 import pytest
 
-from bridge.client import AsyncClient, Client
-from bridge.protocol import BridgeError
-from bridge.results import results_schema
+from lmport.bridge.client import AsyncClient, Client
+from lmport.bridge.protocol import BridgeError
+from lmport.bridge.results import results_schema
 from tests.bridge_helpers import REPO, conforms
 
 pytestmark = pytest.mark.slow
@@ -77,7 +77,7 @@ def test_tokenize_detokenize_round_trip(client, llm):
 
 
 def test_64_threads_are_batched_and_match_the_in_process_engine(client, llm):
-    from engine import LLM, SamplingParams
+    from lmport.engine import LLM, SamplingParams
 
     results: list = [None] * len(PROMPTS)
     errors: list = []
@@ -132,7 +132,7 @@ def test_streaming_deltas_concatenate_to_the_full_text_and_the_summary_carries_n
 
 
 def test_results_have_exactly_the_shapes_the_manifest_declares(client, llm):
-    """Every key of real results, streamed and not, is declared in bridge.results (the clients' typed results are
+    """Every key of real results, streamed and not, is declared in lmport.bridge.results (the clients' typed results are
     generated from it) and every declared key is there, with the declared type: the shapes cannot drift."""
     shapes = results_schema()
     params = {"max_tokens": 6, "n": 2, "temperature": 0.8, "seed": 3, "logprobs": 2, "prompt_logprobs": 1}

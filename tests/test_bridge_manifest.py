@@ -6,10 +6,10 @@ import inspect
 
 import msgpack
 
-from bridge import manifest, protocol, results, service
-from bridge.protocol import Handle
-from engine.config import option_schema
-from engine.sampling_params import sampling_params_schema
+from lmport.bridge import manifest, protocol, results, service
+from lmport.bridge.protocol import Handle
+from lmport.engine.config import option_schema
+from lmport.engine.sampling_params import sampling_params_schema
 from tests.bridge_helpers import conforms
 
 VOCABULARY = {"str", "int", "float", "bool", "any", "dict", "handle", "list", "list[int]", "list[str]", "list[dict]",

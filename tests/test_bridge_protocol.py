@@ -10,8 +10,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from bridge import protocol, vectors
-from bridge.protocol import BridgeError, Cancel, EnvelopeError, FrameDecoder, OversizeFrame, Request
+from lmport.bridge import protocol, vectors
+from lmport.bridge.protocol import BridgeError, Cancel, EnvelopeError, FrameDecoder, OversizeFrame, Request
 
 PROFILES = protocol.TIMEOUT_PROFILES
 
@@ -103,7 +103,7 @@ def test_error_codes_round_trip_through_the_wire_shape():
 def test_committed_vectors_are_current():
     for name, doc in vectors.build_vectors().items():
         path = vectors.VECTOR_DIR / name
-        assert path.read_text(encoding="utf-8") == vectors.render(doc), f"{path} is stale: python -m bridge.vectors"
+        assert path.read_text(encoding="utf-8") == vectors.render(doc), f"{path} is stale: python -m lmport.bridge.vectors"
 
 
 def _load(name):

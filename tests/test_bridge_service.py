@@ -1,4 +1,4 @@
-"""bridge.service in-process (no transport, no model): calls, deadlines, error mapping, the asyncio adapters."""
+"""lmport.bridge.service in-process (no transport, no model): calls, deadlines, error mapping, the asyncio adapters."""
 
 from __future__ import annotations
 
@@ -10,11 +10,11 @@ import time
 
 import pytest
 
-from bridge.protocol import BridgeError
-from bridge.service import Call, Service, _Engine
-from engine.config import EngineConfig
-from engine.errors import InvalidParams, ModelNotFound, OutOfKVCache
-from engine.llm import EngineDead
+from lmport.bridge.protocol import BridgeError
+from lmport.bridge.service import Call, Service, _Engine
+from lmport.engine.config import EngineConfig
+from lmport.engine.errors import InvalidParams, ModelNotFound, OutOfKVCache
+from lmport.engine.llm import EngineDead
 
 
 def run_call(service: Service, method: str, params: dict | None = None, **options):
@@ -93,9 +93,9 @@ def test_cancel_before_any_engine_work_answers_at_once():
 
 
 def test_a_ping_error_does_not_import_the_engine():
-    code = ("import sys; from bridge.service import Call, Service; out = []; "
+    code = ("import sys; from lmport.bridge.service import Call, Service; out = []; "
             "Service().submit(Call(1, 'ping', {'n': 'x'}, on_done=lambda r, e: out.append(e))); "
-            "assert out[0].code == 'invalid_params', out; print('engine.llm' in sys.modules, 'torch' in sys.modules)")
+            "assert out[0].code == 'invalid_params', out; print('lmport.engine.llm' in sys.modules, 'torch' in sys.modules)")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
     assert done.stdout.split() == ["False", "False"]
@@ -174,7 +174,7 @@ def test_llm_reusing_an_engine_is_not_undone_by_a_concurrent_release():
 
 
 def test_health_before_any_model_is_answered_without_importing_torch():
-    code = ("import sys; from bridge.service import Service; health = Service().health(); "
+    code = ("import sys; from lmport.bridge.service import Service; health = Service().health(); "
             "print(health['device'], health['engines'], 'torch' in sys.modules)")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr

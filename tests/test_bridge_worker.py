@@ -18,7 +18,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from bridge import protocol, vectors
+from lmport.bridge import protocol, vectors
 from tests.bridge_helpers import REPO, RawWorker, group_alive
 
 
@@ -153,8 +153,8 @@ def test_unexpected_exceptions_are_internal_errors_with_a_traceback_under_debug(
 
 
 def test_an_error_whose_details_cannot_be_encoded_is_still_answered():
-    from bridge.service import Service
-    from bridge.worker import Worker
+    from lmport.bridge.service import Service
+    from lmport.bridge.worker import Worker
 
     worker = Worker(-1, Service(), protocol.DEFAULT_MAX_FRAME_BYTES, protocol.DEFAULT_MAX_INFLIGHT, 1.0)
     worker._responder(7, "tokenize")(None, protocol.BridgeError("invalid_params", "bad", {"value": object()}))
@@ -175,7 +175,7 @@ def test_timeout_profiles_are_overridable_by_flags():
 
 @pytest.mark.parametrize("flag", ["--max-inflight", "--max-frame-bytes"])
 def test_a_limit_below_1_is_refused_naming_the_flag(flag):
-    run = subprocess.run([sys.executable, "-m", "bridge.worker", flag, "0"], cwd=REPO, stdin=subprocess.DEVNULL,
+    run = subprocess.run([sys.executable, "-m", "lmport.bridge.worker", flag, "0"], cwd=REPO, stdin=subprocess.DEVNULL,
                          capture_output=True, timeout=60)
     assert run.returncode == 2 and f"{flag} must be > 0, got 0" in run.stderr.decode()
     assert run.stdout == b""  # no hello: it never started serving
@@ -239,7 +239,7 @@ def test_shutdown_request_answers_then_exits_0():
 
 HOST_SCRIPT = textwrap.dedent("""
     import subprocess, sys, time
-    proc = subprocess.Popen([sys.executable, "-m", "bridge.worker", "--preload", "tests.bridge_spawn_child"],
+    proc = subprocess.Popen([sys.executable, "-m", "lmport.bridge.worker", "--preload", "tests.bridge_spawn_child"],
                             stdin=subprocess.PIPE, stdout=subprocess.PIPE)
     proc.stdout.read(4)  # the hello's header: the worker is up
     print(proc.pid, flush=True)
@@ -264,7 +264,7 @@ def test_sigkill_of_the_host_leaves_no_worker_process_behind():
 PDEATHSIG_HOST = textwrap.dedent("""
     import os, subprocess, sys, time
     stdin_fd = int(sys.argv[1])  # the test holds this pipe's write end open: stdin never reaches EOF
-    proc = subprocess.Popen([sys.executable, "-m", "bridge.worker"], stdin=stdin_fd, stdout=subprocess.PIPE)
+    proc = subprocess.Popen([sys.executable, "-m", "lmport.bridge.worker"], stdin=stdin_fd, stdout=subprocess.PIPE)
     proc.stdout.read(4)
     print(proc.pid, flush=True)
     time.sleep(600)
@@ -291,7 +291,7 @@ def test_parent_death_alone_stops_the_worker():
 SLOW_PRELOAD_HOST = textwrap.dedent("""
     import subprocess, sys, time
     stdin_fd, stdout_fd = int(sys.argv[1]), int(sys.argv[2])  # the test holds the other ends: no EOF, no EPIPE
-    proc = subprocess.Popen([sys.executable, "-m", "bridge.worker", "--preload", "slow_preload"], stdin=stdin_fd,
+    proc = subprocess.Popen([sys.executable, "-m", "lmport.bridge.worker", "--preload", "slow_preload"], stdin=stdin_fd,
                             stdout=stdout_fd)
     print(proc.pid, flush=True)
     time.sleep(600)

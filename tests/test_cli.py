@@ -11,12 +11,12 @@ import torch
 
 
 def lmport(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "bridge.cli", "--log-level", "WARNING", *args],
+    return subprocess.run([sys.executable, "-m", "lmport.bridge.cli", "--log-level", "WARNING", *args],
                           capture_output=True, text=True, timeout=300)
 
 
 def workers() -> set[int]:
-    return {p.pid for p in psutil.process_iter(["cmdline"]) if "bridge.worker" in " ".join(p.info["cmdline"] or [])}
+    return {p.pid for p in psutil.process_iter(["cmdline"]) if "lmport.bridge.worker" in " ".join(p.info["cmdline"] or [])}
 
 
 @pytest.mark.slow

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from bridge.codegen import cli
-from bridge.codegen.common import (
+from lmport.bridge.codegen import cli
+from lmport.bridge.codegen.common import (
     api_methods,
     camel_case,
     check_manifest,

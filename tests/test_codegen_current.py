@@ -6,8 +6,8 @@ import importlib.util
 
 import pytest
 
-from bridge.codegen.cli import generate
-from bridge.codegen.common import LANGUAGES, REPO_ROOT, load_manifest, stale_files
+from lmport.bridge.codegen.cli import generate
+from lmport.bridge.codegen.common import LANGUAGES, REPO_ROOT, load_manifest, stale_files
 
 
 @pytest.fixture(scope="module")

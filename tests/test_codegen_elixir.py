@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from bridge.codegen.common import load_manifest
-from bridge.codegen.elixir import OUT_DIR, generate, literal
+from lmport.bridge.codegen.common import load_manifest
+from lmport.bridge.codegen.elixir import OUT_DIR, generate, literal
 
 
 def test_literals() -> None:

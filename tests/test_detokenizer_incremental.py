@@ -9,9 +9,9 @@ import time
 import pytest
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
-from engine.detokenizer import IncrementalDetokenizer
-from engine.loader import resolve_model
-from engine.sampling_params import SamplingParams
+from lmport.engine.detokenizer import IncrementalDetokenizer
+from lmport.engine.loader import resolve_model
+from lmport.engine.sampling_params import SamplingParams
 
 IM_END, IM_START = 2, 1
 

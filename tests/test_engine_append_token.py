@@ -7,8 +7,8 @@ from types import SimpleNamespace
 
 import pytest
 
-from engine.llm_engine import LLMEngine
-from engine.sampler import SamplerOutput
+from lmport.engine.llm_engine import LLMEngine
+from lmport.engine.sampler import SamplerOutput
 from tests.engine_helpers import make_seq
 
 EOS = 11

@@ -1,4 +1,4 @@
-from engine.block_manager import BlockManager
+from lmport.engine.block_manager import BlockManager
 from tests.engine_helpers import compute, make_seq
 
 BS = 4

@@ -12,16 +12,16 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import LlamaConfig
 
-from engine.cuda_graphs import DecodeGraphs, capture_sizes
-from engine.forward_context import forward_context
-from engine.models import get_model_class
-from engine.models.layers import PagedAttention
+from lmport.engine.cuda_graphs import DecodeGraphs, capture_sizes
+from lmport.engine.forward_context import forward_context
+from lmport.engine.models import get_model_class
+from lmport.engine.models.layers import PagedAttention
 from tests.kernel_helpers import DEVICE, enable_triton_interpreter, fresh_seed, rel_error
 from tests.model_harness import PagedHarness, PagedSeq
 
 enable_triton_interpreter()
 
-import kernels  # noqa: E402
+from lmport import kernels  # noqa: E402
 
 VOCAB = 96
 MAX_BLOCKS = 16  # static block-table width: 64 positions at block_size 4
@@ -141,7 +141,7 @@ def test_the_captured_decode_step_never_waits_for_the_device(backend, capturable
 @pytest.mark.slow
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="capturing CUDA graphs needs a GPU")
 def test_engine_decodes_the_same_tokens_with_and_without_cuda_graphs():
-    from engine import LLM, SamplingParams
+    from lmport.engine import LLM, SamplingParams
 
     prompts = ["The capital of France is", "def fibonacci(n):", "Once upon a time,"] * 3
     params = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True)

@@ -8,9 +8,9 @@ import threading
 import pytest
 import torch
 
-from engine import LLM, SamplingParams
-from engine.cuda_graphs import DecodeGraphs
-from engine.errors import InvalidParams, OutOfKVCache
+from lmport.engine import LLM, SamplingParams
+from lmport.engine.cuda_graphs import DecodeGraphs
+from lmport.engine.errors import InvalidParams, OutOfKVCache
 
 pytestmark = pytest.mark.slow
 
@@ -195,7 +195,7 @@ def test_engines_in_one_process_keep_their_own_kernel_backend(tmp_path):
     not switch the kernels of the first, nor the process default, even while both step at once."""
     import os
 
-    import kernels
+    from lmport import kernels
     from tests.model_harness import write_tiny_model_dir
 
     write_tiny_model_dir(tmp_path)

@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 
-import engine.loader as loader
-from engine.errors import InvalidParams
-from engine.loader import resolve_model
+import lmport.engine.loader as loader
+from lmport.engine.errors import InvalidParams
+from lmport.engine.loader import resolve_model
 from tests.model_harness import write_tiny_model_dir
 
 

@@ -1,6 +1,6 @@
-from engine.block_manager import BlockManager
-from engine.scheduler import Scheduler
-from engine.sequence import SequenceStatus
+from lmport.engine.block_manager import BlockManager
+from lmport.engine.scheduler import Scheduler
+from lmport.engine.sequence import SequenceStatus
 from tests.engine_helpers import make_seq
 
 

@@ -7,9 +7,9 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from engine.errors import InvalidParams
-from engine.llm_engine import LLMEngine
-from engine.sampling_params import SamplingParams, check_token_ids
+from lmport.engine.errors import InvalidParams
+from lmport.engine.llm_engine import LLMEngine
+from lmport.engine.sampling_params import SamplingParams, check_token_ids
 
 
 def test_accepts_lists_and_tuples_of_ints() -> None:

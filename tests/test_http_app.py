@@ -11,7 +11,7 @@ import httpx
 import openai
 import pytest
 
-from bridge.protocol import BridgeError
+from lmport.bridge.protocol import BridgeError
 from tests.http_helpers import FakeBackend, fake_server
 
 CHAT = {"model": "smollm2", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3}
@@ -309,7 +309,7 @@ class _RefusedFromAnotherThread(FakeBackend):
 
 
 def test_a_refusal_answered_on_another_thread_while_submitting_is_never_lost(monkeypatch) -> None:
-    from bridge.http.generation import Generation
+    from lmport.bridge.http.generation import Generation
 
     backend = _RefusedFromAnotherThread()
     slot = Generation.__dict__["_cancel"]

@@ -9,7 +9,7 @@ import openai
 import pytest
 from websockets.sync.client import connect
 
-from engine import SamplingParams
+from lmport.engine import SamplingParams
 from tests.http_helpers import TEST_ENGINE, model_server
 
 pytestmark = pytest.mark.slow

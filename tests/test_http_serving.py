@@ -18,7 +18,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from websockets.sync.client import connect
 
-from bridge.http import bench
+from lmport.bridge.http import bench
 from tests.http_helpers import TEST_ENGINE, model_server
 
 pytestmark = pytest.mark.slow
@@ -158,7 +158,7 @@ def test_bench_serve_reports_vllm_style_metrics(server) -> None:
 def test_lmport_serve_command_starts_loads_and_stops_on_sigint(tmp_path) -> None:
     config = tmp_path / "serve.yaml"
     config.write_text("port: 0\nserved_model_name: [tiny, smollm2]\nuvicorn_log_level: warning\n")
-    proc = subprocess.Popen([sys.executable, "-m", "bridge.cli", "serve", "--config", str(config),
+    proc = subprocess.Popen([sys.executable, "-m", "lmport.bridge.cli", "serve", "--config", str(config),
                              "--kv-cache-memory-bytes", str(TEST_ENGINE["kv_cache_memory_bytes"]),
                              "--max-model-len", "512"], stderr=subprocess.PIPE, text=True)
     try:

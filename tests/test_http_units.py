@@ -6,16 +6,16 @@ from __future__ import annotations
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from bridge.http.config import load_settings
-from bridge.http.errors import from_engine_error, validation_param
-from bridge.http.logprobs import CompletionLogprobs, chat_logprobs
-from bridge.http.metrics import ServerMetrics
-from bridge.http.protocol import ChatCompletionRequest, CompletionRequest
-from bridge.http.ratelimit import RateLimiter
-from bridge.protocol import BridgeError
-from bridge.service import Service
-from engine.errors import InvalidParams, ModelNotFound, UnsupportedModel
-from engine.llm import EngineDead
+from lmport.bridge.http.config import load_settings
+from lmport.bridge.http.errors import from_engine_error, validation_param
+from lmport.bridge.http.logprobs import CompletionLogprobs, chat_logprobs
+from lmport.bridge.http.metrics import ServerMetrics
+from lmport.bridge.http.protocol import ChatCompletionRequest, CompletionRequest
+from lmport.bridge.http.ratelimit import RateLimiter
+from lmport.bridge.protocol import BridgeError
+from lmport.bridge.service import Service
+from lmport.engine.errors import InvalidParams, ModelNotFound, UnsupportedModel
+from lmport.engine.llm import EngineDead
 
 
 class Clock:
@@ -80,7 +80,7 @@ def test_settings_precedence_flags_over_env_over_yaml(tmp_path) -> None:
 
 
 def test_serve_flags_are_derived_from_the_settings() -> None:
-    from bridge.cli import build_parser
+    from lmport.bridge.cli import build_parser
 
     args = build_parser("serve").parse_args(["serve", "--port", "8123", "--api-key", "a", "--api-key", "b",
                                              "--max-num-seqs", "4", "--no-enable-prefix-caching",

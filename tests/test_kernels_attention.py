@@ -22,7 +22,7 @@ from tests.kernel_helpers import (
 
 enable_triton_interpreter()
 
-from kernels import reference, triton_attention  # noqa: E402
+from lmport.kernels import reference, triton_attention  # noqa: E402
 
 # (num_kv_heads, GQA group, head_dim, block_size): ratios 1 and 3, a non-power-of-two head_dim, two page sizes
 HEAD_CONFIGS = [(2, 1, 32, 16), (1, 3, 16, 8), (4, 1, 64, 8), (1, 3, 48, 16)]

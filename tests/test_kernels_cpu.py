@@ -1,4 +1,4 @@
-"""The compiled CPU kernels (kernels.cpu) against the PyTorch reference.
+"""The compiled CPU kernels (lmport.kernels.cpu) against the PyTorch reference.
 
 Decode attention: the kernel reads a cache whose unused slots (padding table entries, the tail of each last block,
 blocks of no sequence) are NaN, so a single read past a sequence's keys fails the comparison; the reference gets the
@@ -16,8 +16,8 @@ import random
 import pytest
 import torch
 
-import kernels
-from kernels import cpu, reference
+from lmport import kernels
+from lmport.kernels import cpu, reference
 from tests.kernel_helpers import fresh_seed, make_paged_case, rope_cache
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]

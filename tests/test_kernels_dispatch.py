@@ -1,4 +1,4 @@
-"""Backend selection in kernels/__init__.py: C++ kernels (kernels.cpu) or the reference on CPU, Triton when forced,
+"""Backend selection in lmport/kernels/__init__.py: C++ kernels (lmport.kernels.cpu) or the reference on CPU, Triton when forced,
 clear errors otherwise."""
 
 from __future__ import annotations
@@ -15,8 +15,8 @@ from tests.kernel_helpers import DEVICE, enable_triton_interpreter
 
 enable_triton_interpreter()
 
-import kernels  # noqa: E402
-from kernels import reference  # noqa: E402
+from lmport import kernels  # noqa: E402
+from lmport.kernels import reference  # noqa: E402
 
 
 @pytest.fixture
@@ -42,7 +42,7 @@ def test_cpu_tensors_run_the_cpu_kernels_or_the_reference_unless_triton_is_force
     assert kernels._impl_cpu(x, "activation") is reference
     assert kernels._impl(x, "activation") is reference
     backend("triton")
-    assert kernels._impl(x, "activation").__name__ == "kernels.triton_activation"
+    assert kernels._impl(x, "activation").__name__ == "lmport.kernels.triton_activation"
     torch.testing.assert_close(kernels.silu_and_mul(x), reference.silu_and_mul(x))
 
 
@@ -50,7 +50,7 @@ def test_cpu_tensors_run_the_cpu_kernels_or_the_reference_unless_triton_is_force
 def test_cuda_tensors_run_triton_unless_torch_is_forced(backend):
     x = torch.randn(2, 8, device=DEVICE)
     backend("auto")
-    assert kernels._impl(x, "activation").__name__ == "kernels.triton_activation"
+    assert kernels._impl(x, "activation").__name__ == "lmport.kernels.triton_activation"
     torch.testing.assert_close(kernels.silu_and_mul(x), reference.silu_and_mul(x))
     backend("torch")
     assert kernels._impl(x, "activation") is reference
@@ -88,7 +88,7 @@ def test_unknown_backend_is_rejected_by_name(backend):
 
 
 def test_environment_variable_sets_the_default_and_is_validated():
-    code = "import kernels; kernels.set_backend('auto'); print(kernels.get_backend())"
+    code = "from lmport import kernels; kernels.set_backend('auto'); print(kernels.get_backend())"
     root = Path(__file__).resolve().parents[1]
     env = {"LMPORT_KERNEL_BACKEND": "torch", "OMP_NUM_THREADS": "1"}
     run = dict(env=env, cwd=root, capture_output=True, text=True, timeout=120)

@@ -18,7 +18,7 @@ from tests.kernel_helpers import (
 
 enable_triton_interpreter()
 
-from kernels import reference, triton_activation, triton_cache, triton_norm, triton_rope  # noqa: E402
+from lmport.kernels import reference, triton_activation, triton_cache, triton_norm, triton_rope  # noqa: E402
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 

@@ -14,8 +14,8 @@ from tests.kernel_helpers import DEVICE, TOLERANCE, enable_triton_interpreter, f
 
 enable_triton_interpreter()
 
-import kernels  # noqa: E402
-from engine.models import get_model_class  # noqa: E402
+from lmport import kernels  # noqa: E402
+from lmport.engine.models import get_model_class  # noqa: E402
 from tests.model_harness import PagedHarness, PagedSeq  # noqa: E402
 
 VOCAB = 96

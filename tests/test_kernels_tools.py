@@ -11,15 +11,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from kernels import bench
+from lmport.kernels import bench
 
 
 @pytest.mark.slow
 def test_every_kernel_compiles_for_the_h100():
-    arch = 90  # the measured target; `python -m kernels.compile_check --arch 80` checks A100s by hand
+    arch = 90  # the measured target; `python -m lmport.kernels.compile_check --arch 80` checks A100s by hand
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # the kernel tests set it in-process
     env.update(OMP_NUM_THREADS="1")
-    done = subprocess.run([sys.executable, "-m", "kernels.compile_check", "--arch", str(arch), "--verbose"],
+    done = subprocess.run([sys.executable, "-m", "lmport.kernels.compile_check", "--arch", str(arch), "--verbose"],
                           cwd=Path(__file__).resolve().parents[1], env=env, capture_output=True, text=True,
                           timeout=300)
     assert done.returncode == 0, done.stdout + done.stderr

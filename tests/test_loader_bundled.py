@@ -7,9 +7,9 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from engine.config import EngineConfig
-from engine.gguf_convert import bundled_gguf
-from engine.loader import load_model, resolve_model
+from lmport.engine.config import EngineConfig
+from lmport.engine.gguf_convert import bundled_gguf
+from lmport.engine.loader import load_model, resolve_model
 from tests.model_harness import PagedHarness, PagedSeq
 
 pytestmark = pytest.mark.slow

@@ -10,10 +10,10 @@ from pathlib import Path
 import pytest
 import torch
 
-import engine.gguf_convert as gguf_convert
-from engine.config import EngineConfig
-from engine.gguf_convert import cached_dir_for, convert_gguf
-from engine.loader import load_model
+import lmport.engine.gguf_convert as gguf_convert
+from lmport.engine.config import EngineConfig
+from lmport.engine.gguf_convert import cached_dir_for, convert_gguf
+from lmport.engine.loader import load_model
 from tests.model_harness import PagedHarness, PagedSeq, tiny_llama, write_tiny_gguf
 
 

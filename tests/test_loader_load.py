@@ -9,9 +9,9 @@ import pytest
 import torch
 from transformers import GenerationConfig, LlamaConfig
 
-from engine.config import EngineConfig
-from engine.errors import InvalidParams, ModelNotFound, UnsupportedModel
-from engine.loader import load_model, resolve_device, resolve_dtype
+from lmport.engine.config import EngineConfig
+from lmport.engine.errors import InvalidParams, ModelNotFound, UnsupportedModel
+from lmport.engine.loader import load_model, resolve_device, resolve_dtype
 from tests.model_harness import PagedHarness, PagedSeq, write_tiny_model_dir
 
 PROMPT = [5, 17, 104, 256, 33, 2, 90]

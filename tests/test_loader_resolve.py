@@ -6,10 +6,10 @@ from pathlib import Path
 
 import pytest
 
-import engine.loader as loader
-from engine.errors import InvalidParams, ModelNotFound
-from engine.gguf_convert import bundled_gguf
-from engine.loader import resolve_model
+import lmport.engine.loader as loader
+from lmport.engine.errors import InvalidParams, ModelNotFound
+from lmport.engine.gguf_convert import bundled_gguf
+from lmport.engine.loader import resolve_model
 from tests.model_harness import write_tiny_model_dir
 
 COMMIT = "0123456789abcdef0123456789abcdef01234567"

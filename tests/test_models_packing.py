@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from engine.models import LlamaForCausalLM
-from engine.models.layers import Linear, pack_cpu_linears
+from lmport.engine.models import LlamaForCausalLM
+from lmport.engine.models.layers import Linear, pack_cpu_linears
 from tests.model_harness import PagedHarness, PagedSeq, tiny_llama
 
 pytestmark = pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="needs oneDNN (mkldnn)")

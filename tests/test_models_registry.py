@@ -6,9 +6,9 @@ import pytest
 import torch
 from transformers import GPT2Config, LlamaConfig, MistralConfig, Qwen2Config
 
-from engine.errors import UnsupportedModel
-from engine.models import LlamaForCausalLM, get_model_class
-from engine.models.layers import PagedAttention
+from lmport.engine.errors import UnsupportedModel
+from lmport.engine.models import LlamaForCausalLM, get_model_class
+from lmport.engine.models.layers import PagedAttention
 from tests.model_harness import tiny_llama
 
 TINY = dict(vocab_size=32, hidden_size=32, intermediate_size=48, num_hidden_layers=1, num_attention_heads=4,

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-from engine.config import option_schema
-from engine.sampling_params import sampling_params_schema
-from engine.schema_docs import DOCS, _schema_row, stale_docs
+from lmport.engine.config import option_schema
+from lmport.engine.sampling_params import sampling_params_schema
+from lmport.engine.schema_docs import DOCS, _schema_row, stale_docs
 
 
 def test_generated_tables_are_current() -> None:
-    assert stale_docs() == [], "stale tables: run `python -m engine.schema_docs`"
+    assert stale_docs() == [], "stale tables: run `python -m lmport.engine.schema_docs`"
 
 
 def test_open_lower_bounds_are_marked() -> None:

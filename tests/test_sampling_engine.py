@@ -8,7 +8,7 @@ import threading
 import pytest
 import torch
 
-from engine import LLM, RequestOutputKind, SamplingParams
+from lmport.engine import LLM, RequestOutputKind, SamplingParams
 
 pytestmark = pytest.mark.slow
 

@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from engine.errors import InvalidParams
-from engine.sampling_params import RequestOutputKind, SamplingParams, sampling_params_schema
+from lmport.engine.errors import InvalidParams
+from lmport.engine.sampling_params import RequestOutputKind, SamplingParams, sampling_params_schema
 
 VLLM_DEFAULTS = {
     "n": 1, "temperature": 1.0, "top_p": 1.0, "top_k": 0, "min_p": 0.0, "presence_penalty": 0.0,

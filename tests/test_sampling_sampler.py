@@ -8,9 +8,9 @@ import math
 import pytest
 import torch
 
-from engine.sampler import Sampler, SamplingBatch, apply_min_p, apply_top_k, apply_top_p, compute_prompt_logprobs, draw
-from engine.sampling_params import SamplingParams
-from engine.sequence import Sequence
+from lmport.engine.sampler import Sampler, SamplingBatch, apply_min_p, apply_top_k, apply_top_p, compute_prompt_logprobs, draw
+from lmport.engine.sampling_params import SamplingParams
+from lmport.engine.sequence import Sequence
 from tests.engine_helpers import make_seq
 
 V = 12

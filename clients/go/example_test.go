@@ -13,7 +13,7 @@ import (
 // The example of docs/clients/go.md (compiled by go test; run it as a main package).
 func Example() {
 	ctx := context.Background()
-	w, err := lmport.Start(ctx, lmport.Options{}) // python -m bridge.worker, in its own process group
+	w, err := lmport.Start(ctx, lmport.Options{}) // python -m lmport.bridge.worker, in its own process group
 	if err != nil {
 		log.Fatal(err)
 	}

@@ -14,7 +14,7 @@ import (
 
 // fakeWorker writes an executable Python script that plays the worker: the scenario runs after the helpers of the
 // repo's tests/fake_worker.py (hello, recv, send, send_raw, respond), shared by every client.
-// Start runs it as `script -m bridge.worker`; it ignores its arguments.
+// Start runs it as `script -m lmport.bridge.worker`; it ignores its arguments.
 func fakeWorker(t *testing.T, scenario string) string {
 	t.Helper()
 	python, _, err := findPython("")

@@ -7,7 +7,7 @@ import (
 	"testing"
 )
 
-// The generator (bridge/codegen/go.py) must emit gofmt-clean code; its staleness is checked on the Python side.
+// The generator (lmport/bridge/codegen/go.py) must emit gofmt-clean code; its staleness is checked on the Python side.
 func TestGeneratedCodeIsGofmtClean(t *testing.T) {
 	for _, name := range []string{"generated_api.go", "generated_types.go"} {
 		src, err := os.ReadFile(name)
@@ -19,7 +19,7 @@ func TestGeneratedCodeIsGofmtClean(t *testing.T) {
 			t.Fatalf("%s: %v", name, err)
 		}
 		if !bytes.Equal(src, formatted) {
-			t.Errorf("%s is not gofmt-clean: fix bridge/codegen/go.py", name)
+			t.Errorf("%s is not gofmt-clean: fix lmport/bridge/codegen/go.py", name)
 		}
 	}
 }

@@ -563,8 +563,8 @@ func (o *EngineOptions) fill(params map[string]any) {
 	}
 }
 
-// LogprobEntry is one of the worker's result records (bridge/results.py). Held in CompletionOutput.Logprobs,
-// RequestOutput.PromptLogprobs, ChunkOutput.Logprobs, Chunk.PromptLogprobs.
+// LogprobEntry is one of the worker's result records (lmport/bridge/results.py). Held in
+// CompletionOutput.Logprobs, RequestOutput.PromptLogprobs, ChunkOutput.Logprobs, Chunk.PromptLogprobs.
 type LogprobEntry struct {
 	// The candidate token.
 	TokenID int `msgpack:"token_id"`
@@ -579,7 +579,8 @@ type LogprobEntry struct {
 	DecodedToken *string `msgpack:"decoded_token"`
 }
 
-// CompletionOutput is one of the worker's result records (bridge/results.py). Held in RequestOutput.Outputs.
+// CompletionOutput is one of the worker's result records (lmport/bridge/results.py). Held in
+// RequestOutput.Outputs.
 type CompletionOutput struct {
 	// Which of the request's n completions.
 	Index int `msgpack:"index"`
@@ -605,8 +606,8 @@ type CompletionOutput struct {
 	StopReason any `msgpack:"stop_reason"`
 }
 
-// RequestMetrics is one of the worker's result records (bridge/results.py). Held in RequestOutput.Metrics,
-// SummaryRequest.Metrics.
+// RequestMetrics is one of the worker's result records (lmport/bridge/results.py). Held in
+// RequestOutput.Metrics, SummaryRequest.Metrics.
 type RequestMetrics struct {
 	// Unix time the request arrived.
 	ArrivalTime float64 `msgpack:"arrival_time"`
@@ -636,8 +637,8 @@ type RequestMetrics struct {
 	NumCachedTokens int `msgpack:"num_cached_tokens"`
 }
 
-// RequestOutput is one of the worker's result records (bridge/results.py). Returned by Worker.Generate and
-// Worker.Chat.
+// RequestOutput is one of the worker's result records (lmport/bridge/results.py). Returned by Worker.Generate
+// and Worker.Chat.
 type RequestOutput struct {
 	// The engine's id of the request.
 	RequestID string `msgpack:"request_id"`
@@ -664,7 +665,7 @@ type RequestOutput struct {
 	NumCachedTokens int `msgpack:"num_cached_tokens"`
 }
 
-// ChunkOutput is one of the worker's result records (bridge/results.py). Held in Chunk.Outputs.
+// ChunkOutput is one of the worker's result records (lmport/bridge/results.py). Held in Chunk.Outputs.
 type ChunkOutput struct {
 	// Which of the request's n completions.
 	Index int `msgpack:"index"`
@@ -689,7 +690,7 @@ type ChunkOutput struct {
 	StopReason any `msgpack:"stop_reason"`
 }
 
-// Chunk is one of the worker's result records (bridge/results.py). Streamed by Worker.GenerateStream and
+// Chunk is one of the worker's result records (lmport/bridge/results.py). Streamed by Worker.GenerateStream and
 // Worker.ChatStream: Stream.Delta.
 type Chunk struct {
 	// Position of the prompt in the call's prompt list.
@@ -710,7 +711,7 @@ type Chunk struct {
 	PromptLogprobs [][]LogprobEntry `msgpack:"prompt_logprobs,omitempty"`
 }
 
-// Usage is one of the worker's result records (bridge/results.py). Held in Summary.Usage.
+// Usage is one of the worker's result records (lmport/bridge/results.py). Held in Summary.Usage.
 type Usage struct {
 	// Prompt tokens of every request of the call.
 	PromptTokens int `msgpack:"prompt_tokens"`
@@ -722,7 +723,8 @@ type Usage struct {
 	TotalTokens int `msgpack:"total_tokens"`
 }
 
-// SummaryOutput is one of the worker's result records (bridge/results.py). Held in SummaryRequest.Outputs.
+// SummaryOutput is one of the worker's result records (lmport/bridge/results.py). Held in
+// SummaryRequest.Outputs.
 type SummaryOutput struct {
 	// Which of the request's n completions.
 	Index int `msgpack:"index"`
@@ -742,7 +744,7 @@ type SummaryOutput struct {
 	CumulativeLogprob *float64 `msgpack:"cumulative_logprob"`
 }
 
-// SummaryRequest is one of the worker's result records (bridge/results.py). Held in Summary.Requests.
+// SummaryRequest is one of the worker's result records (lmport/bridge/results.py). Held in Summary.Requests.
 type SummaryRequest struct {
 	// Position of the prompt in the call's prompt list.
 	Index int `msgpack:"index"`
@@ -763,8 +765,8 @@ type SummaryRequest struct {
 	Outputs []SummaryOutput `msgpack:"outputs"`
 }
 
-// Summary is one of the worker's result records (bridge/results.py). The final response of Worker.GenerateStream
-// and Worker.ChatStream: Stream.Summary.
+// Summary is one of the worker's result records (lmport/bridge/results.py). The final response of
+// Worker.GenerateStream and Worker.ChatStream: Stream.Summary.
 type Summary struct {
 	// Token counts of the whole call.
 	Usage Usage `msgpack:"usage"`

@@ -9,7 +9,7 @@ import (
 
 // findPython picks the worker's interpreter: the option, then LMPORT_PYTHON, then the nearest project
 // .venv/bin/python above the working directory or above this package's source (a checkout of lmport). root is
-// that project (put on PYTHONPATH so that `-m bridge.worker` imports from a source checkout), empty otherwise.
+// that project (put on PYTHONPATH so that `-m lmport.bridge.worker` imports from a source checkout), empty otherwise.
 func findPython(option string) (python, root string, err error) {
 	if option != "" {
 		return option, "", nil

@@ -1,6 +1,6 @@
 package lmport
 
-// The shared protocol vectors (tests/vectors, written by `python -m bridge.vectors`): this client must decode
+// The shared protocol vectors (tests/vectors, written by `python -m lmport.bridge.vectors`): this client must decode
 // every frame to its meaning and encode every host message to the same bytes.
 
 import (

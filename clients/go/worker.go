@@ -22,7 +22,7 @@ const ProtocolVersion = 1
 // Options configure Start. The zero value works inside a project with a .venv.
 type Options struct {
 	Python       string        // interpreter; default: LMPORT_PYTHON, then the nearest project .venv/bin/python
-	Args         []string      // extra arguments for `python -m bridge.worker` (e.g. "--debug")
+	Args         []string      // extra arguments for `python -m lmport.bridge.worker` (e.g. "--debug")
 	Env          []string      // environment of the worker; nil means this process's
 	Dir          string        // working directory of the worker; empty means this process's
 	Stderr       io.Writer     // the worker's logs; nil means os.Stderr
@@ -142,14 +142,14 @@ type Event struct {
 	Data any
 }
 
-// Start launches `python -m bridge.worker` in its own process group and waits for its hello. ctx bounds the
+// Start launches `python -m lmport.bridge.worker` in its own process group and waits for its hello. ctx bounds the
 // start only; the worker lives until Close (or until this process exits: the worker watches its parent).
 func Start(ctx context.Context, opts Options) (*Worker, error) {
 	python, root, err := findPython(opts.Python)
 	if err != nil {
 		return nil, err
 	}
-	cmd := exec.Command(python, append([]string{"-m", "bridge.worker"}, opts.Args...)...)
+	cmd := exec.Command(python, append([]string{"-m", "lmport.bridge.worker"}, opts.Args...)...)
 	cmd.Dir = opts.Dir
 	cmd.Env = opts.Env
 	if cmd.Env == nil {

@@ -1,6 +1,6 @@
 package lmport
 
-// Against the real worker (`python -m bridge.worker`) on the bundled model: one worker shared by most tests
+// Against the real worker (`python -m lmport.bridge.worker`) on the bundled model: one worker shared by most tests
 // (TestMain), fresh ones where a test kills or closes its worker.
 
 import (

@@ -1,5 +1,5 @@
 defmodule LMPort.VectorsTest do
-  @moduledoc "The shared protocol vectors (tests/vectors/*.json, written by `python -m bridge.vectors`)."
+  @moduledoc "The shared protocol vectors (tests/vectors/*.json, written by `python -m lmport.bridge.vectors`)."
   use ExUnit.Case, async: true
 
   alias LMPort.Msgpack

@@ -7,7 +7,7 @@ import { LMPortError } from "./errors.js";
 
 export interface PythonChoice {
   python: string;
-  /** Project root holding the .venv, put on PYTHONPATH so `-m bridge.worker` imports from a source checkout. */
+  /** Project root holding the .venv, put on PYTHONPATH so `-m lmport.bridge.worker` imports from a source checkout. */
   projectRoot: string | undefined;
 }
 

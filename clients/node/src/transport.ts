@@ -18,7 +18,7 @@ export type TimeoutProfile = "default" | "streaming" | "ml_inference" | "batch_j
 export interface SpawnOptions {
   /** Python interpreter; default: LMPORT_PYTHON, then the nearest project `.venv/bin/python`. */
   python?: string;
-  /** Extra arguments for `python -m bridge.worker` (for example `["--debug"]`). */
+  /** Extra arguments for `python -m lmport.bridge.worker` (for example `["--debug"]`). */
   args?: readonly string[];
   /** Environment of the worker (default: this process's). */
   env?: NodeJS.ProcessEnv;
@@ -119,7 +119,7 @@ export class Transport {
     const env = { ...(options.env ?? process.env) };
     if (projectRoot !== undefined) env.PYTHONPATH = [projectRoot, env.PYTHONPATH].filter(Boolean).join(":");
     const stderr = options.stderr ?? "inherit";
-    const child = spawn(python, ["-m", "bridge.worker", ...(options.args ?? [])], {
+    const child = spawn(python, ["-m", "lmport.bridge.worker", ...(options.args ?? [])], {
       cwd: options.cwd, env, detached: true,
       stdio: ["pipe", "pipe", typeof stderr === "function" ? "pipe" : stderr],
     });

@@ -1,4 +1,4 @@
-// The shared protocol vectors (tests/vectors, written by `python -m bridge.vectors`): this client must decode
+// The shared protocol vectors (tests/vectors, written by `python -m lmport.bridge.vectors`): this client must decode
 // every frame to its meaning and encode every host message to the same bytes.
 import assert from "node:assert/strict";
 import { readFileSync } from "node:fs";

@@ -1,4 +1,4 @@
-// Against the real worker (`python -m bridge.worker`) on the bundled model: one worker shared by the calls,
+// Against the real worker (`python -m lmport.bridge.worker`) on the bundled model: one worker shared by the calls,
 // fresh ones where a test kills or closes its worker.
 import assert from "node:assert/strict";
 import { spawn, type ChildProcess } from "node:child_process";

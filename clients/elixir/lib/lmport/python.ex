@@ -8,10 +8,10 @@ defmodule LMPort.Python do
   # The repository root when the client is used from its checkout (clients/elixir/lib/lmport -> root).
   @checkout_root Path.expand("../../../..", __DIR__)
 
-  @doc "The lmport checkout holding `bridge/worker.py`, if this client was built from one."
+  @doc "The lmport checkout holding `lmport/bridge/worker.py`, if this client was built from one."
   @spec checkout_root() :: String.t() | nil
   def checkout_root do
-    if File.regular?(Path.join(@checkout_root, "bridge/worker.py")), do: @checkout_root
+    if File.regular?(Path.join(@checkout_root, "lmport/bridge/worker.py")), do: @checkout_root
   end
 
   @doc "Returns `{:ok, path}` of the first usable interpreter, or `{:error, %LMPort.Error{}}` listing what was tried."

@@ -1,6 +1,6 @@
 defmodule LMPort.Worker do
   @moduledoc """
-  One lmport worker process (`python -m bridge.worker`) behind an Erlang Port, as a GenServer.
+  One lmport worker process (`python -m lmport.bridge.worker`) behind an Erlang Port, as a GenServer.
 
   Frames are `{:packet, 4}` msgpack maps (protocol v1). Any number of requests are in flight at once, each
   with its own integer id; the worker batches them in one engine. The GenServer:
@@ -24,7 +24,7 @@ defmodule LMPort.Worker do
 
     * `:name` — register the GenServer (several named workers may run side by side)
     * `:python` — interpreter path (see `LMPort.Python` for discovery)
-    * `:worker_args` — extra command-line arguments for `bridge.worker` (default `[]`)
+    * `:worker_args` — extra command-line arguments for `lmport.bridge.worker` (default `[]`)
     * `:env` — extra environment, `[{"NAME", "value"}]`
     * `:cd` — working directory of the worker
     * `:grace_ms` — grace for client deadlines and for shutdown steps (default 5000)
@@ -253,7 +253,7 @@ defmodule LMPort.Worker do
         :exit_status,
         :use_stdio,
         :hide,
-        args: ["-m", "bridge.worker" | Keyword.get(opts, :worker_args, [])],
+        args: ["-m", "lmport.bridge.worker" | Keyword.get(opts, :worker_args, [])],
         env: Enum.map(env, fn {k, v} -> {to_charlist(k), to_charlist(v)} end)
       ] ++
         if(opts[:cd], do: [cd: opts[:cd]], else: [])

@@ -1,0 +1,1 @@
+"""The OpenAI-compatible HTTP server: a second transport over lmport.bridge.service (see docs/serving.md)."""

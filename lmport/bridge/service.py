@@ -1,0 +1,844 @@
+"""The bridge's methods, independent of any transport (the stdio worker and the HTTP server both serve them).
+
+API for a transport:
+
+    service = Service(timeout_profiles=None, debug=False)
+    call = Call(id, "generate", params, stream=True, timeout_ms=None, timeout_profile=None,
+                on_chunk=lambda data: ..., on_done=lambda result, error: ...)
+    service.submit(call)   # blocking admission (loads a model, tokenizes): run it off your I/O thread; returns
+                           # once the work is queued in the engine. Never raises: every outcome goes to on_done.
+    call.cancel()          # idempotent; the engine aborts the call's requests, then on_done(None, BridgeError
+                           # ("cancelled", details={"usage": ...})). A deadline does the same with deadline_exceeded.
+    service.ping(n)        # pure, never waits for the engine
+    await service.acall("tokenize", {...})            # asyncio adapters over the same path
+    async for data in service.astream("chat", {...})  # chunk data; stream.summary when done; leaving early cancels
+    service.get_llm(handle) -> engine.LLM             # for a transport that drives the engine itself
+    service.on_event = fn(name, data)                 # events that belong to no request (model_loaded)
+    service.close()        # answer everything in flight with shutting_down, unload every engine
+
+Callbacks: on_chunk(data) is called in order, never after on_done; on_done(result, error) exactly once. They may
+run on the engine's thread, so they must only hand the data over (enqueue), never block.
+
+Each RPC method below is a plain method decorated with @rpc; its signature, type hints and docstring (Args: /
+Returns: sections) are the single source of the manifest (lmport/bridge/manifest.py) and of parameter validation here.
+The engine is imported lazily so that a worker says hello and answers ping before torch is loaded.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import heapq
+import inspect
+import itertools
+import os
+import re
+import threading
+import time
+import traceback
+import typing
+from collections import Counter
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from lmport.bridge.protocol import TIMEOUT_PROFILES, BridgeError, Handle, matches_type, type_string
+
+VERSION = "0.1.0"
+
+
+# --- method registry: the manifest and the parameter checks both read it ---
+
+@dataclass(slots=True)
+class ParamSpec:
+    name: str
+    type: str
+    required: bool
+    default: Any
+    doc: str
+
+
+@dataclass(slots=True)
+class MethodSpec:
+    name: str
+    func: Callable[..., Any]
+    timeout_profile: str
+    streaming: bool  # generation methods: take the Call first, stream chunks when asked, finish asynchronously
+    options: str | None  # "EngineOptions" / "SamplingParams": **kwargs are that schema's fields
+    shapes: dict[str, str]  # result type expressions over lmport.bridge.results' records: "result", "chunk", "summary"
+    doc: str = ""
+    returns: dict[str, str] = field(default_factory=dict)
+    params: list[ParamSpec] = field(default_factory=list)
+
+
+METHODS: dict[str, MethodSpec] = {}
+
+
+def rpc(timeout_profile: str = "default", *, streaming: bool = False, options: str | None = None,
+        **shapes: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Register a method; `shapes` (result=, chunk=, summary=) name its result shapes in lmport.bridge.results."""
+    def register(func: Callable[..., Any]) -> Callable[..., Any]:
+        METHODS[func.__name__] = MethodSpec(func.__name__, func, timeout_profile, streaming, options, shapes)
+        return func
+    return register
+
+
+def method_specs() -> dict[str, MethodSpec]:
+    """The registry with signatures and docstrings parsed (once)."""
+    for spec in METHODS.values():
+        if spec.doc:
+            continue
+        doc, arg_docs, returns_doc = _parse_docstring(inspect.getdoc(spec.func) or "")
+        hints = typing.get_type_hints(spec.func)
+        signature = inspect.signature(spec.func)
+        skip = 2 if spec.streaming else 1  # self (and the Call)
+        spec.params = [ParamSpec(p.name, type_string(hints[p.name]), p.default is inspect.Parameter.empty,
+                                 None if p.default is inspect.Parameter.empty else p.default, arg_docs.get(p.name, ""))
+                       for p in list(signature.parameters.values())[skip:] if p.kind is not p.VAR_KEYWORD]
+        spec.returns = {"type": type_string(hints["return"]), "doc": returns_doc, **spec.shapes}
+        spec.doc = doc
+    return METHODS
+
+
+def _parse_docstring(text: str) -> tuple[str, dict[str, str], str]:
+    """Google style: summary paragraphs, then "Args:" (name: doc, indented continuations) and "Returns:"."""
+    parts = re.split(r"^(Args|Returns):\s*$", text, flags=re.M)
+    summary, args, returns = parts[0].strip(), {}, ""
+    for title, body in zip(parts[1::2], parts[2::2]):
+        if title == "Returns":
+            returns = " ".join(body.split())
+            continue
+        for match in re.finditer(r"^\s{0,8}(\w+): (.*(?:\n\s{6,}.*)*)", body, flags=re.M):
+            args[match.group(1)] = " ".join(match.group(2).split())
+    return " ".join(summary.split("\n\n")[0].split()) if summary else "", args, returns
+
+
+# --- one request as the service sees it ---
+
+class Call:
+    """One in-flight request; the transport creates it and gets its chunks and its one outcome through callbacks."""
+
+    def __init__(self, id: int | str, method: str, params: dict[str, Any], *, stream: bool = False,
+                 timeout_ms: int | None = None, timeout_profile: str | None = None,
+                 on_chunk: Callable[[Any], None] | None = None,
+                 on_done: Callable[[Any, BridgeError | None], None]) -> None:
+        self.id = id
+        self.method = method
+        self.params = params
+        self.stream = stream
+        self.timeout_ms = timeout_ms
+        self.timeout_profile = timeout_profile
+        self.on_chunk = on_chunk
+        self.on_done = on_done
+        self.received = time.monotonic()
+        self.deadline: float | None = None
+        self._lock = threading.Lock()
+        self._done = False
+        self._cancel: BridgeError | None = None
+        self._abort: Callable[[], None] | None = None
+
+    @property
+    def done(self) -> bool:
+        return self._done
+
+    @property
+    def cancel_error(self) -> BridgeError | None:
+        return self._cancel
+
+    def emit(self, data: Any) -> None:
+        with self._lock:  # chunks are handed over under the lock, so none can follow the outcome
+            if not self._done and self._cancel is None and self.on_chunk is not None:
+                self.on_chunk(data)
+
+    def finish(self, result: Any = None, error: BridgeError | None = None) -> bool:
+        """Deliver the outcome; False (and nothing delivered) when the call already finished."""
+        with self._lock:
+            if self._done:
+                return False
+            self._done = True
+        self.on_done(result, error)
+        return True
+
+    def cancel(self, code: str = "cancelled", message: str = "the request was cancelled") -> None:
+        """Idempotent. Engine work is aborted and the call answers once the engine confirms (with partial usage);
+        a call with no engine work answers at once and its late result is dropped."""
+        with self._lock:
+            if self._done or self._cancel is not None:
+                return
+            self._cancel = BridgeError(code, message)
+            abort = self._abort
+        if abort is None:
+            self.finish(error=self._cancel)
+        else:
+            abort()
+
+    def set_abort(self, abort: Callable[[], None]) -> None:
+        """Register how to abort the engine work; runs it at once if the call was already cancelled."""
+        with self._lock:
+            self._abort = abort
+            late = self._cancel is not None or self._done
+        if late:
+            abort()
+
+
+class _Deadlines:
+    """One timer thread for every call's deadline: a heap from which finished calls are swept in bulk
+    (amortized O(1) per call) so that a flood of quick calls (pings) cannot grow it."""
+
+    def __init__(self) -> None:
+        self._heap: list[tuple[float, int, Call]] = []
+        self._order = itertools.count()
+        self._cond = threading.Condition()
+        self._thread: threading.Thread | None = None
+        self._finished = 0  # finished calls possibly still in the heap
+
+    def finished(self) -> None:
+        with self._cond:
+            self._finished += 1
+            if self._finished > 1024 and self._finished * 2 > len(self._heap):
+                self._heap = [entry for entry in self._heap if not entry[2].done]
+                heapq.heapify(self._heap)
+                self._finished = 0
+
+    def add(self, call: Call) -> None:
+        assert call.deadline is not None
+        with self._cond:
+            heapq.heappush(self._heap, (call.deadline, next(self._order), call))
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="lmport-deadlines", daemon=True)
+                self._thread.start()
+            if self._heap[0][2] is call:  # the timer sleeps until the earliest deadline: wake it only if that moved
+                self._cond.notify()
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while not self._heap or self._heap[0][0] > time.monotonic():
+                    self._cond.wait(None if not self._heap else self._heap[0][0] - time.monotonic())
+                _, _, call = heapq.heappop(self._heap)
+            if not call.done:
+                limit = f"timeout_ms={call.timeout_ms}" if call.timeout_ms else \
+                    f"timeout_profile={call.timeout_profile or 'the method default'}"
+                call.cancel("deadline_exceeded", f"the request ran past its deadline ({limit}) and was aborted")
+
+
+@dataclass(slots=True)
+class _Engine:
+    id: str
+    key: str
+    llm: Any  # engine.LLM
+    info: dict[str, Any]
+    refs: set[str] = field(default_factory=set)
+    calls: set[Call] = field(default_factory=set)
+
+
+class Service:
+    def __init__(self, timeout_profiles: dict[str, int] | None = None, debug: bool = False) -> None:
+        self.timeout_profiles = {**TIMEOUT_PROFILES, **(timeout_profiles or {})}
+        self.debug = debug
+        self.on_event: Callable[[str, Any], None] = lambda name, data: None
+        self.started = time.time()
+        self._lock = threading.Lock()
+        self._load_lock = threading.Lock()  # loads are serialized: they compete for the same memory anyway
+        self._engines: dict[str, _Engine] = {}
+        self._refs: dict[str, _Engine] = {}
+        self._active: set[Call] = set()
+        self._ref_ids = itertools.count(1)
+        self._engine_ids = itertools.count(1)
+        self._request_ids = itertools.count(1)
+        self._deadlines = _Deadlines()
+        self._counters: Counter[str] = Counter()
+        self._closing = False
+        self._manifest: dict[str, Any] | None = None
+
+    # --- the transport-facing entry points ---
+
+    def submit(self, call: Call) -> None:
+        """Validate and start a call (blocking admission). Its outcome always arrives through call.on_done."""
+        on_done = call.on_done
+
+        def finished(result: Any, error: BridgeError | None) -> None:
+            with self._lock:
+                self._active.discard(call)
+                self._counters["requests_ok" if error is None else f"errors.{error.code}"] += 1
+            self._deadlines.finished()
+            on_done(result, error)
+
+        call.on_done = finished
+        with self._lock:
+            # Cancelled while it waited for admission: it has had its answer (through the old on_done, which
+            # would never discard it from _active). Checked under the lock after the swap, so a cancel that
+            # finishes from now on goes through `finished` and its discard follows this add.
+            if call.done:
+                return
+            self._active.add(call)
+            self._counters["requests_total"] += 1
+        try:
+            spec = method_specs().get(call.method)
+            if spec is None:
+                raise BridgeError("method_not_found", f"no method {call.method!r}; methods: {', '.join(METHODS)}")
+            if self._closing and call.method != "shutdown":
+                raise BridgeError("shutting_down", "the worker is shutting down")
+            if call.stream and not spec.streaming:
+                raise BridgeError("invalid_request", f"method {call.method!r} does not stream")
+            self._start_deadline(call, spec)
+            if call.done:  # its deadline passed while it waited to be admitted
+                return
+            kwargs = _bind(spec, call.params)
+            if spec.streaming:
+                spec.func(self, call, **kwargs)
+                return
+            result = spec.func(self, **kwargs)
+            if not call.finish(result) and call.method == "llm":
+                self.release(result["ref"])  # nobody will ever see this handle
+        except Exception as exc:  # noqa: BLE001 — every failure becomes the call's one error response
+            call.finish(error=self.to_bridge_error(exc))
+
+    def _start_deadline(self, call: Call, spec: MethodSpec) -> None:
+        profile = call.timeout_profile or ("streaming" if call.stream else spec.timeout_profile)
+        timeout_ms = call.timeout_ms if call.timeout_ms is not None else self.timeout_profiles[profile]
+        call.timeout_profile = profile
+        call.deadline = call.received + timeout_ms / 1000
+        if call.deadline <= time.monotonic():  # it waited out its whole budget before admission
+            call.cancel("deadline_exceeded", f"the request ran past its deadline ({timeout_ms} ms) before it started")
+            return
+        self._deadlines.add(call)
+
+    def to_bridge_error(self, exc: BaseException) -> BridgeError:
+        """Map any exception onto a protocol error: `to_bridge_error` with this service's debug setting."""
+        return to_bridge_error(exc, debug=self.debug)
+
+    async def acall(self, method: str, params: dict[str, Any] | None = None, *, timeout_ms: int | None = None,
+                    timeout_profile: str | None = None) -> Any:
+        """Run one call from asyncio; cancelling the awaiting task cancels the call."""
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[Any] = loop.create_future()
+        call = Call(f"async-{next(self._request_ids)}", method, params or {}, timeout_ms=timeout_ms,
+                    timeout_profile=timeout_profile,
+                    on_done=lambda result, error: loop.call_soon_threadsafe(_settle, future, result, error))
+        try:
+            await loop.run_in_executor(None, self.submit, call)
+            return await future
+        except asyncio.CancelledError:
+            call.cancel()
+            raise
+
+    def astream(self, method: str, params: dict[str, Any] | None = None, *, timeout_ms: int | None = None,
+                timeout_profile: str | None = None) -> ServiceStream:
+        """Stream a generation from asyncio: `async for data in stream`, then `stream.summary`."""
+        return ServiceStream(self, method, params or {}, timeout_ms, timeout_profile)
+
+    def close(self, grace: float = 5.0) -> None:
+        """Stop: everything in flight answers shutting_down (engine work aborted first), then engines unload."""
+        with self._lock:
+            self._closing = True
+            active = list(self._active)
+        for call in active:
+            call.cancel("shutting_down", "the worker is shutting down")
+        end = time.monotonic() + grace
+        while time.monotonic() < end and any(not c.done for c in active):
+            time.sleep(0.01)
+        for call in active:
+            call.finish(error=BridgeError("shutting_down", "the worker is shutting down"))
+        with self._lock:
+            engines, self._engines, self._refs = list(self._engines.values()), {}, {}
+        for entry in engines:
+            entry.llm.shutdown()
+
+    def get_llm(self, handle: Handle | str) -> Any:
+        """The engine.LLM behind a handle (map or ref string); not_found if unknown."""
+        return self._entry(handle).llm
+
+    @property
+    def inflight(self) -> int:
+        return len(self._active)
+
+    # --- the methods ---
+
+    @rpc()
+    def describe(self) -> dict:
+        """The manifest: every method with its parameters, the option schemas, error codes and timeout profiles.
+
+        Returns:
+            The manifest map (protocol, server, version, methods, schemas, error_codes, timeout_profiles).
+        """
+        if self._manifest is None:
+            from lmport.bridge.manifest import build_manifest
+            self._manifest = build_manifest(self.timeout_profiles)
+        return self._manifest
+
+    @rpc("ml_inference", options="EngineOptions")
+    def llm(self, **options: Any) -> Handle:
+        """Load a model (or reuse the engine already loaded with the same options) and return a handle to it.
+
+        Args:
+            options: engine options (see schemas.EngineOptions); all optional, model defaults to "smollm2".
+        Returns:
+            A handle {ref, engine, model, model_path, dtype, device, max_model_len, num_kv_blocks, block_size,
+            max_num_seqs, max_concurrency, config}; max_concurrency is how many max_model_len-token requests the
+            KV cache holds at once.
+        """
+        from lmport.engine.config import EngineConfig
+
+        config = EngineConfig.from_dict(options)
+        key = repr(sorted(config.to_dict().items()))
+        with self._load_lock:
+            with self._lock:  # lookup and ref in one step: a release() in between could unload the engine
+                entry = self._engines.get(key)
+                ref = None if entry is None else self._add_ref(entry)
+            if entry is None:
+                from lmport.engine.llm import LLM
+
+                llm = LLM(**config.to_dict())
+                entry = _Engine(f"engine-{next(self._engine_ids)}", key, llm, _engine_info(llm, config))
+                with self._lock:
+                    self._engines[key] = entry
+                    ref = self._add_ref(entry)
+                self.on_event("model_loaded", {"engine": entry.id, **entry.info})
+        return {"ref": ref, "engine": entry.id, **entry.info}  # type: ignore[return-value]
+
+    def _add_ref(self, entry: _Engine) -> str:
+        """A new handle to the engine; the caller holds self._lock."""
+        ref = f"llm-{next(self._ref_ids)}"
+        entry.refs.add(ref)
+        self._refs[ref] = entry
+        return ref
+
+    @rpc(options="SamplingParams")
+    def sampling_params(self, **fields: Any) -> dict:
+        """Validate sampling parameters and return them normalized, with every default filled in.
+
+        Args:
+            fields: SamplingParams fields (see schemas.SamplingParams); all optional.
+        Returns:
+            Every SamplingParams field as plain data (logit_bias keys as strings, output_kind as its value).
+        """
+        from lmport.engine.sampling_params import SamplingParams
+
+        data = SamplingParams.from_dict(fields).to_dict()
+        if data["logit_bias"] is not None:  # map keys on the wire are strings
+            data["logit_bias"] = {str(k): v for k, v in data["logit_bias"].items()}
+        return data
+
+    @rpc("ml_inference", streaming=True, result="list[RequestOutput]", chunk="Chunk", summary="Summary")
+    def generate(self, call: Call, llm: Handle, prompts: str | list[str] | list[int] | dict | list[dict],
+                 sampling_params: dict | list[dict] | None = None) -> list[dict]:
+        """Generate completions for one prompt or many; all of them (and every other caller's) batch together.
+
+        Args:
+            llm: the LLM handle (map or ref string).
+            prompts: a string, a list of strings, one token-id list, a {prompt_token_ids} map, or a list of maps.
+            sampling_params: one map of SamplingParams fields for every prompt, or a list with one per prompt.
+        Returns:
+            One RequestOutput per prompt, in order. With stream: each chunk is a Chunk (one request's delta)
+            and the response a Summary (usage, and per request its metrics and how each completion ended).
+        """
+        entry = self._entry(llm)
+        self._start_generation(call, entry, _prompt_list(prompts), sampling_params)
+
+    @rpc("ml_inference", streaming=True, result="list[RequestOutput]", chunk="Chunk", summary="Summary")
+    def chat(self, call: Call, llm: Handle, messages: list[dict] | list, sampling_params: dict | list[dict] | None
+             = None, chat_template: str | None = None, add_generation_prompt: bool = True) -> list[dict]:
+        """Generate replies to one conversation or many, through the model's chat template.
+
+        Args:
+            llm: the LLM handle (map or ref string).
+            messages: one conversation (a list of {role, content} maps) or a list of conversations.
+            sampling_params: one map of SamplingParams fields for every conversation, or a list with one each.
+            chat_template: a Jinja template to use instead of the tokenizer's own.
+            add_generation_prompt: end the prompt with the assistant turn's opening.
+        Returns:
+            Like generate: one RequestOutput per conversation (prompt is null; prompt_token_ids is the
+            templated prompt), or Chunks and a Summary when streaming.
+        """
+        entry = self._entry(llm)
+        single = not messages or isinstance(messages[0], dict)
+        conversations = [messages] if single else messages
+        prompts: list[Any] = []
+        for i, conversation in enumerate(conversations):
+            if not conversation or not isinstance(conversation, list):
+                raise _invalid("messages" if single else f"messages[{i}]",
+                               "expected a non-empty list of {role, content} maps")
+            prompts.append({"prompt_token_ids": entry.llm.apply_chat_template(conversation, chat_template,
+                                                                              add_generation_prompt)})
+        self._start_generation(call, entry, prompts, sampling_params)
+
+    @rpc()
+    def tokenize(self, llm: Handle, text: str, add_special_tokens: bool = True) -> list[int]:
+        """Turn text into token ids with the model's tokenizer.
+
+        Args:
+            llm: the LLM handle (map or ref string).
+            text: the text to tokenize.
+            add_special_tokens: add the tokenizer's special tokens (e.g. BOS) as the model expects.
+        Returns:
+            The token ids.
+        """
+        return self._entry(llm).llm.tokenize(text, add_special_tokens)
+
+    @rpc()
+    def detokenize(self, llm: Handle, token_ids: list[int], skip_special_tokens: bool = False) -> str:
+        """Turn token ids back into text.
+
+        Args:
+            llm: the LLM handle (map or ref string).
+            token_ids: ids within the model's vocabulary.
+            skip_special_tokens: leave special tokens out of the text.
+        Returns:
+            The text.
+        """
+        return self._entry(llm).llm.detokenize(token_ids, skip_special_tokens)
+
+    @rpc()
+    def release(self, ref: Handle) -> dict:
+        """Free a handle; the engine is unloaded (its requests answered cancelled) when no handle refers to it.
+
+        Args:
+            ref: the handle (map or ref string) to free.
+        Returns:
+            {ref, unloaded}: unloaded is true when this was the engine's last handle.
+        """
+        entry = self._entry(ref, "ref")
+        name = _ref_of(ref)
+        with self._lock:
+            if self._refs.pop(name, None) is None:
+                raise BridgeError("not_found", f"unknown handle {name!r} (already released?)", {"field": "ref"})
+            entry.refs.discard(name)
+            unload = not entry.refs
+            if unload:
+                self._engines.pop(entry.key, None)
+            calls = list(entry.calls) if unload else []
+        if unload:
+            for call in calls:
+                call.cancel("cancelled", "the LLM handle was released")
+            entry.llm.shutdown()
+            for call in calls:  # requests the engine never took in get their answer too
+                call.finish(error=BridgeError("cancelled", "the LLM handle was released"))
+        return {"ref": name, "unloaded": unload}
+
+    @rpc()
+    def ping(self, n: int = 0) -> dict:
+        """Heartbeat, answered by the I/O path without waiting for the engine.
+
+        Args:
+            n: any integer, echoed back.
+        Returns:
+            {n, time}: time is the worker's wall clock in seconds.
+        """
+        return {"n": n, "time": time.time()}
+
+    @rpc()
+    def health(self) -> dict:
+        """Liveness and what is loaded.
+
+        Returns:
+            {status ("ok" or "shutting_down"), pid, uptime_s, inflight, device (the first engine's; null before
+            any is loaded, so health never imports torch), engines: [{engine, model, refs, device, dtype,
+            num_running, num_waiting, kv_cache_usage}]}.
+        """
+        with self._lock:
+            entries = list(self._engines.values())
+        engines = []
+        for entry in entries:
+            stats = entry.llm.stats()
+            engines.append({"engine": entry.id, "model": entry.info["model"], "refs": sorted(entry.refs),
+                            "device": entry.info["device"], "dtype": entry.info["dtype"],
+                            **{k: stats[k] for k in ("num_running", "num_waiting", "kv_cache_usage")}})
+        return {"status": "shutting_down" if self._closing else "ok", "pid": os.getpid(),
+                "uptime_s": time.time() - self.started, "inflight": self.inflight,
+                "device": engines[0]["device"] if engines else None, "engines": engines}
+
+    @rpc()
+    def stats(self, llm: Handle | None = None) -> dict:
+        """Counters: with llm, that engine's (requests, tokens, queue, running, peak batch, KV blocks and usage,
+        prefix-cache queries and hits, finish reasons); without, the service's and every engine's.
+
+        Args:
+            llm: an LLM handle to report on; omit for everything.
+        Returns:
+            The engine's counters map, or {service: {...}, engines: [{engine, model, refs, ...counters}]}.
+        """
+        if llm is not None:
+            entry = self._entry(llm)
+            return {"engine": entry.id, **entry.llm.stats()}
+        with self._lock:
+            entries = list(self._engines.values())
+            service = {**self._counters, "inflight": len(self._active)}
+        return {"service": service, "engines": [{"engine": e.id, "model": e.info["model"], "refs": sorted(e.refs),
+                                                 **e.llm.stats()} for e in entries]}
+
+    @rpc()
+    def shutdown(self) -> dict:
+        """Stop the worker: it answers, aborts what is running (answered shutting_down) and exits 0.
+
+        Returns:
+            {shutting_down: true}.
+        """
+        self._closing = True
+        return {"shutting_down": True}
+
+    # --- generation ---
+
+    def _entry(self, handle: Handle | str, field: str = "llm") -> _Engine:
+        """The engine behind a handle; not_found names `field`, the parameter that held the handle."""
+        ref = _ref_of(handle)
+        with self._lock:
+            entry = self._refs.get(ref)
+        if entry is None:
+            raise BridgeError("not_found", f"unknown handle {ref!r} (released, or never created)", {"field": field})
+        return entry
+
+    def _start_generation(self, call: Call, entry: _Engine, prompts: list[Any],
+                          sampling_params: dict | list[dict] | None) -> None:
+        from lmport.engine.sampling_params import RequestOutputKind
+
+        params = _sampling_list(sampling_params, len(prompts))
+        kind = RequestOutputKind.DELTA if call.stream else RequestOutputKind.FINAL_ONLY
+        generation = _Generation(call, entry, len(prompts), self._lock)
+        with self._lock:
+            entry.calls.add(call)
+        base = f"bridge-{next(self._request_ids)}"
+        request_ids = [f"{base}-{i}" for i in range(len(prompts))]
+        try:  # all or none: a prompt that fails validation queues none of the call's prompts
+            entry.llm.add_requests(prompts, [sp.clone(output_kind=kind) for sp in params], request_ids,
+                                   on_output=generation.on_output, on_error=generation.on_error)
+        except Exception as exc:
+            _name_the_prompt(exc, len(prompts))
+            with self._lock:
+                entry.calls.discard(call)
+            call.finish(error=self.to_bridge_error(exc))
+            return
+        generation.request_ids = request_ids
+        call.set_abort(lambda: [entry.llm.abort(r) for r in request_ids])
+
+
+class _Generation:
+    """Collects one call's engine outputs: forwards stream deltas, tallies usage, answers when all finished."""
+
+    def __init__(self, call: Call, entry: _Engine, count: int, service_lock: threading.Lock) -> None:
+        self.call = call
+        self.entry = entry
+        self.request_ids: list[str] = []
+        self._service_lock = service_lock
+        self._lock = threading.Lock()
+        self._remaining = count
+        self._finals: list[Any] = [None] * count  # the finished RequestOutput of each prompt
+        self._completion_tokens = [Counter() for _ in range(count)]  # per prompt: output index -> tokens
+
+    def on_output(self, index: int, output: Any) -> None:
+        call = self.call
+        with self._lock:
+            tokens = self._completion_tokens[index]
+            for completion in output.outputs:
+                if call.stream:
+                    tokens[completion.index] += len(completion.token_ids)
+                else:
+                    tokens[completion.index] = len(completion.token_ids)
+            if call.stream:
+                call.emit(_chunk_data(index, output))
+            if not output.finished:
+                return
+            self._finals[index] = output
+            self._remaining -= 1
+            if self._remaining:
+                return
+        self._complete()
+
+    def on_error(self, exc: BaseException) -> None:
+        from lmport.engine.llm import EngineDead
+
+        with self._service_lock:
+            self.entry.calls.discard(self.call)
+        code = "engine_error" if isinstance(exc, EngineDead) else "internal"
+        self.call.finish(error=BridgeError(code, f"{type(exc).__name__}: {exc}"))
+
+    def _complete(self) -> None:
+        with self._service_lock:
+            self.entry.calls.discard(self.call)
+        usage = self._usage()
+        cancelled = self.call.cancel_error
+        if cancelled is not None:
+            details: dict[str, Any] = {"usage": usage, "request_ids": self.request_ids}
+            if not self.call.stream:
+                details["partial"] = [o.to_dict() for o in self._finals]
+            self.call.finish(error=BridgeError(cancelled.code, cancelled.message, details))
+        elif self.call.stream:
+            self.call.finish({"usage": usage, "requests": [self._summary(i, o) for i, o in enumerate(self._finals)]})
+        else:
+            self.call.finish([o.to_dict() for o in self._finals])
+
+    def _usage(self) -> dict[str, int]:
+        prompt = sum(len(o.prompt_token_ids) for o in self._finals if o is not None)
+        completion = sum(sum(c.values()) for c in self._completion_tokens)
+        return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+    def _summary(self, index: int, output: Any) -> dict[str, Any]:
+        tokens = self._completion_tokens[index]
+        return {"index": index, "request_id": output.request_id, "prompt_tokens": len(output.prompt_token_ids),
+                "num_cached_tokens": output.num_cached_tokens, "metrics": output.metrics.to_dict(),
+                "outputs": [{"index": o.index, "finish_reason": o.finish_reason, "stop_reason": o.stop_reason,
+                             "completion_tokens": tokens[o.index], "cumulative_logprob": o.cumulative_logprob}
+                            for o in output.outputs]}
+
+
+def _chunk_data(index: int, output: Any) -> dict[str, Any]:
+    outputs = []
+    for completion in output.outputs:
+        data = completion.to_dict()
+        del data["cumulative_logprob"]
+        if data["logprobs"] is None:
+            del data["logprobs"]
+        outputs.append(data)
+    chunk: dict[str, Any] = {"index": index, "request_id": output.request_id, "outputs": outputs,
+                             "finished": output.finished}
+    if output.prompt_logprobs is not None:
+        chunk["prompt_logprobs"] = output.to_dict()["prompt_logprobs"]
+    return chunk
+
+
+class ServiceStream:
+    """Async iterator over a streaming call's chunk data; `summary` holds the final response once it ends."""
+
+    def __init__(self, service: Service, method: str, params: dict[str, Any], timeout_ms: int | None,
+                 timeout_profile: str | None) -> None:
+        self.summary: dict[str, Any] | None = None
+        self._service = service
+        self._queue: asyncio.Queue[tuple[str, Any]] | None = None
+        self._args = (method, params, timeout_ms, timeout_profile)
+
+    async def __aiter__(self) -> AsyncIterator[Any]:
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
+        method, params, timeout_ms, timeout_profile = self._args
+        call = Call(f"async-{id(self)}", method, params, stream=True, timeout_ms=timeout_ms,
+                    timeout_profile=timeout_profile,
+                    on_chunk=lambda data: loop.call_soon_threadsafe(queue.put_nowait, ("chunk", data)),
+                    on_done=lambda result, error: loop.call_soon_threadsafe(queue.put_nowait, ("done", (result,
+                                                                                                        error))))
+        try:
+            await loop.run_in_executor(None, self._service.submit, call)
+            while True:
+                kind, item = await queue.get()
+                if kind == "chunk":
+                    yield item
+                    continue
+                result, error = item
+                if error is not None:
+                    raise error
+                self.summary = result
+                return
+        finally:
+            call.cancel()  # a consumer that leaves early (or a disconnect) aborts the engine work; no-op when done
+
+
+def _settle(future: asyncio.Future[Any], result: Any, error: BridgeError | None) -> None:
+    if future.done():
+        return
+    if error is not None:
+        future.set_exception(error)
+    else:
+        future.set_result(result)
+
+
+# --- errors ---
+
+def to_bridge_error(exc: BaseException, *, debug: bool = False) -> BridgeError:
+    """Map any exception onto a protocol error (python_type always; traceback under debug). The one mapping from
+    exceptions onto error codes: the service (so the stdio worker) and the HTTP server (lmport/bridge/http/errors.py)."""
+    # Checked before the imports: lmport.engine.llm pulls in torch, and ping's errors (answered on the worker's
+    # reader thread) must not wait for that.
+    if isinstance(exc, BridgeError):
+        return exc
+    from lmport.engine.errors import InvalidParams, ModelNotFound, OutOfKVCache, UnsupportedModel
+    from lmport.engine.llm import EngineDead
+
+    if isinstance(exc, InvalidParams):
+        error = _invalid(exc.field, exc.message)
+    elif isinstance(exc, ModelNotFound):
+        error = BridgeError("not_found", str(exc), {"field": "model"})
+    elif isinstance(exc, UnsupportedModel):
+        error = BridgeError("invalid_params", str(exc), {"field": "model"})
+    elif isinstance(exc, (OutOfKVCache, MemoryError)) or type(exc).__name__ == "OutOfMemoryError":
+        error = BridgeError("out_of_memory", str(exc) or type(exc).__name__)
+    elif isinstance(exc, EngineDead):
+        error = BridgeError("engine_error", str(exc))
+    else:
+        error = BridgeError("internal", f"{type(exc).__name__}: {exc}")
+    error.python_type = f"{type(exc).__module__}.{type(exc).__qualname__}"
+    if debug:
+        error.traceback = "".join(traceback.format_exception(exc))
+    return error
+
+
+# --- parameter handling ---
+
+def _invalid(field_name: str, message: str) -> BridgeError:
+    return BridgeError("invalid_params", f"{field_name}: {message}", {"field": field_name})
+
+
+def _name_the_prompt(exc: Exception, count: int) -> None:
+    """InvalidParams about a prompt names the wire field it came from: prompts[i] (LLM.add_requests sets which
+    prompt in `index`), or prompts when the call had one."""
+    from lmport.engine.errors import InvalidParams
+
+    if isinstance(exc, InvalidParams) and exc.field in ("prompt", "prompt_token_ids"):
+        exc.field = f"prompts[{exc.index or 0}]" if count > 1 else "prompts"
+
+
+def _bind(spec: MethodSpec, params: dict[str, Any]) -> dict[str, Any]:
+    """Check wire params against the method's declared ones: unknown, missing and wrong-typed names fail."""
+    if spec.options is not None:
+        return params  # the options dataclass validates them by name
+    known = {p.name: p for p in spec.params}
+    for name in params:
+        if name not in known:
+            raise _invalid(name, f"unknown parameter of {spec.name}; expected {', '.join(known) or 'none'}")
+    for p in spec.params:
+        if p.name not in params:
+            if p.required:
+                raise _invalid(p.name, f"missing required parameter ({p.type})")
+        elif not matches_type(params[p.name], p.type) and not (params[p.name] is None and not p.required):
+            raise _invalid(p.name, f"expected {p.type}, got {type(params[p.name]).__name__}")
+    return params
+
+
+def _ref_of(handle: Any) -> str:
+    return handle if isinstance(handle, str) else handle.get("ref", "")
+
+
+def _prompt_list(prompts: Any) -> list[Any]:
+    if isinstance(prompts, (str, dict)):
+        return [prompts]
+    if not prompts:
+        raise _invalid("prompts", "no prompts given")
+    if all(isinstance(t, int) for t in prompts):
+        return [prompts]  # one token-id prompt
+    return list(prompts)
+
+
+def _sampling_list(params: dict | list[dict] | None, count: int) -> list[Any]:
+    from lmport.engine.errors import InvalidParams
+    from lmport.engine.sampling_params import SamplingParams
+
+    many = isinstance(params, list)
+    if many and len(params) != count:
+        raise _invalid("sampling_params", f"got {len(params)} maps for {count} prompts")
+    items = params if many else [params or {}]  # one map for every prompt: parsed once, shared (callers clone)
+    result = []
+    for i, item in enumerate(items):
+        try:
+            result.append(SamplingParams.from_dict(item))
+        except InvalidParams as exc:
+            where = f"sampling_params[{i}]" if many else "sampling_params"
+            raise _invalid(f"{where}.{exc.field}", exc.message) from None
+    return result if many else result * count
+
+
+def _engine_info(llm: Any, config: Any) -> dict[str, Any]:
+    engine = llm.engine
+    kv_tokens = llm.num_kv_blocks * config.block_size
+    return {"model": config.model, "model_path": str(engine.model_path),
+            "dtype": str(engine.dtype).removeprefix("torch."), "device": str(engine.device),
+            "max_model_len": llm.max_model_len, "num_kv_blocks": llm.num_kv_blocks, "block_size": config.block_size,
+            "max_num_seqs": config.max_num_seqs,
+            "max_concurrency": round(min(config.max_num_seqs, kv_tokens / llm.max_model_len), 2),
+            "config": config.to_dict()}

@@ -1,0 +1,159 @@
+"""Engine options, with vLLM's names, validated once at construction.
+
+Each field's metadata (doc, range, choices) is the single source of truth for the manifest, the generated client
+option types and the options table of docs/engine.md.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import re
+import types
+import typing
+from collections.abc import Collection
+from dataclasses import dataclass, field
+from typing import Any
+
+from lmport.engine.errors import InvalidParams
+
+GiB = 1 << 30
+CPU_DEFAULT_KV_CACHE_BYTES = 2 * GiB
+
+
+def _opt(default: Any, doc: str, **limits: Any) -> Any:
+    return field(default=default, metadata={"doc": doc, **limits})
+
+
+@dataclass(slots=True)
+class EngineConfig:
+    model: str = _opt("smollm2", "Model to load: 'smollm2' (the bundled SmolLM2-135M-Instruct), a local HF directory, "
+                      "a local .gguf file, or a hub id already present in the local HF cache.")
+    revision: str | None = _opt(None, "Revision of a hub model to look up in the local HF cache.")
+    tokenizer: str | None = _opt(None, "Tokenizer to use instead of the model's own (same forms as model).")
+    dtype: str = _opt("auto", "Weight and activation dtype; 'auto' takes the model config's dtype.",
+                      choices=["auto", "float32", "bfloat16", "float16"])
+    max_model_len: int | None = _opt(None, "Longest sequence (prompt + output) in tokens; default: the model's limit.",
+                                     min=1)
+    trust_remote_code: bool = _opt(False, "Allow the tokenizer/config to run code shipped with the model.")
+    device: str = _opt("auto", "Device to run on: 'auto' (CUDA when available), 'cpu', 'cuda' or 'cuda:N'.")
+    gpu_memory_utilization: float = _opt(0.9, "Fraction of GPU memory the engine may use (CUDA only).",
+                                         min=0.0, max=1.0)
+    kv_cache_memory_bytes: int | None = _opt(None, "Bytes reserved for the KV cache; overrides "
+                                             "gpu_memory_utilization. CPU default: 2 GiB.", min=1)
+    max_num_seqs: int = _opt(256, "Most sequences running in one batch.", min=1)
+    max_num_batched_tokens: int = _opt(8192, "Most tokens (prefill + decode) computed in one engine step.", min=1)
+    enable_prefix_caching: bool = _opt(True, "Reuse KV blocks of identical prompt prefixes across requests.")
+    enable_chunked_prefill: bool = _opt(True, "Split long prompts across steps so decodes keep flowing.")
+    block_size: int = _opt(16, "Tokens per KV-cache block.", choices=[8, 16, 32, 64, 128])
+    seed: int = _opt(0, "Seed of the engine's generator for requests without their own seed.", min=0)
+    enforce_eager: bool = _opt(False, "Run every step eagerly: no CUDA graphs for decode steps (CUDA only).")
+    num_gpu_blocks_override: int | None = _opt(None, "Use exactly this many KV blocks (testing, preemption).", min=1)
+    max_logprobs: int = _opt(20, "Largest logprobs / prompt_logprobs a request may ask for.", min=0)
+    kernel_backend: str = _opt("auto", "Kernels to run: 'auto' (Triton on CUDA, the C++ kernels on CPU), 'triton', "
+                               "or 'torch' (the PyTorch reference everywhere, for debugging).",
+                               choices=["auto", "triton", "torch"])
+
+    def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):
+            check_field(f, getattr(self, f.name), EngineConfig)
+        if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device):
+            raise InvalidParams("device", f"must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {self.device!r}")
+        if not self.enable_chunked_prefill and self.max_model_len is not None \
+                and self.max_num_batched_tokens < self.max_model_len:
+            raise InvalidParams("max_num_batched_tokens", f"must be >= max_model_len ({self.max_model_len}) "
+                                "when enable_chunked_prefill is off")
+
+    @classmethod
+    def from_dict(cls, options: dict[str, Any]) -> EngineConfig:
+        reject_unknown_keys(options, cls, "engine option")
+        return cls(**options)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+
+    def replace(self, **changes: Any) -> EngineConfig:
+        return dataclasses.replace(self, **changes)
+
+
+def reject_unknown_keys(given: dict[str, Any], owner: type | Collection[str], what: str) -> None:
+    """A typo must never be silently ignored: name the first unknown key and suggest the closest known one. `owner`
+    is the dataclass whose fields are the known keys, or the known names themselves."""
+    known = {f.name for f in dataclasses.fields(owner)} if isinstance(owner, type) else set(owner)
+    unknown = sorted(set(given) - known)
+    if unknown:
+        close = difflib.get_close_matches(unknown[0], known, n=1)
+        hint = f"did you mean {close[0]!r}?" if close else f"known: {', '.join(sorted(known))}"
+        raise InvalidParams(unknown[0], f"unknown {what}; {hint}")
+
+
+# --- schema derivation (SamplingParams uses the same helpers) ---
+
+_TYPE_NAMES = {str: "str", int: "int", float: "float", bool: "bool", type(None): "null", dict: "dict", list: "list"}
+
+
+def type_name(annotation: Any) -> str:
+    """Render a type annotation in the manifest's small type vocabulary ("int|null", "list[str]", ...)."""
+    if isinstance(annotation, str):
+        annotation = eval(annotation, vars(typing), {})  # annotations are strings under `from __future__`
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        return "|".join(type_name(a) for a in typing.get_args(annotation))
+    if origin in (list, tuple, set):
+        args = typing.get_args(annotation)
+        return f"list[{type_name(args[0])}]" if args else "list"
+    if origin is dict:
+        return "dict"
+    if annotation is typing.Any:
+        return "any"
+    return _TYPE_NAMES.get(annotation, "any")
+
+
+def field_schema(f: dataclasses.Field, owner: type) -> dict[str, Any]:
+    hints = typing.get_type_hints(owner)
+    default = f.default if f.default is not dataclasses.MISSING else None
+    if f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
+        default = f.default_factory()  # type: ignore[misc]
+    if hasattr(default, "value"):  # enums travel as their value
+        default = default.value
+    entry: dict[str, Any] = {"name": f.name, "type": type_name(hints[f.name]), "required": False,
+                             "default": default, "doc": f.metadata.get("doc", "")}
+    for key in ("choices", "min", "max", "exclusive_min"):
+        if key in f.metadata:
+            entry[key] = f.metadata[key]
+    return entry
+
+
+def option_schema() -> list[dict[str, Any]]:
+    """Every engine option as {name, type, required, default, doc, choices?, min?, max?}."""
+    return [field_schema(f, EngineConfig) for f in dataclasses.fields(EngineConfig)]
+
+
+def check_field(f: dataclasses.Field, value: Any, owner: type) -> None:
+    """Check one field of the dataclass `owner` against its type hint and its metadata (choices, min, max); the
+    error names the field. EngineConfig and the server's settings (lmport/bridge/http/config.py) validate through it."""
+    expected = type_name(typing.get_type_hints(owner)[f.name]).split("|")
+    if value is None and "null" in expected:
+        return
+    if expected[0].startswith("list["):
+        item = [expected[0][len("list["):-1]]
+        if not isinstance(value, list) or not all(_is_kind(v, item) for v in value):
+            raise InvalidParams(f.name, f"expected a list of {item[0]}, got {type(value).__name__} {value!r}")
+        return
+    if not _is_kind(value, expected):
+        raise InvalidParams(f.name, f"expected {' or '.join(t for t in expected if t != 'null')}, "
+                                    f"got {type(value).__name__} {value!r}")
+    meta = f.metadata
+    if "choices" in meta and value not in meta["choices"]:
+        raise InvalidParams(f.name, f"must be one of {meta['choices']}, got {value!r}")
+    if "min" in meta and value < meta["min"]:
+        raise InvalidParams(f.name, f"must be >= {meta['min']}, got {value!r}")
+    if "max" in meta and value > meta["max"]:
+        raise InvalidParams(f.name, f"must be <= {meta['max']}, got {value!r}")
+
+
+def _is_kind(value: Any, kinds: list[str]) -> bool:
+    return (("bool" in kinds and isinstance(value, bool))
+            or ("int" in kinds and isinstance(value, int) and not isinstance(value, bool))
+            or ("float" in kinds and isinstance(value, (int, float)) and not isinstance(value, bool))
+            or ("str" in kinds and isinstance(value, str)))

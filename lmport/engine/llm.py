@@ -1,0 +1,294 @@
+"""The public engine API: offline `generate`/`chat`, and a thread-safe streaming front for the bridge.
+
+One background thread owns the LLMEngine and runs its step loop; any thread may add or abort requests between two
+steps. Everything added concurrently is batched together by the scheduler.
+"""
+
+from __future__ import annotations
+
+import functools
+import itertools
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+
+from tqdm import tqdm
+
+from lmport.engine.config import EngineConfig
+from lmport.engine.errors import InvalidParams, LMPortError
+from lmport.engine.llm_engine import LLMEngine, Prompt
+from lmport.engine.outputs import RequestOutput
+from lmport.engine.sampling_params import RequestOutputKind, SamplingParams, check_token_ids
+from lmport.engine.sequence import Request
+
+logger = logging.getLogger("lmport")
+
+class EngineDead(LMPortError):
+    """The engine's step loop failed; every request in flight fails with this error."""
+
+
+class RequestStream:
+    """The outputs of one request, in order; iterating blocks until the next one (the last has finished=True)."""
+
+    def __init__(self, request_id: str, llm: LLM) -> None:
+        self.request_id = request_id
+        self._llm = llm
+        self._queue: queue.SimpleQueue[RequestOutput | BaseException] = queue.SimpleQueue()
+
+    def _put(self, item: RequestOutput | BaseException) -> None:
+        self._queue.put(item)
+
+    def __iter__(self) -> Iterator[RequestOutput]:
+        while True:
+            item = self._queue.get()
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+            if item.finished:
+                return
+
+    def result(self) -> RequestOutput:
+        """Wait for the final output."""
+        last = None
+        for last in self:
+            pass
+        assert last is not None
+        return last
+
+    def abort(self) -> bool:
+        return self._llm.abort(self.request_id)
+
+
+class LLM:
+    def __init__(self, model: str = "smollm2", **engine_options: Any) -> None:
+        config = EngineConfig.from_dict({"model": model, **engine_options})
+        self._ids = itertools.count()
+        self._lock = threading.Condition()
+        self._tokenizer_lock = threading.Lock()  # HF fast tokenizers are not safe to share across threads
+        self._commands: list[Callable[[], None]] = []
+        self._error_callbacks: dict[str, Callable[[BaseException], None]] = {}
+        self._dead: BaseException | None = None
+        self._stopping = False
+        # The engine thread loads the model too, so every parallel torch op runs on one long-lived thread: when the
+        # first one runs on a thread that later exits (a request handler's, say), the OpenMP pool it started keeps
+        # competing with the engine and every step becomes many times slower.
+        loaded: list[LLMEngine | BaseException] = []
+        ready = threading.Event()
+        self._thread = threading.Thread(target=self._run, args=(config, loaded, ready), name="lmport-engine",
+                                        daemon=True)
+        self._thread.start()
+        ready.wait()
+        if isinstance(loaded[0], BaseException):
+            raise loaded[0]
+        self.engine = loaded[0]
+        # The options as resolved: "auto" dtype/device and the default max_model_len replaced by what was chosen.
+        self.config = self.engine.config.replace(dtype=str(self.engine.dtype).removeprefix("torch."),
+                                                 device=str(self.engine.device),
+                                                 max_model_len=self.engine.max_model_len)
+        self.tokenizer = self.engine.tokenizer
+        self.max_model_len = self.engine.max_model_len
+        self.num_kv_blocks = self.engine.block_manager.num_blocks
+
+    # --- streaming front ---
+
+    def add_request(self, prompt: Prompt, sampling_params: SamplingParams | None = None,
+                    request_id: str | None = None, on_output: Callable[[RequestOutput], None] | None = None,
+                    on_error: Callable[[BaseException], None] | None = None) -> RequestStream:
+        """Queue a request; outputs go to on_output (called on the engine thread) or to the returned stream.
+
+        Validation errors (InvalidParams) are raised here, in the caller's thread.
+        """
+        stream, queued = self._prepare_request(prompt, sampling_params, request_id, on_output, on_error)
+        self._enqueue([queued])
+        return stream
+
+    def add_requests(self, prompts: Sequence[Prompt], sampling_params: Sequence[SamplingParams],
+                     request_ids: Sequence[str | None] | None = None,
+                     on_output: Callable[[int, RequestOutput], None] | None = None,
+                     on_error: Callable[[BaseException], None] | None = None) -> list[RequestStream]:
+        """Queue several requests, all or none: every prompt is validated (in the caller's thread) before any is
+        queued, and they join the same engine step. on_output gets each output with its prompt's index.
+
+        An InvalidParams raised for one prompt carries `index`, that prompt's position, so a caller can name it.
+        """
+        if len(sampling_params) != len(prompts):
+            raise InvalidParams("sampling_params", f"got {len(sampling_params)} sampling params for "
+                                                   f"{len(prompts)} prompts")
+        ids = list(request_ids) if request_ids is not None else [None] * len(prompts)
+        prepared = []
+        for i, (prompt, params, request_id) in enumerate(zip(prompts, sampling_params, ids)):
+            deliver = None if on_output is None else functools.partial(on_output, i)
+            try:
+                prepared.append(self._prepare_request(prompt, params, request_id, deliver, on_error))
+            except InvalidParams as exc:
+                exc.index = i
+                raise
+        self._enqueue([queued for _, queued in prepared])
+        return [stream for stream, _ in prepared]
+
+    def _prepare_request(self, prompt: Prompt, sampling_params: SamplingParams | None, request_id: str | None,
+                         on_output: Callable[[RequestOutput], None] | None,
+                         on_error: Callable[[BaseException], None] | None,
+                         ) -> tuple[RequestStream, tuple[Request, Callable[[BaseException], None]]]:
+        """Validate and tokenize in the caller's thread; nothing reaches the engine yet."""
+        params = sampling_params if sampling_params is not None else SamplingParams()
+        request_id = request_id if request_id is not None else f"req-{next(self._ids)}"
+        stream = RequestStream(request_id, self)
+        deliver = on_output or stream._put
+
+        def on_engine_output(output: RequestOutput) -> None:
+            if output.finished:
+                self._error_callbacks.pop(request_id, None)
+            deliver(output)
+
+        with self._tokenizer_lock:
+            request = self.engine.make_request(request_id, prompt, params, on_engine_output)
+        return stream, (request, on_error or stream._put)
+
+    def _enqueue(self, queued: list[tuple[Request, Callable[[BaseException], None]]]) -> None:
+        """Hand requests to the engine thread together: they join the same step (offline batches are reproducible)."""
+        with self._lock:
+            if self._dead is not None:
+                raise EngineDead(f"the engine stopped after an error: {self._dead}")
+            if self._stopping:
+                raise EngineDead("the engine is shutting down")
+            for request, _ in queued:
+                if request.request_id in self._error_callbacks:
+                    raise InvalidParams("request_id", f"request id {request.request_id!r} is already in flight")
+            for request, on_error in queued:
+                self._error_callbacks[request.request_id] = on_error
+                self._commands.append(functools.partial(self.engine.add_request, request))
+            self._lock.notify()
+
+    def abort(self, request_id: str) -> bool:
+        """Abort a request between two steps: its blocks are freed and it finishes with finish_reason 'abort'.
+
+        Returns False when the id is unknown or already finished (abort is idempotent)."""
+        with self._lock:
+            known = request_id in self._error_callbacks
+            if known:
+                self._commands.append(lambda: self.engine.abort(request_id))
+                self._lock.notify()
+        return known
+
+    def stats(self) -> dict[str, Any]:
+        with self._lock:
+            return self.engine.stats()
+
+    def shutdown(self) -> None:
+        with self._lock:
+            self._stopping = True
+            self._lock.notify()
+        self._thread.join()
+
+    def __enter__(self) -> LLM:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.shutdown()
+
+    def _run(self, config: EngineConfig, loaded: list[LLMEngine | BaseException], ready: threading.Event) -> None:
+        try:
+            loaded.append(LLMEngine(config))
+        except BaseException as exc:  # noqa: BLE001 — re-raised in the constructing thread
+            loaded.append(exc)
+            return
+        finally:
+            ready.set()
+        self._loop(loaded[0])
+
+    def _loop(self, engine: LLMEngine) -> None:
+        while True:
+            with self._lock:
+                while not self._commands and not engine.has_work() and not self._stopping:
+                    self._lock.wait()
+                commands, self._commands = self._commands, []
+                if self._stopping:  # requests still queued are added first, so every one gets its final output
+                    for command in commands:
+                        command()
+                    for request_id in list(engine.requests):
+                        engine.abort(request_id)
+                    return
+            try:
+                with self._lock:  # stats() readers see a consistent engine between steps
+                    for command in commands:
+                        command()
+                engine.step()
+            except Exception as exc:  # noqa: BLE001 — a failed step must fail its requests, never hang them
+                logger.exception("engine step failed")
+                self._fail_all(exc)
+                return
+
+    def _fail_all(self, exc: BaseException) -> None:
+        with self._lock:
+            self._dead = exc
+            callbacks, self._error_callbacks = self._error_callbacks, {}
+        error = EngineDead(f"engine step failed: {type(exc).__name__}: {exc}")
+        for callback in callbacks.values():
+            callback(error)
+
+    # --- offline API ---
+
+    def generate(self, prompts: Prompt | Sequence[Prompt],
+                 sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+                 use_tqdm: bool = True) -> list[RequestOutput]:
+        prompt_list = _as_prompt_list(prompts)
+        if isinstance(sampling_params, (list, tuple)):
+            if len(sampling_params) != len(prompt_list):
+                raise InvalidParams("sampling_params", f"got {len(sampling_params)} sampling params for "
+                                                       f"{len(prompt_list)} prompts")
+            params_list = list(sampling_params)
+        else:
+            params_list = [sampling_params or SamplingParams()] * len(prompt_list)
+        # all or none: a bad prompt fails the call before any is queued
+        streams = self.add_requests(prompt_list, [sp.clone(output_kind=RequestOutputKind.FINAL_ONLY)
+                                                  for sp in params_list])
+        results: list[RequestOutput] = []
+        with tqdm(total=len(streams), desc="Processed prompts", unit="req", disable=not use_tqdm or len(streams) < 2,
+                  dynamic_ncols=True) as bar:
+            start, tokens = time.perf_counter(), 0
+            for stream in streams:
+                output = stream.result()
+                results.append(output)
+                tokens += sum(len(o.token_ids) for o in output.outputs)
+                bar.update(1)
+                bar.set_postfix(output_tok_s=f"{tokens / max(time.perf_counter() - start, 1e-9):.1f}")
+        return results
+
+    def chat(self, messages: list[dict[str, Any]] | list[list[dict[str, Any]]],
+             sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+             chat_template: str | None = None, add_generation_prompt: bool = True,
+             use_tqdm: bool = True) -> list[RequestOutput]:
+        conversations = [messages] if messages and isinstance(messages[0], dict) else messages
+        prompts = [{"prompt_token_ids": self.apply_chat_template(c, chat_template, add_generation_prompt)}
+                   for c in conversations]  # type: ignore[arg-type]
+        return self.generate(prompts, sampling_params, use_tqdm)
+
+    def apply_chat_template(self, messages: list[dict[str, Any]], chat_template: str | None = None,
+                            add_generation_prompt: bool = True) -> list[int]:
+        if not isinstance(messages, list) or not all(isinstance(m, dict) and "role" in m for m in messages):
+            raise InvalidParams("messages", "expected a list of {role, content} maps")
+        with self._tokenizer_lock:
+            ids = self.tokenizer.apply_chat_template(messages, chat_template=chat_template,
+                                                     add_generation_prompt=add_generation_prompt, tokenize=True)
+        return list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids)
+
+    def tokenize(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        with self._tokenizer_lock:
+            return self.tokenizer.encode(text, add_special_tokens=add_special_tokens)
+
+    def detokenize(self, token_ids: list[int], skip_special_tokens: bool = False) -> str:
+        token_ids = check_token_ids(token_ids, "token_ids", self.engine.vocab_size)
+        with self._tokenizer_lock:
+            return self.tokenizer.decode(token_ids, skip_special_tokens=skip_special_tokens)
+
+
+def _as_prompt_list(prompts: Prompt | Sequence[Prompt]) -> list[Prompt]:
+    if isinstance(prompts, (str, dict)):
+        return [prompts]
+    if isinstance(prompts, list) and prompts and all(isinstance(t, int) for t in prompts):
+        return [prompts]  # one token-id prompt
+    return list(prompts)

@@ -1,0 +1,225 @@
+"""Resolve a model name to a local HF-format directory and load it: config, tokenizer, native model, weights.
+
+No network access, ever: hub ids are only looked up in the local HF cache.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import re
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from torch import nn
+from transformers import AutoConfig, AutoTokenizer, GenerationConfig, PretrainedConfig, PreTrainedTokenizerBase
+
+from lmport.engine.config import EngineConfig
+from lmport.engine.errors import InvalidParams, ModelNotFound, UnsupportedModel
+from lmport.engine.gguf_convert import bundled_gguf, convert_gguf
+from lmport.engine.models import get_model_class
+from lmport.engine.models.layers import pack_cpu_linears
+
+logger = logging.getLogger("lmport")
+
+BUNDLED_NAMES = {"smollm2", "smollm2-135m-instruct", "huggingfacetb/smollm2-135m-instruct"}
+_HUB_ID = re.compile(r"[\w.-]+(/[\w.-]+)?")
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class LoadedModel:
+    model: nn.Module
+    hf_config: PretrainedConfig
+    tokenizer: PreTrainedTokenizerBase
+    model_path: str
+    dtype: torch.dtype
+    device: torch.device
+    max_model_len: int
+    eos_token_ids: list[int]  # generation_config's, then the tokenizer's
+    vocab_size: int  # width of the logits (the config's vocab_size)
+
+
+# --- resolution ---
+
+def resolve_model(model: str, revision: str | None = None, field: str = "model") -> Path:
+    """Map `model` to a local HF-format directory: the bundled SmolLM2 (converted once), a local HF directory,
+    a local .gguf file (converted once), or a hub id present in the local HF cache. Raises ModelNotFound, or
+    InvalidParams (naming `field`) for a file that is not .gguf and for a revision given with a local model."""
+    if model.lower() in BUNDLED_NAMES:
+        if revision is not None:
+            raise InvalidParams("revision", f"the bundled model {model!r} has no revisions; drop revision")
+        return convert_gguf(bundled_gguf())
+    path = Path(model).expanduser()
+    if path.is_file():
+        if path.suffix != ".gguf":
+            raise InvalidParams(field, f"{path} is a file but not a .gguf file; {field} takes a model directory "
+                                       "(config.json, tokenizer files, *.safetensors), a .gguf file or a hub id")
+        _reject_local_revision(revision, path, "a local .gguf file")
+        return convert_gguf(path)
+    if path.is_dir():
+        _reject_local_revision(revision, path, "a local directory")
+        if not (path / "config.json").is_file():
+            raise ModelNotFound(f"{path} is a directory but has no config.json; a model directory needs "
+                                "config.json, tokenizer files and *.safetensors weights")
+        return path
+    if path.exists() or path.suffix == ".gguf" or not _HUB_ID.fullmatch(model) or model.startswith("."):
+        raise ModelNotFound(f"{model!r} is neither a model directory nor a .gguf file (no such path: {path})")
+    return _from_hf_cache(model, revision)
+
+
+def _reject_local_revision(revision: str | None, path: Path, what: str) -> None:
+    if revision is not None:
+        raise InvalidParams("revision", f"only applies to hub ids looked up in the local HF cache; {path} is {what}: "
+                                        "drop revision")
+
+
+def hf_hub_cache() -> Path:
+    """The HF hub cache, read from the environment at call time (HF_HUB_CACHE, HF_HOME/hub, ~/.cache/...)."""
+    if os.environ.get("HF_HUB_CACHE"):
+        return Path(os.environ["HF_HUB_CACHE"]).expanduser()
+    home = os.environ.get("HF_HOME") or os.path.join(os.environ.get("XDG_CACHE_HOME") or "~/.cache", "huggingface")
+    return Path(home).expanduser() / "hub"
+
+
+def _from_hf_cache(repo_id: str, revision: str | None) -> Path:
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError
+
+    cache = hf_hub_cache()
+    looked = cache / f"models--{repo_id.replace('/', '--')}"
+    try:
+        snapshot = Path(snapshot_download(repo_id, revision=revision, cache_dir=cache, local_files_only=True))
+    except (LocalEntryNotFoundError, HFValidationError, FileNotFoundError):
+        raise ModelNotFound(
+            f"model {repo_id!r} (revision {revision or 'main'}) is neither a local path nor in the local HF "
+            f"cache: looked in {looked} (cache {cache}: set HF_HUB_CACHE or HF_HOME to use another). "
+            f"lmport never downloads. Provide it by "
+            f"running `hf download {repo_id}` where there is network (then copy the cache here), or pass a local "
+            f"model directory or .gguf file as model ('smollm2' is the bundled default).") from None
+    if not (snapshot / "config.json").is_file():
+        raise ModelNotFound(f"the cached snapshot {snapshot} of {repo_id!r} has no config.json")
+    return snapshot
+
+
+# --- options ---
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    resolved = torch.device(device)
+    if resolved.type == "cuda":
+        if not torch.cuda.is_available():
+            raise InvalidParams("device", f"{device!r} requested but CUDA is not available; use 'cpu' or 'auto'")
+        if (resolved.index or 0) >= torch.cuda.device_count():
+            raise InvalidParams("device", f"{device!r}: only {torch.cuda.device_count()} CUDA device(s) present")
+    return resolved
+
+
+def resolve_dtype(dtype: str, hf_config: PretrainedConfig, device: torch.device) -> torch.dtype:
+    """Explicit dtypes are honoured. "auto" takes the config's dtype (float32 when it names none), except that
+    float32 becomes bfloat16 on CUDA (float16 without bf16 support), as vLLM does, and float16 becomes bfloat16
+    on CPU, where float16 matmuls have no fast kernels."""
+    if dtype != "auto":
+        return _DTYPES[dtype]
+    declared = getattr(hf_config, "dtype", None) or getattr(hf_config, "torch_dtype", None) or torch.float32
+    if isinstance(declared, str):
+        declared = _DTYPES.get(declared, torch.float32)
+    if device.type == "cuda" and declared == torch.float32:
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if device.type == "cpu" and declared == torch.float16:
+        return torch.bfloat16
+    return declared
+
+
+def resolve_max_model_len(requested: int | None, limit: int) -> int:
+    if requested is None:
+        return limit
+    if requested > limit:
+        raise InvalidParams("max_model_len", f"{requested} exceeds the model's limit of {limit} tokens "
+                                             f"(max_position_embeddings / RoPE scaling / sliding window); "
+                                             f"use a value <= {limit} or leave it unset")
+    return requested
+
+
+def eos_token_ids(model_path: Path, hf_config: PretrainedConfig, tokenizer: PreTrainedTokenizerBase) -> list[int]:
+    declared = hf_config.eos_token_id
+    if (model_path / "generation_config.json").is_file():
+        declared = GenerationConfig.from_pretrained(model_path).eos_token_id
+    ids = declared if isinstance(declared, list) else [declared]
+    return list(dict.fromkeys(i for i in [*ids, tokenizer.eos_token_id] if i is not None))
+
+
+# --- weights ---
+
+def safetensors_files(model_path: Path) -> list[Path]:
+    index = model_path / "model.safetensors.index.json"
+    if index.is_file():
+        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        return [model_path / s for s in shards]
+    files = sorted(model_path.glob("*.safetensors"))
+    if not files:
+        raise ModelNotFound(f"{model_path} has no *.safetensors weights (lmport loads safetensors only; convert "
+                            "pytorch_model.bin with transformers' save_pretrained(safe_serialization=True))")
+    return files
+
+
+def iter_weights(files: list[Path]) -> Iterator[tuple[str, torch.Tensor]]:
+    """(name, tensor) from memory-mapped safetensors files; each tensor is read when the model copies it."""
+    for file in files:
+        with safe_open(file, framework="pt", device="cpu") as f:
+            for name in f.keys():
+                yield name, f.get_tensor(name)
+
+
+@contextlib.contextmanager
+def _default_dtype(dtype: torch.dtype) -> Iterator[None]:
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(previous)
+
+
+def load_model(config: EngineConfig) -> LoadedModel:
+    start = time.perf_counter()
+    model_path = resolve_model(config.model, config.revision)
+    try:
+        hf_config = AutoConfig.from_pretrained(model_path, trust_remote_code=config.trust_remote_code)
+    except (ValueError, KeyError) as exc:  # e.g. a model_type this transformers does not know
+        raise UnsupportedModel(f"cannot read {model_path / 'config.json'}: {exc}") from exc
+    model_cls = get_model_class(hf_config)
+    device = resolve_device(config.device)
+    dtype = resolve_dtype(config.dtype, hf_config, device)
+    max_model_len = resolve_max_model_len(config.max_model_len, model_cls.max_context_len(hf_config))
+    tokenizer_path = resolve_model(config.tokenizer, field="tokenizer") if config.tokenizer else model_path
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_path, trust_remote_code=config.trust_remote_code)
+
+    with torch.device(device), _default_dtype(dtype):
+        model = model_cls(hf_config, max_model_len)
+    files = safetensors_files(model_path)
+    io_start = time.perf_counter()
+    with torch.no_grad():
+        model.load_weights(iter_weights(files))
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    io_seconds = time.perf_counter() - io_start
+    num_bytes = sum(f.stat().st_size for f in files)
+    num_params = sum(p.numel() for p in model.parameters())
+    if os.environ.get("LMPORT_PACK_WEIGHTS", "1") != "0":  # "0": keep plain bf16 weights (A/B measurements)
+        pack_cpu_linears(model)
+    logger.info("loaded %s (%s, %.1fM params) from %s: dtype=%s device=%s max_model_len=%d; weights %.0f MB in "
+                "%.2f s; total %.2f s", hf_config.architectures[0] if hf_config.architectures else model_cls.__name__,
+                hf_config.model_type, num_params / 1e6, model_path, str(dtype).removeprefix("torch."), device,
+                max_model_len, num_bytes / 1e6, io_seconds, time.perf_counter() - start)
+    return LoadedModel(model=model, hf_config=hf_config, tokenizer=tokenizer, model_path=str(model_path),
+                       dtype=dtype, device=device, max_model_len=max_model_len,
+                       eos_token_ids=eos_token_ids(model_path, hf_config, tokenizer),
+                       vocab_size=hf_config.vocab_size)

@@ -1,0 +1,178 @@
+"""Runs one scheduled batch through the model: flattened varlen inputs in, logits of the rows that need them out.
+
+Owns the paged KV cache (one tensor, viewed per layer by every PagedAttention module).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+
+from lmport import kernels
+from lmport.engine.config import CPU_DEFAULT_KV_CACHE_BYTES, EngineConfig, GiB
+from lmport.engine.cuda_graphs import DecodeGraphs
+from lmport.engine.errors import OutOfKVCache
+from lmport.engine.forward_context import AttentionMetadata, forward_context
+from lmport.engine.loader import LoadedModel
+from lmport.engine.models.layers import PagedAttention
+from lmport.engine.scheduler import ScheduledBatch
+
+logger = logging.getLogger("lmport")
+
+@dataclass(slots=True)
+class StepLogits:
+    logits: torch.Tensor  # float32 [R, vocab]
+    sample_rows: list[int]  # per scheduled seq: its row in logits, or -1 if it does not sample this step
+    prompt_rows: dict[int, tuple[int, int]]  # seq position in batch -> (first row, row count) of prompt-logprob rows
+
+
+class ModelRunner:
+    def __init__(self, loaded: LoadedModel, config: EngineConfig) -> None:
+        # This engine's kernels, installed around each of its model calls (never process-wide: another engine in the
+        # same process may run another backend).
+        self.kernel_backend = config.kernel_backend
+        with kernels.use_backend(self.kernel_backend):
+            kernels.prepare(loaded.device)
+        self.model = loaded.model
+        self.device = loaded.device
+        self.dtype = loaded.dtype
+        self.block_size = config.block_size
+        self.attention_layers = [m for m in self.model.modules() if isinstance(m, PagedAttention)]
+        first = self.attention_layers[0]
+        self.num_kv_heads, self.head_dim = first.num_kv_heads, first.head_dim
+        self.max_blocks_per_seq = -(-loaded.max_model_len // self.block_size)  # one max_model_len sequence's blocks
+        self.num_blocks = self._plan_num_blocks(config, loaded.max_model_len)
+        shape = (2, len(self.attention_layers), self.num_blocks, self.block_size, self.num_kv_heads, self.head_dim)
+        # Zeroed, not empty: padded block-table entries and masked positions are read with weight 0, and 0 * NaN
+        # garbage would poison the output.
+        self.kv_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
+        for i, layer in enumerate(self.attention_layers):
+            layer.k_cache, layer.v_cache = self.kv_cache[0, i], self.kv_cache[1, i]
+        self.no_prefill = torch.zeros(1, dtype=torch.int32, device=self.device)  # cu_seqlens_q of no prefill
+        with kernels.use_backend(self.kernel_backend):
+            self.decode_graphs = self._capture_decode_graphs(config)
+        self.graphed_steps = 0
+
+    def _capture_decode_graphs(self, config: EngineConfig) -> DecodeGraphs | None:
+        if self.device.type != "cuda" or config.enforce_eager:
+            return None
+        if kernels.get_backend() == "torch":
+            logger.info("CUDA graphs off: the PyTorch reference kernels synchronise with the host "
+                        "(kernel_backend='torch')")
+            return None
+        graphs = DecodeGraphs(self.model, config.max_num_seqs, self.max_blocks_per_seq)
+        try:
+            graphs.capture()
+        except RuntimeError:  # a kernel that cannot be captured must not keep the engine from serving
+            logger.warning("CUDA graph capture failed; decoding eagerly (enforce_eager=True skips the capture)",
+                           exc_info=True)
+            return None
+        return graphs
+
+    @property
+    def bytes_per_block(self) -> int:
+        element = torch.empty((), dtype=self.dtype).element_size()
+        return 2 * len(self.attention_layers) * self.block_size * self.num_kv_heads * self.head_dim * element
+
+    def _plan_num_blocks(self, config: EngineConfig, max_model_len: int) -> int:
+        per_block = self.bytes_per_block
+        if config.num_gpu_blocks_override is not None:
+            num_blocks, source = config.num_gpu_blocks_override, "num_gpu_blocks_override"
+        elif config.kv_cache_memory_bytes is not None or self.device.type != "cuda":
+            budget = config.kv_cache_memory_bytes or CPU_DEFAULT_KV_CACHE_BYTES
+            num_blocks, source = budget // per_block, f"kv_cache_memory_bytes={budget}"
+        else:
+            free, total = torch.cuda.mem_get_info(self.device)
+            budget = int(total * config.gpu_memory_utilization) - (total - free)
+            num_blocks, source = max(budget, 0) // per_block, f"gpu_memory_utilization={config.gpu_memory_utilization}"
+        needed = self.max_blocks_per_seq
+        if num_blocks < needed:
+            raise OutOfKVCache(
+                f"The KV cache ({source}) holds {num_blocks} blocks of {self.block_size} tokens = "
+                f"{num_blocks * self.block_size} tokens, but one sequence of max_model_len={max_model_len} needs "
+                f"{needed} blocks ({needed * per_block / GiB:.2f} GiB at {per_block} bytes per block). "
+                f"Raise kv_cache_memory_bytes (or gpu_memory_utilization) or lower max_model_len.")
+        logger.info("KV cache: %d blocks x %d tokens (%.2f GiB, %s); max concurrency at max_model_len=%d: %.1fx",
+                    num_blocks, self.block_size, num_blocks * per_block / GiB, source, max_model_len,
+                    num_blocks / needed)
+        return num_blocks
+
+    def _to_device(self, values: list, dtype: torch.dtype) -> torch.Tensor:
+        """A host list as a device tensor; on CUDA through pinned memory, so the copy does not stall the host."""
+        if self.device.type != "cuda":
+            return torch.tensor(values, dtype=dtype)
+        return torch.tensor(values, dtype=dtype, pin_memory=True).to(self.device, non_blocking=True)
+
+    @torch.inference_mode()
+    def run(self, batch: ScheduledBatch) -> StepLogits:
+        if batch.copies:
+            src = self._to_device([s for s, _ in batch.copies], torch.int64)
+            dst = self._to_device([d for _, d in batch.copies], torch.int64)
+            self.kv_cache[:, :, dst] = self.kv_cache[:, :, src]
+
+        size = self.block_size
+        input_ids: list[int] = []
+        positions: list[int] = []
+        slots: list[int] = []
+        seq_lens: list[int] = []
+        query_starts: list[int] = [0]
+        keep_rows: list[int] = []
+        sample_rows: list[int] = []
+        prompt_rows: dict[int, tuple[int, int]] = {}
+        for i, (seq, num_new) in enumerate(zip(batch.seqs, batch.num_new_tokens)):
+            start, end = seq.num_computed_tokens, seq.num_computed_tokens + num_new
+            input_ids.extend(seq.token_ids[start:end])
+            positions.extend(range(start, end))
+            table = seq.block_table
+            slots.extend(table[p // size] * size + p % size for p in range(start, end))
+            seq_lens.append(end)
+            first_row = len(input_ids) - num_new
+            request = seq.request
+            if request.prompt_logprobs is not None and start < seq.num_prompt_tokens - 1:
+                # Row p predicts token p + 1: prompt positions start .. num_prompt_tokens - 2 of this chunk.
+                last = min(end, seq.num_prompt_tokens - 1)
+                prompt_rows[i] = (len(keep_rows), last - start)
+                keep_rows.extend(range(first_row, first_row + last - start))
+            if end == seq.num_tokens:
+                sample_rows.append(len(keep_rows))
+                keep_rows.append(len(input_ids) - 1)
+            else:
+                sample_rows.append(-1)
+            query_starts.append(len(input_ids))
+
+        d = batch.num_decodes
+        decode_only = d == len(batch.seqs)
+        max_blocks = max(len(s.block_table) for s in batch.seqs)
+        tables = self._to_device([s.block_table + [0] * (max_blocks - len(s.block_table)) for s in batch.seqs],
+                                 torch.int32)
+        lens = self._to_device(seq_lens, torch.int32)
+        if decode_only:  # no prefill rows: the attention layers never read cu_seqlens_q
+            prefill_cu_seqlens_q = self.no_prefill
+        else:
+            prefill_cu_seqlens_q = self._to_device([q - query_starts[d] for q in query_starts[d:]], torch.int32)
+        meta = AttentionMetadata(
+            slot_mapping=self._to_device(slots, torch.int64),
+            num_decode_tokens=d,
+            decode_block_tables=tables[:d],
+            decode_seq_lens=lens[:d],
+            prefill_cu_seqlens_q=prefill_cu_seqlens_q,
+            prefill_seq_lens=lens[d:],
+            prefill_block_tables=tables[d:],
+            max_query_len=max(batch.num_new_tokens),
+        )
+        ids = self._to_device(input_ids, torch.int64)
+        pos = self._to_device(positions, torch.int64)
+        graphs = self.decode_graphs
+        with kernels.use_backend(self.kernel_backend):
+            if graphs is not None and decode_only and d <= graphs.max_batch_size:
+                hidden = graphs.run(ids, pos, meta)
+                self.graphed_steps += 1
+            else:
+                with forward_context(meta):
+                    hidden = self.model(ids, pos)
+            if keep_rows != list(range(len(input_ids))):  # e.g. a decode-only step keeps every row: no copy
+                hidden = hidden.index_select(0, self._to_device(keep_rows, torch.int64))
+            logits = self.model.compute_logits(hidden)
+        return StepLogits(logits=logits, sample_rows=sample_rows, prompt_rows=prompt_rows)

@@ -1,0 +1,181 @@
+"""Llama-family decoder (Llama 2/3, SmolLM2, Mistral, Qwen2) on the paged KV cache.
+
+Input is one flattened varlen batch: token ids and positions [T]; attention metadata comes from the forward context.
+q/k/v and gate/up are fused projections; load_weights maps HF checkpoint names onto them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+from torch import nn
+from transformers import PretrainedConfig
+
+from lmport import kernels
+from lmport.engine.errors import UnsupportedModel
+from lmport.engine.models.layers import Embedding, Linear, PagedAttention, RMSNorm, RotaryEmbedding
+from lmport.engine.models.rope import cos_sin_cache, rope_context_len
+
+# checkpoint projection name -> (fused parameter module, shard index)
+_FUSED = {"q_proj": ("qkv_proj", 0), "k_proj": ("qkv_proj", 1), "v_proj": ("qkv_proj", 2),
+          "gate_proj": ("gate_up_proj", 0), "up_proj": ("gate_up_proj", 1)}
+
+
+def _head_dim(hf_config: PretrainedConfig) -> int:
+    return getattr(hf_config, "head_dim", None) or hf_config.hidden_size // hf_config.num_attention_heads
+
+
+def _sliding_window(hf_config: PretrainedConfig) -> int | None:
+    """The attention window the model really uses (Qwen2 declares one but enables it per layer type)."""
+    window = getattr(hf_config, "sliding_window", None)
+    layer_types = getattr(hf_config, "layer_types", None)
+    if layer_types is not None and "sliding_attention" not in layer_types:
+        return None
+    if getattr(hf_config, "use_sliding_window", True) is False:
+        return None
+    return window
+
+
+class LlamaAttention(nn.Module):
+    def __init__(self, hf_config: PretrainedConfig, rotary: RotaryEmbedding) -> None:
+        super().__init__()
+        hidden, head_dim = hf_config.hidden_size, _head_dim(hf_config)
+        num_heads, num_kv_heads = hf_config.num_attention_heads, hf_config.num_key_value_heads
+        self.q_size, self.kv_size = num_heads * head_dim, num_kv_heads * head_dim
+        # Qwen2 always has q/k/v bias (and none on o_proj); Llama's attention_bias covers all four.
+        qkv_bias = hf_config.model_type == "qwen2" or bool(getattr(hf_config, "attention_bias", False))
+        o_bias = hf_config.model_type != "qwen2" and bool(getattr(hf_config, "attention_bias", False))
+        self.qkv_proj = Linear(hidden, [self.q_size, self.kv_size, self.kv_size], bias=qkv_bias)
+        self.o_proj = Linear(self.q_size, [hidden], bias=o_bias)
+        self.rotary_emb = rotary
+        self.attn = PagedAttention(num_heads, num_kv_heads, head_dim, scale=head_dim ** -0.5)
+
+    def forward(self, positions: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
+        q, k, v = self.qkv_proj(hidden).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        q, k = self.rotary_emb(positions, q, k)
+        return self.o_proj(self.attn(q, k, v))
+
+
+class LlamaMLP(nn.Module):
+    def __init__(self, hf_config: PretrainedConfig) -> None:
+        super().__init__()
+        hidden, inter = hf_config.hidden_size, hf_config.intermediate_size
+        bias = bool(getattr(hf_config, "mlp_bias", False))
+        self.gate_up_proj = Linear(hidden, [inter, inter], bias=bias)
+        self.down_proj = Linear(inter, [hidden], bias=bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(kernels.silu_and_mul(self.gate_up_proj(x)))
+
+
+class LlamaDecoderLayer(nn.Module):
+    def __init__(self, hf_config: PretrainedConfig, rotary: RotaryEmbedding) -> None:
+        super().__init__()
+        self.self_attn = LlamaAttention(hf_config, rotary)
+        self.mlp = LlamaMLP(hf_config)
+        self.input_layernorm = RMSNorm(hf_config.hidden_size, hf_config.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(hf_config.hidden_size, hf_config.rms_norm_eps)
+
+    def forward(self, positions: torch.Tensor, hidden: torch.Tensor,
+                residual: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        # The residual stream is carried separately so each norm fuses the preceding residual add.
+        if residual is None:
+            residual, hidden = hidden, self.input_layernorm(hidden)
+        else:
+            hidden, residual = self.input_layernorm(hidden, residual)
+        hidden = self.self_attn(positions, hidden)
+        hidden, residual = self.post_attention_layernorm(hidden, residual)
+        return self.mlp(hidden), residual
+
+
+class LlamaModel(nn.Module):
+    def __init__(self, hf_config: PretrainedConfig, max_positions: int) -> None:
+        super().__init__()
+        head_dim = _head_dim(hf_config)
+        self.embed_tokens = Embedding(hf_config.vocab_size, hf_config.hidden_size)
+        rotary = RotaryEmbedding(cos_sin_cache(hf_config, head_dim, max_positions), head_dim)
+        self.layers = nn.ModuleList(LlamaDecoderLayer(hf_config, rotary) for _ in range(hf_config.num_hidden_layers))
+        self.norm = RMSNorm(hf_config.hidden_size, hf_config.rms_norm_eps)
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        hidden, residual = self.embed_tokens(input_ids), None
+        for layer in self.layers:
+            hidden, residual = layer(positions, hidden, residual)
+        hidden, _ = self.norm(hidden, residual)
+        return hidden
+
+
+class LlamaForCausalLM(nn.Module):
+    def __init__(self, hf_config: PretrainedConfig, max_model_len: int | None = None) -> None:
+        """max_model_len sizes the RoPE cache (default: the model's own limit, see max_context_len)."""
+        super().__init__()
+        act = getattr(hf_config, "hidden_act", "silu")
+        if act != "silu":
+            raise UnsupportedModel(f"hidden_act {act!r} is not supported by LlamaForCausalLM (only 'silu')")
+        self.config = hf_config
+        self.model = LlamaModel(hf_config, max_model_len or self.max_context_len(hf_config))
+        self.tie_word_embeddings = bool(getattr(hf_config, "tie_word_embeddings", False))
+        self.lm_head = Linear(hf_config.hidden_size, [hf_config.vocab_size])
+        if self.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+
+    @staticmethod
+    def max_context_len(hf_config: PretrainedConfig) -> int:
+        """Longest sequence the model supports. Sliding-window attention is not implemented, so a model that uses
+        a window is capped at it: within the window, full attention is exactly what the model computes."""
+        limit = rope_context_len(hf_config)
+        window = _sliding_window(hf_config)
+        return min(limit, window) if window else limit
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        return self.model(input_ids, positions)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Logits in the model's dtype: the sampler upcasts only when it needs more than an argmax."""
+        return self.lm_head(hidden)
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """Copy HF-named checkpoint tensors into the (fused) parameters, converting dtype and device.
+        Raises UnsupportedModel when a tensor has no place, a wrong shape, or a parameter stays unloaded."""
+        params = dict(self.named_parameters())
+        loaded: set[tuple[str, int | None]] = set()
+        for name, tensor in weights:
+            if "rotary_emb.inv_freq" in name or (self.tie_word_embeddings and name == "lm_head.weight"):
+                continue  # recomputed here / shared with the embedding
+            *prefix, proj, kind = name.split(".")
+            shard = None
+            if proj in _FUSED:
+                proj, shard = _FUSED[proj]
+            target = ".".join([*prefix, proj, kind])
+            param = params.get(target)
+            if param is None:
+                raise UnsupportedModel(f"checkpoint tensor {name!r} has no place in {type(self).__name__}")
+            dest = param
+            if shard is not None:
+                module = self.get_submodule(".".join([*prefix, proj]))
+                start = module.shard_offsets[shard]
+                dest = param[start:start + module.output_sizes[shard]]
+            if dest.shape != tensor.shape:
+                raise UnsupportedModel(f"checkpoint tensor {name!r} has shape {tuple(tensor.shape)}, "
+                                       f"expected {tuple(dest.shape)}")
+            dest.copy_(tensor)
+            loaded.add((target, shard))
+        missing = sorted(f"{n}[{s}]" if s is not None else n for n, s in self._expected_tensors() - loaded)
+        if missing:
+            raise UnsupportedModel(f"checkpoint lacks {len(missing)} tensor(s): {', '.join(missing[:4])}")
+
+    def _expected_tensors(self) -> set[tuple[str, int | None]]:
+        expected: set[tuple[str, int | None]] = set()
+        seen: set[int] = set()  # a tied lm_head shares the embedding's parameter: expect it once
+        for module_name, module in self.named_modules():
+            for kind, param in module.named_parameters(recurse=False):
+                if id(param) in seen:
+                    continue
+                seen.add(id(param))
+                name = f"{module_name}.{kind}"
+                if isinstance(module, Linear) and len(module.output_sizes) > 1:
+                    expected |= {(name, i) for i in range(len(module.output_sizes))}
+                else:
+                    expected.add((name, None))
+        return expected
