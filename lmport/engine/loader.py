@@ -22,13 +22,12 @@ from transformers import AutoConfig, AutoTokenizer, GenerationConfig, Pretrained
 
 from lmport.engine.config import EngineConfig
 from lmport.engine.errors import InvalidParams, ModelNotFound, UnsupportedModel
-from lmport.engine.gguf_convert import bundled_gguf, convert_gguf
+from lmport.engine.gguf_convert import BUNDLED_NAMES, bundled_gguf, convert_gguf
 from lmport.engine.models import get_model_class
 from lmport.engine.models.layers import pack_cpu_linears
 
 logger = logging.getLogger("lmport")
 
-BUNDLED_NAMES = {"smollm2", "smollm2-135m-instruct", "huggingfacetb/smollm2-135m-instruct"}
 _HUB_ID = re.compile(r"[\w.-]+(/[\w.-]+)?")
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
