@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 
@@ -42,3 +43,18 @@ def test_an_unavailable_device_names_the_field():
     run = lmport("bench", "throughput", "--device", "cuda", "--skip-hf")
     assert run.returncode == 2 and "Traceback" not in run.stderr
     assert "lmport bench: error: device: 'cuda' requested but CUDA is not available" in run.stderr
+
+
+@pytest.mark.slow
+def test_the_first_run_says_it_converts_the_bundled_model_and_prints_no_progress_noise(tmp_path):
+    """A fresh model cache: one line says the bundled GGUF is converted (first run only); the next run says nothing
+    on stderr; both print the generation."""
+    env = {**os.environ, "LMPORT_CACHE": str(tmp_path)}
+    command = [sys.executable, "-m", "lmport.bridge.cli", "generate", "The sea is", "--max-tokens", "4"]
+    first = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert first.returncode == 0, first.stderr
+    assert "converting the bundled model (first run only) …" in first.stderr
+    assert "Loading weights" not in first.stderr
+    second = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert second.returncode == 0 and second.stderr == "", second.stderr
+    assert first.stdout.strip() and first.stdout == second.stdout

@@ -117,3 +117,26 @@ def test_hf_kernels_and_a_real_lmport_generation_in_one_process():
                           env={**os.environ, "HF_HUB_OFFLINE": "1"})
     assert done.returncode == 0, done.stderr[-3000:]
     assert "generated:" in done.stdout
+
+
+def test_the_lock_pins_every_dependency_of_lmport_transitively():
+    """Every distribution that lmport (with its test extra) needs, directly or through another, has a pin in
+    requirements.lock, so `make test` installs nothing the lock does not name."""
+    from packaging.requirements import Requirement
+    from packaging.utils import canonicalize_name
+
+    lock = {canonicalize_name(line.split("==")[0]): line.split("==")[1]
+            for line in (REPO / "requirements.lock").read_text().splitlines() if line and not line.startswith("#")}
+    needed, todo = set(), [("lmport", {"test"})]
+    while todo:
+        name, extras = todo.pop()
+        for spec in importlib.metadata.requires(name) or []:
+            requirement = Requirement(spec)
+            if requirement.marker and not any(requirement.marker.evaluate({"extra": e}) for e in extras or {""}):
+                continue
+            key = canonicalize_name(requirement.name)
+            if key not in needed:
+                needed.add(key)
+                todo.append((requirement.name, set(requirement.extras)))
+    assert needed - lock.keys() == set()
+    assert lock["torch"].startswith("2.13.0")
