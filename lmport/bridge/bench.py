@@ -19,6 +19,8 @@ DELEGATED = {
     "bridge": ("lmport.bridge.bench_bridge", "ping latency and throughput through the stdio worker vs in-process"),
     "serve": ("lmport.bridge.http.bench", "load a running OpenAI-compatible server (like vLLM's serving benchmark)"),
     "parity": ("lmport.bridge.bench_parity", "greedy tokens: this engine vs HF transformers generate, prompt by prompt"),
+    "profile": ("lmport.bridge.bench_profile", "where an engine step's time goes: phases, then operators"),
+    "peers": ("lmport.bridge.bench_peers", "lmport vs vLLM's CPU build and llama.cpp, same workloads, A B A B"),
 }
 
 _WORDS = ("the river carried small boats past quiet towns while engineers measured the water and wrote careful "

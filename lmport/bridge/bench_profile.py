@@ -1,0 +1,224 @@
+"""`lmport bench profile`: where one engine step's time goes, measured on the engine thread.
+
+Two runs of the same workload (greedy, ignore_eos) on a fresh engine each:
+1. phases, without a profiler: every step's wall time split into scheduler, model runner (batch building, the
+   forward, logits), sampler, detokenizer and outputs (building and handing over RequestOutputs), timed with
+   perf_counter around those calls on the engine thread; the rest of the step is "step bookkeeping";
+2. operators, under torch.profiler: the model runner's time split into matmuls (aten mm/addmm/linear/bmm and the
+   oneDNN packed linear), attention
+   (lmport's paged attention and KV-cache store), lmport's fused elementwise kernels (RMSNorm, rotary, SiLU-and-mul),
+   other torch operators (embedding, adds, copies, index_select, ...), and what is left: Python and dispatch
+   between the operators. The profiler adds a few microseconds to every operator, so run 2's absolute times are
+   inflated; its shares are what it is for.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import functools
+import json
+import time
+from collections import defaultdict
+from collections.abc import Callable, Iterator
+from typing import Any
+
+from lmport.bridge.bench import make_prompts
+
+KERNEL_CATEGORIES = {"paged_attention_decode": "attention", "paged_attention_prefill": "attention",
+                     "store_kv_cache": "attention", "rms_norm": "fused elementwise kernels",
+                     "rotary_embedding": "fused elementwise kernels", "silu_and_mul": "fused elementwise kernels"}
+RUNNER_LABEL = "lmport::model_runner"
+MATMUL_OPS = {"aten::mm", "aten::addmm", "aten::bmm", "aten::linear", "aten::matmul", "aten::_weight_int8pack_mm",
+              "aten::_weight_int4pack_mm_for_cpu", "aten::mkldnn_linear", "mkldnn::_linear_pointwise"}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", default="smollm2")
+    parser.add_argument("--batch", type=int, action="append", help="concurrent requests (repeatable; default: 1 "
+                        "and 64)")
+    parser.add_argument("--max-tokens", type=int, default=128)
+    parser.add_argument("--dtype", default="bfloat16")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--json", action="store_true", help="print one JSON object instead of tables")
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    torch.set_num_threads(args.threads)
+    report = {}
+    for batch in args.batch or [1, 64]:
+        prompts = make_prompts(batch, 16, 128, seed=0)
+        report[f"batch {batch}"] = {"phases": _phase_run(args, prompts), "operators": _operator_run(args, prompts)}
+    if args.json:
+        print(json.dumps(report))
+        return 0
+    for name, entry in report.items():
+        phases = entry["phases"]
+        print(f"{name}: {phases['steps']} steps, {phases['step_ms']:.2f} ms a step, "
+              f"{phases['output_tok_s']:.1f} output tok/s (no profiler)")
+        for phase, share in phases["shares"].items():
+            print(f"  {phase:28s} {100 * share:5.1f} %")
+        print(f"  model runner, by operator (torch.profiler; {entry['operators']['runner_ms']:.2f} ms a step "
+              "under the profiler):")
+        for category, share in entry["operators"]["shares"].items():
+            print(f"    {category:26s} {100 * share:5.1f} %")
+    return 0
+
+
+class PhaseTimer:
+    """Accumulates perf_counter time per phase; wraps callables so that nested phases are not counted twice."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = defaultdict(float)
+        self._depth = 0
+
+    def wrap(self, phase: str, fn: Callable[..., Any]) -> Callable[..., Any]:
+        @functools.wraps(fn)
+        def timed(*args: Any, **kwargs: Any) -> Any:
+            if self._depth:
+                return fn(*args, **kwargs)
+            self._depth += 1
+            start = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                self.seconds[phase] += time.perf_counter() - start
+                self._depth -= 1
+        return timed
+
+
+@contextlib.contextmanager
+def _patched(obj: Any, name: str, value: Any) -> Iterator[None]:
+    old = getattr(obj, name)
+    setattr(obj, name, value)
+    try:
+        yield
+    finally:
+        setattr(obj, name, old)
+
+
+def _generate(args: argparse.Namespace, prompts: list[str], instrument: Callable[[Any], Any]) -> tuple[Any, float, int]:
+    """Runs the workload on an LLMEngine stepped on this thread (the loop LLM's engine thread runs), so that
+    torch.profiler, which records the thread that starts it, sees every step."""
+    from lmport.engine.config import EngineConfig
+    from lmport.engine.llm_engine import LLMEngine
+    from lmport.engine.sampling_params import SamplingParams
+
+    engine = LLMEngine(EngineConfig.from_dict({"model": args.model, "dtype": args.dtype}))
+    finished: list[Any] = []
+
+    def submit(batch: list[str], params: SamplingParams) -> None:
+        for index, prompt in enumerate(batch):
+            engine.add_request(engine.make_request(f"r{len(finished)}-{index}", prompt, params,
+                                                   lambda out: out.finished and finished.append(out)))
+        while engine.has_work():
+            engine.step()
+
+    submit(prompts[:2], SamplingParams(temperature=0.0, max_tokens=4))  # warm-up
+    finished.clear()
+    params = SamplingParams(temperature=0.0, max_tokens=args.max_tokens, ignore_eos=True)
+    with instrument(engine) as handle:
+        start = time.perf_counter()
+        submit(prompts, params)
+        seconds = time.perf_counter() - start
+    return handle, seconds, sum(len(out.outputs[0].token_ids) for out in finished)
+
+
+def _phase_run(args: argparse.Namespace, prompts: list[str]) -> dict[str, Any]:
+    from lmport.engine import detokenizer, llm_engine
+
+    timer = PhaseTimer()
+
+    @contextlib.contextmanager
+    def instrument(engine: Any) -> Iterator[PhaseTimer]:
+        step_seconds = [0.0, 0]
+
+        def step(original: Callable[[], None] = engine.step) -> None:
+            start = time.perf_counter()
+            original()
+            step_seconds[0] += time.perf_counter() - start
+            step_seconds[1] += 1
+
+        with contextlib.ExitStack() as stack:
+            stack.enter_context(_patched(engine, "step", step))
+            stack.enter_context(_patched(engine.scheduler, "schedule", timer.wrap("scheduler",
+                                                                                 engine.scheduler.schedule)))
+            stack.enter_context(_patched(engine.runner, "run", timer.wrap("model runner", engine.runner.run)))
+            stack.enter_context(_patched(engine, "sampler", timer.wrap("sampler", engine.sampler)))
+            cls = detokenizer.IncrementalDetokenizer
+            stack.enter_context(_patched(cls, "update", timer.wrap("detokenizer", cls.update)))
+            stack.enter_context(_patched(llm_engine.LLMEngine, "_emit",
+                                         timer.wrap("outputs", llm_engine.LLMEngine._emit)))
+            yield step_seconds
+
+    (total, steps), seconds, tokens = _generate(args, prompts, instrument)
+    shares = {phase: timer.seconds[phase] / total
+              for phase in ("scheduler", "model runner", "sampler", "detokenizer", "outputs")}
+    shares["step bookkeeping"] = 1.0 - sum(shares.values())
+    return {"steps": steps, "step_ms": 1000 * total / max(steps, 1), "output_tok_s": tokens / seconds,
+            "shares": shares}
+
+
+def _inside_runner(event: Any) -> bool:
+    parent = event.cpu_parent
+    while parent is not None:
+        if parent.name == RUNNER_LABEL:
+            return True
+        parent = parent.cpu_parent
+    return False
+
+
+def _operator_run(args: argparse.Namespace, prompts: list[str]) -> dict[str, Any]:
+    from torch.profiler import ProfilerActivity, profile, record_function
+
+    from lmport import kernels
+
+    runner_seconds = [0.0, 0]
+
+    @contextlib.contextmanager
+    def instrument(engine: Any) -> Iterator[Any]:
+        def labelled(name: str, fn: Callable[..., Any]) -> Callable[..., Any]:
+            @functools.wraps(fn)
+            def call(*a: Any, **k: Any) -> Any:
+                with record_function(f"lmport::{name}"):
+                    return fn(*a, **k)
+            return call
+
+        def run_step(batch: Any, original: Callable[[Any], Any] = engine.runner.run) -> Any:
+            start = time.perf_counter()
+            try:
+                with record_function(RUNNER_LABEL):
+                    return original(batch)
+            finally:
+                runner_seconds[0] += time.perf_counter() - start
+                runner_seconds[1] += 1
+
+        with contextlib.ExitStack() as stack:
+            for name in KERNEL_CATEGORIES:
+                stack.enter_context(_patched(kernels, name, labelled(name, getattr(kernels, name))))
+            stack.enter_context(_patched(engine.runner, "run", run_step))
+            prof = stack.enter_context(profile(activities=[ProfilerActivity.CPU]))
+            yield prof
+
+    prof, _seconds, _tokens = _generate(args, prompts, instrument)
+    by_category: dict[str, float] = defaultdict(float)
+    for event in prof.events():
+        name = event.name
+        if not _inside_runner(event):  # the sampler's operators, say
+            continue
+        if name.startswith("lmport::") and name != RUNNER_LABEL:
+            category = KERNEL_CATEGORIES[name.removeprefix("lmport::")]
+        elif name in MATMUL_OPS:
+            category = "matmuls"
+        elif name.startswith(("aten::", "mkldnn::")):
+            category = "other torch operators"
+        else:
+            continue
+        by_category[category] += event.self_cpu_time_total / 1e6
+    runner_total = runner_seconds[0]
+    shares = {c: by_category[c] / runner_total
+              for c in ("matmuls", "attention", "fused elementwise kernels", "other torch operators")}
+    shares["Python and dispatch"] = 1.0 - sum(shares.values())
+    return {"runner_ms": 1000 * runner_total / max(runner_seconds[1], 1), "shares": shares}
