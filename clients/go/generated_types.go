@@ -429,6 +429,17 @@ type EngineOptions struct {
 	//
 	// Default: "auto". Allowed: one of "auto", "triton", "torch".
 	KernelBackend *string `msgpack:"kernel_backend,omitempty"`
+
+	// Weight-only quantization applied on load, on CPU: 'int8' (symmetric, per output channel) or 'int4'
+	// (asymmetric, per group of quantization_group_size input channels); null keeps the weights in the model dtype.
+	//
+	// Default: nil. Allowed: one of "int8", "int4".
+	Quantization *string `msgpack:"quantization,omitempty"`
+
+	// Input channels sharing one int4 scale and zero point.
+	//
+	// Default: 32. Allowed: one of 32, 64, 128.
+	QuantizationGroupSize *int `msgpack:"quantization_group_size,omitempty"`
 }
 
 // Validate checks the fields that are set against the manifest's types, choices and ranges.
@@ -496,6 +507,16 @@ func (o *EngineOptions) validate(prefix string) error {
 			return err
 		}
 	}
+	if o.Quantization != nil {
+		if err := checkChoice(prefix+"quantization", *o.Quantization, "int8", "int4"); err != nil {
+			return err
+		}
+	}
+	if o.QuantizationGroupSize != nil {
+		if err := checkChoice(prefix+"quantization_group_size", *o.QuantizationGroupSize, 32, 64, 128); err != nil {
+			return err
+		}
+	}
 	return nil
 }
 
@@ -560,6 +581,12 @@ func (o *EngineOptions) fill(params map[string]any) {
 	}
 	if o.KernelBackend != nil {
 		params["kernel_backend"] = o.KernelBackend
+	}
+	if o.Quantization != nil {
+		params["quantization"] = o.Quantization
+	}
+	if o.QuantizationGroupSize != nil {
+		params["quantization_group_size"] = o.QuantizationGroupSize
 	}
 }
 

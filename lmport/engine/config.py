@@ -53,6 +53,12 @@ class EngineConfig:
     kernel_backend: str = _opt("auto", "Kernels to run: 'auto' (Triton on CUDA, the C++ kernels on CPU), 'triton', "
                                "or 'torch' (the PyTorch reference everywhere, for debugging).",
                                choices=["auto", "triton", "torch"])
+    quantization: str | None = _opt(None, "Weight-only quantization applied on load, on CPU: 'int8' (symmetric, per "
+                                    "output channel) or 'int4' (asymmetric, per group of quantization_group_size "
+                                    "input channels); null keeps the weights in the model dtype.",
+                                    choices=["int8", "int4"])
+    quantization_group_size: int = _opt(32, "Input channels sharing one int4 scale and zero point.",
+                                        choices=[32, 64, 128])
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):

@@ -25,6 +25,7 @@ from lmport.engine.errors import InvalidParams, ModelNotFound, UnsupportedModel
 from lmport.engine.gguf_convert import BUNDLED_NAMES, bundled_gguf, convert_gguf
 from lmport.engine.models import get_model_class
 from lmport.engine.models.layers import pack_cpu_linears
+from lmport.engine.quantization import check_quantizable, quantize_linears
 
 logger = logging.getLogger("lmport")
 
@@ -212,7 +213,10 @@ def load_model(config: EngineConfig) -> LoadedModel:
     io_seconds = time.perf_counter() - io_start
     num_bytes = sum(f.stat().st_size for f in files)
     num_params = sum(p.numel() for p in model.parameters())
-    if os.environ.get("LMPORT_PACK_WEIGHTS", "1") != "0":  # "0": keep plain bf16 weights (A/B measurements)
+    if config.quantization is not None:
+        check_quantizable(model, config.quantization, config.quantization_group_size, device)
+        quantize_linears(model, config.quantization, config.quantization_group_size)
+    elif os.environ.get("LMPORT_PACK_WEIGHTS", "1") != "0":  # "0": keep plain bf16 weights (A/B measurements)
         pack_cpu_linears(model)
     logger.info("loaded %s (%s, %.1fM params) from %s: dtype=%s device=%s max_model_len=%d; weights %.0f MB in "
                 "%.2f s; total %.2f s", hf_config.architectures[0] if hf_config.architectures else model_cls.__name__,

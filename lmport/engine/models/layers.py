@@ -13,6 +13,7 @@ from torch import nn
 
 from lmport import kernels
 from lmport.engine.forward_context import get_forward_context
+from lmport.engine.quantization import Int4Weight, Int8Weight
 
 
 def _param(*shape: int) -> nn.Parameter:
@@ -30,8 +31,12 @@ class Linear(nn.Module):
         self.weight = _param(sum(output_sizes), input_size)
         self.bias = _param(sum(output_sizes)) if bias else None
         self.packed: torch.Tensor | None = None  # oneDNN layout of weight, see pack_cpu_linears
+        self.quantized: Int8Weight | Int4Weight | None = None  # see lmport.engine.quantization
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.quantized is not None:
+            y = self.quantized.matmul(x)
+            return y if self.bias is None else y + self.bias
         if self.packed is not None:
             return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
         return F.linear(x, self.weight, self.bias)

@@ -320,6 +320,18 @@ export interface EngineOptions {
    * Default: `"auto"`. Allowed: one of "auto", "triton", "torch".
    */
   kernel_backend?: string;
+  /**
+   * Weight-only quantization applied on load, on CPU: 'int8' (symmetric, per output channel) or 'int4' (asymmetric, per group of quantization_group_size input channels); null keeps the weights in the model dtype.
+   *
+   * Default: `null`. Allowed: one of "int8", "int4".
+   */
+  quantization?: string | null;
+  /**
+   * Input channels sharing one int4 scale and zero point.
+   *
+   * Default: `32`. Allowed: one of 32, 64, 128.
+   */
+  quantization_group_size?: number;
 }
 
 /** Field table of EngineOptions, for local validation. */
@@ -343,6 +355,8 @@ export const EngineOptionsFields: readonly FieldSpec[] = [
   { name: "num_gpu_blocks_override", type: "int|null", min: 1 },
   { name: "max_logprobs", type: "int", min: 0 },
   { name: "kernel_backend", type: "str", choices: ["auto", "triton", "torch"] },
+  { name: "quantization", type: "str|null", choices: ["int8", "int4"] },
+  { name: "quantization_group_size", type: "int", choices: [32, 64, 128] },
 ];
 
 /** Result record LogprobEntry, as the worker sends it. */

@@ -121,6 +121,11 @@ defmodule LMPort do
     * `:kernel_backend` (str) — Kernels to run: 'auto' (Triton on CUDA, the C++ kernels on CPU), 'triton', or
       'torch' (the PyTorch reference everywhere, for debugging). Default: `"auto"`. Allowed: one of "auto",
       "triton", "torch".
+    * `:quantization` (str | null) — Weight-only quantization applied on load, on CPU: 'int8' (symmetric, per
+      output channel) or 'int4' (asymmetric, per group of quantization_group_size input channels); null keeps
+      the weights in the model dtype. Default: `nil`. Allowed: one of "int8", "int4".
+    * `:quantization_group_size` (int) — Input channels sharing one int4 scale and zero point. Default: `32`.
+      Allowed: one of 32, 64, 128.
     * `:timeout`, `:timeout_profile` — see the module doc; this method's default profile is
       `:ml_inference` (600000 ms)
 

@@ -86,6 +86,20 @@ defmodule LMPort.Schema do
         "required" => false,
         "default" => "auto",
         "choices" => ["auto", "triton", "torch"]
+      },
+      %{
+        "name" => "quantization",
+        "type" => "str|null",
+        "required" => false,
+        "default" => nil,
+        "choices" => ["int8", "int4"]
+      },
+      %{
+        "name" => "quantization_group_size",
+        "type" => "int",
+        "required" => false,
+        "default" => 32,
+        "choices" => [32, 64, 128]
       }
     ],
     "SamplingParams" => [

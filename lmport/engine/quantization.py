@@ -1,0 +1,111 @@
+"""Weight-only quantization of a loaded model's Linear layers, on CPU: `quantization="int8"` or `"int4"`.
+
+- int8: symmetric, one scale per output channel; the matmul is torch's `_weight_int8pack_mm` (activations stay in
+  the model dtype, the weight is widened inside the kernel).
+- int4: asymmetric, one scale and zero point per group of `quantization_group_size` (32, 64 or 128) input
+  channels; the weight is packed once with `_convert_weight_to_int4pack_for_cpu` and multiplied with
+  `_weight_int4pack_mm_for_cpu`. The kernel's convention is w = (q - 8) * scale + zero, q in 0..15.
+
+Both are PyTorch's own CPU kernels (no hand-written GEMM here): docs/performance.md measures them against the bf16
+oneDNN path. Every Linear is quantized, lm_head included (a tied embedding keeps its full-precision table); MoE
+experts, which are stacked tensors rather than Linears, stay in the model dtype.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from lmport.engine.errors import InvalidParams
+
+METHODS = ("int8", "int4")
+GROUP_SIZES = (32, 64, 128)
+_INT4_INNER_K_TILES = 2  # what _convert_weight_to_int4pack_for_cpu packs for; K must divide by 16 * this
+
+
+@dataclass(slots=True)
+class Int8Weight:
+    weight: torch.Tensor  # int8 [N, K]
+    scales: torch.Tensor  # [N], activation dtype
+
+    def matmul(self, x: torch.Tensor) -> torch.Tensor:
+        flat = x.reshape(-1, x.shape[-1])
+        return torch.ops.aten._weight_int8pack_mm(flat, self.weight, self.scales).reshape(*x.shape[:-1], -1)
+
+    @classmethod
+    def quantize(cls, weight: torch.Tensor) -> Int8Weight:
+        w = weight.float()
+        scales = (w.abs().amax(dim=1) / 127).clamp(min=torch.finfo(torch.float32).tiny)
+        q = torch.clamp(torch.round(w / scales[:, None]), -127, 127).to(torch.int8)
+        return cls(q, scales.to(weight.dtype))
+
+    def dequantize(self) -> torch.Tensor:
+        return self.weight.float() * self.scales.float()[:, None]
+
+
+@dataclass(slots=True)
+class Int4Weight:
+    packed: torch.Tensor  # _convert_weight_to_int4pack_for_cpu's layout
+    group_size: int
+    scales_and_zeros: torch.Tensor  # [K / group_size, N, 2], activation dtype
+    out_features: int
+
+    def matmul(self, x: torch.Tensor) -> torch.Tensor:
+        flat = x.reshape(-1, x.shape[-1])
+        y = torch.ops.aten._weight_int4pack_mm_for_cpu(flat, self.packed, self.group_size, self.scales_and_zeros)
+        return y.reshape(*x.shape[:-1], self.out_features)
+
+    @classmethod
+    def quantize(cls, weight: torch.Tensor, group_size: int) -> Int4Weight:
+        n, k = weight.shape
+        groups = weight.float().reshape(n, k // group_size, group_size)
+        low, high = groups.amin(dim=-1), groups.amax(dim=-1)
+        scales = ((high - low) / 15).clamp(min=torch.finfo(torch.float32).tiny)
+        q = torch.clamp(torch.round((groups - low[..., None]) / scales[..., None]), 0, 15).to(torch.int32)
+        packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.reshape(n, k), _INT4_INNER_K_TILES)
+        zeros = low + 8 * scales  # the kernel computes (q - 8) * scale + zero
+        scales_and_zeros = torch.stack([scales, zeros], dim=-1).transpose(0, 1).contiguous().to(weight.dtype)
+        return cls(packed, group_size, scales_and_zeros, n)
+
+
+def check_quantizable(model: nn.Module, method: str, group_size: int, device: torch.device) -> None:
+    """Every Linear can take `method` on `device`; else an InvalidParams naming the option and the layer."""
+    from lmport.engine.models.layers import Linear
+
+    if method not in METHODS:
+        raise InvalidParams("quantization", f"must be one of {list(METHODS)} or null, got {method!r}")
+    if device.type != "cpu":
+        raise InvalidParams("quantization", f"{method} weight-only quantization runs on CPU only (device is "
+                                            f"{device}); use the model dtype on {device.type}")
+    if method == "int4":
+        for name, module in model.named_modules():
+            if not isinstance(module, Linear):
+                continue
+            out_features, in_features = module.weight.shape
+            if in_features % max(group_size, 16 * _INT4_INNER_K_TILES):
+                raise InvalidParams("quantization_group_size", f"layer {name} has {in_features} input features, "
+                                    f"not a multiple of the int4 group size {group_size}; choose a group size "
+                                    f"that divides it, or quantization='int8'")
+            if out_features % 16:
+                raise InvalidParams("quantization", f"int4 needs output features in multiples of 16; layer {name} "
+                                    f"has {out_features}: use quantization='int8'")
+
+
+def quantize_linears(model: nn.Module, method: str, group_size: int) -> int:
+    """Replace every Linear's weight by its `method` form (check_quantizable first). The plain weight is released
+    unless another module shares it (a tied embedding). Returns the number of Linears quantized."""
+    from lmport.engine.models.layers import Linear
+
+    shared = {id(p) for m in model.modules() if not isinstance(m, Linear) for p in m.parameters(recurse=False)}
+    count = 0
+    for module in model.modules():
+        if not isinstance(module, Linear) or module.weight.numel() == 0:
+            continue
+        weight = module.weight.detach()
+        module.quantized = Int8Weight.quantize(weight) if method == "int8" else Int4Weight.quantize(weight, group_size)
+        if id(module.weight) not in shared:
+            module.weight.data = module.weight.data.new_empty(0)
+        count += 1
+    return count
