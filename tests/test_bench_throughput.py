@@ -39,3 +39,14 @@ def test_peers_bench_without_its_venv_says_how_to_build_it(tmp_path):
     run = subprocess.run([sys.executable, "-m", "lmport.bridge.cli", "bench", "peers", "--peer-python",
                           str(tmp_path / "missing" / "python")], capture_output=True, text=True, timeout=120)
     assert run.returncode == 2 and "run `make bench-peers`" in run.stderr
+
+
+def test_quality_bench_reports_perplexity_and_agreement_for_each_method():
+    run = subprocess.run([sys.executable, "-m", "lmport.bridge.cli", "bench", "quality", "--methods", "int8",
+                          "--max-tokens", "2", "--json"], capture_output=True, text=True, timeout=600, check=True)
+    result = json.loads(run.stdout)
+    assert result["tokens"] > 500  # the shipped text, read from package data
+    assert set(result["rows"]) == {"bf16", "int8"}
+    assert 1 < result["rows"]["bf16"]["perplexity"] < 100
+    assert abs(result["rows"]["int8"]["perplexity"] / result["rows"]["bf16"]["perplexity"] - 1) < 0.1
+    assert 0 <= result["rows"]["int8"]["greedy_agreement"] <= 1

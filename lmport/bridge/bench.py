@@ -20,6 +20,7 @@ DELEGATED = {
     "serve": ("lmport.bridge.http.bench", "load a running OpenAI-compatible server (like vLLM's serving benchmark)"),
     "parity": ("lmport.bridge.bench_parity", "greedy tokens: this engine vs HF transformers generate, prompt by prompt"),
     "profile": ("lmport.bridge.bench_profile", "where an engine step's time goes: phases, then operators"),
+    "quality": ("lmport.bridge.bench_quality", "perplexity and greedy agreement: bf16 vs int8 vs int4 (vs llama.cpp)"),
     "peers": ("lmport.bridge.bench_peers", "lmport vs vLLM's CPU build and llama.cpp, same workloads, A B A B"),
 }
 
@@ -34,6 +35,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     throughput.add_argument("--device", default="auto", help="'auto' (CUDA when available), 'cpu', 'cuda[:N]': "
                             "both sides run there")
     throughput.add_argument("--enforce-eager", action="store_true", help="engine without CUDA graphs")
+    throughput.add_argument("--quantization", choices=["int8", "int4"], default=None,
+                            help="weight-only quantization of this engine (transformers stays in --dtype)")
     throughput.add_argument("--skip-hf", action="store_true", help="measure only this engine")
     throughput.add_argument("--json", action="store_true", help="print one JSON object instead of text")
     for name, (module, help_text) in DELEGATED.items():
@@ -70,7 +73,7 @@ def run(args: argparse.Namespace) -> int:
     result: dict[str, Any] = {"workload": {"num_prompts": args.num_prompts, "max_tokens": args.max_tokens,
                                            "dtype": args.dtype, "threads": args.threads, "model": args.model}}
     result["lmport"] = engine_throughput(args.model, prompts, args.max_tokens, args.dtype, device=args.device,
-                                         enforce_eager=args.enforce_eager)
+                                         enforce_eager=args.enforce_eager, quantization=args.quantization)
     result["workload"]["device"] = result["lmport"]["device"]
     if not args.skip_hf:
         result["hf"] = hf_throughput(result["lmport"]["model_path"], prompts, args.max_tokens, args.dtype,

@@ -2,8 +2,8 @@
 
 Workloads (the issue's, docs/performance.md):
 - offline: the `lmport bench throughput` prompts (64 x 128 greedy tokens, ignore_eos), lmport's LLM vs vllm.LLM;
-- decode: batch-1 greedy decode of 256 tokens, lmport vs vLLM vs llama.cpp (llama.cpp on the bundled Q4_1 GGUF
-  itself, the others on its bf16 conversion: label it so);
+- decode: batch-1 greedy decode of 256 tokens, lmport (bf16, int8, int4) vs vLLM (bf16) vs llama.cpp (the bundled
+  Q4_1 GGUF itself; the others run its bf16 conversion or re-quantize that);
 - serve: vLLM's own `vllm bench serve` client (random dataset, 128 in / 64 out, 64 prompts, concurrency 32,
   ignore_eos) against `lmport serve` and `vllm serve` in turn.
 
@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import json
 import os
 import socket
@@ -100,8 +101,12 @@ def _sides(workload: str, args: argparse.Namespace, peer_python: Path, model_dir
         "lmport": lambda: _json_run(lmport_command)["lmport"],
         "vllm": lambda: _json_run([*peer, "vllm-offline", "--model", str(model_dir), *common], VLLM_ENV),
     }
-    if workload == "decode" and not args.no_llamacpp:
-        sides["llama.cpp (Q4_1)"] = lambda: _json_run([*peer, "llamacpp-decode", "--model", str(gguf), *common])
+    if workload == "decode":
+        for method in ("int8", "int4"):  # weight-only quantization, against llama.cpp's own 4-bit weights
+            sides[f"lmport {method}"] = functools.partial(
+                lambda command: _json_run(command)["lmport"], [*lmport_command, "--quantization", method])
+        if not args.no_llamacpp:
+            sides["llama.cpp (Q4_1)"] = lambda: _json_run([*peer, "llamacpp-decode", "--model", str(gguf), *common])
     return sides
 
 
@@ -183,9 +188,10 @@ def _summarize(results: dict[str, dict[str, list[dict[str, Any]]]]) -> dict[str,
     for workload, sides in results.items():
         best = {name: max(runs, key=lambda r: r["output_tok_s"]) for name, runs in sides.items()}
         entry: dict[str, Any] = {"best": best}
-        for name in best:
-            if name != "lmport":
-                entry[f"lmport/{name}"] = best["lmport"]["output_tok_s"] / best[name]["output_tok_s"]
+        ours = [name for name in best if name.startswith("lmport")]
+        for mine in ours:
+            for peer in (name for name in best if name not in ours):
+                entry[f"{mine}/{peer}"] = best[mine]["output_tok_s"] / best[peer]["output_tok_s"]
         if workload == "serve":
             entry["ttft lmport/vllm"] = best["lmport"]["mean_ttft_ms"] / best["vllm"]["mean_ttft_ms"]
         summary[workload] = entry
@@ -200,4 +206,4 @@ def _print(summary: dict[str, Any]) -> None:
             print(f"  {name:18s} {run['output_tok_s']:8.1f} output tok/s{ttft}")
         for key, value in entry.items():
             if key != "best":
-                print(f"  {key:18s} {value:8.2f}x")
+                print(f"  {key:30s} {value:8.2f}x")

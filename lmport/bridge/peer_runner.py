@@ -45,7 +45,28 @@ def llamacpp_decode(args: argparse.Namespace) -> dict[str, Any]:
     return {"seconds": seconds, "output_tokens": tokens, "output_tok_s": tokens / seconds}
 
 
-RUNNERS = {"vllm-offline": vllm_offline, "llamacpp-decode": llamacpp_decode}
+def llamacpp_perplexity(args: argparse.Namespace) -> dict[str, Any]:
+    """Perplexity of the given token ids (the prompts file holds one list of ids, lmport's tokenization) under
+    llama.cpp: one evaluation with every position's logits kept."""
+    import math
+
+    import numpy as np
+    from llama_cpp import Llama
+
+    token_ids = json.loads(open(args.prompts).read())
+    llm = Llama(model_path=args.model, n_ctx=max(args.max_model_len, len(token_ids) + 8), n_threads=args.threads,
+                n_batch=512, logits_all=True, verbose=False)
+    llm.eval(token_ids)
+    logits = np.asarray(llm.scores[:len(token_ids) - 1], dtype=np.float64)  # row t predicts token t + 1
+    peak = logits.max(axis=1, keepdims=True)
+    log_norm = peak[:, 0] + np.log(np.exp(logits - peak).sum(axis=1))
+    targets = np.asarray(token_ids[1:])
+    nll = float(np.mean(log_norm - logits[np.arange(len(targets)), targets]))
+    return {"perplexity": math.exp(nll), "tokens": len(token_ids)}
+
+
+RUNNERS = {"vllm-offline": vllm_offline, "llamacpp-decode": llamacpp_decode,
+           "llamacpp-perplexity": llamacpp_perplexity}
 # torch is the venv's own CPU wheel; vLLM's media extras break against it and no workload here uses them.
 VLLM_REQUIREMENTS_LEFT_OUT = {"torch", "torchvision", "torchaudio", "torchcodec"}
 
@@ -88,7 +109,8 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("kind", choices=sorted(RUNNERS))
     parser.add_argument("--model", required=True, help="HF directory (vLLM) or .gguf file (llama.cpp)")
-    parser.add_argument("--prompts", required=True, help="JSON file: a list of prompt strings")
+    parser.add_argument("--prompts", required=True, help="JSON file: a list of prompt strings (of token ids, for "
+                        "llamacpp-perplexity)")
     parser.add_argument("--max-tokens", type=int, required=True)
     parser.add_argument("--max-model-len", type=int, default=2048)
     parser.add_argument("--dtype", default="bfloat16")
