@@ -184,6 +184,47 @@ func TestPool(t *testing.T) {
 		}
 	})
 
+	t.Run("KilledWhileLoadingTheHandle", func(t *testing.T) {
+		idle := p.Workers()[2]
+		if err := syscall.Kill(-idle.PGID(), syscall.SIGKILL); err != nil {
+			t.Fatal(err)
+		}
+		if !waitFor(t, 2*time.Minute, func() bool {
+			ws := p.Workers()
+			return ws[2] != nil && ws[2] != idle && ws[0].ready() && ws[1].ready() && ws[2].ready()
+		}) {
+			t.Fatal("worker 2 was not restarted")
+		}
+		fresh := p.Workers()[2] // has not loaded the handle's model yet
+		errs := make(chan error, p.Size())
+		for i := 0; i < p.Size(); i++ { // one per worker: one waits for the fresh worker's load
+			go func() {
+				_, err := p.Generate(ctx, llm, "The capital of France is", short())
+				errs <- err
+			}()
+		}
+		time.Sleep(200 * time.Millisecond)
+	drain:
+		for {
+			select {
+			case ev := <-fresh.Events():
+				if ev.Name == "model_loaded" {
+					t.Fatal("the load finished before the kill: the test proves nothing")
+				}
+			default:
+				break drain
+			}
+		}
+		if err := syscall.Kill(-fresh.PGID(), syscall.SIGKILL); err != nil {
+			t.Fatal(err)
+		}
+		for i := 0; i < p.Size(); i++ {
+			if err := <-errs; err != nil {
+				t.Fatalf("a call waiting for a load on the killed worker was lost: %v", err)
+			}
+		}
+	})
+
 	t.Run("ReleaseOnEveryWorker", func(t *testing.T) {
 		extra, err := p.LLM(ctx, "smollm2", &EngineOptions{Dtype: Ptr("float32"), MaxModelLen: Ptr(256),
 			KVCacheMemoryBytes: Ptr(32 << 20)})

@@ -153,8 +153,15 @@ export class Pool extends Methods {
       const worker = slot.worker!;
       tried.add(worker);
       try {
-        const workerParams = await this.#localize(slot, worker, spec, params);
-        if (slot.worker !== worker || !worker.ready) { // it died while the handle loaded: nothing was sent
+        let workerParams: Record<string, unknown>;
+        try {
+          workerParams = await this.#localize(slot, worker, spec, params);
+        } catch (error) {
+          if (worker.ready && !notAdmitted(error)) throw error; // a bad handle, or a load the worker refused
+          lastError = error; // the worker went away while loading the handle: the call was never sent
+          continue;
+        }
+        if (slot.worker !== worker || !worker.ready) { // it died just after the load: nothing was sent
           lastError = new LMPortError("worker_exited", `worker ${slot.index} exited before ${spec.name} was sent`);
           continue;
         }

@@ -89,6 +89,21 @@ test("the crashed worker is restarted and serves the pool-wide handle", async ()
   assert.equal(new Set(texts).size, 1);
 });
 
+test("a worker killed while it loads the handle for a call: the call is served by another worker", async () => {
+  const ready = (w: Worker | undefined): boolean => w?.ready === true;
+  const idle = pool.workers[2]!;
+  process.kill(-idle.pgid, "SIGKILL");
+  assert.ok(await waitFor(() => pool.workers[2] !== idle && pool.workers.every(ready), 120_000));
+  const fresh = pool.workers[2]!; // has not loaded the handle's model yet
+  let loaded = false;
+  fresh.onEvent((name) => { if (name === "model_loaded") loaded = true; });
+  const calls = pool.workers.map(() => pool.generate(llm, PROMPT, { sampling_params: SHORT }));
+  await new Promise((r) => setTimeout(r, 200)); // one call now waits for the fresh worker's load
+  assert.equal(loaded, false, "the load finished before the kill: the test proves nothing");
+  process.kill(-fresh.pgid, "SIGKILL");
+  for (const outs of await Promise.all(calls)) assert.equal(outs[0]!.outputs[0]!.token_ids.length, 4);
+});
+
 test("release frees the handle on every worker", async () => {
   const extra = await pool.llm("smollm2", ENGINE);
   await pool.generate(extra, PROMPT, { sampling_params: SHORT });
