@@ -112,7 +112,7 @@ export class Pool extends Methods {
     }
     if (spec.name === "llm") return this.#llm(params, callOptions) as Promise<R>;
     if (spec.name === "release") return this.#release(params, callOptions) as Promise<R>;
-    return this.#route(spec, params, (worker, workerParams) =>
+    return this.#route(spec, params, callOptions.signal, (worker, workerParams) =>
       worker.call<R>(spec.name, workerParams, callOptions, spec.profile));
   }
 
@@ -126,7 +126,7 @@ export class Pool extends Methods {
       inner?.cancel();
     });
     let seq = 0;
-    void this.#route(spec, params, async (worker, workerParams) => {
+    void this.#route(spec, params, callOptions.signal, async (worker, workerParams) => {
       if (stopped) throw new LMPortError("cancelled", `${spec.name} cancelled before it was sent`);
       inner = worker.stream<T, S>(spec.name, workerParams, callOptions);
       try {
@@ -144,12 +144,12 @@ export class Pool extends Methods {
    * Runs `send` on the least-loaded ready worker, with the call's handles mapped to that worker's refs; retries
    * elsewhere while the failure says the call was never admitted. Each worker is tried at most once.
    */
-  async #route<R>(spec: MethodSpec, params: Record<string, unknown>,
+  async #route<R>(spec: MethodSpec, params: Record<string, unknown>, signal: AbortSignal | undefined,
                   send: (worker: Worker, params: Record<string, unknown>) => Promise<R>): Promise<R> {
     const tried = new Set<Worker>();
     let lastError: unknown;
     for (;;) {
-      const slot = await this.#pick(tried, lastError);
+      const slot = await this.#pick(tried, lastError, signal);
       const worker = slot.worker!;
       tried.add(worker);
       try {
@@ -180,7 +180,7 @@ export class Pool extends Methods {
    * (the caller uncounts it); waits while every untried one is restarting. Throws `lastError` (or
    * `shutting_down`) when no worker is left to try.
    */
-  async #pick(tried: Set<Worker>, lastError: unknown): Promise<Slot> {
+  async #pick(tried: Set<Worker>, lastError: unknown, signal: AbortSignal | undefined): Promise<Slot> {
     for (;;) {
       if (this.#closed) throw new LMPortError("shutting_down", "the pool is closed", {}, true);
       let best: Slot | undefined;
@@ -200,8 +200,22 @@ export class Pool extends Methods {
       if (!restarting) {
         throw lastError ?? new LMPortError("shutting_down", "no worker of the pool is running", {}, true);
       }
-      await new Promise<void>((wake) => this.#readyWaiters.push(wake));
+      await this.#nextChange(signal);
     }
+  }
+
+  /** Resolves when a worker comes or goes; rejects with `cancelled` when `signal` aborts first. */
+  #nextChange(signal: AbortSignal | undefined): Promise<void> {
+    return new Promise<void>((resolve, reject) => {
+      const onAbort = (): void => reject(new LMPortError("cancelled", "aborted while waiting for a worker",
+        { reason: String(signal?.reason) }));
+      if (signal?.aborted) return onAbort();
+      signal?.addEventListener("abort", onAbort, { once: true });
+      this.#readyWaiters.push(() => {
+        signal?.removeEventListener("abort", onAbort);
+        resolve();
+      });
+    });
   }
 
   /** `params` with every pool handle replaced by `worker`'s ref for it, loading the model there first if needed. */

@@ -5,7 +5,7 @@ import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { test } from "node:test";
 import { Pool, Worker } from "../src/index.js";
-import { fakeWorker, groupAlive, runHost } from "./helpers.js";
+import { fakeWorker, groupAlive, runHost, waitFor } from "./helpers.js";
 
 test("a throwing event listener is the host's bug: it surfaces as uncaught, the worker keeps serving", async () => {
   const fake = fakeWorker(`
@@ -131,6 +131,22 @@ test("pool: shutting_down after engine work (details.usage) is not retried", asy
     assert.equal(failed.length, 1);
     assert.equal(failed[0]!.reason.code, "shutting_down");
     assert.deepEqual(refused(), ["ping"]); // answered once, never sent again
+  } finally {
+    await pool.close();
+  }
+});
+
+test("pool: a call waiting for a restarting worker can be aborted", { timeout: 20_000 }, async () => {
+  const fake = fakeWorker(`hello()
+sys.exit(0)  # gone right after its hello: the pool's only worker is down until its restart
+`);
+  const pool = await Pool.spawn({ size: 1, python: fake, stderr: "ignore", restartDelay: 60_000 });
+  try {
+    await waitFor(() => pool.workers[0] === undefined, 5_000);
+    const controller = new AbortController();
+    const call = pool.ping({ signal: controller.signal });
+    setTimeout(() => controller.abort(), 100);
+    await assert.rejects(call, (e: { code?: string }) => e.code === "cancelled");
   } finally {
     await pool.close();
   }
