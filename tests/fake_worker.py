@@ -7,6 +7,7 @@ and then runs its scenario, which uses:
     send(**message)            one message frame
     send_raw(body)             a frame holding any bytes
     respond(request, result)   an ok response to a request
+    refuse_if_first(lock, err) a pool's fakes: the first to start answers every request with the error map `err`
     os, struct, sys, time      imported for the scenarios
 """
 
@@ -17,7 +18,7 @@ import time
 
 import msgpack
 
-__all__ = ["hello", "recv", "send", "send_raw", "respond", "os", "struct", "sys", "time"]
+__all__ = ["hello", "recv", "send", "send_raw", "respond", "refuse_if_first", "os", "struct", "sys", "time"]
 
 _in, _out = sys.stdin.buffer, sys.stdout.buffer
 
@@ -47,3 +48,22 @@ def hello(**override: object) -> None:
 
 def respond(request: dict, result: object = None) -> None:
     send(type="response", id=request["id"], ok=True, result={} if result is None else result)
+
+
+def refuse_if_first(lock_path: str, error: dict) -> None:
+    """For pool tests: of the fakes started with the same `lock_path`, the first to start answers every request
+    with `error` (and appends a line to `lock_path` for each); the others answer `{"pid": <their pid>}`."""
+    try:
+        os.close(os.open(lock_path, os.O_CREAT | os.O_EXCL))
+        refuse = True
+    except FileExistsError:
+        refuse = False
+    hello()
+    while True:
+        request = recv()
+        if refuse:
+            with open(lock_path, "a") as log:
+                log.write(f"{request.get('method')}\n")
+            send(type="response", id=request["id"], ok=False, error=error)
+        else:
+            respond(request, {"pid": os.getpid()})

@@ -15,4 +15,13 @@
 // Every call takes a context.Context: cancelling it cancels the request in the worker, and its deadline is
 // sent to the worker, which aborts the request when it passes. Requests from all goroutines are multiplexed
 // over one pipe and batched together by the worker's engine.
+//
+// StartPool runs several workers behind the same methods (Worker and Pool both embed API): calls go to the
+// least-loaded worker, handles from Pool.LLM work on every worker, and a crashed worker is restarted:
+//
+//	pool, err := lmport.StartPool(ctx, 2, lmport.PoolOptions{})
+//	if err != nil { ... }
+//	defer pool.Close()
+//	llm, err := pool.LLM(ctx, "smollm2", nil)
+//	outs, err := pool.Generate(ctx, llm, "Hello", nil)
 package lmport

@@ -19,6 +19,7 @@ type Error struct {
 	PythonType string // Python exception class, when the worker reported one
 	Traceback  string // only when the worker runs with --debug
 	cause      error  // context.Canceled / context.DeadlineExceeded for context-driven failures
+	notSent    bool   // the request was never written to the worker (a Pool may send it to another)
 }
 
 func (e *Error) Error() string { return fmt.Sprintf("lmport %s: %s", e.Code, e.Message) }
@@ -60,6 +61,14 @@ func contextError(method string, err error) *Error {
 		return &Error{Code: "deadline_exceeded", Message: method + ": context deadline exceeded", cause: err}
 	}
 	return &Error{Code: "cancelled", Message: method + ": context cancelled", cause: err}
+}
+
+// notSent returns a copy of e marked as a request that never reached the worker (e may be shared, as the
+// worker's exit error is).
+func notSent(e *Error) *Error {
+	c := *e
+	c.notSent = true
+	return &c
 }
 
 // invalidParam is the local twin of the worker's invalid_params answer.

@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"log"
+	"sync"
 	"time"
 
 	lmport "github.com/lmport/lmport/clients/go"
@@ -60,5 +61,45 @@ func Example() {
 	var e *lmport.Error
 	if errors.As(err, &e) {
 		fmt.Println("timeout ->", e.Code, errors.Is(err, context.DeadlineExceeded))
+	}
+}
+
+// The Pool example of docs/clients/go.md: the same methods as a Worker, over several workers.
+func ExamplePool() {
+	ctx := context.Background()
+	pool, err := lmport.StartPool(ctx, 2, lmport.PoolOptions{}) // two workers; crashed ones are restarted
+	if err != nil {
+		log.Fatal(err)
+	}
+	defer pool.Close() // a Pool is an io.Closer, like a Worker
+
+	// one handle for the whole pool: every worker loads the model, the pool maps the handle to their refs
+	llm, err := pool.LLM(ctx, "smollm2", &lmport.EngineOptions{MaxModelLen: lmport.Ptr(1024)})
+	if err != nil {
+		log.Fatal(err)
+	}
+	colours := []string{"red", "green", "blue", "white"}
+	texts := make([]string, len(colours))
+	var wg sync.WaitGroup
+	for i, c := range colours { // concurrent calls go to the least-loaded worker
+		wg.Add(1)
+		go func(i int, c string) {
+			defer wg.Done()
+			outs, err := pool.Generate(ctx, llm, "A poem about "+c+":", &lmport.GenerateOptions{
+				SamplingParams: &lmport.SamplingParams{MaxTokens: lmport.Ptr(12)}})
+			if err != nil {
+				log.Print(err) // worker_exited if its worker died mid-generation: never replayed
+				return
+			}
+			texts[i] = outs[0].Outputs[0].Text
+		}(i, c)
+	}
+	wg.Wait()
+	fmt.Printf("%q\n", texts)
+
+	// code written against lmport.API runs on a Worker or a Pool
+	var api lmport.API = pool.API
+	if _, err := api.Ping(ctx, nil); err != nil {
+		log.Fatal(err)
 	}
 }

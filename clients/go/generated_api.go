@@ -11,10 +11,10 @@ import "context"
 // schemas, error codes and timeout profiles.
 //
 // Returns: The manifest map (protocol, server, version, methods, schemas, error_codes, timeout_profiles).
-func (w *Worker) Describe(ctx context.Context, call ...CallOption) (map[string]any, error) {
+func (a API) Describe(ctx context.Context, call ...CallOption) (map[string]any, error) {
 	var out map[string]any
 	params := map[string]any{}
-	err := w.invoke(ctx, "describe", "default", params, &out, call)
+	err := a.c.invoke(ctx, "describe", "default", params, &out, call)
 	return out, err
 }
 
@@ -30,7 +30,7 @@ func (w *Worker) Describe(ctx context.Context, call ...CallOption) (map[string]a
 // Returns: A handle {ref, engine, model, model_path, dtype, device, max_model_len, num_kv_blocks, block_size,
 // max_num_seqs, max_concurrency, config}; max_concurrency is how many max_model_len-token requests the KV cache
 // holds at once.
-func (w *Worker) LLM(ctx context.Context, model string, opts *EngineOptions, call ...CallOption) (Handle, error) {
+func (a API) LLM(ctx context.Context, model string, opts *EngineOptions, call ...CallOption) (Handle, error) {
 	var out Handle
 	params := map[string]any{}
 	if err := opts.validate(""); err != nil {
@@ -40,7 +40,7 @@ func (w *Worker) LLM(ctx context.Context, model string, opts *EngineOptions, cal
 	if model != "" {
 		params["model"] = model
 	}
-	err := w.invoke(ctx, "llm", "ml_inference", params, &out, call)
+	err := a.c.invoke(ctx, "llm", "ml_inference", params, &out, call)
 	return out, err
 }
 
@@ -50,14 +50,14 @@ func (w *Worker) LLM(ctx context.Context, model string, opts *EngineOptions, cal
 // opts holds the optional parameters (SamplingParams); nil for the defaults.
 //
 // Returns: Every SamplingParams field as plain data (logit_bias keys as strings, output_kind as its value).
-func (w *Worker) SamplingParams(ctx context.Context, opts *SamplingParams, call ...CallOption) (map[string]any, error) {
+func (a API) SamplingParams(ctx context.Context, opts *SamplingParams, call ...CallOption) (map[string]any, error) {
 	var out map[string]any
 	params := map[string]any{}
 	if err := opts.validate(""); err != nil {
 		return out, err
 	}
 	opts.fill(params)
-	err := w.invoke(ctx, "sampling_params", "default", params, &out, call)
+	err := a.c.invoke(ctx, "sampling_params", "default", params, &out, call)
 	return out, err
 }
 
@@ -125,24 +125,24 @@ func generateParams(llm Handle, prompts any, opts *GenerateOptions) (map[string]
 //
 // Returns: One RequestOutput per prompt, in order. With stream: each chunk is a Chunk (one request's delta) and
 // the response a Summary (usage, and per request its metrics and how each completion ended).
-func (w *Worker) Generate(ctx context.Context, llm Handle, prompts any, opts *GenerateOptions, call ...CallOption) ([]RequestOutput, error) {
+func (a API) Generate(ctx context.Context, llm Handle, prompts any, opts *GenerateOptions, call ...CallOption) ([]RequestOutput, error) {
 	var out []RequestOutput
 	params, err := generateParams(llm, prompts, opts)
 	if err != nil {
 		return out, err
 	}
-	err = w.invoke(ctx, "generate", "ml_inference", params, &out, call)
+	err = a.c.invoke(ctx, "generate", "ml_inference", params, &out, call)
 	return out, err
 }
 
 // GenerateStream is the streaming form of Generate: iterate the deltas with Next/Delta, then check Err.
 // Cancelling ctx or closing the stream cancels the request in the worker.
-func (w *Worker) GenerateStream(ctx context.Context, llm Handle, prompts any, opts *GenerateOptions, call ...CallOption) (*Stream, error) {
+func (a API) GenerateStream(ctx context.Context, llm Handle, prompts any, opts *GenerateOptions, call ...CallOption) (*Stream, error) {
 	params, err := generateParams(llm, prompts, opts)
 	if err != nil {
 		return nil, err
 	}
-	return w.invokeStream(ctx, "generate", params, call)
+	return a.c.invokeStream(ctx, "generate", params, call)
 }
 
 // ChatOptions are the optional parameters of Worker.Chat; nil fields take the worker's defaults.
@@ -225,24 +225,24 @@ func chatParams(llm Handle, messages any, opts *ChatOptions) (map[string]any, er
 //
 // Returns: Like generate: one RequestOutput per conversation (prompt is null; prompt_token_ids is the templated
 // prompt), or Chunks and a Summary when streaming.
-func (w *Worker) Chat(ctx context.Context, llm Handle, messages any, opts *ChatOptions, call ...CallOption) ([]RequestOutput, error) {
+func (a API) Chat(ctx context.Context, llm Handle, messages any, opts *ChatOptions, call ...CallOption) ([]RequestOutput, error) {
 	var out []RequestOutput
 	params, err := chatParams(llm, messages, opts)
 	if err != nil {
 		return out, err
 	}
-	err = w.invoke(ctx, "chat", "ml_inference", params, &out, call)
+	err = a.c.invoke(ctx, "chat", "ml_inference", params, &out, call)
 	return out, err
 }
 
 // ChatStream is the streaming form of Chat: iterate the deltas with Next/Delta, then check Err. Cancelling ctx
 // or closing the stream cancels the request in the worker.
-func (w *Worker) ChatStream(ctx context.Context, llm Handle, messages any, opts *ChatOptions, call ...CallOption) (*Stream, error) {
+func (a API) ChatStream(ctx context.Context, llm Handle, messages any, opts *ChatOptions, call ...CallOption) (*Stream, error) {
 	params, err := chatParams(llm, messages, opts)
 	if err != nil {
 		return nil, err
 	}
-	return w.invokeStream(ctx, "chat", params, call)
+	return a.c.invokeStream(ctx, "chat", params, call)
 }
 
 // TokenizeOptions are the optional parameters of Worker.Tokenize; nil fields take the worker's defaults.
@@ -278,7 +278,7 @@ func (o *TokenizeOptions) fill(params map[string]any) {
 //   - opts: optional parameters (TokenizeOptions); nil for the defaults.
 //
 // Returns: The token ids.
-func (w *Worker) Tokenize(ctx context.Context, llm Handle, text string, opts *TokenizeOptions, call ...CallOption) ([]int, error) {
+func (a API) Tokenize(ctx context.Context, llm Handle, text string, opts *TokenizeOptions, call ...CallOption) ([]int, error) {
 	var out []int
 	params := map[string]any{}
 	if err := opts.validate(""); err != nil {
@@ -290,7 +290,7 @@ func (w *Worker) Tokenize(ctx context.Context, llm Handle, text string, opts *To
 	}
 	params["llm"] = llm
 	params["text"] = text
-	err := w.invoke(ctx, "tokenize", "default", params, &out, call)
+	err := a.c.invoke(ctx, "tokenize", "default", params, &out, call)
 	return out, err
 }
 
@@ -327,7 +327,7 @@ func (o *DetokenizeOptions) fill(params map[string]any) {
 //   - opts: optional parameters (DetokenizeOptions); nil for the defaults.
 //
 // Returns: The text.
-func (w *Worker) Detokenize(ctx context.Context, llm Handle, tokenIDs []int, opts *DetokenizeOptions, call ...CallOption) (string, error) {
+func (a API) Detokenize(ctx context.Context, llm Handle, tokenIDs []int, opts *DetokenizeOptions, call ...CallOption) (string, error) {
 	var out string
 	params := map[string]any{}
 	if err := opts.validate(""); err != nil {
@@ -342,7 +342,7 @@ func (w *Worker) Detokenize(ctx context.Context, llm Handle, tokenIDs []int, opt
 		return out, invalidParam("token_ids", "is required")
 	}
 	params["token_ids"] = tokenIDs
-	err := w.invoke(ctx, "detokenize", "default", params, &out, call)
+	err := a.c.invoke(ctx, "detokenize", "default", params, &out, call)
 	return out, err
 }
 
@@ -353,14 +353,14 @@ func (w *Worker) Detokenize(ctx context.Context, llm Handle, tokenIDs []int, opt
 //   - ref: the handle (map or ref string) to free.
 //
 // Returns: {ref, unloaded}: unloaded is true when this was the engine's last handle.
-func (w *Worker) Release(ctx context.Context, ref Handle, call ...CallOption) (map[string]any, error) {
+func (a API) Release(ctx context.Context, ref Handle, call ...CallOption) (map[string]any, error) {
 	var out map[string]any
 	params := map[string]any{}
 	if ref == nil {
 		return out, invalidParam("ref", "is required")
 	}
 	params["ref"] = ref
-	err := w.invoke(ctx, "release", "default", params, &out, call)
+	err := a.c.invoke(ctx, "release", "default", params, &out, call)
 	return out, err
 }
 
@@ -394,14 +394,14 @@ func (o *PingOptions) fill(params map[string]any) {
 // opts holds the optional parameters (PingOptions); nil for the defaults.
 //
 // Returns: {n, time}: time is the worker's wall clock in seconds.
-func (w *Worker) Ping(ctx context.Context, opts *PingOptions, call ...CallOption) (map[string]any, error) {
+func (a API) Ping(ctx context.Context, opts *PingOptions, call ...CallOption) (map[string]any, error) {
 	var out map[string]any
 	params := map[string]any{}
 	if err := opts.validate(""); err != nil {
 		return out, err
 	}
 	opts.fill(params)
-	err := w.invoke(ctx, "ping", "default", params, &out, call)
+	err := a.c.invoke(ctx, "ping", "default", params, &out, call)
 	return out, err
 }
 
@@ -410,10 +410,10 @@ func (w *Worker) Ping(ctx context.Context, opts *PingOptions, call ...CallOption
 // Returns: {status ("ok" or "shutting_down"), pid, uptime_s, inflight, device (the first engine's; null before
 // any is loaded, so health never imports torch), engines: [{engine, model, refs, device, dtype, num_running,
 // num_waiting, kv_cache_usage}]}.
-func (w *Worker) Health(ctx context.Context, call ...CallOption) (map[string]any, error) {
+func (a API) Health(ctx context.Context, call ...CallOption) (map[string]any, error) {
 	var out map[string]any
 	params := map[string]any{}
-	err := w.invoke(ctx, "health", "default", params, &out, call)
+	err := a.c.invoke(ctx, "health", "default", params, &out, call)
 	return out, err
 }
 
@@ -449,13 +449,13 @@ func (o *StatsOptions) fill(params map[string]any) {
 // opts holds the optional parameters (StatsOptions); nil for the defaults.
 //
 // Returns: The engine's counters map, or {service: {...}, engines: [{engine, model, refs, ...counters}]}.
-func (w *Worker) Stats(ctx context.Context, opts *StatsOptions, call ...CallOption) (map[string]any, error) {
+func (a API) Stats(ctx context.Context, opts *StatsOptions, call ...CallOption) (map[string]any, error) {
 	var out map[string]any
 	params := map[string]any{}
 	if err := opts.validate(""); err != nil {
 		return out, err
 	}
 	opts.fill(params)
-	err := w.invoke(ctx, "stats", "default", params, &out, call)
+	err := a.c.invoke(ctx, "stats", "default", params, &out, call)
 	return out, err
 }

@@ -41,10 +41,12 @@ type Stream struct {
 	endCh   chan struct{} // closed by finish: releases the goroutine waiting for the response
 	current Chunk
 	timer   *time.Timer
+	onEnd   func() // run once by finish (a Pool uncounts the call); nil for none
 }
 
-func newStream(w *Worker, ctx context.Context, method string) *Stream {
-	return &Stream{w: w, ctx: ctx, method: method, wake: make(chan struct{}, 1), endCh: make(chan struct{})}
+func newStream(w *Worker, ctx context.Context, method string, onEnd func()) *Stream {
+	return &Stream{w: w, ctx: ctx, method: method, wake: make(chan struct{}, 1), endCh: make(chan struct{}),
+		onEnd: onEnd}
 }
 
 // start wires the response channel and the client-side deadline once the request is sent.
@@ -105,7 +107,8 @@ func (s *Stream) push(seq int64, data msgpack.RawMessage) {
 
 func (s *Stream) finish(summary Summary, err error) {
 	s.mu.Lock()
-	if !s.ended {
+	first := !s.ended
+	if first {
 		s.ended, s.summary, s.err = true, summary, err
 		if s.timer != nil {
 			s.timer.Stop()
@@ -114,6 +117,9 @@ func (s *Stream) finish(summary Summary, err error) {
 	}
 	s.mu.Unlock()
 	s.signal()
+	if first && s.onEnd != nil {
+		s.onEnd()
+	}
 }
 
 func (s *Stream) signal() {

@@ -114,9 +114,20 @@ const (
 	stateExited
 )
 
+// API has one method per worker method (generated from the manifest into generated_api.go). Worker and Pool
+// embed it, so both offer the same typed methods; code can take either as an API value.
+type API struct{ c caller }
+
+// caller sends the generated methods' requests: Worker to its process, Pool to one of its workers.
+type caller interface {
+	invoke(ctx context.Context, method, profile string, params map[string]any, out any, opts []CallOption) error
+	invokeStream(ctx context.Context, method string, params map[string]any, opts []CallOption) (*Stream, error)
+}
+
 // Worker is a running lmport worker. All methods are safe for concurrent use; requests from every goroutine
 // are multiplexed over the worker's stdin/stdout and batched by its engine.
 type Worker struct {
+	API
 	hello    Hello
 	cmd      *exec.Cmd
 	stdin    *os.File // our own pipe (not exec's StdinPipe), so that writes can have a deadline
@@ -182,6 +193,7 @@ func Start(ctx context.Context, opts Options) (*Worker, error) {
 	}
 	w := &Worker{cmd: cmd, stdin: stdin, grace: orDefault(opts.Grace, 5*time.Second),
 		pending: map[uint64]*pending{}, exited: make(chan struct{}), events: make(chan Event, 64)}
+	w.API = API{c: w}
 	maxFrame := opts.MaxFrameBytes
 	if maxFrame == 0 {
 		maxFrame = math.MaxUint32 // worker -> host frames have no limit beyond the 32-bit length
@@ -292,7 +304,13 @@ func (w *Worker) invoke(ctx context.Context, method, profile string, params map[
 
 func (w *Worker) invokeStream(ctx context.Context, method string, params map[string]any,
 	opts []CallOption) (*Stream, error) {
-	s := newStream(w, ctx, method)
+	return w.startStream(ctx, method, params, opts, nil)
+}
+
+// startStream sends a streaming request; onEnd (if not nil) runs once when the stream ends, however it ends.
+func (w *Worker) startStream(ctx context.Context, method string, params map[string]any, opts []CallOption,
+	onEnd func()) (*Stream, error) {
+	s := newStream(w, ctx, method, onEnd)
 	p := &pending{done: make(chan *message, 1), stream: s}
 	_, limit, err := w.send(ctx, method, "streaming", params, p, opts)
 	if err != nil {
@@ -331,7 +349,7 @@ func (w *Worker) send(ctx context.Context, method, profile string, params map[st
 	if w.state != stateReady {
 		err := w.unavailable(method)
 		w.mu.Unlock()
-		return 0, 0, err
+		return 0, 0, notSent(err)
 	}
 	w.nextID++
 	req.ID = w.nextID
@@ -352,7 +370,7 @@ func (w *Worker) send(ctx context.Context, method, profile string, params map[st
 			e = w.unavailable(method)
 		}
 		w.mu.Unlock()
-		return 0, 0, e
+		return 0, 0, notSent(e)
 	}
 	return req.ID, budget + w.grace, nil
 }
@@ -369,6 +387,13 @@ func (w *Worker) profileMS(profile string) int64 {
 		return ms
 	}
 	return w.profiles["default"]
+}
+
+// ready reports whether a call now would be written to the worker (it is neither closing nor gone).
+func (w *Worker) ready() bool {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	return w.state == stateReady
 }
 
 func (w *Worker) unavailable(method string) *Error {

@@ -43,3 +43,16 @@ case LMPort.generate(MyApp.LLM, llm, "Go on forever:",
   {:error, %LMPort.Error{code: code}} -> IO.puts("timeout: #{code}")
   {:ok, _} -> IO.puts("finished within 500 ms")
 end
+
+# 4. A pool: two workers under one supervisor, the same LMPort calls with {:pool, name}.
+{:ok, _pool} = LMPort.Pool.start_link(name: MyApp.LLMPool, size: 2)
+pool_llm = LMPort.llm!({:pool, MyApp.LLMPool}, "smollm2", max_model_len: 1024)
+
+["Red", "Green", "Blue", "White"]
+|> Task.async_stream(
+  &LMPort.generate!({:pool, MyApp.LLMPool}, pool_llm, "#{&1} is a colour that",
+    sampling_params: [max_tokens: 12]
+  ),
+  timeout: 60_000
+)
+|> Enum.each(fn {:ok, [out]} -> IO.puts("pool: " <> out["prompt"] <> hd(out["outputs"])["text"]) end)

@@ -123,4 +123,34 @@ defmodule LMPort.FakeWorkerTest do
       refute_received {:lmport, _, _, _}
     end
   end
+
+  # A pool of two fakes: the first to start answers every request with `error` (a Python dict literal), the other
+  # with its pid. Returns the pool's name and a function listing the methods the refuser answered.
+  defp pool_with_a_refuser(error) do
+    lock = Path.join(System.tmp_dir!(), "lmport-pool-#{System.unique_integer([:positive])}")
+    on_exit(fn -> File.rm(lock) end)
+    name = :"pool_#{System.unique_integer([:positive])}"
+    fake = fake_worker("refuse_if_first(#{inspect(lock)}, #{error})\n")
+    start_supervised!({LMPort.Pool, name: name, size: 2, python: fake, grace_ms: 300})
+    {name, fn -> lock |> File.read!() |> String.split() end}
+  end
+
+  defp ping_both(pool),
+    do: [1, 2] |> Enum.map(fn _ -> Task.async(fn -> LMPort.ping({:pool, pool}) end) end) |> Task.await_many()
+
+  test "pool: a call answered overloaded is retried on the other worker" do
+    {pool, refused} = pool_with_a_refuser(~s({"code": "overloaded", "message": "full", "retryable": True}))
+    assert [{:ok, %{"pid" => pid}}, {:ok, %{"pid" => pid}}] = ping_both(pool)
+    assert ["ping" | _] = refused.()
+  end
+
+  test "pool: shutting_down after engine work (details.usage) is not retried" do
+    {pool, refused} =
+      pool_with_a_refuser(
+        ~s({"code": "shutting_down", "message": "stopping", "retryable": True, "details": {"usage": {"total_tokens": 4}}})
+      )
+
+    assert [{:error, %LMPort.Error{code: "shutting_down"}}] = for({:error, _} = e <- ping_both(pool), do: e)
+    assert refused.() == ["ping"]
+  end
 end

@@ -1,11 +1,12 @@
 /**
  * The worker process and the request multiplexer: spawn, hello, frames in and out, deadlines, cancellation,
- * shutdown. Method wrappers live in the generated `Worker` subclass (src/generated/api.ts).
+ * shutdown. The typed method wrappers come from the generated `Methods` base class (src/generated/api.ts).
  */
 
 import { spawn, type ChildProcess } from "node:child_process";
 import type { Socket } from "node:net";
 import { LMPortError, isRecord } from "./errors.js";
+import { Methods } from "./generated/api.js";
 import { FrameDecoder, cancelMessage, decodeBody, encodeFrame, requestMessage } from "./protocol.js";
 import { findPython } from "./python.js";
 import { RequestStream } from "./stream.js";
@@ -90,7 +91,11 @@ const MAX_FRAME = 0xffff_ffff; // worker -> host frames have no limit beyond the
 /** setTimeout's longest delay (about 24.8 days); a longer one fires after 1 ms instead. */
 const MAX_TIMER_MS = 0x7fff_ffff;
 
-export class Transport {
+/**
+ * A running lmport worker: one method per worker method, each returning a promise (streaming methods also have a
+ * `...Stream` form). Start one with `await Worker.spawn(options)`; stop it with `close()`.
+ */
+export class Worker extends Methods {
   /** The hello frame: server version, pgid, limits, methods, timeout profiles. */
   hello!: Hello;
   /** Resolves when the worker process has exited and its pipes are closed. */
@@ -113,7 +118,7 @@ export class Transport {
    * Starts a worker and waits for its hello. The process runs in its own process group, so `close()` can kill
    * everything it started; it keeps Node alive only while calls are in flight.
    */
-  static async spawn<T extends Transport>(this: new (child: ChildProcess, settings: Settings) => T,
+  static async spawn<T extends Worker>(this: new (child: ChildProcess, settings: Settings) => T,
                                           options: SpawnOptions = {}): Promise<T> {
     const { python, projectRoot } = findPython(options.python);
     const env = { ...(options.env ?? process.env) };
@@ -131,12 +136,13 @@ export class Transport {
       startTimeout: options.startTimeout ?? 120_000,
       maxFrameBytes: options.maxFrameBytes ?? MAX_FRAME,
     });
-    await (worker as Transport).#waitForHello();
+    await (worker as Worker).#waitForHello();
     return worker;
   }
 
   /** @internal — use `spawn`. */
   constructor(child: ChildProcess, settings: Settings) {
+    super();
     this.#child = child;
     this.#settings = settings;
     this.exited = new Promise((resolve) => { this.#markExited = resolve; });
@@ -172,6 +178,11 @@ export class Transport {
       setTimeout(() => this.#onExit(exitError(code, signal)), 1_000).unref();
     });
     child.on("close", (code, signal) => this.#onExit(exitError(code, signal)));
+  }
+
+  /** True once the hello arrived and until the worker starts closing or exits: a call now is written at once. */
+  get ready(): boolean {
+    return this.#state === "ready";
   }
 
   get pid(): number {
@@ -221,18 +232,10 @@ export class Transport {
     return this.#closing;
   }
 
-  /**
-   * The timeout profile of a method that a call names none for: "default" here; the generated `Worker` answers
-   * from the manifest, matching the worker's own choice.
-   */
-  protected methodProfile(_method: string): TimeoutProfile {
-    return "default";
-  }
-
   /** Used by the generated wrappers: splits call options from parameters, validates, sends. */
-  protected invoke<R>(spec: MethodSpec, args: Record<string, unknown>, options?: object): Promise<R> {
+  protected override invoke<R>(spec: MethodSpec, args: Record<string, unknown>, options?: object): Promise<R> {
     try {
-      const [params, callOptions] = this.#prepare(spec, args, options);
+      const [params, callOptions] = prepareCall(spec, args, options);
       return this.call<R>(spec.name, params, callOptions, spec.profile);
     } catch (error) {
       return Promise.reject(error);
@@ -240,22 +243,10 @@ export class Transport {
   }
 
   /** Streaming twin of `invoke`; invalid parameters throw at once. */
-  protected invokeStream<T, S>(spec: MethodSpec, args: Record<string, unknown>,
-                               options?: object): RequestStream<T, S> {
-    const [params, callOptions] = this.#prepare(spec, args, options);
+  protected override invokeStream<T, S>(spec: MethodSpec, args: Record<string, unknown>,
+                                        options?: object): RequestStream<T, S> {
+    const [params, callOptions] = prepareCall(spec, args, options);
     return this.stream<T, S>(spec.name, params, callOptions);
-  }
-
-  #prepare(spec: MethodSpec, args: Record<string, unknown>,
-           options: object = {}): [Record<string, unknown>, CallOptions] {
-    const params: Record<string, unknown> = {};
-    const callOptions: Record<string, unknown> = {};
-    for (const [key, value] of Object.entries({ ...args, ...options })) {
-      if (value === undefined) continue;
-      (CALL_OPTION_KEYS.has(key) ? callOptions : params)[key] = value;
-    }
-    checkFields(spec.name, spec.params, params);
-    return [params, callOptions as CallOptions];
   }
 
   /** Sends one request and wires its deadline and signal; returns a function that cancels it. */
@@ -492,6 +483,19 @@ export class Transport {
   #sweepGroup(): void {
     this.#killGroup("SIGKILL");
   }
+}
+
+/** Splits a generated wrapper's arguments into wire parameters and call options, and validates the parameters. */
+export function prepareCall(spec: MethodSpec, args: Record<string, unknown>,
+                            options: object = {}): [Record<string, unknown>, CallOptions] {
+  const params: Record<string, unknown> = {};
+  const callOptions: Record<string, unknown> = {};
+  for (const [key, value] of Object.entries({ ...args, ...options })) {
+    if (value === undefined) continue;
+    (CALL_OPTION_KEYS.has(key) ? callOptions : params)[key] = value;
+  }
+  checkFields(spec.name, spec.params, params);
+  return [params, callOptions as CallOptions];
 }
 
 function exitError(code: number | null, signal: NodeJS.Signals | null): LMPortError {

@@ -1,8 +1,11 @@
 // Protocol edge cases against a scripted stand-in for the worker (test/helpers.ts fakeWorker): fast, no model.
 import assert from "node:assert/strict";
+import { mkdtempSync, readFileSync } from "node:fs";
+import { tmpdir } from "node:os";
+import { join } from "node:path";
 import { test } from "node:test";
-import { Worker } from "../src/index.js";
-import { fakeWorker, groupAlive, runHost } from "./helpers.js";
+import { Pool, Worker } from "../src/index.js";
+import { fakeWorker, groupAlive, runHost, waitFor } from "./helpers.js";
 
 test("a throwing event listener is the host's bug: it surfaces as uncaught, the worker keeps serving", async () => {
   const fake = fakeWorker(`
@@ -94,5 +97,57 @@ recv()
     assert.deepEqual(await worker.ping(), { cancelled: true });
   } finally {
     await worker.close();
+  }
+});
+
+/** Two fake workers in a pool; the first to start answers every request with `error`, the other with its pid. */
+async function poolWithARefuser(error: Record<string, unknown>): Promise<{ pool: Pool; refused: () => string[] }> {
+  const lock = join(mkdtempSync(join(tmpdir(), "lmport-pool-")), "lock");
+  const fake = fakeWorker(`import json
+refuse_if_first(${JSON.stringify(lock)}, json.loads(${JSON.stringify(JSON.stringify(error))}))`);
+  const pool = await Pool.spawn({ size: 2, python: fake, stderr: "ignore", grace: 300 });
+  return { pool, refused: () => readFileSync(lock, "utf8").split("\n").filter(Boolean) };
+}
+
+test("pool: a call answered overloaded is retried on the other worker", async () => {
+  const { pool, refused } = await poolWithARefuser({ code: "overloaded", message: "full", retryable: true });
+  try {
+    // one call per worker: the one that met the refuser is served by the other
+    const answers = await Promise.all([pool.ping(), pool.ping()]);
+    assert.deepEqual(refused(), ["ping"]);
+    assert.equal(answers[0]!.pid, answers[1]!.pid);
+  } finally {
+    await pool.close();
+  }
+});
+
+test("pool: shutting_down after engine work (details.usage) is not retried", async () => {
+  const usage = { prompt_tokens: 3, completion_tokens: 1, total_tokens: 4 };
+  const { pool, refused } = await poolWithARefuser({ code: "shutting_down", message: "stopping", retryable: true,
+    details: { usage } });
+  try {
+    const outcomes = await Promise.allSettled([pool.ping(), pool.ping()]);
+    const failed = outcomes.filter((o): o is PromiseRejectedResult => o.status === "rejected");
+    assert.equal(failed.length, 1);
+    assert.equal(failed[0]!.reason.code, "shutting_down");
+    assert.deepEqual(refused(), ["ping"]); // answered once, never sent again
+  } finally {
+    await pool.close();
+  }
+});
+
+test("pool: a call waiting for a restarting worker can be aborted", { timeout: 20_000 }, async () => {
+  const fake = fakeWorker(`hello()
+sys.exit(0)  # gone right after its hello: the pool's only worker is down until its restart
+`);
+  const pool = await Pool.spawn({ size: 1, python: fake, stderr: "ignore", restartDelay: 60_000 });
+  try {
+    await waitFor(() => pool.workers[0] === undefined, 5_000);
+    const controller = new AbortController();
+    const call = pool.ping({ signal: controller.signal });
+    setTimeout(() => controller.abort(), 100);
+    await assert.rejects(call, (e: { code?: string }) => e.code === "cancelled");
+  } finally {
+    await pool.close();
   }
 });

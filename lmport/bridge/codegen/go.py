@@ -1,5 +1,6 @@
-"""Go API layer for clients/go: option structs with doc comments and Validate methods, and one Worker method
-per manifest method, wrapping the hand-written transport (clients/go/worker.go, stream.go, validate.go).
+"""Go API layer for clients/go: option structs with doc comments and Validate methods, and one method of `API`
+per manifest method. `API` is embedded by the hand-written Worker (clients/go/worker.go, stream.go, validate.go)
+and Pool (clients/go/pool.go), which send its requests, so both have the same typed methods.
 
 Two files: generated_types.go (the manifest's schemas, result records, error codes, timeout profiles and each
 method's own profile) and generated_api.go (per-method option structs and wrappers). Parameters
@@ -33,17 +34,19 @@ _INITIALISMS = {"id": "ID", "ids": "IDs", "llm": "LLM", "kv": "KV", "gpu": "GPU"
 _TAKEN_IDENTS = frozenset({"break", "case", "chan", "const", "continue", "default", "defer", "else", "fallthrough",
                            "for", "func", "go", "goto", "if", "import", "interface", "map", "package", "range",
                            "return", "select", "struct", "switch", "type", "var",
-                           "ctx", "opts", "call", "params", "out", "err", "w"})
+                           "ctx", "opts", "call", "params", "out", "err", "a"})
 _SCALARS = {"str": "string", "int": "int", "float": "float64", "bool": "bool"}
 _REFS = {"dict": "map[string]any", "handle": "Handle", "list[int]": "[]int", "list[float]": "[]float64",
          "list[str]": "[]string", "list[dict]": "[]map[string]any", "list": "[]any", "any": "any"}
-# Methods of the hand-written Worker a generated method must not shadow.
-RESERVED = frozenset({"Call", "CallStream", "Close", "Hello", "PGID", "Events", "Done"})
+# Methods of the hand-written Worker and Pool a generated method must not shadow.
+RESERVED = frozenset({"Call", "CallStream", "Close", "Hello", "PGID", "Events", "Done", "Workers", "Size",
+                      "Restarts"})
 # Exported package-level identifiers of the hand-written files (and of generated_types.go's constants): a
 # generated type must not take one of these names.
 HAND_WRITTEN_IDENTS = frozenset({"Error", "HasCode", "EncodeFrame", "ReadFrame", "Decode", "Stream", "Options",
                                  "Hello", "CallOption", "WithTimeout", "WithTimeoutProfile", "Ptr", "Handle",
-                                 "HandleRef", "Worker", "Event", "Start", "ProtocolVersion",
+                                 "HandleRef", "Worker", "Event", "Start", "ProtocolVersion", "API", "Pool",
+                                 "PoolOptions", "StartPool",
                                  "DefaultTimeoutProfiles", "ErrorCode", "ErrorCodes"})
 # The records the hand-written Stream decodes a streaming method's deltas and final response into.
 STREAM_RECORDS = {"chunk": "Chunk", "summary": "Summary"}
@@ -362,7 +365,7 @@ def _guards(manifest: dict[str, Any], method: dict[str, Any], opts_type: str, fa
 def _method(manifest: dict[str, Any], method: dict[str, Any]) -> str:
     name = go_name(method["name"])
     if name in RESERVED or f"{name}Stream" in RESERVED:
-        raise ValueError(f"manifest method {method['name']!r} clashes with the Go transport's {name!r}")
+        raise ValueError(f"manifest method {method['name']!r} clashes with the Go Worker's or Pool's {name!r}")
     opts_type, decl = _options_type(manifest, method)
     args = [f"{_arg_name(p['name'])} {go_type(manifest, p, optional=False).expr}"
             for p in common.positional_params(method)]
@@ -374,9 +377,9 @@ def _method(manifest: dict[str, Any], method: dict[str, Any]) -> str:
     profile = json.dumps(method.get("timeout_profile", "default"))
     method_name = json.dumps(method["name"])
     if not method.get("streaming"):
-        out = (doc + f"func (w *Worker) {name}({signature}) ({ret}, error) {{\n"
+        out = (doc + f"func (a API) {name}({signature}) ({ret}, error) {{\n"
                + f"\tvar out {ret}\n" + prologue + _guards(manifest, method, opts_type, "out")
-               + f"\terr := w.invoke(ctx, {method_name}, {profile}, params, &out, call)\n"
+               + f"\terr := a.c.invoke(ctx, {method_name}, {profile}, params, &out, call)\n"
                "\treturn out, err\n}\n")
         return (decl + "\n" if decl else "") + out
     returns = method.get("returns", {})
@@ -391,15 +394,15 @@ def _method(manifest: dict[str, Any], method: dict[str, Any]) -> str:
     out = (_comment(f"{builder} checks the arguments of {name} and {name}Stream and builds their parameters.")
            + f"func {builder}({builder_args}) (map[string]any, error) {{\n" + prologue
            + _guards(manifest, method, opts_type, "nil") + "\treturn params, nil\n}\n\n"
-           + doc + f"func (w *Worker) {name}({signature}) ({ret}, error) {{\n"
+           + doc + f"func (a API) {name}({signature}) ({ret}, error) {{\n"
            + f"\tvar out {ret}\n\tparams, err := {builder}({call_args})\n"
            + "\tif err != nil {\n\t\treturn out, err\n\t}\n"
-           + f"\terr = w.invoke(ctx, {method_name}, {profile}, params, &out, call)\n\treturn out, err\n}}\n\n"
+           + f"\terr = a.c.invoke(ctx, {method_name}, {profile}, params, &out, call)\n\treturn out, err\n}}\n\n"
            + _comment(f"{name}Stream is the streaming form of {name}: iterate the deltas with Next/Delta, then check "
                       "Err. Cancelling ctx or closing the stream cancels the request in the worker.")
-           + f"func (w *Worker) {name}Stream({signature}) (*Stream, error) {{\n"
+           + f"func (a API) {name}Stream({signature}) (*Stream, error) {{\n"
            + f"\tparams, err := {builder}({call_args})\n\tif err != nil {{\n\t\treturn nil, err\n\t}}\n"
-           + f"\treturn w.invokeStream(ctx, {method_name}, params, call)\n}}\n")
+           + f"\treturn a.c.invokeStream(ctx, {method_name}, params, call)\n}}\n")
     return (decl + "\n" if decl else "") + out
 
 

@@ -1,5 +1,7 @@
-"""Node (TypeScript) API layer for clients/node: option types, field tables for local validation, and the
-`Worker` class whose methods wrap the hand-written transport (clients/node/src/transport.ts).
+"""Node (TypeScript) API layer for clients/node: option types, field tables for local validation, and the abstract
+`Methods` class whose methods wrap `invoke` / `invokeStream`. Two hand-written classes extend it: `Worker` (one
+process, clients/node/src/transport.ts) and `Pool` (several, clients/node/src/pool.ts), so both have the same
+typed method set.
 
 The manifest's `results` records (lmport/bridge/results.py) become exported interfaces (`RequestOutput`, `Chunk`,
 `Summary`, ...), used as the return types of the methods whose `returns` names them (`result`, and `chunk` /
@@ -21,18 +23,18 @@ from lmport.bridge.results import split_union
 
 PATH = "src/generated/api.ts"
 
-# Members of the hand-written Transport a generated method must not shadow.
+# Members of the hand-written Worker and Pool a generated method must not shadow.
 RESERVED = frozenset({"call", "stream", "close", "pid", "pgid", "hello", "exited", "onEvent", "invoke",
-                      "invokeStream", "methodProfile", "constructor", "spawn"})
+                      "invokeStream", "methodProfile", "constructor", "spawn", "workers", "size", "ready"})
 
 # Names the hand-written modules export from src/index.ts (or api.ts imports): a generated name must not reuse one.
-HANDWRITTEN_EXPORTS = frozenset({"RequestStream", "Transport", "CallOptions", "MethodSpec", "FieldSpec", "Hello",
+HANDWRITTEN_EXPORTS = frozenset({"RequestStream", "Worker", "Pool", "PoolOptions", "CallOptions", "MethodSpec", "FieldSpec", "Hello",
                                  "SpawnOptions", "TimeoutProfile", "PROTOCOL_VERSION", "LMPortError", "ErrorCode",
                                  "FrameDecoder", "cancelMessage", "decodeBody", "encodeFrame", "requestMessage",
                                  "checkFields", "matchesType", "findPython"})
 
 # Names the generated prelude, constants and class take.
-_PRELUDE_NAMES = frozenset({"Handle", "WireMap", "HandleMap", "TIMEOUT_PROFILES", "ERROR_CODES", "METHODS", "Worker"})
+_PRELUDE_NAMES = frozenset({"Handle", "WireMap", "HandleMap", "TIMEOUT_PROFILES", "ERROR_CODES", "METHODS", "Methods"})
 
 # Results without a record type in the manifest are plain data whose fields the method's doc lists; `any` members
 # keep them readable without casts.
@@ -47,7 +49,7 @@ _TS_TYPES = {"str": "string", "int": "number", "float": "number", "bool": "boole
 
 _PRELUDE = """\
 import type { RequestStream } from "../stream.js";
-import { Transport, type CallOptions, type MethodSpec, type TimeoutProfile } from "../transport.js";
+import type { CallOptions, MethodSpec, TimeoutProfile } from "../transport.js";
 import type { FieldSpec } from "../validate.js";
 
 /** A handle the worker returned (for example from `llm`): the map itself, or its bare `ref` string. */
@@ -76,7 +78,7 @@ def generate(manifest: dict[str, Any]) -> dict[str, str]:
     parts.append(_constants(manifest))
     parts.append(_method_specs(manifest, methods))
     parts += [_options_interface(manifest, m) for m in methods]
-    parts.append(_worker_class(manifest, methods))
+    parts.append(_methods_class(manifest, methods))
     return {PATH: "".join(parts)}
 
 
@@ -279,12 +281,12 @@ def _method_doc(method: dict[str, Any], stream: bool) -> list[str]:
     return lines
 
 
-def _worker_class(manifest: dict[str, Any], methods: list[dict[str, Any]]) -> str:
+def _methods_class(manifest: dict[str, Any], methods: list[dict[str, Any]]) -> str:
     body = []
     for m in methods:
         name = common.camel_case(m["name"])
         if name in RESERVED or f"{name}Stream" in RESERVED:
-            raise ValueError(f"manifest method {m['name']!r} clashes with the Node transport's {name!r}")
+            raise ValueError(f"manifest method {m['name']!r} clashes with the Node Worker's or Pool's {name!r}")
         params, literal = _signature(manifest, m)
         spec = f"METHODS[{json.dumps(m['name'])}]!"
         body.append(_doc(_method_doc(m, False), "  ")
@@ -296,9 +298,14 @@ def _worker_class(manifest: dict[str, Any], methods: list[dict[str, Any]]) -> st
                         + f"  {name}Stream({params}): RequestStream<{chunk}, {summary}> {{\n"
                         f"    return this.invokeStream({spec}, {literal}, options);\n  }}\n")
     body.append("  /** The method's own timeout profile, from the manifest (what the worker applies too). */\n"
-                "  protected override methodProfile(method: string): TimeoutProfile {\n"
+                "  protected methodProfile(method: string): TimeoutProfile {\n"
                 "    return METHODS[method]?.profile ?? \"default\";\n  }\n")
-    return ("\n/**\n * A running lmport worker: one method per worker method, each returning a promise (streaming "
-            "methods\n * also have a `...Stream` form). Start one with `await Worker.spawn(options)`; stop it with "
-            "`close()`.\n */\n"
-            f"export class Worker extends Transport {{\n{chr(10).join(body)}}}\n")
+    body.append("  /** Sends one validated call; `Worker` writes it to its process, `Pool` routes it to a worker. */\n"
+                "  protected abstract invoke<R>(spec: MethodSpec, args: Record<string, unknown>, options?: object)"
+                ": Promise<R>;\n")
+    body.append("  /** Streaming twin of `invoke`. */\n"
+                "  protected abstract invokeStream<T, S>(spec: MethodSpec, args: Record<string, unknown>, "
+                "options?: object): RequestStream<T, S>;\n")
+    return ("\n/**\n * Every worker method, each returning a promise (streaming methods also have a `...Stream` form). "
+            "`Worker`\n * (one process) and `Pool` (several) implement the transport under them.\n */\n"
+            f"export abstract class Methods {{\n{chr(10).join(body)}}}\n")

@@ -5,12 +5,12 @@ defmodule LMPort.Client do
   the request. Nothing is sent when validation fails: the result is `{:error, %LMPort.Error{code:
   "invalid_params", details: %{"field" => name}}}`, as the worker itself would answer.
   """
-  alias LMPort.{Error, Schema, Validate, Worker}
+  alias LMPort.{Error, Pool, Schema, Validate, Worker}
 
   @call_opts [:timeout, :timeout_profile]
 
   @doc "Validates and sends `method`. `positional` holds the required parameters, `opts` the rest."
-  @spec call(Worker.server(), String.t(), map, keyword) :: {:ok, term} | {:error, Error.t()}
+  @spec call(LMPort.worker(), String.t(), map, keyword) :: {:ok, term} | {:error, Error.t()}
   def call(worker, method, positional, opts) do
     spec = Schema.method(method)
     {stream?, opts} = Keyword.pop(opts, :stream, false)
@@ -19,11 +19,20 @@ defmodule LMPort.Client do
     with :ok <- check_stream(method, spec, stream?),
          :ok <- check_call_opts(call_opts),
          {:ok, params} <- Validate.params(method, spec["params"], Map.merge(positional, Map.new(param_opts))) do
-      if stream?,
-        do: {:ok, Worker.stream(worker, method, params, [summary: stream? == :with_summary] ++ call_opts)},
-        else: Worker.call(worker, method, params, call_opts)
+      send_call(worker, method, params, stream?, call_opts)
     end
   end
+
+  defp send_call({:pool, pool}, method, params, false, call_opts),
+    do: Pool.call(pool, method, params, call_opts)
+
+  defp send_call({:pool, pool}, method, params, stream?, call_opts),
+    do: {:ok, Pool.stream(pool, method, params, [summary: stream? == :with_summary] ++ call_opts)}
+
+  defp send_call(worker, method, params, false, call_opts), do: Worker.call(worker, method, params, call_opts)
+
+  defp send_call(worker, method, params, stream?, call_opts),
+    do: {:ok, Worker.stream(worker, method, params, [summary: stream? == :with_summary] ++ call_opts)}
 
   @doc "Returns the result of an `{:ok, result}` tuple or raises the `LMPort.Error`."
   @spec unwrap!({:ok, term} | {:error, Error.t()}) :: term

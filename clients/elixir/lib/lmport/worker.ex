@@ -370,7 +370,9 @@ defmodule LMPort.Worker do
     Port.command(port, bin)
     :ok
   rescue
-    ArgumentError -> {:error, Error.new("worker_exited", "lmport worker's port is closed")}
+    # "sent" => false: the request never reached the worker (an LMPort.Pool sends it to another one)
+    ArgumentError ->
+      {:error, Error.new("worker_exited", "lmport worker's port is closed", %{"sent" => false})}
   end
 
   # The worker would discard an oversize frame without learning its id, so the caller would only see a timeout.

@@ -3,7 +3,7 @@
 // Protocol 1.
 
 import type { RequestStream } from "../stream.js";
-import { Transport, type CallOptions, type MethodSpec, type TimeoutProfile } from "../transport.js";
+import type { CallOptions, MethodSpec, TimeoutProfile } from "../transport.js";
 import type { FieldSpec } from "../validate.js";
 
 /** A handle the worker returned (for example from `llm`): the map itself, or its bare `ref` string. */
@@ -680,10 +680,10 @@ export interface StatsOptions extends CallOptions {
 }
 
 /**
- * A running lmport worker: one method per worker method, each returning a promise (streaming methods
- * also have a `...Stream` form). Start one with `await Worker.spawn(options)`; stop it with `close()`.
+ * Every worker method, each returning a promise (streaming methods also have a `...Stream` form). `Worker`
+ * (one process) and `Pool` (several) implement the transport under them.
  */
-export class Worker extends Transport {
+export abstract class Methods {
   /**
    * The manifest: every method with its parameters, the option schemas, error codes and timeout profiles.
    *
@@ -831,7 +831,13 @@ export class Worker extends Transport {
   }
 
   /** The method's own timeout profile, from the manifest (what the worker applies too). */
-  protected override methodProfile(method: string): TimeoutProfile {
+  protected methodProfile(method: string): TimeoutProfile {
     return METHODS[method]?.profile ?? "default";
   }
+
+  /** Sends one validated call; `Worker` writes it to its process, `Pool` routes it to a worker. */
+  protected abstract invoke<R>(spec: MethodSpec, args: Record<string, unknown>, options?: object): Promise<R>;
+
+  /** Streaming twin of `invoke`. */
+  protected abstract invokeStream<T, S>(spec: MethodSpec, args: Record<string, unknown>, options?: object): RequestStream<T, S>;
 }

@@ -5,9 +5,10 @@ defmodule LMPort do
   lmport for Elixir: local LLM inference in a Python worker process, driven over an Erlang Port
   (protocol 1, lmport 0.1.0).
 
-  Every function takes the worker first — a pid or the registered name of an `LMPort.Worker` — and
-  returns `{:ok, result}` or `{:error, %LMPort.Error{}}`; each has a `!` variant that returns the result or
-  raises `LMPort.Error`. Results are plain maps with string keys (vLLM's field names). Options are checked
+  Every function takes the worker first — a pid or the registered name of an `LMPort.Worker`, or
+  `{:pool, pool}` for an `LMPort.Pool` (the same calls, spread over its workers) — and returns
+  `{:ok, result}` or `{:error, %LMPort.Error{}}`; each has a `!` variant that returns the result or raises
+  `LMPort.Error`. Results are plain maps with string keys (vLLM's field names). Options are checked
   locally against the manifest (unknown keys, types, ranges, choices) before anything is sent.
 
   ## Call options (every function)
@@ -43,8 +44,8 @@ defmodule LMPort do
     * `"internal"` — A bug in the worker; the message (and traceback under --debug) says where.
   """
 
-  @typedoc "A running `LMPort.Worker`: pid or registered name."
-  @type worker :: LMPort.Worker.server()
+  @typedoc "A running `LMPort.Worker` (pid or registered name), or `{:pool, pool}` for an `LMPort.Pool`."
+  @type worker :: LMPort.Worker.server() | {:pool, LMPort.Pool.server()}
   @type result(t) :: {:ok, t} | {:error, LMPort.Error.t()}
 
   @doc """
