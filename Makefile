@@ -104,6 +104,11 @@ bench: $(STAMP)
 # their own (vLLM pins other versions than lmport's lock). Not part of `make test`; needs only the package index.
 PEERS_VENV := .venv-peers
 PEERS_RUNNER := $(PEERS_VENV)/bin/python -P lmport/bridge/peer_runner.py
+# llama.cpp's AMX matmul crashes (SIGSEGV in ggml_backend_amx_mul_mat) on this machine's Xeon: build for AVX-512
+# (VNNI, BF16) without the AMX backend, which -march=native would switch on.
+LLAMACPP_CMAKE_ARGS := -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_AVX512=ON \
+	-DGGML_AVX512_VBMI=ON -DGGML_AVX512_VNNI=ON -DGGML_AVX512_BF16=ON -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF \
+	-DGGML_AMX_BF16=OFF
 $(PEERS_VENV)/.installed:
 	@log=$(PEERS_VENV)/setup.log; \
 	step() { echo "  $$1 …"; shift; "$$@" >>"$$log" 2>&1 || { echo "failed; the last lines of $$log:"; tail -n 25 "$$log"; exit 1; }; }; \
@@ -117,7 +122,7 @@ $(PEERS_VENV)/.installed:
 	step "installing vLLM's other requirements" $(PEERS_VENV)/bin/python -m pip install -r $(PEERS_VENV)/vllm-requirements.txt; \
 	step "naming the vllm distribution for vLLM's CLI" $(PEERS_RUNNER) vllm-alias; \
 	step "building llama-cpp-python 0.3.36 from source (about 6 minutes)" \
-		$(PEERS_VENV)/bin/python -m pip install llama-cpp-python==0.3.36
+		env CMAKE_ARGS="$(LLAMACPP_CMAKE_ARGS)" $(PEERS_VENV)/bin/python -m pip install llama-cpp-python==0.3.36
 	@touch $@
 
 bench-peers: $(STAMP) $(PEERS_VENV)/.installed
