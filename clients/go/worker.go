@@ -162,8 +162,8 @@ func Start(ctx context.Context, opts Options) (*Worker, error) {
 	}
 	cmd := exec.Command(python, append([]string{"-m", "lmport.bridge.worker"}, opts.Args...)...)
 	cmd.Dir = opts.Dir
-	cmd.Env = opts.Env
-	if cmd.Env == nil {
+	cmd.Env = append([]string(nil), opts.Env...) // a copy: pools start workers in parallel from one Options
+	if opts.Env == nil {
 		cmd.Env = os.Environ()
 	}
 	if root != "" { // the last PYTHONPATH entry wins in exec

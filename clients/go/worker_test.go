@@ -78,7 +78,26 @@ func runHost() {
 	select {}
 }
 
-func groupAlive(pgid int) bool { return syscall.Kill(-pgid, 0) == nil }
+// groupAlive reports whether a live process is left in the group. Zombies do not count: an orphan whose new parent
+// (a container's PID 1, say) never reaps it stays in the table, holding nothing. Reads Linux /proc.
+func groupAlive(pgid int) bool {
+	entries, _ := os.ReadDir("/proc")
+	for _, e := range entries {
+		if _, err := strconv.Atoi(e.Name()); err != nil {
+			continue
+		}
+		stat, err := os.ReadFile("/proc/" + e.Name() + "/stat")
+		if err != nil {
+			continue // exited while we looked
+		}
+		// pid (comm) state ppid pgrp ...: comm may hold spaces and parentheses, so split after its last ')'
+		fields := strings.Fields(string(stat[strings.LastIndexByte(string(stat), ')')+1:]))
+		if len(fields) > 2 && fields[0] != "Z" && fields[2] == strconv.Itoa(pgid) {
+			return true
+		}
+	}
+	return false
+}
 
 func waitFor(t *testing.T, d time.Duration, check func() bool) bool {
 	t.Helper()

@@ -1,5 +1,5 @@
 import { spawn } from "node:child_process";
-import { existsSync, mkdtempSync, writeFileSync } from "node:fs";
+import { existsSync, mkdtempSync, readdirSync, readFileSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { dirname, join } from "node:path";
 import { fileURLToPath } from "node:url";
@@ -13,14 +13,24 @@ export function findUp(relative: string): string {
   }
 }
 
-/** Whether any process is left in the group (kill with signal 0 probes without signalling). */
+/**
+ * Whether any live process is left in the group. Zombies do not count: an orphan whose new parent (PID 1 of a
+ * container, say) never reaps it stays in the table, holding nothing. Linux /proc, like the CI machines.
+ */
 export function groupAlive(pgid: number): boolean {
-  try {
-    process.kill(-pgid, 0);
-    return true;
-  } catch {
-    return false;
+  for (const entry of readdirSync("/proc")) {
+    if (!/^\d+$/.test(entry)) continue;
+    let stat: string;
+    try {
+      stat = readFileSync(`/proc/${entry}/stat`, "utf8");
+    } catch {
+      continue; // exited while we looked
+    }
+    // pid (comm) state ppid pgrp ...: comm may hold spaces and parentheses, so split after its last ')'
+    const [state, , pgrp] = stat.slice(stat.lastIndexOf(")") + 2).split(" ");
+    if (Number(pgrp) === pgid && state !== "Z") return true;
   }
+  return false;
 }
 
 export async function waitFor(check: () => boolean | Promise<boolean>, ms: number): Promise<boolean> {
