@@ -18,9 +18,11 @@ from lmport.engine.block_manager import BlockManager
 from lmport.engine.config import EngineConfig
 from lmport.engine.detokenizer import IncrementalDetokenizer
 from lmport.engine.errors import InvalidParams
-from lmport.engine.loader import load_model
+from lmport.engine.loader import LoadedModel, load_model
 from lmport.engine.model_runner import ModelRunner, StepLogits
-from lmport.engine.outputs import CompletionOutput, Logprob, PositionLogprobs, RequestOutput
+from lmport.engine.outputs import CompletionOutput, EmbeddingOutput, Logprob, PositionLogprobs, RequestOutput
+from lmport.engine.pooling import (PoolingParams, aborted_embedding, add_chunk, finish_embedding, make_embed_request,
+                                   pooled_value)
 from lmport.engine.sampler import Sampler, SamplerOutput, SamplingBatch, compute_prompt_logprobs
 from lmport.engine.sampling_params import RequestOutputKind, SamplingParams, check_token_ids
 from lmport.engine.scheduler import ScheduledBatch, Scheduler
@@ -32,9 +34,9 @@ Prompt = str | list[int] | dict[str, Any]
 
 
 class LLMEngine:
-    def __init__(self, config: EngineConfig) -> None:
+    def __init__(self, config: EngineConfig, loaded: LoadedModel | None = None) -> None:
         self.config = config
-        loaded = load_model(config)
+        loaded = loaded or load_model(config)
         self.tokenizer = loaded.tokenizer
         self.hf_config = loaded.hf_config
         self.model_path = loaded.model_path
@@ -62,7 +64,7 @@ class LLMEngine:
     def make_request(self, request_id: str, prompt: Prompt, params: SamplingParams,
                      on_output: Callable[[RequestOutput], None]) -> Request:
         """Tokenize and validate a request (any thread); it joins the batch with add_request (engine thread)."""
-        text, token_ids = self._tokenize_prompt(prompt)
+        text, token_ids = tokenize_prompt(self.tokenizer, prompt)
         if params.truncate_prompt_tokens is not None:
             token_ids = token_ids[-params.truncate_prompt_tokens:]
         if not token_ids:
@@ -87,6 +89,17 @@ class LLMEngine:
                                          index=index, generator=generator, detokenizer=detokenizer))
         return request
 
+    def make_embed_request(self, request_id: str, prompt: Prompt, params: PoolingParams,
+                           on_output: Callable[[EmbeddingOutput], None]) -> Request:
+        """An embed request: prefilled like a prompt (batched with running generations), pooled instead of sampled."""
+        text, token_ids = tokenize_prompt(self.tokenizer, prompt)
+        return make_embed_request(request_id, token_ids, text, params, on_output, max_model_len=self.max_model_len,
+                                  vocab_size=self.vocab_size, hidden_size=self.hf_config.hidden_size)
+
+    @property
+    def num_kv_blocks(self) -> int:
+        return self.block_manager.num_blocks
+
     def add_request(self, request: Request) -> None:
         self.requests[request.request_id] = request
         self.scheduler.add(request.seqs[0])
@@ -104,19 +117,6 @@ class LLMEngine:
         self.counters["requests_aborted"] += 1
         self._finish_request(request)
         return True
-
-    def _tokenize_prompt(self, prompt: Prompt) -> tuple[str | None, list[int]]:
-        if isinstance(prompt, str):
-            return prompt, self.tokenizer.encode(prompt)
-        if isinstance(prompt, dict):
-            if "prompt_token_ids" in prompt:
-                return prompt.get("prompt"), check_token_ids(prompt["prompt_token_ids"], "prompt_token_ids")
-            if "prompt" in prompt and isinstance(prompt["prompt"], str):
-                return prompt["prompt"], self.tokenizer.encode(prompt["prompt"])
-            raise InvalidParams("prompt", "a prompt map needs 'prompt' (text) or 'prompt_token_ids'")
-        if isinstance(prompt, list):
-            return None, check_token_ids(prompt, "prompt_token_ids")
-        raise InvalidParams("prompt", f"expected text, a list of token ids or a map, got {type(prompt).__name__}")
 
     # --- the step ---
 
@@ -137,6 +137,7 @@ class LLMEngine:
                                                                 seq.num_prompt_tokens - seq.num_computed_tokens)
             seq.num_computed_tokens += num_new
             self.block_manager.cache_full_blocks(seq)
+        self._pool(batch, step_logits)
         self._record_prompt_logprobs(batch, step_logits)
         samplers, rows = self._sampling_rows(batch, step_logits)
         if not samplers:
@@ -154,6 +155,17 @@ class LLMEngine:
                 self._finish_request(request)
             else:
                 self._emit(request, finished=False)
+
+    def _pool(self, batch: ScheduledBatch, step_logits: StepLogits) -> None:
+        """Embed requests: add each chunk's share; one whose prompt is now computed finishes with its embedding."""
+        for i, part in step_logits.pooled.items():
+            seq = batch.seqs[i]
+            add_chunk(seq.request, part, seq.num_computed_tokens - batch.num_new_tokens[i])
+            if seq.num_computed_tokens == seq.num_prompt_tokens:
+                seq.finish_reason = "stop"
+                self.scheduler.finish(seq)
+                self.counters["embeddings_total"] += 1
+                self._finish_request(seq.request)
 
     def _sampling_rows(self, batch: ScheduledBatch, step_logits: StepLogits) -> tuple[list[Sequence], list[int]]:
         """Sequences sampling this step and their logits rows; an n > 1 parent that just finished its prompt
@@ -235,6 +247,11 @@ class LLMEngine:
         self._emit(request, finished=True)
 
     def _emit(self, request: Request, finished: bool) -> None:
+        if request.pooling is not None:  # one output, when it is done (or aborted)
+            aborted = request.seqs[0].finish_reason == "abort"
+            request.on_output(aborted_embedding(request) if aborted
+                              else finish_embedding(request, pooled_value(request)))
+            return
         kind = request.params.output_kind
         if kind is RequestOutputKind.FINAL_ONLY and not finished:
             return
@@ -272,7 +289,7 @@ class LLMEngine:
         return {
             **{k: self.counters[k] for k in ("requests_total", "requests_finished", "requests_aborted", "steps",
                                              "prompt_tokens_total", "prefill_tokens_computed",
-                                             "generation_tokens_total")},
+                                             "generation_tokens_total", "embeddings_total")},
             "num_running": len(self.scheduler.running),
             "num_waiting": len(self.scheduler.waiting),
             "max_num_running": self.max_num_running,
@@ -285,6 +302,21 @@ class LLMEngine:
             "finish_reasons": dict(self.finish_reasons),
             "cuda_graph_steps": self.runner.graphed_steps,
         }
+
+
+def tokenize_prompt(tokenizer: Any, prompt: Prompt) -> tuple[str | None, list[int]]:
+    """A prompt (text, token ids, or a {prompt} / {prompt_token_ids} map) as (its text or None, its token ids)."""
+    if isinstance(prompt, str):
+        return prompt, tokenizer.encode(prompt)
+    if isinstance(prompt, dict):
+        if "prompt_token_ids" in prompt:
+            return prompt.get("prompt"), check_token_ids(prompt["prompt_token_ids"], "prompt_token_ids")
+        if "prompt" in prompt and isinstance(prompt["prompt"], str):
+            return prompt["prompt"], tokenizer.encode(prompt["prompt"])
+        raise InvalidParams("prompt", "a prompt map needs 'prompt' (text) or 'prompt_token_ids'")
+    if isinstance(prompt, list):
+        return None, check_token_ids(prompt, "prompt_token_ids")
+    raise InvalidParams("prompt", f"expected text, a list of token ids or a map, got {type(prompt).__name__}")
 
 
 @functools.lru_cache(maxsize=1 << 16)
