@@ -1,4 +1,4 @@
-"""`lmport bench ...`: throughput here; `bridge`, `serve` and `parity` live in modules of their own.
+"""`lmport bench ...`: throughput here; `bridge`, `serve`, `parity` and `embed` live in modules of their own.
 
 `lmport bench throughput` runs one offline workload on this engine and on HF transformers' padded batched
 `generate` in the same process and prints both rates and their ratio (the machine is shared: only the ratio means
@@ -19,6 +19,7 @@ DELEGATED = {
     "bridge": ("lmport.bridge.bench_bridge", "ping latency and throughput through the stdio worker vs in-process"),
     "serve": ("lmport.bridge.http.bench", "load a running OpenAI-compatible server (like vLLM's serving benchmark)"),
     "parity": ("lmport.bridge.bench_parity", "greedy tokens: this engine vs HF transformers generate, prompt by prompt"),
+    "embed": ("lmport.bridge.bench_embed", "embeddings/s: LLM.embed vs sentence-transformers, alternating A B A B"),
 }
 
 _WORDS = ("the river carried small boats past quiet towns while engineers measured the water and wrote careful "

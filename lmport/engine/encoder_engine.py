@@ -26,6 +26,9 @@ from lmport.engine.sampling_params import SamplingParams
 from lmport.engine.sequence import Request
 
 
+MAX_PADDING = 0.25  # most pad tokens a batch carries, as a fraction of its real tokens
+
+
 class EncoderEngine:
     num_kv_blocks = 0  # encoders run without a KV cache
 
@@ -76,14 +79,19 @@ class EncoderEngine:
         return bool(self.waiting)
 
     def _next_batch(self) -> list[Request]:
-        """Among the oldest max_num_seqs waiting inputs, the shortest that fit the padded token budget (at least
-        one). Every step takes at least one of that window, so none waits more than max_num_seqs steps."""
+        """Among the oldest max_num_seqs waiting inputs, the shortest ones of similar length: the batch grows while
+        it fits max_num_batched_tokens counted with padding and padding stays under MAX_PADDING of its tokens
+        (compute is spent on pad tokens too). Every step takes at least one of that window, so none waits more
+        than max_num_seqs steps."""
         window = sorted(list(self.waiting)[:self.config.max_num_seqs], key=lambda r: len(r.prompt_token_ids))
-        batch = window[:1]
+        batch, real = window[:1], len(window[0].prompt_token_ids) if window else 0
         for request in window[1:]:
-            if (len(batch) + 1) * len(request.prompt_token_ids) > self.config.max_num_batched_tokens:
+            length = len(request.prompt_token_ids)  # the longest so far: the window is sorted
+            padded = (len(batch) + 1) * length
+            if padded > self.config.max_num_batched_tokens or padded > (1 + MAX_PADDING) * (real + length):
                 break
             batch.append(request)
+            real += length
         return batch
 
     @torch.inference_mode()
