@@ -43,3 +43,13 @@ case LMPort.generate(MyApp.LLM, llm, "Go on forever:",
   {:error, %LMPort.Error{code: code}} -> IO.puts("timeout: #{code}")
   {:ok, _} -> IO.puts("finished within 500 ms")
 end
+
+# 4. Embeddings: one vector per input (docs/embeddings.md).
+LMPort.run(fn worker ->
+  llm = LMPort.llm!(worker, "all-MiniLM-L6-v2")
+
+  %{"data" => [%{"embedding" => vector}], "usage" => usage} =
+    LMPort.embed!(worker, llm, ["Hello"], pooling: "mean")
+
+  IO.inspect({length(vector), usage}, label: "embed")
+end)
