@@ -3,7 +3,6 @@ sentence-transformers, the result shape, embeds next to a running generation on 
 
 from __future__ import annotations
 
-import tempfile
 import threading
 import time
 
@@ -11,10 +10,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lmport.bridge.client import Client
 from lmport.bridge.protocol import BridgeError
 from lmport.bridge.results import results_schema
-from tests.bridge_helpers import REPO, conforms
+from tests.bridge_helpers import conforms, spawn_shim
 
 pytestmark = pytest.mark.slow
 
@@ -23,11 +21,7 @@ TEXTS = ["A cat sits on the mat.", "Stocks fell sharply on Monday.", "The kitten
 
 @pytest.fixture(scope="module")
 def client():
-    stderr = tempfile.TemporaryFile()
-    c = Client.spawn(cwd=str(REPO), stderr=stderr)
-    yield c
-    c.close()
-    stderr.close()
+    yield from spawn_shim()
 
 
 @pytest.fixture(scope="module")

@@ -487,20 +487,12 @@ class Service:
         inputs = _input_list(input)
         params = PoolingParams(pooling=pooling, normalize=normalize, dimensions=dimensions)
         collector = _Embeddings(call, entry, len(inputs), self._lock)
-        with self._lock:
-            entry.calls.add(call)
-        base = f"bridge-{next(self._request_ids)}"
-        request_ids = [f"{base}-{i}" for i in range(len(inputs))]
-        try:  # all or none, like generate
+
+        def queue(request_ids: list[str]) -> None:
             entry.llm.add_embed_requests(inputs, params, request_ids, on_output=collector.on_output,
                                          on_error=collector.on_error)
-        except Exception as exc:
-            _name_the_input(exc, len(inputs))
-            with self._lock:
-                entry.calls.discard(call)
-            call.finish(error=self.to_bridge_error(exc))
-            return
-        call.set_abort(lambda: [entry.llm.abort(r) for r in request_ids])
+
+        self._queue_requests(call, entry, len(inputs), queue, _name_the_input)
 
     @rpc()
     def tokenize(self, llm: Handle, text: str, add_special_tokens: bool = True) -> list[int]:
@@ -634,20 +626,31 @@ class Service:
         params = _sampling_list(sampling_params, len(prompts))
         kind = RequestOutputKind.DELTA if call.stream else RequestOutputKind.FINAL_ONLY
         generation = _Generation(call, entry, len(prompts), self._lock)
+
+        def queue(request_ids: list[str]) -> None:
+            generation.request_ids = request_ids
+            entry.llm.add_requests(prompts, [sp.clone(output_kind=kind) for sp in params], request_ids,
+                                   on_output=generation.on_output, on_error=generation.on_error)
+
+        self._queue_requests(call, entry, len(prompts), queue, _name_the_prompt)
+
+    def _queue_requests(self, call: Call, entry: _Engine, count: int, queue: Callable[[list[str]], None],
+                        name_field: Callable[[Exception, int], None]) -> None:
+        """Queue a call's `count` engine requests with queue(request_ids), all or none: when one fails validation
+        none is queued and the call answers the error (name_field names the wire field); else cancelling the call
+        aborts them."""
         with self._lock:
             entry.calls.add(call)
         base = f"bridge-{next(self._request_ids)}"
-        request_ids = [f"{base}-{i}" for i in range(len(prompts))]
-        try:  # all or none: a prompt that fails validation queues none of the call's prompts
-            entry.llm.add_requests(prompts, [sp.clone(output_kind=kind) for sp in params], request_ids,
-                                   on_output=generation.on_output, on_error=generation.on_error)
-        except Exception as exc:
-            _name_the_prompt(exc, len(prompts))
+        request_ids = [f"{base}-{i}" for i in range(count)]
+        try:
+            queue(request_ids)
+        except Exception as exc:  # noqa: BLE001 — the refusal is the call's answer
+            name_field(exc, count)
             with self._lock:
                 entry.calls.discard(call)
             call.finish(error=self.to_bridge_error(exc))
             return
-        generation.request_ids = request_ids
         call.set_abort(lambda: [entry.llm.abort(r) for r in request_ids])
 
 

@@ -9,7 +9,7 @@ interface LLM drives LLMEngine through, so the threading, streams and abort work
 from __future__ import annotations
 
 import time
-from collections import Counter, deque
+from collections import deque
 from collections.abc import Callable
 from typing import Any
 
@@ -17,36 +17,26 @@ import torch
 
 from lmport import kernels
 from lmport.engine.config import EngineConfig
+from lmport.engine.engine_base import EngineBase, Prompt
 from lmport.engine.errors import InvalidParams
-from lmport.engine.llm_engine import LLMEngine, Prompt, tokenize_prompt
+from lmport.engine.llm_engine import LLMEngine
 from lmport.engine.loader import LoadedModel, load_model
-from lmport.engine.outputs import EmbeddingOutput
-from lmport.engine.pooling import PoolingParams, aborted_embedding, finish_embedding, make_embed_request, pool_padded
+from lmport.engine.pooling import aborted_embedding, finish_embedding, pool_padded
 from lmport.engine.sampling_params import SamplingParams
 from lmport.engine.sequence import Request
-
 
 MAX_PADDING = 0.25  # most pad tokens a batch carries, as a fraction of its real tokens
 
 
-class EncoderEngine:
+class EncoderEngine(EngineBase):
     num_kv_blocks = 0  # encoders run without a KV cache
 
     def __init__(self, config: EngineConfig, loaded: LoadedModel) -> None:
-        self.config = config
+        super().__init__(config, loaded)
         self.model = loaded.model
-        self.tokenizer = loaded.tokenizer
-        self.hf_config = loaded.hf_config
-        self.model_path = loaded.model_path
-        self.device = loaded.device
-        self.dtype = loaded.dtype
-        self.vocab_size = loaded.vocab_size
-        self.max_model_len = loaded.max_model_len
         self.pad_token_id = getattr(loaded.hf_config, "pad_token_id", None) or 0
         self.kernel_backend = config.kernel_backend
-        self.requests: dict[str, Request] = {}
         self.waiting: deque[Request] = deque()
-        self.counters: Counter[str] = Counter()
         self.max_batch = 0
 
     def make_request(self, request_id: str, prompt: Prompt, params: SamplingParams,
@@ -54,17 +44,9 @@ class EncoderEngine:
         raise InvalidParams("model", f"{self.model_path} is an encoder (embedding) model: it serves embed, not "
                                      "generate or chat")
 
-    def make_embed_request(self, request_id: str, prompt: Prompt, params: PoolingParams,
-                           on_output: Callable[[EmbeddingOutput], None]) -> Request:
-        text, token_ids = tokenize_prompt(self.tokenizer, prompt)
-        return make_embed_request(request_id, token_ids, text, params, on_output, max_model_len=self.max_model_len,
-                                  vocab_size=self.vocab_size, hidden_size=self.hf_config.hidden_size)
-
     def add_request(self, request: Request) -> None:
-        self.requests[request.request_id] = request
+        self._admit(request)
         self.waiting.append(request)
-        self.counters["requests_total"] += 1
-        self.counters["prompt_tokens_total"] += len(request.prompt_token_ids)
 
     def abort(self, request_id: str) -> bool:
         request = self.requests.pop(request_id, None)

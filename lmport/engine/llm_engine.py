@@ -17,12 +17,12 @@ import torch
 from lmport.engine.block_manager import BlockManager
 from lmport.engine.config import EngineConfig
 from lmport.engine.detokenizer import IncrementalDetokenizer
+from lmport.engine.engine_base import EngineBase, Prompt, tokenize_prompt
 from lmport.engine.errors import InvalidParams
 from lmport.engine.loader import LoadedModel, load_model
 from lmport.engine.model_runner import ModelRunner, StepLogits
-from lmport.engine.outputs import CompletionOutput, EmbeddingOutput, Logprob, PositionLogprobs, RequestOutput
-from lmport.engine.pooling import (PoolingParams, aborted_embedding, add_chunk, finish_embedding, make_embed_request,
-                                   pooled_value)
+from lmport.engine.outputs import CompletionOutput, Logprob, PositionLogprobs, RequestOutput
+from lmport.engine.pooling import aborted_embedding, add_chunk, finish_embedding, pooled_value
 from lmport.engine.sampler import Sampler, SamplerOutput, SamplingBatch, compute_prompt_logprobs
 from lmport.engine.sampling_params import RequestOutputKind, SamplingParams, check_token_ids
 from lmport.engine.scheduler import ScheduledBatch, Scheduler
@@ -30,20 +30,10 @@ from lmport.engine.sequence import Request, Sequence
 
 logger = logging.getLogger("lmport")
 
-Prompt = str | list[int] | dict[str, Any]
-
-
-class LLMEngine:
+class LLMEngine(EngineBase):
     def __init__(self, config: EngineConfig, loaded: LoadedModel | None = None) -> None:
-        self.config = config
         loaded = loaded or load_model(config)
-        self.tokenizer = loaded.tokenizer
-        self.hf_config = loaded.hf_config
-        self.model_path = loaded.model_path
-        self.device = loaded.device
-        self.dtype = loaded.dtype
-        self.vocab_size = loaded.vocab_size
-        self.max_model_len = loaded.max_model_len
+        super().__init__(config, loaded)
         self.eos_token_ids = set(loaded.eos_token_ids)
         if not config.enable_chunked_prefill and config.max_num_batched_tokens < self.max_model_len:
             raise InvalidParams("max_num_batched_tokens",
@@ -54,8 +44,6 @@ class LLMEngine:
                                    config.enable_chunked_prefill)
         self.sampler = Sampler(self.vocab_size, self.eos_token_ids,
                                generator=torch.Generator(device=self.device).manual_seed(config.seed))
-        self.requests: dict[str, Request] = {}
-        self.counters: Counter[str] = Counter()
         self.finish_reasons: Counter[str] = Counter()
         self.max_num_running = 0
 
@@ -89,22 +77,13 @@ class LLMEngine:
                                          index=index, generator=generator, detokenizer=detokenizer))
         return request
 
-    def make_embed_request(self, request_id: str, prompt: Prompt, params: PoolingParams,
-                           on_output: Callable[[EmbeddingOutput], None]) -> Request:
-        """An embed request: prefilled like a prompt (batched with running generations), pooled instead of sampled."""
-        text, token_ids = tokenize_prompt(self.tokenizer, prompt)
-        return make_embed_request(request_id, token_ids, text, params, on_output, max_model_len=self.max_model_len,
-                                  vocab_size=self.vocab_size, hidden_size=self.hf_config.hidden_size)
-
     @property
     def num_kv_blocks(self) -> int:
         return self.block_manager.num_blocks
 
     def add_request(self, request: Request) -> None:
-        self.requests[request.request_id] = request
+        self._admit(request)
         self.scheduler.add(request.seqs[0])
-        self.counters["requests_total"] += 1
-        self.counters["prompt_tokens_total"] += len(request.prompt_token_ids)
 
     def abort(self, request_id: str) -> bool:
         request = self.requests.pop(request_id, None)
@@ -302,21 +281,6 @@ class LLMEngine:
             "finish_reasons": dict(self.finish_reasons),
             "cuda_graph_steps": self.runner.graphed_steps,
         }
-
-
-def tokenize_prompt(tokenizer: Any, prompt: Prompt) -> tuple[str | None, list[int]]:
-    """A prompt (text, token ids, or a {prompt} / {prompt_token_ids} map) as (its text or None, its token ids)."""
-    if isinstance(prompt, str):
-        return prompt, tokenizer.encode(prompt)
-    if isinstance(prompt, dict):
-        if "prompt_token_ids" in prompt:
-            return prompt.get("prompt"), check_token_ids(prompt["prompt_token_ids"], "prompt_token_ids")
-        if "prompt" in prompt and isinstance(prompt["prompt"], str):
-            return prompt["prompt"], tokenizer.encode(prompt["prompt"])
-        raise InvalidParams("prompt", "a prompt map needs 'prompt' (text) or 'prompt_token_ids'")
-    if isinstance(prompt, list):
-        return None, check_token_ids(prompt, "prompt_token_ids")
-    raise InvalidParams("prompt", f"expected text, a list of token ids or a map, got {type(prompt).__name__}")
 
 
 @functools.lru_cache(maxsize=1 << 16)

@@ -16,7 +16,6 @@ import uuid
 from typing import Any, Literal
 
 from fastapi import APIRouter, Depends
-from pydantic import Field
 
 from lmport.bridge.http.errors import APIError, bad_request, from_engine_error
 from lmport.bridge.http.protocol import TokenIds, _Strict
