@@ -65,11 +65,12 @@ def make_embed_request(request_id: str, token_ids: list[int], text: str | None, 
 def chunk_pool(hidden: torch.Tensor, pooling: str, start: int, end: int, num_tokens: int) -> torch.Tensor | None:
     """One prefill chunk's share of the pooled value: hidden is the chunk's rows [end - start, H], covering prompt
     positions start .. end - 1 of num_tokens. mean: their float32 sum; cls / last: the row, in the chunk that has it."""
+    # Copies, never views: the rows may live in a CUDA graph's static output buffer, which the next step overwrites.
     if pooling == "mean":
-        return hidden.float().sum(0)
+        return hidden.sum(0, dtype=torch.float32)
     if pooling == "cls":
-        return hidden[0].float() if start == 0 else None
-    return hidden[-1].float() if end == num_tokens else None
+        return hidden[0].to(torch.float32, copy=True) if start == 0 else None
+    return hidden[-1].to(torch.float32, copy=True) if end == num_tokens else None
 
 
 def add_chunk(request: Request, part: torch.Tensor | None, start: int) -> None:
