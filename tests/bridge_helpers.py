@@ -9,6 +9,7 @@ import sys
 import tempfile
 import time
 from collections import deque
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +19,16 @@ from lmport.bridge import protocol
 from lmport.bridge.results import split_union
 
 REPO = Path(__file__).resolve().parent.parent
+
+
+def spawn_shim() -> Iterator[Any]:
+    """A Python-shim Client on a real worker (stderr kept in a temporary file), closed afterwards: for fixtures."""
+    from lmport.bridge.client import Client
+
+    with tempfile.TemporaryFile() as stderr:
+        client = Client.spawn(cwd=str(REPO), stderr=stderr)
+        yield client
+        client.close()
 
 
 class RawWorker:

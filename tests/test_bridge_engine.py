@@ -13,7 +13,7 @@ import pytest
 from lmport.bridge.client import AsyncClient, Client
 from lmport.bridge.protocol import BridgeError
 from lmport.bridge.results import results_schema
-from tests.bridge_helpers import REPO, conforms
+from tests.bridge_helpers import REPO, conforms, spawn_shim
 
 pytestmark = pytest.mark.slow
 
@@ -26,11 +26,7 @@ PROMPTS = [f"Story {i}: the {WORDS[i % 12]} and the {WORDS[(i * 5) % 12]} were" 
 
 @pytest.fixture(scope="module")
 def client():
-    stderr = tempfile.TemporaryFile()
-    c = Client.spawn(cwd=str(REPO), stderr=stderr)
-    yield c
-    c.close()
-    stderr.close()
+    yield from spawn_shim()
 
 
 @pytest.fixture(scope="module")

@@ -71,7 +71,7 @@ def test_a_new_method_appears_from_its_definition_alone(monkeypatch):
     monkeypatch.setattr(service, "METHODS", dict(service.METHODS))
 
     @service.rpc("batch_job")
-    def embed(self, llm: Handle, inputs: list[str], normalize: bool = True) -> list[dict]:
+    def score(self, llm: Handle, inputs: list[str], normalize: bool = True) -> list[dict]:
         """Pool embeddings for texts.
 
         Args:
@@ -83,8 +83,8 @@ def test_a_new_method_appears_from_its_definition_alone(monkeypatch):
             One vector per input.
         """
 
-    entry = next(m for m in manifest.build_manifest()["methods"] if m["name"] == "embed")
-    assert entry == {"name": "embed", "doc": "Pool embeddings for texts.", "streaming": False,
+    entry = next(m for m in manifest.build_manifest()["methods"] if m["name"] == "score")
+    assert entry == {"name": "score", "doc": "Pool embeddings for texts.", "streaming": False,
                      "timeout_profile": "batch_job", "returns": {"type": "list[dict]", "doc": "One vector per input."},
                      "params": [{"name": "llm", "type": "handle", "required": True, "doc": "the LLM handle."},
                                 {"name": "inputs", "type": "list[str]", "required": True,

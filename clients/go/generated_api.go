@@ -245,6 +245,79 @@ func (a API) ChatStream(ctx context.Context, llm Handle, messages any, opts *Cha
 	return a.c.invokeStream(ctx, "chat", params, call)
 }
 
+// EmbedOptions are the optional parameters of Worker.Embed; nil fields take the worker's defaults.
+type EmbedOptions struct {
+	// 'mean' (average over every token), 'last' (the last token) or 'cls' (the first token).
+	//
+	// Default: "mean".
+	Pooling *string `msgpack:"pooling,omitempty"`
+
+	// scale each vector to unit L2 norm (after truncation to dimensions).
+	//
+	// Default: true.
+	Normalize *bool `msgpack:"normalize,omitempty"`
+
+	// keep only the first this-many components (Matryoshka truncation); at most the model's hidden size.
+	//
+	// Default: nil.
+	Dimensions *int `msgpack:"dimensions,omitempty"`
+}
+
+// Validate checks the fields that are set against the manifest's types, choices and ranges.
+func (o *EmbedOptions) Validate() error { return o.validate("") }
+
+func (o *EmbedOptions) validate(prefix string) error {
+	return nil
+}
+
+// fill copies the fields that are set into a request's params.
+func (o *EmbedOptions) fill(params map[string]any) {
+	if o == nil {
+		return
+	}
+	if o.Pooling != nil {
+		params["pooling"] = o.Pooling
+	}
+	if o.Normalize != nil {
+		params["normalize"] = o.Normalize
+	}
+	if o.Dimensions != nil {
+		params["dimensions"] = o.Dimensions
+	}
+}
+
+// Embed calls the worker's 'embed' method. Embed one input or many: each is pooled from the model's final hidden
+// states into one vector. On a decoder the inputs are prefilled alongside running generations; an encoder
+// (all-MiniLM-L6-v2) runs them as one padded batch.
+//
+// Parameters:
+//   - llm: the LLM handle (map or ref string).
+//   - input: a string, a list of strings, one token-id list, or a list of token-id lists.
+//   - opts: optional parameters (EmbedOptions); nil for the defaults.
+//
+// Returns: An EmbedResult: data (one Embedding per input, in order) and usage (prompt and total tokens).
+func (a API) Embed(ctx context.Context, llm Handle, input any, opts *EmbedOptions, call ...CallOption) (EmbedResult, error) {
+	var out EmbedResult
+	params := map[string]any{}
+	if err := opts.validate(""); err != nil {
+		return out, err
+	}
+	opts.fill(params)
+	if llm == nil {
+		return out, invalidParam("llm", "is required")
+	}
+	params["llm"] = llm
+	if input == nil {
+		return out, invalidParam("input", "is required")
+	}
+	if err := checkType("input", input, "str|list[str]|list[int]|list"); err != nil {
+		return out, err
+	}
+	params["input"] = input
+	err := a.c.invoke(ctx, "embed", "ml_inference", params, &out, call)
+	return out, err
+}
+
 // TokenizeOptions are the optional parameters of Worker.Tokenize; nil fields take the worker's defaults.
 type TokenizeOptions struct {
 	// add the tokenizer's special tokens (e.g. BOS) as the model expects.

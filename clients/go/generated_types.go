@@ -802,6 +802,36 @@ type Summary struct {
 	Requests []SummaryRequest `msgpack:"requests"`
 }
 
+// Embedding is one of the worker's result records (lmport/bridge/results.py). Held in EmbedResult.Data.
+type Embedding struct {
+	// Position of the input in the call's input list.
+	Index int `msgpack:"index"`
+
+	// The vector (dimensions long when given, else the model's hidden size).
+	Embedding []float64 `msgpack:"embedding"`
+
+	// Tokens of this input.
+	PromptTokens int `msgpack:"prompt_tokens"`
+}
+
+// EmbedUsage is one of the worker's result records (lmport/bridge/results.py). Held in EmbedResult.Usage.
+type EmbedUsage struct {
+	// Tokens of every input of the call.
+	PromptTokens int `msgpack:"prompt_tokens"`
+
+	// The same: embedding generates nothing.
+	TotalTokens int `msgpack:"total_tokens"`
+}
+
+// EmbedResult is one of the worker's result records (lmport/bridge/results.py). Returned by Worker.Embed.
+type EmbedResult struct {
+	// One per input, in order.
+	Data []Embedding `msgpack:"data"`
+
+	// Token counts of the whole call.
+	Usage EmbedUsage `msgpack:"usage"`
+}
+
 // DefaultTimeoutProfiles are the worker's default deadlines in milliseconds (the live ones arrive in its hello).
 var DefaultTimeoutProfiles = map[string]int64{"default": 120000, "streaming": 1800000, "ml_inference": 600000, "batch_job": 3600000}
 
@@ -813,6 +843,7 @@ var methodProfiles = map[string]string{
 	"sampling_params": "default",
 	"generate":        "ml_inference",
 	"chat":            "ml_inference",
+	"embed":           "ml_inference",
 	"tokenize":        "default",
 	"detokenize":      "default",
 	"release":         "default",

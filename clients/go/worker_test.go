@@ -190,6 +190,62 @@ func TestChatAndTokenize(t *testing.T) {
 	}
 }
 
+func TestEmbed(t *testing.T) {
+	useShared(t)
+	ctx := context.Background()
+	minilm, err := shared.LLM(ctx, "all-MiniLM-L6-v2", &EngineOptions{Device: Ptr("cpu")})
+	if err != nil {
+		t.Fatalf("llm: %v", err)
+	}
+	defer shared.Release(ctx, minilm)
+	texts := []string{"A cat sits on the mat.", "Stocks fell sharply.", "The kitten rests on the rug."}
+	result, err := shared.Embed(ctx, minilm, texts, nil)
+	if err != nil || len(result.Data) != 3 {
+		t.Fatalf("embed: %+v %v", result, err)
+	}
+	dot := func(a, b []float64) (sum float64) {
+		for i := range a {
+			sum += a[i] * b[i]
+		}
+		return sum
+	}
+	cat, stocks, kitten := result.Data[0].Embedding, result.Data[1].Embedding, result.Data[2].Embedding
+	if len(cat) != 384 || dot(cat, cat) < 1-1e-5 || dot(cat, cat) > 1+1e-5 {
+		t.Fatalf("vector of %d, norm^2 %f", len(cat), dot(cat, cat))
+	}
+	if dot(cat, kitten) <= dot(cat, stocks) { // the paraphrase is nearer
+		t.Fatalf("similarities %f <= %f", dot(cat, kitten), dot(cat, stocks))
+	}
+	tokens := 0
+	for i, d := range result.Data {
+		if d.Index != i {
+			t.Fatalf("index %d at %d", d.Index, i)
+		}
+		tokens += d.PromptTokens
+	}
+	if result.Usage.PromptTokens != tokens || result.Usage.TotalTokens != tokens {
+		t.Fatalf("usage %+v, %d tokens", result.Usage, tokens)
+	}
+	short, err := shared.Embed(ctx, minilm, "x", &EmbedOptions{Pooling: Ptr("cls"), Dimensions: Ptr(8)})
+	if err != nil || len(short.Data[0].Embedding) != 8 {
+		t.Fatalf("dimensions: %+v %v", short, err)
+	}
+	for _, bad := range []struct {
+		input any
+		opts  *EmbedOptions
+		field string
+	}{
+		{[]string{}, nil, "input"},
+		{"x", &EmbedOptions{Pooling: Ptr("max")}, "pooling"},
+		{"x", &EmbedOptions{Dimensions: Ptr(385)}, "dimensions"},
+	} {
+		_, err := shared.Embed(ctx, minilm, bad.input, bad.opts)
+		if e := expectCode(t, err, "invalid_params"); e.Details["field"] != bad.field {
+			t.Fatalf("field %v, want %s", e.Details, bad.field)
+		}
+	}
+}
+
 func TestValidationErrors(t *testing.T) {
 	useShared(t)
 	ctx := context.Background()

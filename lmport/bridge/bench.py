@@ -1,4 +1,4 @@
-"""`lmport bench ...`: throughput here; `bridge`, `serve` and `parity` live in modules of their own.
+"""`lmport bench ...`: throughput here; `bridge`, `serve`, `parity` and `embed` live in modules of their own.
 
 `lmport bench throughput` runs one offline workload on this engine and on HF transformers' padded batched
 `generate` in the same process and prints both rates and their ratio (the machine is shared: only the ratio means
@@ -22,6 +22,7 @@ DELEGATED = {
     "profile": ("lmport.bridge.bench_profile", "where an engine step's time goes: phases, then operators"),
     "quality": ("lmport.bridge.bench_quality", "perplexity and greedy agreement: bf16 vs int8 vs int4 (vs llama.cpp)"),
     "peers": ("lmport.bridge.bench_peers", "lmport vs vLLM's CPU build and llama.cpp, same workloads, A B A B"),
+    "embed": ("lmport.bridge.bench_embed", "embeddings/s: LLM.embed vs sentence-transformers, alternating A B A B"),
 }
 
 _WORDS = ("the river carried small boats past quiet towns while engineers measured the water and wrote careful "

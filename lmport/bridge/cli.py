@@ -16,7 +16,7 @@ SUBCOMMANDS = {
     "worker": ("lmport.bridge.worker", "run the msgpack-over-stdio worker (started by the clients)"),
     "serve": ("lmport.bridge.http.server", "serve the OpenAI-compatible HTTP API"),
     "codegen": ("lmport.bridge.codegen.cli", "generate client API code from the worker's manifest"),
-    "bench": ("lmport.bridge.bench", "benchmarks: throughput, parity, bridge, serve"),
+    "bench": ("lmport.bridge.bench", "benchmarks: throughput, parity, bridge, serve, embed"),
 }
 
 

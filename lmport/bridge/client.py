@@ -300,6 +300,13 @@ class _Methods(abc.ABC):
                                             add_generation_prompt=add_generation_prompt),
                             stream=stream, timeout=timeout, timeout_profile=timeout_profile)
 
+    def embed(self, llm: Handle, input: Any, *, pooling: str = "mean", normalize: bool = True,
+              dimensions: int | None = None, timeout: float | None = None,
+              timeout_profile: str | None = None) -> Any:
+        """An EmbedResult map: {data: [{index, embedding, prompt_tokens}], usage: {prompt_tokens, total_tokens}}."""
+        return self._invoke("embed", _params(llm=llm, input=input, pooling=pooling, normalize=normalize,
+                                             dimensions=dimensions), timeout=timeout, timeout_profile=timeout_profile)
+
     def tokenize(self, llm: Handle, text: str, add_special_tokens: bool = True, *,
                  timeout: float | None = None) -> Any:
         return self._invoke("tokenize", {"llm": llm, "text": text, "add_special_tokens": add_special_tokens},

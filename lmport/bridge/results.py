@@ -1,4 +1,4 @@
-"""The shapes of generate/chat results on the wire: the single source of the manifest's `results` section, from which
+"""The shapes of generate/chat/embed results on the wire: the single source of the manifest's `results` section, from which
 the clients generate their result types (TypeScript interfaces, Go structs) and docs/protocol.md its tables.
 
 Each record is a TypedDict whose fields carry their doc in `Annotated`; `NotRequired` marks a key that is left out
@@ -102,8 +102,24 @@ class Summary(TypedDict):
     requests: Annotated[list[SummaryRequest], "One per prompt, in order."]
 
 
+class Embedding(TypedDict):
+    index: Annotated[int, "Position of the input in the call's input list."]
+    embedding: Annotated[list[float], "The vector (dimensions long when given, else the model's hidden size)."]
+    prompt_tokens: Annotated[int, "Tokens of this input."]
+
+
+class EmbedUsage(TypedDict):
+    prompt_tokens: Annotated[int, "Tokens of every input of the call."]
+    total_tokens: Annotated[int, "The same: embedding generates nothing."]
+
+
+class EmbedResult(TypedDict):
+    data: Annotated[list[Embedding], "One per input, in order."]
+    usage: Annotated[EmbedUsage, "Token counts of the whole call."]
+
+
 RECORDS: tuple[type, ...] = (LogprobEntry, CompletionOutput, RequestMetrics, RequestOutput, ChunkOutput, Chunk, Usage,
-                             SummaryOutput, SummaryRequest, Summary)
+                             SummaryOutput, SummaryRequest, Summary, Embedding, EmbedUsage, EmbedResult)
 _NAMES = {record: record.__name__ for record in RECORDS}
 _SCALARS = {str: "str", int: "int", float: "float", bool: "bool", type(None): "null"}
 

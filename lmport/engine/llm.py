@@ -18,9 +18,11 @@ from typing import Any
 from tqdm import tqdm
 
 from lmport.engine.config import EngineConfig
+from lmport.engine.encoder_engine import EncoderEngine, create_engine
 from lmport.engine.errors import InvalidParams, LMPortError
 from lmport.engine.llm_engine import LLMEngine, Prompt
-from lmport.engine.outputs import RequestOutput
+from lmport.engine.outputs import EmbeddingOutput, RequestOutput
+from lmport.engine.pooling import PoolingParams
 from lmport.engine.sampling_params import RequestOutputKind, SamplingParams, check_token_ids
 from lmport.engine.sequence import Request
 
@@ -75,7 +77,7 @@ class LLM:
         # The engine thread loads the model too, so every parallel torch op runs on one long-lived thread: when the
         # first one runs on a thread that later exits (a request handler's, say), the OpenMP pool it started keeps
         # competing with the engine and every step becomes many times slower.
-        loaded: list[LLMEngine | BaseException] = []
+        loaded: list[LLMEngine | EncoderEngine | BaseException] = []
         ready = threading.Event()
         self._thread = threading.Thread(target=self._run, args=(config, loaded, ready), name="lmport-engine",
                                         daemon=True)
@@ -90,7 +92,8 @@ class LLM:
                                                  max_model_len=self.engine.max_model_len)
         self.tokenizer = self.engine.tokenizer
         self.max_model_len = self.engine.max_model_len
-        self.num_kv_blocks = self.engine.block_manager.num_blocks
+        self.num_kv_blocks = self.engine.num_kv_blocks
+        self.is_encoder = isinstance(self.engine, EncoderEngine)
 
     # --- streaming front ---
 
@@ -101,7 +104,9 @@ class LLM:
 
         Validation errors (InvalidParams) are raised here, in the caller's thread.
         """
-        stream, queued = self._prepare_request(prompt, sampling_params, request_id, on_output, on_error)
+        params = sampling_params if sampling_params is not None else SamplingParams()
+        make = functools.partial(self.engine.make_request, prompt=prompt, params=params)
+        stream, queued = self._prepare(make, request_id, on_output, on_error)
         self._enqueue([queued])
         return stream
 
@@ -117,24 +122,41 @@ class LLM:
         if len(sampling_params) != len(prompts):
             raise InvalidParams("sampling_params", f"got {len(sampling_params)} sampling params for "
                                                    f"{len(prompts)} prompts")
-        ids = list(request_ids) if request_ids is not None else [None] * len(prompts)
+        makers = [functools.partial(self.engine.make_request, prompt=prompt, params=params)
+                  for prompt, params in zip(prompts, sampling_params)]
+        return self._add_all(makers, request_ids, on_output, on_error)
+
+    def add_embed_requests(self, inputs: Sequence[Prompt], params: PoolingParams,
+                           request_ids: Sequence[str | None] | None = None,
+                           on_output: Callable[[int, EmbeddingOutput], None] | None = None,
+                           on_error: Callable[[BaseException], None] | None = None) -> list[RequestStream]:
+        """Queue embed requests, all or none, like add_requests: each is a prefill-only request (on a decoder it is
+        scheduled with the running generations) whose one output is an EmbeddingOutput."""
+        if not inputs:
+            raise InvalidParams("input", "no inputs to embed: give at least one text or token-id list")
+        makers = [functools.partial(self.engine.make_embed_request, prompt=prompt, params=params) for prompt in inputs]
+        return self._add_all(makers, request_ids, on_output, on_error)
+
+    def _add_all(self, makers: list[Callable[..., Request]], request_ids: Sequence[str | None] | None,
+                 on_output: Callable[[int, Any], None] | None,
+                 on_error: Callable[[BaseException], None] | None) -> list[RequestStream]:
+        ids = list(request_ids) if request_ids is not None else [None] * len(makers)
         prepared = []
-        for i, (prompt, params, request_id) in enumerate(zip(prompts, sampling_params, ids)):
+        for i, (make, request_id) in enumerate(zip(makers, ids)):
             deliver = None if on_output is None else functools.partial(on_output, i)
             try:
-                prepared.append(self._prepare_request(prompt, params, request_id, deliver, on_error))
+                prepared.append(self._prepare(make, request_id, deliver, on_error))
             except InvalidParams as exc:
                 exc.index = i
                 raise
         self._enqueue([queued for _, queued in prepared])
         return [stream for stream, _ in prepared]
 
-    def _prepare_request(self, prompt: Prompt, sampling_params: SamplingParams | None, request_id: str | None,
-                         on_output: Callable[[RequestOutput], None] | None,
-                         on_error: Callable[[BaseException], None] | None,
-                         ) -> tuple[RequestStream, tuple[Request, Callable[[BaseException], None]]]:
-        """Validate and tokenize in the caller's thread; nothing reaches the engine yet."""
-        params = sampling_params if sampling_params is not None else SamplingParams()
+    def _prepare(self, make: Callable[..., Request], request_id: str | None, on_output: Callable[[Any], None] | None,
+                 on_error: Callable[[BaseException], None] | None,
+                 ) -> tuple[RequestStream, tuple[Request, Callable[[BaseException], None]]]:
+        """Validate and tokenize in the caller's thread (make(request_id=, on_output=)); nothing reaches the engine
+        yet."""
         request_id = request_id if request_id is not None else f"req-{next(self._ids)}"
         stream = RequestStream(request_id, self)
         deliver = on_output or stream._put
@@ -145,7 +167,7 @@ class LLM:
             deliver(output)
 
         with self._tokenizer_lock:
-            request = self.engine.make_request(request_id, prompt, params, on_engine_output)
+            request = make(request_id=request_id, on_output=on_engine_output)
         return stream, (request, on_error or stream._put)
 
     def _enqueue(self, queued: list[tuple[Request, Callable[[BaseException], None]]]) -> None:
@@ -190,9 +212,10 @@ class LLM:
     def __exit__(self, *exc: object) -> None:
         self.shutdown()
 
-    def _run(self, config: EngineConfig, loaded: list[LLMEngine | BaseException], ready: threading.Event) -> None:
+    def _run(self, config: EngineConfig, loaded: list[LLMEngine | EncoderEngine | BaseException],
+             ready: threading.Event) -> None:
         try:
-            loaded.append(LLMEngine(config))
+            loaded.append(create_engine(config))
         except BaseException as exc:  # noqa: BLE001 — re-raised in the constructing thread
             loaded.append(exc)
             return
@@ -200,7 +223,7 @@ class LLM:
             ready.set()
         self._loop(loaded[0])
 
-    def _loop(self, engine: LLMEngine) -> None:
+    def _loop(self, engine: LLMEngine | EncoderEngine) -> None:
         while True:
             with self._lock:
                 while not self._commands and not engine.has_work() and not self._stopping:
@@ -256,6 +279,21 @@ class LLM:
                 tokens += sum(len(o.token_ids) for o in output.outputs)
                 bar.update(1)
                 bar.set_postfix(output_tok_s=f"{tokens / max(time.perf_counter() - start, 1e-9):.1f}")
+        return results
+
+    def embed(self, texts: Prompt | Sequence[Prompt], pooling: str = "mean", normalize: bool = True,
+              dimensions: int | None = None, use_tqdm: bool = True) -> list[EmbeddingOutput]:
+        """One embedding per text (or token-id list / prompt map), in order: `pooling` ("mean", "last" or "cls")
+        over the final hidden states, L2-normalized with normalize, truncated to `dimensions` first when given.
+        On a decoder the inputs are prefilled alongside whatever else is running."""
+        params = PoolingParams(pooling=pooling, normalize=normalize, dimensions=dimensions)
+        streams = self.add_embed_requests(_as_prompt_list(texts), params)
+        results: list[EmbeddingOutput] = []
+        with tqdm(total=len(streams), desc="Embedded inputs", unit="input", disable=not use_tqdm or len(streams) < 2,
+                  dynamic_ncols=True) as bar:
+            for stream in streams:
+                results.append(stream.result())  # type: ignore[arg-type]
+                bar.update(1)
         return results
 
     def chat(self, messages: list[dict[str, Any]] | list[list[dict[str, Any]]],

@@ -17,10 +17,12 @@ import torch
 from lmport.engine.block_manager import BlockManager
 from lmport.engine.config import EngineConfig
 from lmport.engine.detokenizer import IncrementalDetokenizer
+from lmport.engine.engine_base import EngineBase, Prompt, tokenize_prompt
 from lmport.engine.errors import InvalidParams
-from lmport.engine.loader import load_model
+from lmport.engine.loader import LoadedModel, load_model
 from lmport.engine.model_runner import ModelRunner, StepLogits
 from lmport.engine.outputs import CompletionOutput, Logprob, PositionLogprobs, RequestOutput
+from lmport.engine.pooling import aborted_embedding, add_chunk, finish_embedding, pooled_value
 from lmport.engine.sampler import Sampler, SamplerOutput, SamplingBatch, compute_prompt_logprobs
 from lmport.engine.sampling_params import RequestOutputKind, SamplingParams, check_token_ids
 from lmport.engine.scheduler import ScheduledBatch, Scheduler
@@ -28,20 +30,10 @@ from lmport.engine.sequence import Request, Sequence
 
 logger = logging.getLogger("lmport")
 
-Prompt = str | list[int] | dict[str, Any]
-
-
-class LLMEngine:
-    def __init__(self, config: EngineConfig) -> None:
-        self.config = config
-        loaded = load_model(config)
-        self.tokenizer = loaded.tokenizer
-        self.hf_config = loaded.hf_config
-        self.model_path = loaded.model_path
-        self.device = loaded.device
-        self.dtype = loaded.dtype
-        self.vocab_size = loaded.vocab_size
-        self.max_model_len = loaded.max_model_len
+class LLMEngine(EngineBase):
+    def __init__(self, config: EngineConfig, loaded: LoadedModel | None = None) -> None:
+        loaded = loaded or load_model(config)
+        super().__init__(config, loaded)
         self.eos_token_ids = set(loaded.eos_token_ids)
         if not config.enable_chunked_prefill and config.max_num_batched_tokens < self.max_model_len:
             raise InvalidParams("max_num_batched_tokens",
@@ -52,8 +44,6 @@ class LLMEngine:
                                    config.enable_chunked_prefill)
         self.sampler = Sampler(self.vocab_size, self.eos_token_ids,
                                generator=torch.Generator(device=self.device).manual_seed(config.seed))
-        self.requests: dict[str, Request] = {}
-        self.counters: Counter[str] = Counter()
         self.finish_reasons: Counter[str] = Counter()
         self.max_num_running = 0
 
@@ -62,7 +52,7 @@ class LLMEngine:
     def make_request(self, request_id: str, prompt: Prompt, params: SamplingParams,
                      on_output: Callable[[RequestOutput], None]) -> Request:
         """Tokenize and validate a request (any thread); it joins the batch with add_request (engine thread)."""
-        text, token_ids = self._tokenize_prompt(prompt)
+        text, token_ids = tokenize_prompt(self.tokenizer, prompt)
         if params.truncate_prompt_tokens is not None:
             token_ids = token_ids[-params.truncate_prompt_tokens:]
         if not token_ids:
@@ -87,11 +77,13 @@ class LLMEngine:
                                          index=index, generator=generator, detokenizer=detokenizer))
         return request
 
+    @property
+    def num_kv_blocks(self) -> int:
+        return self.block_manager.num_blocks
+
     def add_request(self, request: Request) -> None:
-        self.requests[request.request_id] = request
+        self._admit(request)
         self.scheduler.add(request.seqs[0])
-        self.counters["requests_total"] += 1
-        self.counters["prompt_tokens_total"] += len(request.prompt_token_ids)
 
     def abort(self, request_id: str) -> bool:
         request = self.requests.pop(request_id, None)
@@ -104,19 +96,6 @@ class LLMEngine:
         self.counters["requests_aborted"] += 1
         self._finish_request(request)
         return True
-
-    def _tokenize_prompt(self, prompt: Prompt) -> tuple[str | None, list[int]]:
-        if isinstance(prompt, str):
-            return prompt, self.tokenizer.encode(prompt)
-        if isinstance(prompt, dict):
-            if "prompt_token_ids" in prompt:
-                return prompt.get("prompt"), check_token_ids(prompt["prompt_token_ids"], "prompt_token_ids")
-            if "prompt" in prompt and isinstance(prompt["prompt"], str):
-                return prompt["prompt"], self.tokenizer.encode(prompt["prompt"])
-            raise InvalidParams("prompt", "a prompt map needs 'prompt' (text) or 'prompt_token_ids'")
-        if isinstance(prompt, list):
-            return None, check_token_ids(prompt, "prompt_token_ids")
-        raise InvalidParams("prompt", f"expected text, a list of token ids or a map, got {type(prompt).__name__}")
 
     # --- the step ---
 
@@ -137,6 +116,7 @@ class LLMEngine:
                                                                 seq.num_prompt_tokens - seq.num_computed_tokens)
             seq.num_computed_tokens += num_new
             self.block_manager.cache_full_blocks(seq)
+        self._pool(batch, step_logits)
         self._record_prompt_logprobs(batch, step_logits)
         samplers, rows = self._sampling_rows(batch, step_logits)
         if not samplers:
@@ -154,6 +134,17 @@ class LLMEngine:
                 self._finish_request(request)
             else:
                 self._emit(request, finished=False)
+
+    def _pool(self, batch: ScheduledBatch, step_logits: StepLogits) -> None:
+        """Embed requests: add each chunk's share; one whose prompt is now computed finishes with its embedding."""
+        for i, part in step_logits.pooled.items():
+            seq = batch.seqs[i]
+            add_chunk(seq.request, part, seq.num_computed_tokens - batch.num_new_tokens[i])
+            if seq.num_computed_tokens == seq.num_prompt_tokens:
+                seq.finish_reason = "stop"
+                self.scheduler.finish(seq)
+                self.counters["embeddings_total"] += 1
+                self._finish_request(seq.request)
 
     def _sampling_rows(self, batch: ScheduledBatch, step_logits: StepLogits) -> tuple[list[Sequence], list[int]]:
         """Sequences sampling this step and their logits rows; an n > 1 parent that just finished its prompt
@@ -235,6 +226,11 @@ class LLMEngine:
         self._emit(request, finished=True)
 
     def _emit(self, request: Request, finished: bool) -> None:
+        if request.pooling is not None:  # one output, when it is done (or aborted)
+            aborted = request.seqs[0].finish_reason == "abort"
+            request.on_output(aborted_embedding(request) if aborted
+                              else finish_embedding(request, pooled_value(request)))
+            return
         kind = request.params.output_kind
         if kind is RequestOutputKind.FINAL_ONLY and not finished:
             return
@@ -272,7 +268,7 @@ class LLMEngine:
         return {
             **{k: self.counters[k] for k in ("requests_total", "requests_finished", "requests_aborted", "steps",
                                              "prompt_tokens_total", "prefill_tokens_computed",
-                                             "generation_tokens_total")},
+                                             "generation_tokens_total", "embeddings_total")},
             "num_running": len(self.scheduler.running),
             "num_waiting": len(self.scheduler.waiting),
             "max_num_running": self.max_num_running,

@@ -22,6 +22,8 @@ from transformers import AutoConfig, AutoTokenizer, GenerationConfig, Pretrained
 
 from lmport.engine.config import EngineConfig
 from lmport.engine.errors import InvalidParams, ModelNotFound, UnsupportedModel
+from lmport.engine.bundled_minilm import NAMES as MINILM_NAMES
+from lmport.engine.bundled_minilm import minilm_dir
 from lmport.engine.gguf_convert import BUNDLED_NAMES, bundled_gguf, convert_gguf
 from lmport.engine.models import get_model_class
 from lmport.engine.models.layers import pack_cpu_linears
@@ -45,17 +47,28 @@ class LoadedModel:
     eos_token_ids: list[int]  # generation_config's, then the tokenizer's
     vocab_size: int  # width of the logits (the config's vocab_size)
 
+    @property
+    def is_encoder(self) -> bool:
+        """An embedding-only encoder (BertModel), served without the KV cache by EncoderEngine."""
+        return getattr(self.model, "is_encoder", False)
+
 
 # --- resolution ---
 
+# Models shipped by installed packages: the SmolLM2 GGUF (converted once), all-MiniLM-L6-v2 (extracted once).
+_BUNDLED = {**{name: lambda: convert_gguf(bundled_gguf()) for name in BUNDLED_NAMES},
+            **{name: minilm_dir for name in MINILM_NAMES}}
+
+
 def resolve_model(model: str, revision: str | None = None, field: str = "model") -> Path:
-    """Map `model` to a local HF-format directory: the bundled SmolLM2 (converted once), a local HF directory,
+    """Map `model` to a local HF-format directory: a bundled model (SmolLM2, all-MiniLM-L6-v2), a local HF directory,
     a local .gguf file (converted once), or a hub id present in the local HF cache. Raises ModelNotFound, or
     InvalidParams (naming `field`) for a file that is not .gguf and for a revision given with a local model."""
-    if model.lower() in BUNDLED_NAMES:
+    bundled = _BUNDLED.get(model.lower())
+    if bundled is not None:
         if revision is not None:
             raise InvalidParams("revision", f"the bundled model {model!r} has no revisions; drop revision")
-        return convert_gguf(bundled_gguf())
+        return bundled()
     path = Path(model).expanduser()
     if path.is_file():
         if path.suffix != ".gguf":
@@ -138,14 +151,23 @@ def resolve_dtype(dtype: str, hf_config: PretrainedConfig, device: torch.device)
     return declared
 
 
-def resolve_max_model_len(requested: int | None, limit: int) -> int:
+def resolve_max_model_len(requested: int | None, limit: int, default: int | None = None) -> int:
     if requested is None:
-        return limit
+        return min(limit, default or limit)
     if requested > limit:
         raise InvalidParams("max_model_len", f"{requested} exceeds the model's limit of {limit} tokens "
                                              f"(max_position_embeddings / RoPE scaling / sliding window); "
                                              f"use a value <= {limit} or leave it unset")
     return requested
+
+
+def sentence_transformers_max_len(model_path: Path) -> int | None:
+    """The max_seq_length a sentence-transformers model was trained with (sentence_bert_config.json), which is
+    shorter than its position table (all-MiniLM-L6-v2: 256 of 512): the default max_model_len for such a model."""
+    st_config = model_path / "sentence_bert_config.json"
+    if not st_config.is_file():
+        return None
+    return json.loads(st_config.read_text()).get("max_seq_length")
 
 
 def eos_token_ids(model_path: Path, hf_config: PretrainedConfig, tokenizer: PreTrainedTokenizerBase) -> list[int]:
@@ -198,7 +220,8 @@ def load_model(config: EngineConfig) -> LoadedModel:
     model_cls = get_model_class(hf_config)
     device = resolve_device(config.device)
     dtype = resolve_dtype(config.dtype, hf_config, device)
-    max_model_len = resolve_max_model_len(config.max_model_len, model_cls.max_context_len(hf_config))
+    max_model_len = resolve_max_model_len(config.max_model_len, model_cls.max_context_len(hf_config),
+                                          sentence_transformers_max_len(model_path))
     tokenizer_path = resolve_model(config.tokenizer, field="tokenizer") if config.tokenizer else model_path
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_path, trust_remote_code=config.trust_remote_code)
 

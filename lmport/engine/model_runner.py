@@ -17,6 +17,7 @@ from lmport.engine.errors import OutOfKVCache
 from lmport.engine.forward_context import AttentionMetadata, forward_context
 from lmport.engine.loader import LoadedModel
 from lmport.engine.models.layers import PagedAttention
+from lmport.engine.pooling import chunk_pool
 from lmport.engine.scheduler import ScheduledBatch
 
 logger = logging.getLogger("lmport")
@@ -26,6 +27,7 @@ class StepLogits:
     logits: torch.Tensor  # float32 [R, vocab]
     sample_rows: list[int]  # per scheduled seq: its row in logits, or -1 if it does not sample this step
     prompt_rows: dict[int, tuple[int, int]]  # seq position in batch -> (first row, row count) of prompt-logprob rows
+    pooled: dict[int, torch.Tensor | None]  # seq position in batch -> its chunk's share of an embed request's pooling
 
 
 class ModelRunner:
@@ -121,6 +123,7 @@ class ModelRunner:
         keep_rows: list[int] = []
         sample_rows: list[int] = []
         prompt_rows: dict[int, tuple[int, int]] = {}
+        pool_rows: dict[int, int] = {}  # embed requests: seq position -> the chunk's first row (they never sample)
         for i, (seq, num_new) in enumerate(zip(batch.seqs, batch.num_new_tokens)):
             start, end = seq.num_computed_tokens, seq.num_computed_tokens + num_new
             input_ids.extend(seq.token_ids[start:end])
@@ -130,6 +133,11 @@ class ModelRunner:
             seq_lens.append(end)
             first_row = len(input_ids) - num_new
             request = seq.request
+            if request.pooling is not None:
+                pool_rows[i] = first_row
+                sample_rows.append(-1)
+                query_starts.append(len(input_ids))
+                continue
             if request.prompt_logprobs is not None and start < seq.num_prompt_tokens - 1:
                 # Row p predicts token p + 1: prompt positions start .. num_prompt_tokens - 2 of this chunk.
                 last = min(end, seq.num_prompt_tokens - 1)
@@ -172,7 +180,16 @@ class ModelRunner:
             else:
                 with forward_context(meta):
                     hidden = self.model(ids, pos)
-            if keep_rows != list(range(len(input_ids))):  # e.g. a decode-only step keeps every row: no copy
-                hidden = hidden.index_select(0, self._to_device(keep_rows, torch.int64))
-            logits = self.model.compute_logits(hidden)
-        return StepLogits(logits=logits, sample_rows=sample_rows, prompt_rows=prompt_rows)
+            pooled = {}
+            for i, first_row in pool_rows.items():
+                seq, num_new = batch.seqs[i], batch.num_new_tokens[i]
+                start = seq.num_computed_tokens
+                pooled[i] = chunk_pool(hidden[first_row:first_row + num_new], seq.request.pooling.pooling, start,
+                                       start + num_new, seq.num_prompt_tokens)
+            if not keep_rows:  # only embed requests this step: no logits at all
+                logits = hidden.new_empty((0, 0))
+            else:
+                if keep_rows != list(range(len(input_ids))):  # e.g. a decode-only step keeps every row: no copy
+                    hidden = hidden.index_select(0, self._to_device(keep_rows, torch.int64))
+                logits = self.model.compute_logits(hidden)
+        return StepLogits(logits=logits, sample_rows=sample_rows, prompt_rows=prompt_rows, pooled=pooled)

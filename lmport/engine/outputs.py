@@ -104,3 +104,19 @@ class RequestOutput:
             "metrics": self.metrics.to_dict(),
             "num_cached_tokens": self.num_cached_tokens,
         }
+
+
+@dataclass(slots=True)
+class EmbeddingOutput:
+    """The result of one embed input: `embedding` is None only when the request was aborted."""
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    embedding: list[float] | None
+    metrics: RequestMetrics
+    finished: bool = True  # an embedding arrives once, complete
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"request_id": self.request_id, "prompt": self.prompt,
+                "prompt_token_ids": list(self.prompt_token_ids), "embedding": self.embedding,
+                "metrics": self.metrics.to_dict()}

@@ -68,7 +68,7 @@ class Scheduler:
         while self.waiting and not preempted and budget > 0 and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
             first_time = seq.request.metrics.first_scheduled_time is None
-            if not seq.block_table and seq.request.params.prompt_logprobs is None:
+            if not seq.block_table and seq.request.uses_prefix_cache:
                 hits = self.block_manager.match_prefix(seq)
                 if first_time:
                     seq.num_cached_tokens = hits

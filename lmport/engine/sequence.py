@@ -19,6 +19,7 @@ from lmport.engine.outputs import PositionLogprobs, RequestMetrics, RequestOutpu
 
 if TYPE_CHECKING:
     from lmport.engine.detokenizer import IncrementalDetokenizer
+    from lmport.engine.pooling import PoolingParams
     from lmport.engine.sampling_params import SamplingParams
 
 
@@ -85,6 +86,8 @@ class Request:
     emitted: bool = False  # an output was delivered already (prompt logprobs go out once in delta mode)
     prompt_logprobs: list[PositionLogprobs | None] | None = None
     bad_words_token_ids: list[list[int]] | None = None
+    pooling: PoolingParams | None = None  # an embed request: prefill only, pooled instead of sampled
+    pooled: torch.Tensor | None = field(default=None, init=False, repr=False)  # running pooled value (float32)
     # The prompt's distinct token ids on the sampling device, for repetition_penalty (SamplingBatch fills it once).
     distinct_prompt_token_ids: torch.Tensor | None = field(default=None, init=False, repr=False)
     metrics: RequestMetrics = field(init=False)
@@ -95,3 +98,11 @@ class Request:
     @property
     def finished(self) -> bool:
         return all(s.is_finished for s in self.seqs)
+
+    @property
+    def uses_prefix_cache(self) -> bool:
+        """Cached blocks skip computing their positions: fine unless their rows are needed (prompt logprobs, and
+        pooling over more than the last token)."""
+        if self.pooling is not None:
+            return self.pooling.pooling == "last"
+        return self.params.prompt_logprobs is None

@@ -56,3 +56,13 @@ pool_llm = LMPort.llm!({:pool, MyApp.LLMPool}, "smollm2", max_model_len: 1024)
   timeout: 60_000
 )
 |> Enum.each(fn {:ok, [out]} -> IO.puts("pool: " <> out["prompt"] <> hd(out["outputs"])["text"]) end)
+
+# 5. Embeddings: one vector per input (docs/embeddings.md).
+LMPort.run(fn worker ->
+  llm = LMPort.llm!(worker, "all-MiniLM-L6-v2")
+
+  %{"data" => [%{"embedding" => vector}], "usage" => usage} =
+    LMPort.embed!(worker, llm, ["Hello"], pooling: "mean")
+
+  IO.inspect({length(vector), usage}, label: "embed")
+end)

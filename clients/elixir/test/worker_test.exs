@@ -52,6 +52,38 @@ defmodule LMPort.WorkerTest do
     assert is_binary(text) and length(ids) > 5
   end
 
+  test "embed returns one vector per input; bad input names the field" do
+    minilm = LMPort.llm!(@worker, "all-MiniLM-L6-v2", device: "cpu")
+    texts = ["A cat sits on the mat.", "Stocks fell sharply.", "The kitten rests on the rug."]
+
+    assert %{"data" => data, "usage" => %{"prompt_tokens" => tokens, "total_tokens" => tokens}} =
+             LMPort.embed!(@worker, minilm, texts)
+
+    assert Enum.map(data, & &1["index"]) == [0, 1, 2]
+    assert tokens == data |> Enum.map(& &1["prompt_tokens"]) |> Enum.sum()
+    [cat, stocks, kitten] = Enum.map(data, & &1["embedding"])
+    dot = fn a, b -> Enum.zip_with(a, b, &(&1 * &2)) |> Enum.sum() end
+    assert length(cat) == 384 and abs(dot.(cat, cat) - 1) < 1.0e-5
+    # the paraphrase is nearer than the unrelated sentence
+    assert dot.(cat, kitten) > dot.(cat, stocks)
+
+    assert %{"data" => [%{"embedding" => short}]} =
+             LMPort.embed!(@worker, minilm, "x", pooling: "cls", dimensions: 8)
+
+    assert length(short) == 8
+
+    for {input, opts, field} <- [
+          {[], [], "input"},
+          {"x", [pooling: "max"], "pooling"},
+          {"x", [dimensions: 385], "dimensions"}
+        ] do
+      assert {:error, %LMPort.Error{code: "invalid_params", details: %{"field" => ^field}}} =
+               LMPort.embed(@worker, minilm, input, opts)
+    end
+
+    LMPort.release!(@worker, minilm)
+  end
+
   test "tokenize and detokenize round-trip", %{llm: llm} do
     ids = LMPort.tokenize!(@worker, llm, "Hello, Elixir!", add_special_tokens: false)
     assert [_ | _] = ids

@@ -5,7 +5,7 @@ import { spawn, type ChildProcess } from "node:child_process";
 import { after, before, test } from "node:test";
 import {
   LMPortError, Worker, type ChunkOutput, type CompletionOutput, type HandleMap, type RequestMetrics, type RequestOutput,
-  type SpawnOptions, type Summary, type Usage,
+  type EmbedResult, type SpawnOptions, type Summary, type Usage,
 } from "../src/index.js";
 import { groupAlive, waitFor } from "./helpers.js";
 
@@ -69,6 +69,28 @@ test("tokenize and detokenize round-trip", async () => {
   const ids = await worker.tokenize(llm, "Hello world", { add_special_tokens: false });
   assert.ok(ids.length >= 2);
   assert.equal(await worker.detokenize(llm, ids), "Hello world");
+});
+
+test("embed returns one typed vector per input, and bad input names the field", async () => {
+  const minilm = await worker.llm("all-MiniLM-L6-v2", { device: "cpu" });
+  const texts = ["A cat sits on the mat.", "Stocks fell sharply.", "The kitten rests on the rug."];
+  const result: EmbedResult = await worker.embed(minilm, texts);
+  assert.deepEqual(result.data.map((d) => d.index), [0, 1, 2]);
+  const [cat, stocks, kitten] = result.data.map((d) => d.embedding);
+  assert.equal(cat.length, 384);
+  const dot = (a: number[], b: number[]) => a.reduce((sum, v, i) => sum + v * b[i], 0);
+  assert.ok(Math.abs(dot(cat, cat) - 1) < 1e-5); // normalized
+  assert.ok(dot(cat, kitten) > dot(cat, stocks)); // the paraphrase is nearer
+  assert.equal(result.usage.total_tokens, result.data.reduce((sum, d) => sum + d.prompt_tokens, 0));
+  const short = await worker.embed(minilm, "x", { pooling: "cls", dimensions: 8 });
+  assert.equal(short.data[0].embedding.length, 8);
+  const empty = await expectError(worker.embed(minilm, []), "invalid_params");
+  assert.equal(empty.details.field, "input");
+  const pooling = await expectError(worker.embed(minilm, "x", { pooling: "max" }), "invalid_params");
+  assert.equal(pooling.details.field, "pooling");
+  const wide = await expectError(worker.embed(minilm, "x", { dimensions: 385 }), "invalid_params");
+  assert.equal(wide.details.field, "dimensions");
+  await worker.release(minilm);
 });
 
 test("invalid options fail locally, naming the field", async () => {

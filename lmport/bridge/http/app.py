@@ -12,6 +12,7 @@ from fastapi.middleware.cors import CORSMiddleware
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from lmport.bridge.http.config import Settings
+from lmport.bridge.http.embeddings import router as embeddings_router
 from lmport.bridge.http.errors import APIError, install_handlers, too_large
 from lmport.bridge.http.generation import Backend
 from lmport.bridge.http.routes import router
@@ -40,6 +41,7 @@ def build_app(settings: Settings, backend: Backend | None = None) -> FastAPI:
                        allow_headers=serve.allowed_headers, allow_credentials=serve.allow_credentials)
     app.add_middleware(BodyLimit, max_bytes=serve.max_body_bytes)
     app.include_router(router)
+    app.include_router(embeddings_router)
     return app
 
 

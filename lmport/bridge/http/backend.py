@@ -63,6 +63,11 @@ class ServiceBackend:
     def detokenize(self, token_ids: list[int]) -> str:
         return self._call("detokenize", {"llm": self.ref, "token_ids": token_ids})
 
+    def embed(self, inputs: list[list[int]], pooling: str, normalize: bool, dimensions: int | None) -> dict[str, Any]:
+        """The worker's embed: an EmbedResult {data: [{index, embedding, prompt_tokens}], usage}."""
+        return self._call("embed", {"llm": self.ref, "input": inputs, "pooling": pooling, "normalize": normalize,
+                                    "dimensions": dimensions})
+
     def chat_token_ids(self, messages: list[dict[str, Any]], chat_template: str | None,
                        add_generation_prompt: bool) -> list[int]:
         return self.service.get_llm(self.ref).apply_chat_template(messages, chat_template, add_generation_prompt)

@@ -149,13 +149,17 @@ class ServerState:
                                                 f"{max_tokens}, {longest + max_tokens} in all.")
         return fields
 
+    def charge(self, identity: str, cost: int) -> None:
+        """Take `cost` tokens from the caller's rate limit: 429 with Retry-After when over."""
+        decision = self.limiter.acquire(identity, cost)
+        if not decision.allowed:
+            raise _rate_error(decision.limit, decision.retry_after_s)
+
     async def admit(self, identity: str, prompts: list[list[int]], sampling: dict[str, Any], prefix: str,
                     renames: dict[str, str] | None = None) -> Admitted:
         """Charge the rate limiter (429 with Retry-After when over), then submit every prompt to the engine."""
         cost = sum(len(p) for p in prompts) + sampling["max_tokens"] * sampling.get("n", 1) * len(prompts)
-        decision = self.limiter.acquire(identity, cost)
-        if not decision.allowed:
-            raise _rate_error(decision.limit, decision.retry_after_s)
+        self.charge(identity, cost)
         generation = Generation(self.backend, self.metrics, prompts, sampling)
         try:
             await generation.start()

@@ -5,18 +5,21 @@ from __future__ import annotations
 from transformers import PretrainedConfig
 
 from lmport.engine.errors import UnsupportedModel
+from lmport.engine.models.bert import BertModel
 from lmport.engine.models.llama import LlamaForCausalLM
 
 # Mistral and Qwen2 are Llama with different config defaults (sliding window, qkv bias); one class serves all.
-MODEL_REGISTRY: dict[str, type[LlamaForCausalLM]] = {
+# BertModel is an encoder: it serves embeddings (EncoderEngine), not generation.
+MODEL_REGISTRY: dict[str, type[LlamaForCausalLM] | type[BertModel]] = {
     "LlamaForCausalLM": LlamaForCausalLM,
     "MistralForCausalLM": LlamaForCausalLM,
     "Qwen2ForCausalLM": LlamaForCausalLM,
+    "BertModel": BertModel,
 }
 _MODEL_TYPES = {"llama", "mistral", "qwen2"}
 
 
-def get_model_class(hf_config: PretrainedConfig) -> type[LlamaForCausalLM]:
+def get_model_class(hf_config: PretrainedConfig) -> type[LlamaForCausalLM] | type[BertModel]:
     architectures = getattr(hf_config, "architectures", None) or []
     for arch in architectures:
         if arch in MODEL_REGISTRY:
@@ -27,4 +30,4 @@ def get_model_class(hf_config: PretrainedConfig) -> type[LlamaForCausalLM]:
                            f"supported architectures: {', '.join(MODEL_REGISTRY)}")
 
 
-__all__ = ["MODEL_REGISTRY", "LlamaForCausalLM", "get_model_class"]
+__all__ = ["MODEL_REGISTRY", "BertModel", "LlamaForCausalLM", "get_model_class"]

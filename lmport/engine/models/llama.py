@@ -16,6 +16,7 @@ from lmport import kernels
 from lmport.engine.errors import UnsupportedModel
 from lmport.engine.models.layers import Embedding, Linear, PagedAttention, RMSNorm, RotaryEmbedding
 from lmport.engine.models.rope import cos_sin_cache, rope_context_len
+from lmport.engine.models.weights import load_checkpoint
 
 # checkpoint projection name -> (fused parameter module, shard index)
 _FUSED = {"q_proj": ("qkv_proj", 0), "k_proj": ("qkv_proj", 1), "v_proj": ("qkv_proj", 2),
@@ -136,46 +137,12 @@ class LlamaForCausalLM(nn.Module):
         return self.lm_head(hidden)
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
-        """Copy HF-named checkpoint tensors into the (fused) parameters, converting dtype and device.
-        Raises UnsupportedModel when a tensor has no place, a wrong shape, or a parameter stays unloaded."""
-        params = dict(self.named_parameters())
-        loaded: set[tuple[str, int | None]] = set()
-        for name, tensor in weights:
+        """Copy HF-named checkpoint tensors into the (fused) parameters; see models.weights.load_checkpoint."""
+        def place(name: str) -> tuple[str, int | None] | None:
             if "rotary_emb.inv_freq" in name or (self.tie_word_embeddings and name == "lm_head.weight"):
-                continue  # recomputed here / shared with the embedding
+                return None  # recomputed here / shared with the embedding
             *prefix, proj, kind = name.split(".")
-            shard = None
-            if proj in _FUSED:
-                proj, shard = _FUSED[proj]
-            target = ".".join([*prefix, proj, kind])
-            param = params.get(target)
-            if param is None:
-                raise UnsupportedModel(f"checkpoint tensor {name!r} has no place in {type(self).__name__}")
-            dest = param
-            if shard is not None:
-                module = self.get_submodule(".".join([*prefix, proj]))
-                start = module.shard_offsets[shard]
-                dest = param[start:start + module.output_sizes[shard]]
-            if dest.shape != tensor.shape:
-                raise UnsupportedModel(f"checkpoint tensor {name!r} has shape {tuple(tensor.shape)}, "
-                                       f"expected {tuple(dest.shape)}")
-            dest.copy_(tensor)
-            loaded.add((target, shard))
-        missing = sorted(f"{n}[{s}]" if s is not None else n for n, s in self._expected_tensors() - loaded)
-        if missing:
-            raise UnsupportedModel(f"checkpoint lacks {len(missing)} tensor(s): {', '.join(missing[:4])}")
+            proj, shard = _FUSED.get(proj, (proj, None))
+            return ".".join([*prefix, proj, kind]), shard
 
-    def _expected_tensors(self) -> set[tuple[str, int | None]]:
-        expected: set[tuple[str, int | None]] = set()
-        seen: set[int] = set()  # a tied lm_head shares the embedding's parameter: expect it once
-        for module_name, module in self.named_modules():
-            for kind, param in module.named_parameters(recurse=False):
-                if id(param) in seen:
-                    continue
-                seen.add(id(param))
-                name = f"{module_name}.{kind}"
-                if isinstance(module, Linear) and len(module.output_sizes) > 1:
-                    expected |= {(name, i) for i in range(len(module.output_sizes))}
-                else:
-                    expected.add((name, None))
-        return expected
+        load_checkpoint(self, weights, place)

@@ -509,6 +509,32 @@ export interface Summary {
   requests: SummaryRequest[];
 }
 
+/** Result record Embedding, as the worker sends it. */
+export interface Embedding {
+  /** Position of the input in the call's input list. */
+  index: number;
+  /** The vector (dimensions long when given, else the model's hidden size). */
+  embedding: number[];
+  /** Tokens of this input. */
+  prompt_tokens: number;
+}
+
+/** Result record EmbedUsage, as the worker sends it. */
+export interface EmbedUsage {
+  /** Tokens of every input of the call. */
+  prompt_tokens: number;
+  /** The same: embedding generates nothing. */
+  total_tokens: number;
+}
+
+/** Result record EmbedResult, as the worker sends it. */
+export interface EmbedResult {
+  /** One per input, in order. */
+  data: Embedding[];
+  /** Token counts of the whole call. */
+  usage: EmbedUsage;
+}
+
 /** The worker's default timeout profiles, in milliseconds (the live ones arrive in `hello`). */
 export const TIMEOUT_PROFILES = { default: 120000, streaming: 1800000, ml_inference: 600000, batch_job: 3600000 } as const;
 
@@ -552,6 +578,15 @@ const METHODS: Readonly<Record<string, MethodSpec>> = {
     { name: "sampling_params", type: "dict|list[dict]|null", fields: SamplingParamsFields },
     { name: "chat_template", type: "str|null" },
     { name: "add_generation_prompt", type: "bool" },
+    ],
+  },
+  "embed": {
+    name: "embed", profile: "ml_inference", params: [
+    { name: "llm", type: "handle", required: true },
+    { name: "input", type: "str|list[str]|list[int]|list", required: true },
+    { name: "pooling", type: "str" },
+    { name: "normalize", type: "bool" },
+    { name: "dimensions", type: "int|null" },
     ],
   },
   "tokenize": {
@@ -629,6 +664,28 @@ export interface ChatOptions extends CallOptions {
    * Default: `true`.
    */
   add_generation_prompt?: boolean;
+}
+
+/** Options of `Worker.embed`: its optional parameters and the call options. */
+export interface EmbedOptions extends CallOptions {
+  /**
+   * 'mean' (average over every token), 'last' (the last token) or 'cls' (the first token).
+   *
+   * Default: `"mean"`.
+   */
+  pooling?: string;
+  /**
+   * scale each vector to unit L2 norm (after truncation to dimensions).
+   *
+   * Default: `true`.
+   */
+  normalize?: boolean;
+  /**
+   * keep only the first this-many components (Matryoshka truncation); at most the model's hidden size.
+   *
+   * Default: `null`.
+   */
+  dimensions?: number | null;
 }
 
 /** Options of `Worker.tokenize`: its optional parameters and the call options. */
@@ -763,6 +820,18 @@ export abstract class Methods {
    */
   chatStream(llm: Handle, messages: Record<string, unknown>[] | unknown[], options?: ChatOptions): RequestStream<Chunk, Summary> {
     return this.invokeStream(METHODS["chat"]!, { "llm": llm, "messages": messages }, options);
+  }
+
+  /**
+   * Embed one input or many: each is pooled from the model's final hidden states into one vector. On a decoder the inputs are prefilled alongside running generations; an encoder (all-MiniLM-L6-v2) runs them as one padded batch.
+   *
+   * @param llm the LLM handle (map or ref string).
+   * @param input a string, a list of strings, one token-id list, or a list of token-id lists.
+   * @param options optional parameters and call options (signal, timeout, timeoutProfile)
+   * @returns An EmbedResult: data (one Embedding per input, in order) and usage (prompt and total tokens).
+   */
+  embed(llm: Handle, input: string | string[] | number[] | unknown[], options?: EmbedOptions): Promise<EmbedResult> {
+    return this.invoke(METHODS["embed"]!, { "llm": llm, "input": input }, options);
   }
 
   /**

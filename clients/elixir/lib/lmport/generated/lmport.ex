@@ -277,6 +277,36 @@ defmodule LMPort do
   def chat!(worker, llm, messages, opts \\ []), do: LMPort.Client.unwrap!(chat(worker, llm, messages, opts))
 
   @doc ~S"""
+  Embed one input or many: each is pooled from the model's final hidden states into one vector. On a decoder the inputs are prefilled alongside running generations; an encoder (all-MiniLM-L6-v2) runs them as one padded batch.
+
+  ## Arguments
+
+    * `llm` (handle, required) — the LLM handle (map or ref string).
+    * `input` (str | list[str] | list[int] | list, required) — a string, a list of strings, one token-id list,
+      or a list of token-id lists.
+
+  ## Options
+
+    * `:pooling` (str) — 'mean' (average over every token), 'last' (the last token) or 'cls' (the first
+      token). Default: `"mean"`.
+    * `:normalize` (bool) — scale each vector to unit L2 norm (after truncation to dimensions). Default:
+      `true`.
+    * `:dimensions` (int | null) — keep only the first this-many components (Matryoshka truncation); at most
+      the model's hidden size. Default: `nil`.
+    * `:timeout`, `:timeout_profile` — see the module doc; this method's default profile is
+      `:ml_inference` (600000 ms)
+
+  Returns `dict`: An EmbedResult: data (one Embedding per input, in order) and usage (prompt and total tokens).
+  """
+  @spec embed(worker(), map() | String.t(), String.t() | [String.t()] | [integer()] | list(), keyword()) :: result(term())
+  def embed(worker, llm, input, opts \\ []),
+    do: LMPort.Client.call(worker, "embed", %{"llm" => llm, "input" => input}, opts)
+
+  @doc "Like `embed/4`, but returns the result or raises `LMPort.Error`."
+  @spec embed!(worker(), map() | String.t(), String.t() | [String.t()] | [integer()] | list(), keyword()) :: term()
+  def embed!(worker, llm, input, opts \\ []), do: LMPort.Client.unwrap!(embed(worker, llm, input, opts))
+
+  @doc ~S"""
   Turn text into token ids with the model's tokenizer.
 
   ## Arguments

@@ -280,6 +280,18 @@ defmodule LMPort.Schema do
         }
       ]
     },
+    "embed" => %{
+      "name" => "embed",
+      "streaming" => false,
+      "timeout_profile" => "ml_inference",
+      "params" => [
+        %{"name" => "llm", "type" => "handle", "required" => true},
+        %{"name" => "input", "type" => "str|list[str]|list[int]|list", "required" => true},
+        %{"name" => "pooling", "type" => "str", "required" => false, "default" => "mean"},
+        %{"name" => "normalize", "type" => "bool", "required" => false, "default" => true},
+        %{"name" => "dimensions", "type" => "int|null", "required" => false, "default" => nil}
+      ]
+    },
     "tokenize" => %{
       "name" => "tokenize",
       "streaming" => false,
