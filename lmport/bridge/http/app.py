@@ -15,6 +15,7 @@ from lmport.bridge.http.config import Settings
 from lmport.bridge.http.errors import APIError, install_handlers, too_large
 from lmport.bridge.http.generation import Backend
 from lmport.bridge.http.routes import router
+from lmport.bridge.http.simple import router as simple_router
 from lmport.bridge.http.state import ServerState
 from lmport.engine import __version__
 
@@ -40,6 +41,7 @@ def build_app(settings: Settings, backend: Backend | None = None) -> FastAPI:
                        allow_headers=serve.allowed_headers, allow_credentials=serve.allow_credentials)
     app.add_middleware(BodyLimit, max_bytes=serve.max_body_bytes)
     app.include_router(router)
+    app.include_router(simple_router)
     return app
 
 
