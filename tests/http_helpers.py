@@ -5,8 +5,11 @@ from __future__ import annotations
 
 import functools
 import threading
+import time
 from collections.abc import Callable
 from typing import Any
+
+import httpx
 
 from lmport.bridge.http.config import load_settings
 from lmport.bridge.http.server import RunningServer
@@ -32,6 +35,24 @@ def model_server(**serve_options: Any) -> RunningServer:
 
     settings = load_settings({"port": 0, "uvicorn_log_level": "warning", **TEST_ENGINE, **serve_options}, environ={})
     return RunningServer(settings, ServiceBackend(settings.engine, service=shared_service())).wait_ready()
+
+
+def engine_stats(server: RunningServer) -> dict[str, Any]:
+    """The counters (/stats) of the engine behind this server."""
+    stats = httpx.get(f"{server.url}/stats").json()
+    return next(e for e in stats["engines"] if e["refs"] and server.state.backend.ref in e["refs"])
+
+
+def wait_idle(server: RunningServer, timeout: float = 60.0) -> dict[str, Any]:
+    """Stats once nothing runs or waits and every KV block is back in the pool."""
+    end = time.monotonic() + timeout
+    while True:
+        stats = engine_stats(server)
+        if stats["num_running"] == 0 and stats["num_waiting"] == 0 and stats["kv_blocks_free"] == stats[
+                "kv_blocks_total"]:
+            return stats
+        assert time.monotonic() < end, stats
+        time.sleep(0.05)
 
 
 def fake_server(backend: FakeBackend | None = None, **serve_options: Any) -> tuple[RunningServer, FakeBackend]:
