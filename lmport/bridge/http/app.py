@@ -14,6 +14,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from lmport.bridge.http.config import Settings
 from lmport.bridge.http.errors import APIError, install_handlers, too_large
 from lmport.bridge.http.generation import Backend
+from lmport.bridge.http.playground import install_playground
 from lmport.bridge.http.routes import router
 from lmport.bridge.http.simple import router as simple_router
 from lmport.bridge.http.state import ServerState
@@ -42,6 +43,7 @@ def build_app(settings: Settings, backend: Backend | None = None) -> FastAPI:
     app.add_middleware(BodyLimit, max_bytes=serve.max_body_bytes)
     app.include_router(router)
     app.include_router(simple_router)
+    install_playground(app)
     return app
 
 
