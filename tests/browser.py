@@ -5,6 +5,7 @@ package is already a dependency, so no WebDriver layer is added between the test
 from __future__ import annotations
 
 import base64
+import contextlib
 import itertools
 import json
 import shutil
@@ -26,7 +27,7 @@ class BrowserError(AssertionError):
 
 
 class Browser:
-    """One Chromium with a fresh profile in `profile_dir`, and one page."""
+    """One Chromium with a fresh profile in `profile_dir`, and one page; use it as a context manager."""
 
     def __init__(self, profile_dir: Path, timeout: float = 60.0) -> None:
         binary = shutil.which("chromium")
@@ -37,12 +38,14 @@ class Browser:
         self._proc = subprocess.Popen([binary, *FLAGS, f"--user-data-dir={profile_dir}", "about:blank"],
                                       stdout=self._log, stderr=subprocess.STDOUT)
         self._ids = itertools.count(1)
+        self._stack = contextlib.ExitStack()
         self.errors: list[str] = []  # uncaught page exceptions and console.error calls
         try:
             port = self._devtools_port(profile_dir / "DevToolsActivePort", timeout)
             pages = httpx.get(f"http://127.0.0.1:{port}/json/list", timeout=10).json()
             page = next(p for p in pages if p["type"] == "page")
-            self._ws = connect(page["webSocketDebuggerUrl"], max_size=None, open_timeout=timeout)
+            self._ws = self._stack.enter_context(connect(page["webSocketDebuggerUrl"], max_size=None,
+                                                         open_timeout=timeout))
             self.call("Page.enable")
             self.call("Runtime.enable")
         except BaseException:
@@ -122,10 +125,14 @@ class Browser:
         path.write_bytes(base64.b64decode(self.call("Page.captureScreenshot", format="png")["data"]))
         return path
 
+    def __enter__(self) -> Browser:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
     def close(self) -> None:
-        ws = getattr(self, "_ws", None)
-        if ws is not None:
-            ws.close()
+        self._stack.close()
         self._proc.terminate()
         try:
             self._proc.wait(timeout=10)

@@ -79,8 +79,7 @@ TRANSCRIPT = "[...document.querySelectorAll('#transcript li')].map(li => [li.cla
 
 @pytest.mark.slow
 def test_a_chat_streams_and_stop_aborts_it_in_the_engine(server, tmp_path, capsys) -> None:
-    browser = Browser(tmp_path / "profile")
-    try:
+    with Browser(tmp_path / "profile") as browser:
         browser.open(f"{server.url}/")
         browser.wait_for("document.getElementById('key-dialog').open")  # /v1/models answered 401
         browser.type("#key-input", KEY)
@@ -119,5 +118,3 @@ def test_a_chat_streams_and_stop_aborts_it_in_the_engine(server, tmp_path, capsy
                                                                                             range(1, 9)}
         artifact(browser, tmp_path, "playground-done.png", capsys)
         assert browser.errors == []
-    finally:
-        browser.close()
