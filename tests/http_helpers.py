@@ -4,9 +4,10 @@ shared by every test module) or over a scripted backend with no model (fast test
 from __future__ import annotations
 
 import functools
+import json
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import httpx
@@ -53,6 +54,18 @@ def wait_idle(server: RunningServer, timeout: float = 60.0) -> dict[str, Any]:
             return stats
         assert time.monotonic() < end, stats
         time.sleep(0.05)
+
+
+def parse_sse(lines: Iterable[str]) -> list[tuple[str, dict[str, Any]]]:
+    """(event name, data) per server-sent event; unnamed events are 'message', as EventSource calls them."""
+    events, name = [], "message"
+    for line in lines:
+        if line.startswith("event: "):
+            name = line[len("event: "):]
+        elif line.startswith("data: "):
+            events.append((name, json.loads(line[len("data: "):])))
+            name = "message"
+    return events
 
 
 def fake_server(backend: FakeBackend | None = None, **serve_options: Any) -> tuple[RunningServer, FakeBackend]:

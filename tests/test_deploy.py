@@ -72,6 +72,8 @@ def read_image(root: Path, arg_overrides: dict[str, str] | None = None, base_env
                run: bool = False) -> Image:
     """Walk the Dockerfile; with `run`, do its Python steps (COPY, python3/pip RUNs) as a build would."""
     image = Image(root)
+    if run:
+        root.mkdir(parents=True, exist_ok=True)
     overrides = arg_overrides or {}
     env = dict(base_env or {})
     for keyword, rest in instructions():

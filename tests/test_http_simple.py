@@ -4,12 +4,13 @@ and rate limits as on /v1."""
 
 from __future__ import annotations
 
-import json
-
 import httpx
 import pytest
 
-from tests.http_helpers import fake_server
+from tests.http_helpers import fake_server, parse_sse
+
+# generous: the scripted backend answers at once, but a shared 2-core machine can stall a thread for seconds
+http = httpx.Client(timeout=30)
 
 
 @pytest.fixture(scope="module")
@@ -20,21 +21,9 @@ def served():
     running.stop()
 
 
-def sse_events(response: httpx.Response) -> list[tuple[str, dict]]:
-    """(event name, data) per SSE event; unnamed events are 'message', as EventSource calls them."""
-    events, name = [], "message"
-    for line in response.iter_lines():
-        if line.startswith("event: "):
-            name = line[len("event: "):]
-        elif line.startswith("data: "):
-            events.append((name, json.loads(line[len("data: "):])))
-            name = "message"
-    return events
-
-
 def test_generate_answers_text_counts_and_timing(served) -> None:
     server, backend = served
-    reply = httpx.post(f"{server.url}/generate", json={"prompt": "abc", "max_tokens": 4, "temperature": 0.5})
+    reply = http.post(f"{server.url}/generate", json={"prompt": "abc", "max_tokens": 4, "temperature": 0.5})
     assert reply.status_code == 200, reply.text
     body = reply.json()
     assert body["text"] == "xxxx" and body["tokens_generated"] == 4 and body["prompt_tokens"] == 3
@@ -46,15 +35,15 @@ def test_generate_answers_text_counts_and_timing(served) -> None:
 
 def test_generate_defaults_to_sampling_params_max_tokens(served) -> None:
     server, backend = served
-    assert httpx.post(f"{server.url}/generate", json={"prompt": "a"}).json()["tokens_generated"] == 16
+    assert http.post(f"{server.url}/generate", json={"prompt": "a"}).json()["tokens_generated"] == 16
     assert backend.submitted[-1][1]["max_tokens"] == 16
 
 
 def test_generate_streams_text_events_then_a_final_event(served) -> None:
     server, _ = served
-    with httpx.stream("POST", f"{server.url}/generate", json={"prompt": "ab", "max_tokens": 3, "stream": True}) as r:
+    with http.stream("POST", f"{server.url}/generate", json={"prompt": "ab", "max_tokens": 3, "stream": True}) as r:
         assert r.headers["content-type"].startswith("text/event-stream")
-        events = sse_events(r)
+        events = parse_sse(r.iter_lines())
     *deltas, (final_name, final) = events
     assert final_name == "final" and [name for name, _ in deltas] == ["message"] * len(deltas)
     assert all(set(data) == {"text", "request_id", "tokens_generated"} for _, data in deltas)
@@ -66,22 +55,22 @@ def test_generate_streams_text_events_then_a_final_event(served) -> None:
 
 def test_chat_goes_through_the_chat_template(served) -> None:
     server, backend = served
-    body = httpx.post(f"{server.url}/chat", json={"messages": [{"role": "user", "content": "hi"}],
+    body = http.post(f"{server.url}/chat", json={"messages": [{"role": "user", "content": "hi"}],
                                                   "max_tokens": 2}).json()
     assert body["text"] == "xx" and body["prompt_tokens"] == len("user:hi;")
     assert backend.submitted[-1][0] == [[ord(c) for c in "user:hi;"]]
-    with httpx.stream("POST", f"{server.url}/chat", json={"messages": [{"role": "user", "content": "hi"}],
+    with http.stream("POST", f"{server.url}/chat", json={"messages": [{"role": "user", "content": "hi"}],
                                                           "max_tokens": 2, "stream": True}) as r:
-        assert sse_events(r)[-1][0] == "final"
+        assert parse_sse(r.iter_lines())[-1][0] == "final"
     # without max_tokens the reply may run to the end of the context (the fake's 64 tokens), as on /v1
-    assert httpx.post(f"{server.url}/chat", json={"messages": [{"role": "user", "content": "hi"}]}).json()[
+    assert http.post(f"{server.url}/chat", json={"messages": [{"role": "user", "content": "hi"}]}).json()[
         "tokens_generated"] == 64 - len("user:hi;")
 
 
 def test_batch_is_one_engine_call_answered_in_prompt_order(served) -> None:
     server, backend = served
     calls = len(backend.submitted)
-    body = httpx.post(f"{server.url}/v1/completions/batch", json={"prompts": ["a", "bb", "ccc"],
+    body = http.post(f"{server.url}/v1/completions/batch", json={"prompts": ["a", "bb", "ccc"],
                                                                   "max_tokens": 2}).json()
     assert len(backend.submitted) == calls + 1  # one call: the scheduler batches its prompts
     assert backend.submitted[-1][0] == [[97], [98, 98], [99, 99, 99]]
@@ -92,7 +81,7 @@ def test_batch_is_one_engine_call_answered_in_prompt_order(served) -> None:
 
 def test_models_lists_the_served_names(served) -> None:
     server, _ = served
-    assert httpx.get(f"{server.url}/models").json() == {
+    assert http.get(f"{server.url}/models").json() == {
         "models": [{"name": "smollm2", "root": "smollm2", "ready": True, "max_model_len": 64}]}
 
 
@@ -112,7 +101,7 @@ def test_models_lists_the_served_names(served) -> None:
 ])
 def test_bad_input_is_a_400_naming_the_field(served, path, body, param) -> None:
     server, _ = served
-    response = httpx.post(f"{server.url}{path}", json=body)
+    response = http.post(f"{server.url}{path}", json=body)
     assert response.status_code == 400, response.text
     error = response.json()["error"]
     assert error["param"] == param and error["code"] == "invalid_params" and param in error["message"], error
@@ -120,7 +109,7 @@ def test_bad_input_is_a_400_naming_the_field(served, path, body, param) -> None:
 
 def test_a_prompt_with_no_room_for_output_is_413_naming_it(served) -> None:
     server, _ = served
-    response = httpx.post(f"{server.url}/v1/completions/batch", json={"prompts": ["a", "b" * 80]})
+    response = http.post(f"{server.url}/v1/completions/batch", json={"prompts": ["a", "b" * 80]})
     assert response.status_code == 413 and response.json()["error"]["param"] == "prompts[1]"
 
 
@@ -132,13 +121,13 @@ def test_auth_and_rate_limits_apply_as_on_v1() -> None:
         for method, path, body in (("POST", "/generate", {"prompt": "a"}), ("GET", "/models", None),
                                    ("POST", "/chat", {"messages": [{"role": "user", "content": "a"}]}),
                                    ("POST", "/v1/completions/batch", {"prompts": ["a"]})):
-            refused = httpx.request(method, f"{url}{path}", json=body)
+            refused = http.request(method, f"{url}{path}", json=body)
             assert refused.status_code == 401 and refused.json()["error"]["code"] == "invalid_api_key", path
         key = {"Authorization": "Bearer k1"}
-        assert httpx.get(f"{url}/models", headers=key).status_code == 200
-        assert httpx.post(f"{url}/generate", json={"prompt": "a"}, headers=key).status_code == 200
-        assert httpx.post(f"{url}/v1/completions/batch", json={"prompts": ["a"]}, headers=key).status_code == 200
-        over = httpx.post(f"{url}/generate", json={"prompt": "a"}, headers=key)
+        assert http.get(f"{url}/models", headers=key).status_code == 200
+        assert http.post(f"{url}/generate", json={"prompt": "a"}, headers=key).status_code == 200
+        assert http.post(f"{url}/v1/completions/batch", json={"prompts": ["a"]}, headers=key).status_code == 200
+        over = http.post(f"{url}/generate", json={"prompt": "a"}, headers=key)
         assert over.status_code == 429 and int(over.headers["retry-after"]) >= 1
     finally:
         running.stop()

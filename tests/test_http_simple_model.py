@@ -11,7 +11,7 @@ import subprocess
 import httpx
 import pytest
 
-from tests.http_helpers import engine_stats, model_server, wait_idle
+from tests.http_helpers import engine_stats, model_server, parse_sse, wait_idle
 
 pytestmark = pytest.mark.slow
 
@@ -23,17 +23,6 @@ def server():
     running = model_server()
     yield running
     running.stop()
-
-
-def parse_sse(lines: list[str]) -> list[tuple[str, dict]]:
-    events, name = [], "message"
-    for line in lines:
-        if line.startswith("event: "):
-            name = line[len("event: "):]
-        elif line.startswith("data: "):
-            events.append((name, json.loads(line[len("data: "):])))
-            name = "message"
-    return events
 
 
 def check_stream(events: list[tuple[str, dict]], whole: dict) -> None:

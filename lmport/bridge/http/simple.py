@@ -12,7 +12,7 @@ arrive, then one `event: final` whose data is the whole reply. Auth, rate limits
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Request
@@ -75,17 +75,24 @@ class BatchRequest(_SimpleRequest):
     prompts: list[NonEmptyText] = Field(min_length=1)
 
 
-async def _start(state: ServerState, identity: str, request: Request, prompts: list[list[int]],
-                 fields: dict[str, Any], prompt_param: str) -> tuple[Admitted, float]:
-    """Fit, validate, charge and submit the prompts as one engine call; the admission time starts the clock."""
+PromptIds = Callable[[], Awaitable[list[list[int]]]]
+
+
+async def _answer(reply_class: type[SimpleReply], body: _SimpleRequest, request: Request, state: ServerState,
+                  identity: str, prompt_ids: PromptIds, prompt_param: str, stream: bool) -> Response:
+    """The admission steps of /v1 (model, readiness, prompt ids, fit, sampling fields, rate limit), one engine call
+    for every prompt, then the reply, whole or streamed. The clock of `generation_time` starts at the fit."""
+    model = state.check_model(body.model)
+    state.require_ready()
+    fields = body.sampling_fields()
+    prompts = truncate(await prompt_ids(), fields)
     began = time.monotonic()
-    prompts = truncate(prompts, fields)
     longest = max(range(len(prompts)), key=lambda i: len(prompts[i]))
     param = f"{prompt_param}[{longest}]" if prompt_param == "prompts" else prompt_param
     sampling = state.sampling(state.fit(prompts, fields, param, "max_tokens"))
     admitted = await state.admit(identity, prompts, sampling, "gen", {"prompts": prompt_param})
     admitted.generation.watch(request.receive)
-    return admitted, began
+    return await respond(reply_class(model, admitted, state, began), stream, include_usage=False)
 
 
 class SimpleReply(Reply):
@@ -141,31 +148,25 @@ class BatchReply(SimpleReply):
 @router.post("/generate")
 async def generate(body: GenerateRequest, request: Request, state: ServerState = Depends(get_state),
                    identity: str = Depends(authenticated)) -> Response:
-    model = state.check_model(body.model)
-    state.require_ready()
-    admitted, began = await _start(state, identity, request, await state.prompt_ids([body.prompt]),
-                                   body.sampling_fields(), "prompt")
-    return await respond(SimpleReply(model, admitted, state, began), body.stream, include_usage=False)
+    return await _answer(SimpleReply, body, request, state, identity, lambda: state.prompt_ids([body.prompt]),
+                         "prompt", body.stream)
 
 
 @router.post("/chat")
 async def chat(body: ChatRequest, request: Request, state: ServerState = Depends(get_state),
                identity: str = Depends(authenticated)) -> Response:
-    model = state.check_model(body.model)
-    state.require_ready()
-    prompt = await state.chat_prompt(template_messages(body.messages), body.chat_template, body.add_generation_prompt)
-    admitted, began = await _start(state, identity, request, [prompt], body.sampling_fields(), "messages")
-    return await respond(SimpleReply(model, admitted, state, began), body.stream, include_usage=False)
+    async def prompt_ids() -> list[list[int]]:
+        return [await state.chat_prompt(template_messages(body.messages), body.chat_template,
+                                        body.add_generation_prompt)]
+
+    return await _answer(SimpleReply, body, request, state, identity, prompt_ids, "messages", body.stream)
 
 
 @router.post("/v1/completions/batch")
 async def batch(body: BatchRequest, request: Request, state: ServerState = Depends(get_state),
                 identity: str = Depends(authenticated)) -> Response:
-    model = state.check_model(body.model)
-    state.require_ready()
-    admitted, began = await _start(state, identity, request, await state.prompt_ids(list(body.prompts)),
-                                   body.sampling_fields(), "prompts")
-    return await respond(BatchReply(model, admitted, state, began), stream=False, include_usage=False)
+    return await _answer(BatchReply, body, request, state, identity, lambda: state.prompt_ids(list(body.prompts)),
+                         "prompts", stream=False)
 
 
 @router.get("/models")
