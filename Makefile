@@ -37,8 +37,9 @@ venv: $(STAMP)
 demo: $(STAMP)
 	@$(VENV)/bin/lmport generate --chat "Write a haiku about the sea." --max-tokens 48
 
-# --- host-language toolchains from Debian (never a silent skip: only the missing ones are installed, so a Node
-# that came from elsewhere is not fought over) ---
+# --- host-language toolchains from Debian, and the headless Chromium and curl the playground and /generate tests
+# drive (never a silent skip: only the missing ones are installed, so a Node that came from elsewhere is not fought
+# over) ---
 toolchains:
 	@pkgs=""; \
 	command -v mix >/dev/null || pkgs="$$pkgs elixir erlang-dev erlang-xmerl"; \
@@ -46,6 +47,8 @@ toolchains:
 	[ -d /usr/share/gocode/src/github.com/vmihailenco/msgpack ] || pkgs="$$pkgs golang-github-vmihailenco-msgpack.v5-dev"; \
 	{ command -v node >/dev/null && command -v npm >/dev/null; } || pkgs="$$pkgs nodejs npm"; \
 	command -v gcc >/dev/null || pkgs="$$pkgs gcc"; \
+	command -v chromium >/dev/null || pkgs="$$pkgs chromium"; \
+	command -v curl >/dev/null || pkgs="$$pkgs curl"; \
 	if [ -n "$$pkgs" ]; then \
 		echo "installing toolchains from Debian:$$pkgs"; \
 		SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \

@@ -4,9 +4,13 @@ shared by every test module) or over a scripted backend with no model (fast test
 from __future__ import annotations
 
 import functools
+import json
 import threading
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Iterable
 from typing import Any
+
+import httpx
 
 from lmport.bridge.http.config import load_settings
 from lmport.bridge.http.server import RunningServer
@@ -32,6 +36,36 @@ def model_server(**serve_options: Any) -> RunningServer:
 
     settings = load_settings({"port": 0, "uvicorn_log_level": "warning", **TEST_ENGINE, **serve_options}, environ={})
     return RunningServer(settings, ServiceBackend(settings.engine, service=shared_service())).wait_ready()
+
+
+def engine_stats(server: RunningServer) -> dict[str, Any]:
+    """The counters (/stats) of the engine behind this server."""
+    stats = httpx.get(f"{server.url}/stats").json()
+    return next(e for e in stats["engines"] if e["refs"] and server.state.backend.ref in e["refs"])
+
+
+def wait_idle(server: RunningServer, timeout: float = 60.0) -> dict[str, Any]:
+    """Stats once nothing runs or waits and every KV block is back in the pool."""
+    end = time.monotonic() + timeout
+    while True:
+        stats = engine_stats(server)
+        if stats["num_running"] == 0 and stats["num_waiting"] == 0 and stats["kv_blocks_free"] == stats[
+                "kv_blocks_total"]:
+            return stats
+        assert time.monotonic() < end, stats
+        time.sleep(0.05)
+
+
+def parse_sse(lines: Iterable[str]) -> list[tuple[str, dict[str, Any]]]:
+    """(event name, data) per server-sent event; unnamed events are 'message', as EventSource calls them."""
+    events, name = [], "message"
+    for line in lines:
+        if line.startswith("event: "):
+            name = line[len("event: "):]
+        elif line.startswith("data: "):
+            events.append((name, json.loads(line[len("data: "):])))
+            name = "message"
+    return events
 
 
 def fake_server(backend: FakeBackend | None = None, **serve_options: Any) -> tuple[RunningServer, FakeBackend]:

@@ -19,7 +19,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from websockets.sync.client import connect
 
 from lmport.bridge.http import bench
-from tests.http_helpers import TEST_ENGINE, model_server
+from tests.http_helpers import TEST_ENGINE, engine_stats, model_server, wait_idle
 
 pytestmark = pytest.mark.slow
 
@@ -32,23 +32,6 @@ def server():
     running = model_server()
     yield running
     running.stop()
-
-
-def engine_stats(server) -> dict:
-    stats = httpx.get(f"{server.url}/stats").json()
-    return next(e for e in stats["engines"] if e["refs"] and server.state.backend.ref in e["refs"])
-
-
-def wait_idle(server, timeout: float = 60.0) -> dict:
-    """Stats once nothing runs or waits and every KV block is back in the pool."""
-    end = time.monotonic() + timeout
-    while True:
-        stats = engine_stats(server)
-        if stats["num_running"] == 0 and stats["num_waiting"] == 0 and stats["kv_blocks_free"] == stats[
-                "kv_blocks_total"]:
-            return stats
-        assert time.monotonic() < end, stats
-        time.sleep(0.05)
 
 
 def metric_samples(server) -> dict[tuple[str, tuple], float]:

@@ -15,7 +15,9 @@ from lmport.bridge.http.config import Settings
 from lmport.bridge.http.embeddings import router as embeddings_router
 from lmport.bridge.http.errors import APIError, install_handlers, too_large
 from lmport.bridge.http.generation import Backend
+from lmport.bridge.http.playground import install_playground
 from lmport.bridge.http.routes import router
+from lmport.bridge.http.simple import router as simple_router
 from lmport.bridge.http.state import ServerState
 from lmport.engine import __version__
 
@@ -42,6 +44,8 @@ def build_app(settings: Settings, backend: Backend | None = None) -> FastAPI:
     app.add_middleware(BodyLimit, max_bytes=serve.max_body_bytes)
     app.include_router(router)
     app.include_router(embeddings_router)
+    app.include_router(simple_router)
+    install_playground(app)
     return app
 
 

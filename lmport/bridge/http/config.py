@@ -35,7 +35,8 @@ class ServeConfig:
     port: int = _opt(8000, "TCP port to listen on (0 picks a free one).", min=0, max=65535)
     served_model_name: list[str] = _opt([], "Names the API answers to (the `model` field); default: the model "
                                         "argument. The first is reported in responses.")
-    api_key: list[str] = _opt([], "Accepted Bearer keys for /v1/*, /tokenize and /detokenize (several allowed; "
+    api_key: list[str] = _opt([], "Accepted Bearer keys for /v1/*, /tokenize, /detokenize and lmport's own "
+                              "endpoints (several allowed; "
                               "comma-separated in LMPORT_API_KEY). None: no authentication.")
     allowed_origins: list[str] = _opt(["*"], "CORS allowed origins.")
     allowed_methods: list[str] = _opt(["*"], "CORS allowed methods.")

@@ -26,6 +26,7 @@ class Reply:
 
     kind = ""  # the whole reply's `object`
     chunk_kind = ""  # each streamed chunk's
+    stream_end: bytes | None = sse.DONE  # what closes a stream that ran to its end
 
     def __init__(self, model: str, admitted: Admitted, state: ServerState) -> None:
         self.model = model
@@ -57,6 +58,10 @@ class Reply:
         if include_usage and not generation.client_gone:
             yield {**self.envelope(self.chunk_kind, []), "usage": generation.usage.to_dict()}
 
+    def encode(self, chunk: dict[str, Any]) -> bytes:
+        """One streamed chunk as an SSE event."""
+        return sse.event(chunk)
+
     def release(self) -> None:
         self.state.release(self.admitted)
 
@@ -77,11 +82,12 @@ async def respond(reply: Reply, stream: bool, include_usage: bool) -> Response:
 async def _events(reply: Reply, include_usage: bool) -> AsyncIterator[bytes]:
     try:
         async for chunk in reply.chunks(include_usage):
-            yield sse.event(chunk)
+            yield reply.encode(chunk)
         if reply.admitted.generation.client_gone:
             return
     except Exception as exc:  # noqa: BLE001 — headers are gone: the error travels as an event
         yield sse.event(from_engine_error(exc, reply.admitted.renames).body())
     finally:
         reply.release()
-    yield sse.DONE
+    if reply.stream_end:
+        yield reply.stream_end

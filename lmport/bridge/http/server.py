@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import signal
 import socket
 import sys
 import threading
@@ -45,6 +46,9 @@ def run(args: argparse.Namespace) -> int:
                 sock.getsockname()[1])
     server = uvicorn.Server(uvicorn.Config(build_app(settings), log_level=serve.uvicorn_log_level,
                                            access_log=serve.access_log, timeout_graceful_shutdown=5))
+    # uvicorn raises the signal that stopped it again once it has shut down; SIGTERM (what Docker and Kubernetes
+    # send) then ends the process as SIGINT does, exit 0 after the orderly shutdown rather than killed by the signal
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:
         server.run(sockets=[sock])
     except KeyboardInterrupt:  # uvicorn raises the SIGINT it caught again once it has shut down

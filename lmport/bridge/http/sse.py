@@ -10,5 +10,7 @@ MEDIA_TYPE = "text/event-stream"
 HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}  # keep proxies from buffering the stream
 
 
-def event(obj: Any) -> bytes:
-    return f"data: {json.dumps(obj, ensure_ascii=False, separators=(',', ':'))}\n\n".encode()
+def event(obj: Any, name: str | None = None) -> bytes:
+    """`data: <json>`, preceded by `event: <name>` for a named event (EventSource dispatches it by that name)."""
+    head = f"event: {name}\n" if name else ""
+    return f"{head}data: {json.dumps(obj, ensure_ascii=False, separators=(',', ':'))}\n\n".encode()
