@@ -15,7 +15,7 @@ VLLM_DEFAULTS = {
     "ignore_eos": False, "max_tokens": 16, "min_tokens": 0, "logprobs": None, "prompt_logprobs": None,
     "detokenize": True, "skip_special_tokens": True, "spaces_between_special_tokens": True,
     "include_stop_str_in_output": False, "logit_bias": None, "allowed_token_ids": None, "bad_words": None,
-    "truncate_prompt_tokens": None, "output_kind": "cumulative",
+    "truncate_prompt_tokens": None, "output_kind": "cumulative", "structured_outputs": None,
 }
 
 

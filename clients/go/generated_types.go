@@ -139,6 +139,14 @@ type SamplingParams struct {
 	//
 	// Default: "cumulative". Allowed: one of "cumulative", "delta", "final_only".
 	OutputKind *string `msgpack:"output_kind,omitempty"`
+
+	// Constrain the output, as vLLM does (with xgrammar): a map with exactly one of 'json' (a JSON schema, as a map
+	// or as JSON text), 'json_object' (true: any JSON object), 'regex', 'choice' (a list of strings) or 'grammar'
+	// (EBNF / GBNF), plus 'disable_any_whitespace' (JSON without free whitespace). The completion finishes with
+	// 'stop' only when the constraint is complete, else 'length'. Alias: guided_decoding.
+	//
+	// Default: nil.
+	StructuredOutputs map[string]any `msgpack:"structured_outputs,omitempty"`
 }
 
 // Validate checks the fields that are set against the manifest's types, choices and ranges.
@@ -329,6 +337,9 @@ func (o *SamplingParams) fill(params map[string]any) {
 	if o.OutputKind != nil {
 		params["output_kind"] = o.OutputKind
 	}
+	if o.StructuredOutputs != nil {
+		params["structured_outputs"] = o.StructuredOutputs
+	}
 }
 
 // EngineOptions holds the worker's EngineOptions; nil fields take the worker's defaults.
@@ -440,6 +451,12 @@ type EngineOptions struct {
 	//
 	// Default: 32. Allowed: one of 32, 64, 128.
 	QuantizationGroupSize *int `msgpack:"quantization_group_size,omitempty"`
+
+	// Library enforcing structured_outputs: 'auto' or 'xgrammar' (the only one; vLLM's guidance and outlines are not
+	// bundled). Alias: guided_decoding_backend.
+	//
+	// Default: "auto". Allowed: one of "auto", "xgrammar".
+	StructuredOutputsBackend *string `msgpack:"structured_outputs_backend,omitempty"`
 }
 
 // Validate checks the fields that are set against the manifest's types, choices and ranges.
@@ -517,6 +534,11 @@ func (o *EngineOptions) validate(prefix string) error {
 			return err
 		}
 	}
+	if o.StructuredOutputsBackend != nil {
+		if err := checkChoice(prefix+"structured_outputs_backend", *o.StructuredOutputsBackend, "auto", "xgrammar"); err != nil {
+			return err
+		}
+	}
 	return nil
 }
 
@@ -587,6 +609,9 @@ func (o *EngineOptions) fill(params map[string]any) {
 	}
 	if o.QuantizationGroupSize != nil {
 		params["quantization_group_size"] = o.QuantizationGroupSize
+	}
+	if o.StructuredOutputsBackend != nil {
+		params["structured_outputs_backend"] = o.StructuredOutputsBackend
 	}
 }
 

@@ -5,6 +5,7 @@ package lmport
 
 import (
 	"context"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"io"
@@ -243,6 +244,38 @@ func TestEmbed(t *testing.T) {
 		if e := expectCode(t, err, "invalid_params"); e.Details["field"] != bad.field {
 			t.Fatalf("field %v, want %s", e.Details, bad.field)
 		}
+	}
+}
+
+func TestStructuredOutputs(t *testing.T) {
+	useShared(t)
+	ctx := context.Background()
+	schema := map[string]any{
+		"type": "object",
+		"properties": map[string]any{
+			"city":       map[string]any{"type": "string", "maxLength": 20},
+			"population": map[string]any{"type": "integer", "minimum": 0},
+		},
+		"required": []string{"city", "population"},
+	}
+	outs, err := shared.Chat(ctx, sharedLLM, []map[string]any{{"role": "user", "content": "Describe a city as JSON."}},
+		&ChatOptions{SamplingParams: &SamplingParams{MaxTokens: Ptr(60), Temperature: Ptr(0.0),
+			StructuredOutputs: map[string]any{"json": schema}}})
+	if err != nil || outs[0].Outputs[0].FinishReason == nil || *outs[0].Outputs[0].FinishReason != "stop" {
+		t.Fatalf("chat: %+v %v", outs, err)
+	}
+	var city struct {
+		City       string `json:"city"`
+		Population *int   `json:"population"`
+	}
+	if err := json.Unmarshal([]byte(outs[0].Outputs[0].Text), &city); err != nil || city.Population == nil ||
+		*city.Population < 0 {
+		t.Fatalf("not the schema's object: %q %v", outs[0].Outputs[0].Text, err)
+	}
+	_, err = shared.Generate(ctx, sharedLLM, "x", &GenerateOptions{SamplingParams: &SamplingParams{
+		StructuredOutputs: map[string]any{"regex": "[a-"}}})
+	if e := expectCode(t, err, "invalid_params"); e.Details["field"] != "sampling_params.structured_outputs.regex" {
+		t.Fatalf("field %v", e.Details)
 	}
 }
 

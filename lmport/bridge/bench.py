@@ -23,6 +23,7 @@ DELEGATED = {
     "quality": ("lmport.bridge.bench_quality", "perplexity and greedy agreement: bf16 vs int8 vs int4 (vs llama.cpp)"),
     "peers": ("lmport.bridge.bench_peers", "lmport vs vLLM's CPU build and llama.cpp, same workloads, A B A B"),
     "embed": ("lmport.bridge.bench_embed", "embeddings/s: LLM.embed vs sentence-transformers, alternating A B A B"),
+    "structured": ("lmport.bridge.bench_structured", "structured outputs: conformance, cost vs free, compile latency"),
 }
 
 _WORDS = ("the river carried small boats past quiet towns while engineers measured the water and wrote careful "

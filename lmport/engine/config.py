@@ -59,6 +59,9 @@ class EngineConfig:
                                     choices=["int8", "int4"])
     quantization_group_size: int = _opt(32, "Input channels sharing one int4 scale and zero point.",
                                         choices=[32, 64, 128])
+    structured_outputs_backend: str = _opt("auto", "Library enforcing structured_outputs: 'auto' or 'xgrammar' (the "
+                                           "only one; vLLM's guidance and outlines are not bundled). Alias: "
+                                           "guided_decoding_backend.", choices=["auto", "xgrammar"])
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
@@ -72,6 +75,12 @@ class EngineConfig:
 
     @classmethod
     def from_dict(cls, options: dict[str, Any]) -> EngineConfig:
+        if "guided_decoding_backend" in options:  # vLLM's older name
+            if "structured_outputs_backend" in options:
+                raise InvalidParams("guided_decoding_backend", "give structured_outputs_backend or its alias "
+                                    "guided_decoding_backend, not both")
+            options = {k: v for k, v in options.items() if k != "guided_decoding_backend"} | {
+                "structured_outputs_backend": options["guided_decoding_backend"]}
         reject_unknown_keys(options, cls, "engine option")
         return cls(**options)
 

@@ -27,6 +27,7 @@ from lmport.engine.sampler import Sampler, SamplerOutput, SamplingBatch, compute
 from lmport.engine.sampling_params import RequestOutputKind, SamplingParams, check_token_ids
 from lmport.engine.scheduler import ScheduledBatch, Scheduler
 from lmport.engine.sequence import Request, Sequence
+from lmport.engine.structured_outputs import GrammarCompiler
 
 logger = logging.getLogger("lmport")
 
@@ -44,6 +45,7 @@ class LLMEngine(EngineBase):
                                    config.enable_chunked_prefill)
         self.sampler = Sampler(self.vocab_size, self.eos_token_ids,
                                generator=torch.Generator(device=self.device).manual_seed(config.seed))
+        self.grammars = GrammarCompiler(self.tokenizer, self.vocab_size, sorted(self.eos_token_ids))
         self.finish_reasons: Counter[str] = Counter()
         self.max_num_running = 0
 
@@ -68,13 +70,17 @@ class LLMEngine(EngineBase):
             request.bad_words_token_ids = params.bad_words_token_ids(self.tokenizer)
         if params.prompt_logprobs is not None:
             request.prompt_logprobs = [None]
+        constraint = params.structured_outputs
+        if constraint is not None:
+            self.grammars.compile(constraint)  # an invalid constraint fails here, before the request joins the batch
         for index in range(params.n):
             generator = None
             if params.seed is not None:
                 generator = torch.Generator(device=self.device).manual_seed(params.seed + index)
             detokenizer = IncrementalDetokenizer(self.tokenizer, params, token_ids) if params.detokenize else None
+            matcher = self.grammars.matcher(constraint) if constraint is not None else None  # one per completion
             request.seqs.append(Sequence(request=request, token_ids=list(token_ids), num_prompt_tokens=len(token_ids),
-                                         index=index, generator=generator, detokenizer=detokenizer))
+                                         index=index, generator=generator, detokenizer=detokenizer, matcher=matcher))
         return request
 
     @property
@@ -194,8 +200,25 @@ class LLMEngine(EngineBase):
             seq.finish_reason, seq.stop_reason = "stop", stop_string
         if seq.finish_reason is None and (num_out >= params.max_tokens or seq.num_tokens >= self.max_model_len):
             seq.finish_reason = "length"
+        if seq.matcher is not None:
+            self._finish_by_grammar(seq, token_id)
         if seq.finish_reason is not None:
             self.scheduler.finish(seq)
+
+    @staticmethod
+    def _finish_by_grammar(seq: Sequence, token_id: int) -> None:
+        """A structured output ends with 'stop' exactly when its grammar is complete (even under ignore_eos); cut
+        short by anything else (max_tokens, a stop string), it reports 'length' and is never passed off as valid."""
+        matcher = seq.matcher
+        accepted = matcher.accept_token(token_id)
+        if accepted and matcher.is_terminated():
+            seq.finish_reason = "stop"
+        elif not accepted:  # only when other processors banned every token the grammar allows
+            logger.warning("request %s: token %d is outside its structured-output grammar; stopping it",
+                           seq.request.request_id, token_id)
+            seq.finish_reason, seq.stop_reason = "length", None
+        elif seq.finish_reason == "stop":
+            seq.finish_reason, seq.stop_reason = "length", None
 
     def _record_prompt_logprobs(self, batch: ScheduledBatch, step_logits: StepLogits) -> None:
         for i, (first_row, count) in step_logits.prompt_rows.items():

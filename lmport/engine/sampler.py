@@ -1,6 +1,7 @@
 """Turns a batch of next-token logits into sampled tokens, vectorized over the batch.
 
-Order per row, as in vLLM V1: logprobs are taken from the raw logits; then allowed_token_ids, bad_words, min_tokens
+Order per row, as in vLLM V1: a structured-output row's grammar bitmask first (lmport.engine.structured_outputs);
+logprobs are taken from those logits; then allowed_token_ids, bad_words, min_tokens
 (EOS / stop tokens banned), logit_bias, repetition/frequency/presence penalties; greedy rows take the argmax of that;
 random rows go on through temperature, min_p, top_k, top_p and draw from the result. Every stage runs only on the
 rows that need it, so an all-greedy or all-plain batch costs an argmax or a softmax plus one draw.
@@ -19,8 +20,11 @@ from typing import TYPE_CHECKING
 import torch
 
 from lmport.engine.sampling_params import SamplingParams
+from lmport.engine.structured_outputs import TokenBitmask
 
 if TYPE_CHECKING:
+    import xgrammar
+
     from lmport.engine.sequence import Request, Sequence
 
 NEG_INF = float("-inf")
@@ -35,12 +39,14 @@ class SamplingBatch:
     generators: list[torch.Generator | None]  # a seeded row's own generator, else None
     bad_words: list[list[list[int]] | None]  # tokenized bad_words (SamplingParams.bad_words_token_ids)
     requests: list[Request | None]  # where a row's per-prompt values are cached across steps (None: not cached)
+    matchers: list[xgrammar.GrammarMatcher | None]  # a structured-output row's grammar state, else None
 
     @classmethod
     def from_sequences(cls, seqs: Seq[Sequence]) -> SamplingBatch:
         return cls(params=[s.request.params for s in seqs], token_ids=[s.token_ids for s in seqs],
                    num_prompt_tokens=[s.num_prompt_tokens for s in seqs], generators=[s.generator for s in seqs],
-                   bad_words=[s.request.bad_words_token_ids for s in seqs], requests=[s.request for s in seqs])
+                   bad_words=[s.request.bad_words_token_ids for s in seqs], requests=[s.request for s in seqs],
+                   matchers=[s.matcher for s in seqs])
 
     @classmethod
     def build(cls, params: list[SamplingParams], prompts: list[list[int]], outputs: list[list[int]],
@@ -49,7 +55,8 @@ class SamplingBatch:
         """From separate prompt and output token lists (tests, callers without Sequence objects)."""
         return cls(params=params, token_ids=[p + o for p, o in zip(prompts, outputs)],
                    num_prompt_tokens=[len(p) for p in prompts], generators=generators or [None] * len(params),
-                   bad_words=bad_words or [None] * len(params), requests=[None] * len(params))
+                   bad_words=bad_words or [None] * len(params), requests=[None] * len(params),
+                   matchers=[None] * len(params))
 
     def output_ids(self, row: int) -> list[int]:
         return self.token_ids[row][self.num_prompt_tokens[row]:]
@@ -87,6 +94,7 @@ class Sampler:
         self.vocab_size = vocab_size
         self.eos_token_ids = sorted(set(eos_token_ids))
         self.generator = generator  # shared by the unseeded rows
+        self.bitmask = TokenBitmask(vocab_size)
 
     @torch.inference_mode()
     def __call__(self, logits: torch.Tensor, batch: SamplingBatch) -> SamplerOutput:
@@ -95,6 +103,8 @@ class Sampler:
         if all(_plain_greedy(p) for p in params):  # the common case: an argmax in the model's dtype, no upcast copy
             return SamplerOutput(argmax(logits).tolist(), *([[] for _ in params] for _ in range(3)))
         logits = logits.float().contiguous()
+        if any(m is not None for m in batch.matchers):  # first, as in vLLM: logprobs see the constrained logits
+            self.bitmask.apply(logits, batch.matchers)
         num_rows = len(params)
         logprob_rows = [i for i, p in enumerate(params) if p.logprobs is not None]
         raw_logprobs = torch.log_softmax(_rows(logits, logprob_rows), dim=-1) if logprob_rows else None
@@ -146,7 +156,8 @@ class Sampler:
                 banned = _banned_by_bad_words(words, batch.output_tail(i, max(len(w) for w in words) - 1))
                 ban_rows.extend([i] * len(banned))
                 ban_cols.extend(banned)
-            if p.min_tokens and len(batch.token_ids[i]) - batch.num_prompt_tokens[i] < p.min_tokens:
+            # A grammar decides where a structured output ends: banning its end would leave no token at all.
+            if p.min_tokens and batch.matchers[i] is None and len(batch.token_ids[i]) - batch.num_prompt_tokens[i] < p.min_tokens:
                 stops = (p.stop_token_ids or []) + ([] if p.ignore_eos else self.eos_token_ids)
                 ban_rows.extend([i] * len(stops))
                 ban_cols.extend(stops)
@@ -181,7 +192,7 @@ def argmax(logits: torch.Tensor) -> torch.Tensor:
 def _plain_greedy(p: SamplingParams) -> bool:
     """Greedy with nothing that touches the logits or needs their log-softmax."""
     return (p.is_greedy and p.logprobs is None and not p.logit_bias and p.allowed_token_ids is None
-            and not p.bad_words and not p.has_penalties and p.min_tokens == 0)
+            and not p.bad_words and not p.has_penalties and p.min_tokens == 0 and p.structured_outputs is None)
 
 
 def draw(probs: torch.Tensor, generators: list[torch.Generator | None], shared: torch.Generator) -> torch.Tensor:

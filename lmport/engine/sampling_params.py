@@ -15,6 +15,7 @@ from typing import Any
 
 from lmport.engine.config import field_schema, reject_unknown_keys
 from lmport.engine.errors import InvalidParams
+from lmport.engine.structured_outputs import StructuredOutputsParams
 
 GREEDY_EPS = 1e-5  # temperature below this means greedy (argmax) sampling, as in vLLM
 LOGIT_BIAS_LIMIT = 100.0
@@ -79,6 +80,11 @@ class SamplingParams:
                                             "'cumulative' (everything so far), 'delta' (only the new part) or "
                                             "'final_only' (one output at the end).",
                                             choices=[k.value for k in RequestOutputKind])
+    structured_outputs: StructuredOutputsParams | None = _param(
+        None, "Constrain the output, as vLLM does (with xgrammar): a map with exactly one of 'json' (a JSON schema, "
+        "as a map or as JSON text), 'json_object' (true: any JSON object), 'regex', 'choice' (a list of strings) or "
+        "'grammar' (EBNF / GBNF), plus 'disable_any_whitespace' (JSON without free whitespace). The completion "
+        "finishes with 'stop' only when the constraint is complete, else 'length'. Alias: guided_decoding.")
 
     def __post_init__(self) -> None:
         if self.seed == -1:
@@ -158,12 +164,20 @@ class SamplingParams:
     @classmethod
     def from_dict(cls, params: dict[str, Any]) -> SamplingParams:
         """Build from plain data; unknown keys are rejected by name, and None means "the default"."""
+        if "guided_decoding" in params:  # vLLM's older name of structured_outputs
+            if params.get("structured_outputs") is not None:
+                raise InvalidParams("guided_decoding", "give structured_outputs or its alias guided_decoding, "
+                                    "not both")
+            params = {**params, "structured_outputs": params["guided_decoding"]}
+            del params["guided_decoding"]
         reject_unknown_keys(params, cls, "sampling parameter")
         return cls(**{k: v for k, v in params.items() if v is not None})
 
     def to_dict(self) -> dict[str, Any]:
         data = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
         data["output_kind"] = self.output_kind.value
+        if self.structured_outputs is not None:
+            data["structured_outputs"] = self.structured_outputs.to_dict()
         return data
 
     def clone(self, **changes: Any) -> SamplingParams:
@@ -177,6 +191,8 @@ def sampling_params_schema() -> list[dict[str, Any]]:
     for entry in entries:
         if entry["name"] == "output_kind":
             entry["type"] = "str"  # travels as the enum's value
+        elif entry["name"] == "structured_outputs":
+            entry["type"] = "dict|null"  # travels as plain data
     return entries
 
 
@@ -227,6 +243,8 @@ def _check_value(f: dataclasses.Field, value: Any) -> Any:
         return _check_logit_bias(value)
     if name == "output_kind":
         return value
+    if name == "structured_outputs":
+        return StructuredOutputsParams.from_value(value)
     if kind is bool:
         if not isinstance(value, bool):
             raise InvalidParams(name, f"expected a bool, got {type(value).__name__} {value!r}")

@@ -18,6 +18,8 @@ import torch
 from lmport.engine.outputs import PositionLogprobs, RequestMetrics, RequestOutput
 
 if TYPE_CHECKING:
+    import xgrammar
+
     from lmport.engine.detokenizer import IncrementalDetokenizer
     from lmport.engine.pooling import PoolingParams
     from lmport.engine.sampling_params import SamplingParams
@@ -40,6 +42,7 @@ class Sequence:
     index: int = 0  # which of the request's n completions
     generator: torch.Generator | None = None
     detokenizer: IncrementalDetokenizer | None = None
+    matcher: xgrammar.GrammarMatcher | None = None  # this completion's own structured-output state
     seq_id: int = field(default_factory=lambda: next(_seq_ids))
     status: SequenceStatus = SequenceStatus.WAITING
     num_computed_tokens: int = 0  # tokens whose K/V are in the cache

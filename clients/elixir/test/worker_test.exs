@@ -52,6 +52,37 @@ defmodule LMPort.WorkerTest do
     assert is_binary(text) and length(ids) > 5
   end
 
+  test "structured outputs take keyword lists and maps; a bad regex names the field", %{llm: llm} do
+    schema = %{
+      "type" => "object",
+      "properties" => %{"city" => %{"type" => "string", "maxLength" => 20}, "ok" => %{"type" => "boolean"}},
+      "required" => ["city", "ok"]
+    }
+
+    messages = [%{"role" => "user", "content" => "Describe a city as JSON."}]
+
+    assert [%{"outputs" => [%{"text" => text, "finish_reason" => "stop"}]}] =
+             LMPort.chat!(@worker, llm, messages,
+               sampling_params: [max_tokens: 60, temperature: 0, structured_outputs: [json: schema]]
+             )
+
+    # Elixir 1.14 has no JSON decoder: the object's shape, field by field
+    assert text =~ ~r/^\{\s*"city"\s*:\s*"[^"]{0,20}"\s*,\s*"ok"\s*:\s*(true|false)\s*\}$/
+
+    assert [%{"outputs" => [%{"text" => answer}]}] =
+             LMPort.generate!(@worker, llm, "Answer:",
+               sampling_params: %{"max_tokens" => 5, "temperature" => 0,
+                 "structured_outputs" => %{"choice" => ["left", "right"]}}
+             )
+
+    assert answer in ["left", "right"]
+
+    assert {:error, %LMPort.Error{code: "invalid_params", details: %{"field" => field}}} =
+             LMPort.generate(@worker, llm, "x", sampling_params: [structured_outputs: [regex: "[a-"]])
+
+    assert field == "sampling_params.structured_outputs.regex"
+  end
+
   test "embed returns one vector per input; bad input names the field" do
     minilm = LMPort.llm!(@worker, "all-MiniLM-L6-v2", device: "cpu")
     texts = ["A cat sits on the mat.", "Stocks fell sharply.", "The kitten rests on the rug."]

@@ -65,6 +65,26 @@ test("chat applies the template", async () => {
   assert.ok(outs[0].outputs[0].text.length > 0);
 });
 
+test("structured outputs: a JSON schema gives a parsed object, a bad schema names the field", async () => {
+  const schema = {
+    type: "object",
+    properties: { city: { type: "string", maxLength: 20 }, population: { type: "integer", minimum: 0 } },
+    required: ["city", "population"],
+  };
+  const [out] = await worker.chat(llm, [{ role: "user", content: "Describe a city as JSON." }],
+    { sampling_params: { max_tokens: 60, temperature: 0, structured_outputs: { json: schema } } });
+  assert.equal(out.outputs[0].finish_reason, "stop");
+  const city = JSON.parse(out.outputs[0].text);
+  assert.equal(typeof city.city, "string");
+  assert.ok(Number.isInteger(city.population) && city.population >= 0);
+  const [choice] = await worker.generate(llm, "Answer:",
+    { sampling_params: { max_tokens: 5, temperature: 0, structured_outputs: { choice: ["left", "right"] } } });
+  assert.ok(["left", "right"].includes(choice.outputs[0].text));
+  const bad = await expectError(worker.generate(llm, "x",
+    { sampling_params: { structured_outputs: { regex: "[a-" } } }), "invalid_params");
+  assert.equal(bad.details.field, "sampling_params.structured_outputs.regex");
+});
+
 test("tokenize and detokenize round-trip", async () => {
   const ids = await worker.tokenize(llm, "Hello world", { add_special_tokens: false });
   assert.ok(ids.length >= 2);

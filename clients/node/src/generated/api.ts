@@ -173,6 +173,12 @@ export interface SamplingParams {
    * Default: `"cumulative"`. Allowed: one of "cumulative", "delta", "final_only".
    */
   output_kind?: string;
+  /**
+   * Constrain the output, as vLLM does (with xgrammar): a map with exactly one of 'json' (a JSON schema, as a map or as JSON text), 'json_object' (true: any JSON object), 'regex', 'choice' (a list of strings) or 'grammar' (EBNF / GBNF), plus 'disable_any_whitespace' (JSON without free whitespace). The completion finishes with 'stop' only when the constraint is complete, else 'length'. Alias: guided_decoding.
+   *
+   * Default: `null`.
+   */
+  structured_outputs?: Record<string, unknown> | null;
 }
 
 /** Field table of SamplingParams, for local validation. */
@@ -202,6 +208,7 @@ export const SamplingParamsFields: readonly FieldSpec[] = [
   { name: "bad_words", type: "list[str]|null" },
   { name: "truncate_prompt_tokens", type: "int|null", min: 1 },
   { name: "output_kind", type: "str", choices: ["cumulative", "delta", "final_only"] },
+  { name: "structured_outputs", type: "dict|null" },
 ];
 
 /** Fields of EngineOptions; every field is optional (the worker fills the defaults). */
@@ -332,6 +339,12 @@ export interface EngineOptions {
    * Default: `32`. Allowed: one of 32, 64, 128.
    */
   quantization_group_size?: number;
+  /**
+   * Library enforcing structured_outputs: 'auto' or 'xgrammar' (the only one; vLLM's guidance and outlines are not bundled). Alias: guided_decoding_backend.
+   *
+   * Default: `"auto"`. Allowed: one of "auto", "xgrammar".
+   */
+  structured_outputs_backend?: string;
 }
 
 /** Field table of EngineOptions, for local validation. */
@@ -357,6 +370,7 @@ export const EngineOptionsFields: readonly FieldSpec[] = [
   { name: "kernel_backend", type: "str", choices: ["auto", "triton", "torch"] },
   { name: "quantization", type: "str|null", choices: ["int8", "int4"] },
   { name: "quantization_group_size", type: "int", choices: [32, 64, 128] },
+  { name: "structured_outputs_backend", type: "str", choices: ["auto", "xgrammar"] },
 ];
 
 /** Result record LogprobEntry, as the worker sends it. */

@@ -127,6 +127,9 @@ defmodule LMPort do
       the weights in the model dtype. Default: `nil`. Allowed: one of "int8", "int4".
     * `:quantization_group_size` (int) — Input channels sharing one int4 scale and zero point. Default: `32`.
       Allowed: one of 32, 64, 128.
+    * `:structured_outputs_backend` (str) — Library enforcing structured_outputs: 'auto' or 'xgrammar' (the
+      only one; vLLM's guidance and outlines are not bundled). Alias: guided_decoding_backend. Default:
+      `"auto"`. Allowed: one of "auto", "xgrammar".
     * `:timeout`, `:timeout_profile` — see the module doc; this method's default profile is
       `:ml_inference` (600000 ms)
 
@@ -193,6 +196,11 @@ defmodule LMPort do
     * `:output_kind` (str) — What each streamed output carries: 'cumulative' (everything so far), 'delta'
       (only the new part) or 'final_only' (one output at the end). Default: `"cumulative"`. Allowed: one of
       "cumulative", "delta", "final_only".
+    * `:structured_outputs` (dict | null) — Constrain the output, as vLLM does (with xgrammar): a map with
+      exactly one of 'json' (a JSON schema, as a map or as JSON text), 'json_object' (true: any JSON object),
+      'regex', 'choice' (a list of strings) or 'grammar' (EBNF / GBNF), plus 'disable_any_whitespace' (JSON
+      without free whitespace). The completion finishes with 'stop' only when the constraint is complete, else
+      'length'. Alias: guided_decoding. Default: `nil`.
     * `:timeout`, `:timeout_profile` — see the module doc; this method's default profile is
       `:default` (120000 ms)
 
@@ -222,8 +230,8 @@ defmodule LMPort do
       `top_k`, `min_p`, `presence_penalty`, `frequency_penalty`, `repetition_penalty`, `seed`, `stop`,
       `stop_token_ids`, `ignore_eos`, `max_tokens`, `min_tokens`, `logprobs`, `prompt_logprobs`, `detokenize`,
       `skip_special_tokens`, `spaces_between_special_tokens`, `include_stop_str_in_output`, `logit_bias`,
-      `allowed_token_ids`, `bad_words`, `truncate_prompt_tokens`, `output_kind`), checked locally. Default:
-      `nil`.
+      `allowed_token_ids`, `bad_words`, `truncate_prompt_tokens`, `output_kind`, `structured_outputs`),
+      checked locally. Default: `nil`.
     * `:stream` — `true` returns `{:ok, stream}`: a lazy `Stream` of the chunks' deltas;
       halting it early cancels the request in the worker. `:with_summary` also ends the
       stream with `{:summary, response}` (usage, finish reasons, metrics)
@@ -256,8 +264,8 @@ defmodule LMPort do
       `top_k`, `min_p`, `presence_penalty`, `frequency_penalty`, `repetition_penalty`, `seed`, `stop`,
       `stop_token_ids`, `ignore_eos`, `max_tokens`, `min_tokens`, `logprobs`, `prompt_logprobs`, `detokenize`,
       `skip_special_tokens`, `spaces_between_special_tokens`, `include_stop_str_in_output`, `logit_bias`,
-      `allowed_token_ids`, `bad_words`, `truncate_prompt_tokens`, `output_kind`), checked locally. Default:
-      `nil`.
+      `allowed_token_ids`, `bad_words`, `truncate_prompt_tokens`, `output_kind`, `structured_outputs`),
+      checked locally. Default: `nil`.
     * `:chat_template` (str | null) — a Jinja template to use instead of the tokenizer's own. Default: `nil`.
     * `:add_generation_prompt` (bool) — end the prompt with the assistant turn's opening. Default: `true`.
     * `:stream` — `true` returns `{:ok, stream}`: a lazy `Stream` of the chunks' deltas;

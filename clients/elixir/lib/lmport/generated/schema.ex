@@ -100,6 +100,13 @@ defmodule LMPort.Schema do
         "required" => false,
         "default" => 32,
         "choices" => [32, 64, 128]
+      },
+      %{
+        "name" => "structured_outputs_backend",
+        "type" => "str",
+        "required" => false,
+        "default" => "auto",
+        "choices" => ["auto", "xgrammar"]
       }
     ],
     "SamplingParams" => [
@@ -221,6 +228,12 @@ defmodule LMPort.Schema do
         "required" => false,
         "default" => "cumulative",
         "choices" => ["cumulative", "delta", "final_only"]
+      },
+      %{
+        "name" => "structured_outputs",
+        "type" => "dict|null",
+        "required" => false,
+        "default" => nil
       }
     ]
   }
