@@ -15,6 +15,7 @@ import httpx
 from lmport.bridge.http.config import load_settings
 from lmport.bridge.http.server import RunningServer
 from lmport.engine.sampling_params import SamplingParams
+from lmport.engine.tool_calls import ToolCalling
 
 # small enough for a shared 2-core machine, big enough for 32 concurrent short requests
 TEST_ENGINE = {"model": "smollm2", "dtype": "float32", "max_model_len": 2048, "kv_cache_memory_bytes": 256 << 20}
@@ -100,8 +101,12 @@ class FakeBackend:
     def detokenize(self, token_ids: list[int]) -> str:
         return "".join(chr(t) for t in token_ids)
 
+    def tool_calling(self, tools: list[dict[str, Any]] | None, tool_choice: str | dict[str, Any] | None,
+                     chat_template: str | None) -> ToolCalling | None:
+        return ToolCalling.from_request(tools, tool_choice)
+
     def chat_token_ids(self, messages: list[dict[str, Any]], chat_template: str | None,
-                       add_generation_prompt: bool) -> list[int]:
+                       add_generation_prompt: bool, tools: list[dict[str, Any]] | None = None) -> list[int]:
         """`role:content;` per message, or `chat_template` rendered by jinja2 as transformers renders one."""
         if self.chat_error is not None:
             raise self.chat_error

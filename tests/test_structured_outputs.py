@@ -18,7 +18,7 @@ from lmport.engine.errors import InvalidParams
 from lmport.engine.loader import resolve_model
 from lmport.engine.sampler import Sampler, SamplingBatch
 from lmport.engine.sampling_params import sampling_params_schema
-from lmport.engine.structured_outputs import GrammarCompiler, StructuredOutputsParams
+from lmport.engine.structured_outputs import MAX_WHITESPACE_RUN, GrammarCompiler, StructuredOutputsParams
 
 PERSON = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 20},
                                            "age": {"type": "integer", "minimum": 0, "maximum": 120},
@@ -103,6 +103,15 @@ def test_choices_with_quotes_backslashes_and_newlines_match_exactly(grammars):
         assert matcher.accept_string(choice) and matcher.is_completed()
     matcher = grammars.matcher(spec)
     assert not matcher.accept_string("say hi")
+
+
+def test_json_whitespace_runs_are_bounded(grammars):
+    """Unbounded, a sampled run of newlines can eat the whole budget (seen at temperature 1.0 on SmolLM2)."""
+    for kind, value in (("json", {"type": "array", "items": {"type": "integer"}}), ("json_object", True)):
+        spec = StructuredOutputsParams(**{kind: value})
+        opener = "[" if kind == "json" else "{"
+        assert grammars.matcher(spec).accept_string(opener + "\n" + " " * (MAX_WHITESPACE_RUN - 1))
+        assert not grammars.matcher(spec).accept_string(opener + "\n" + " " * MAX_WHITESPACE_RUN)
 
 
 @pytest.mark.parametrize(("spec", "field"), [
@@ -289,3 +298,6 @@ def test_the_worker_carries_structured_outputs_and_names_bad_ones():
             client.generate(llm, "x", {"structured_outputs": {"json": {"type": "frob"}}})
         assert err.value.code == "invalid_params"
         assert err.value.details["field"] == "sampling_params.structured_outputs.json"
+        with pytest.raises(BridgeError) as err:  # compiled once the tokenizer is known: still the wire field
+            client.generate(llm, "x", {"structured_outputs": {"regex": "[a-"}})
+        assert err.value.details["field"] == "sampling_params.structured_outputs.regex"

@@ -161,6 +161,19 @@ type ChatOptions struct {
 	//
 	// Default: true.
 	AddGenerationPrompt *bool `msgpack:"add_generation_prompt,omitempty"`
+
+	// OpenAI function tools ({type: 'function', function: {name, description, parameters}}), rendered by the chat
+	// template; each completion's calls come back in its tool_calls.
+	//
+	// Default: nil.
+	Tools []map[string]any `msgpack:"tools,omitempty"`
+
+	// 'auto' (the default with tools: calls parsed from the text), 'none', 'required' (the output is constrained to
+	// calls of the declared tools) or {type: 'function', function: {name}} (constrained to that tool's parameters
+	// schema).
+	//
+	// Default: nil.
+	ToolChoice any `msgpack:"tool_choice,omitempty"`
 }
 
 // Validate checks the fields that are set against the manifest's types, choices and ranges.
@@ -172,6 +185,11 @@ func (o *ChatOptions) validate(prefix string) error {
 	}
 	if o.SamplingParams != nil {
 		if err := checkType(prefix+"sampling_params", o.SamplingParams, "dict|list[dict]|null"); err != nil {
+			return err
+		}
+	}
+	if o.ToolChoice != nil {
+		if err := checkType(prefix+"tool_choice", o.ToolChoice, "str|dict|null"); err != nil {
 			return err
 		}
 	}
@@ -191,6 +209,12 @@ func (o *ChatOptions) fill(params map[string]any) {
 	}
 	if o.AddGenerationPrompt != nil {
 		params["add_generation_prompt"] = o.AddGenerationPrompt
+	}
+	if o.Tools != nil {
+		params["tools"] = o.Tools
+	}
+	if o.ToolChoice != nil {
+		params["tool_choice"] = o.ToolChoice
 	}
 }
 

@@ -631,6 +631,28 @@ type LogprobEntry struct {
 	DecodedToken *string `msgpack:"decoded_token"`
 }
 
+// ToolCallFunction is one of the worker's result records (lmport/bridge/results.py). Held in ToolCall.Function.
+type ToolCallFunction struct {
+	// The tool called.
+	Name string `msgpack:"name"`
+
+	// Its arguments as JSON text (as OpenAI sends them).
+	Arguments string `msgpack:"arguments"`
+}
+
+// ToolCall is one of the worker's result records (lmport/bridge/results.py). Held in CompletionOutput.ToolCalls,
+// ChunkOutput.ToolCalls.
+type ToolCall struct {
+	// The call's id ('call_...'); a tool message answering it sends it as tool_call_id.
+	ID string `msgpack:"id"`
+
+	// Always 'function'.
+	Type string `msgpack:"type"`
+
+	// The tool and its arguments.
+	Function ToolCallFunction `msgpack:"function"`
+}
+
 // CompletionOutput is one of the worker's result records (lmport/bridge/results.py). Held in
 // RequestOutput.Outputs.
 type CompletionOutput struct {
@@ -656,6 +678,11 @@ type CompletionOutput struct {
 	//
 	// Holds int64, string or nil.
 	StopReason any `msgpack:"stop_reason"`
+
+	// The tools it called (chat with tools, when it called any); text keeps the raw output.
+	//
+	// Left out by the worker when absent (nil).
+	ToolCalls []ToolCall `msgpack:"tool_calls,omitempty"`
 }
 
 // RequestMetrics is one of the worker's result records (lmport/bridge/results.py). Held in
@@ -740,6 +767,11 @@ type ChunkOutput struct {
 	//
 	// Holds int64, string or nil.
 	StopReason any `msgpack:"stop_reason"`
+
+	// In the completion's last chunk (chat with tools, when it called any): every call of the whole completion.
+	//
+	// Left out by the worker when absent (nil).
+	ToolCalls []ToolCall `msgpack:"tool_calls,omitempty"`
 }
 
 // Chunk is one of the worker's result records (lmport/bridge/results.py). Streamed by Worker.GenerateStream and

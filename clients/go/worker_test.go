@@ -279,6 +279,49 @@ func TestStructuredOutputs(t *testing.T) {
 	}
 }
 
+func TestToolCallLoop(t *testing.T) {
+	useShared(t)
+	ctx := context.Background()
+	weather := map[string]any{"type": "function", "function": map[string]any{
+		"name": "get_weather", "description": "Current weather of a city",
+		"parameters": map[string]any{"type": "object", "required": []string{"city"},
+			"properties": map[string]any{"city": map[string]any{"type": "string", "maxLength": 30}}},
+	}}
+	question := []map[string]any{{"role": "user", "content": "What is the weather in Paris?"}}
+	outs, err := shared.Chat(ctx, sharedLLM, question, &ChatOptions{
+		SamplingParams: &SamplingParams{MaxTokens: Ptr(40), Temperature: Ptr(0.0)},
+		Tools:          []map[string]any{weather},
+		ToolChoice:     map[string]any{"type": "function", "function": map[string]any{"name": "get_weather"}},
+	})
+	if err != nil || len(outs[0].Outputs[0].ToolCalls) != 1 {
+		t.Fatalf("chat: %+v %v", outs, err)
+	}
+	call := outs[0].Outputs[0].ToolCalls[0]
+	var args struct {
+		City *string `json:"city"`
+	}
+	if err := json.Unmarshal([]byte(call.Function.Arguments), &args); err != nil || args.City == nil ||
+		call.Function.Name != "get_weather" || !strings.HasPrefix(call.ID, "call_") {
+		t.Fatalf("not a get_weather call: %+v %v", call, err)
+	}
+	conversation := append(question,
+		map[string]any{"role": "assistant", "content": nil, "tool_calls": []any{map[string]any{
+			"id": call.ID, "type": "function",
+			"function": map[string]any{"name": call.Function.Name, "arguments": call.Function.Arguments}}}},
+		map[string]any{"role": "tool", "tool_call_id": call.ID, "content": "18 C and sunny"})
+	replies, err := shared.Chat(ctx, sharedLLM, conversation, &ChatOptions{
+		SamplingParams: &SamplingParams{MaxTokens: Ptr(8), Temperature: Ptr(0.0)},
+		Tools:          []map[string]any{weather}})
+	if err != nil || replies[0].Outputs[0].Text == "" {
+		t.Fatalf("reply: %+v %v", replies, err)
+	}
+	_, err = shared.Chat(ctx, sharedLLM, question, &ChatOptions{Tools: []map[string]any{weather},
+		ToolChoice: map[string]any{"type": "function", "function": map[string]any{"name": "nope"}}})
+	if e := expectCode(t, err, "invalid_params"); e.Details["field"] != "tool_choice" {
+		t.Fatalf("field %v", e.Details)
+	}
+}
+
 func TestValidationErrors(t *testing.T) {
 	useShared(t)
 	ctx := context.Background()

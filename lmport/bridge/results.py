@@ -21,6 +21,17 @@ class LogprobEntry(TypedDict):
     decoded_token: Annotated[str | None, "Its text (null when detokenize is off)."]
 
 
+class ToolCallFunction(TypedDict):
+    name: Annotated[str, "The tool called."]
+    arguments: Annotated[str, "Its arguments as JSON text (as OpenAI sends them)."]
+
+
+class ToolCall(TypedDict):
+    id: Annotated[str, "The call's id ('call_...'); a tool message answering it sends it as tool_call_id."]
+    type: Annotated[str, "Always 'function'."]
+    function: Annotated[ToolCallFunction, "The tool and its arguments."]
+
+
 class CompletionOutput(TypedDict):
     index: Annotated[int, "Which of the request's n completions."]
     text: Annotated[str, "The generated text."]
@@ -30,6 +41,8 @@ class CompletionOutput(TypedDict):
                                                          "candidates (with logprobs)."]
     finish_reason: Annotated[str | None, "'stop', 'length' or 'abort'; null while running."]
     stop_reason: Annotated[int | str | None, "The stop string or stop token id that ended it."]
+    tool_calls: NotRequired[Annotated[list[ToolCall], "The tools it called (chat with tools, when it called any); "
+                                                      "text keeps the raw output."]]
 
 
 class RequestMetrics(TypedDict):
@@ -63,6 +76,8 @@ class ChunkOutput(TypedDict):
     logprobs: NotRequired[Annotated[list[list[LogprobEntry]], "Per new token (with logprobs)."]]
     finish_reason: Annotated[str | None, "Set in the completion's last chunk."]
     stop_reason: Annotated[int | str | None, "The stop string or stop token id that ended it."]
+    tool_calls: NotRequired[Annotated[list[ToolCall], "In the completion's last chunk (chat with tools, when it "
+                                                      "called any): every call of the whole completion."]]
 
 
 class Chunk(TypedDict):
@@ -118,7 +133,8 @@ class EmbedResult(TypedDict):
     usage: Annotated[EmbedUsage, "Token counts of the whole call."]
 
 
-RECORDS: tuple[type, ...] = (LogprobEntry, CompletionOutput, RequestMetrics, RequestOutput, ChunkOutput, Chunk, Usage,
+RECORDS: tuple[type, ...] = (LogprobEntry, ToolCallFunction, ToolCall, CompletionOutput, RequestMetrics, RequestOutput,
+                             ChunkOutput, Chunk, Usage,
                              SummaryOutput, SummaryRequest, Summary, Embedding, EmbedUsage, EmbedResult)
 _NAMES = {record: record.__name__ for record in RECORDS}
 _SCALARS = {str: "str", int: "int", float: "float", bool: "bool", type(None): "null"}

@@ -39,9 +39,12 @@ import typing
 from collections import Counter
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from lmport.bridge.protocol import TIMEOUT_PROFILES, BridgeError, Handle, matches_type, type_string
+
+if TYPE_CHECKING:
+    from lmport.engine.tool_calls import ToolCalling
 
 VERSION = "0.1.0"
 
@@ -439,7 +442,8 @@ class Service:
 
     @rpc("ml_inference", streaming=True, result="list[RequestOutput]", chunk="Chunk", summary="Summary")
     def chat(self, call: Call, llm: Handle, messages: list[dict] | list, sampling_params: dict | list[dict] | None
-             = None, chat_template: str | None = None, add_generation_prompt: bool = True) -> list[dict]:
+             = None, chat_template: str | None = None, add_generation_prompt: bool = True,
+             tools: list[dict] | None = None, tool_choice: str | dict | None = None) -> list[dict]:
         """Generate replies to one conversation or many, through the model's chat template.
 
         Args:
@@ -448,11 +452,17 @@ class Service:
             sampling_params: one map of SamplingParams fields for every conversation, or a list with one each.
             chat_template: a Jinja template to use instead of the tokenizer's own.
             add_generation_prompt: end the prompt with the assistant turn's opening.
+            tools: OpenAI function tools ({type: 'function', function: {name, description, parameters}}),
+                  rendered by the chat template; each completion's calls come back in its tool_calls.
+            tool_choice: 'auto' (the default with tools: calls parsed from the text), 'none', 'required' (the
+                  output is constrained to calls of the declared tools) or {type: 'function', function: {name}}
+                  (constrained to that tool's parameters schema).
         Returns:
             Like generate: one RequestOutput per conversation (prompt is null; prompt_token_ids is the
             templated prompt), or Chunks and a Summary when streaming.
         """
         entry = self._entry(llm)
+        calling = entry.llm.tool_calling(tools, tool_choice, chat_template)
         single = not messages or isinstance(messages[0], dict)
         conversations = [messages] if single else messages
         prompts: list[Any] = []
@@ -460,9 +470,9 @@ class Service:
             if not conversation or not isinstance(conversation, list):
                 raise _invalid("messages" if single else f"messages[{i}]",
                                "expected a non-empty list of {role, content} maps")
-            prompts.append({"prompt_token_ids": entry.llm.apply_chat_template(conversation, chat_template,
-                                                                              add_generation_prompt)})
-        self._start_generation(call, entry, prompts, sampling_params)
+            prompts.append({"prompt_token_ids": entry.llm.apply_chat_template(
+                conversation, chat_template, add_generation_prompt, calling.template_tools if calling else None)})
+        self._start_generation(call, entry, prompts, sampling_params, calling)
 
     @rpc("ml_inference", deferred=True, result="EmbedResult")
     def embed(self, call: Call, llm: Handle, input: str | list[str] | list[int] | list, pooling: str = "mean",
@@ -620,12 +630,14 @@ class Service:
         return entry
 
     def _start_generation(self, call: Call, entry: _Engine, prompts: list[Any],
-                          sampling_params: dict | list[dict] | None) -> None:
+                          sampling_params: dict | list[dict] | None, calling: ToolCalling | None = None) -> None:
         from lmport.engine.sampling_params import RequestOutputKind
 
         params = _sampling_list(sampling_params, len(prompts))
+        if calling is not None:  # tool_choice 'required' or a named tool: a structured output enforces it
+            params = [calling.constrain(sp) for sp in params]
         kind = RequestOutputKind.DELTA if call.stream else RequestOutputKind.FINAL_ONLY
-        generation = _Generation(call, entry, len(prompts), self._lock)
+        generation = _Generation(call, entry, len(prompts), self._lock, calling)
 
         def queue(request_ids: list[str]) -> None:
             generation.request_ids = request_ids
@@ -657,9 +669,12 @@ class Service:
 class _Generation:
     """Collects one call's engine outputs: forwards stream deltas, tallies usage, answers when all finished."""
 
-    def __init__(self, call: Call, entry: _Engine, count: int, service_lock: threading.Lock) -> None:
+    def __init__(self, call: Call, entry: _Engine, count: int, service_lock: threading.Lock,
+                 calling: ToolCalling | None = None) -> None:
         self.call = call
         self.entry = entry
+        self.calling = calling  # a chat with tools: finished completions get their parsed tool_calls
+        self._texts: dict[tuple[int, int], str] = {}  # streaming with tools: (prompt, completion) -> text so far
         self.request_ids: list[str] = []
         self._service_lock = service_lock
         self._lock = threading.Lock()
@@ -676,6 +691,8 @@ class _Generation:
                     tokens[completion.index] += len(completion.token_ids)
                 else:
                     tokens[completion.index] = len(completion.token_ids)
+            if self.calling is not None:
+                self._parse_tool_calls(index, output)
             if call.stream:
                 call.emit(_chunk_data(index, output))
             if not output.finished:
@@ -685,6 +702,16 @@ class _Generation:
             if self._remaining:
                 return
         self._complete()
+
+    def _parse_tool_calls(self, index: int, output: Any) -> None:
+        """Attach the calls of each completion that finished in `output` (its last chunk, when streaming)."""
+        for completion in output.outputs:
+            text = completion.text
+            if self.call.stream:  # deltas: the whole text is what came so far
+                key = (index, completion.index)
+                text = self._texts[key] = self._texts.get(key, "") + text
+            if completion.finish_reason is not None:
+                completion.tool_calls = self.calling.parse(text, completion.finish_reason).tool_calls or None
 
     def on_error(self, exc: BaseException) -> None:
         from lmport.engine.llm import EngineDead
@@ -726,9 +753,12 @@ class _Generation:
 class _Embeddings:
     """Collects one embed call's outputs and answers when every input is done (or, cancelled, with the error)."""
 
-    def __init__(self, call: Call, entry: _Engine, count: int, service_lock: threading.Lock) -> None:
+    def __init__(self, call: Call, entry: _Engine, count: int, service_lock: threading.Lock,
+                 calling: ToolCalling | None = None) -> None:
         self.call = call
         self.entry = entry
+        self.calling = calling  # a chat with tools: finished completions get their parsed tool_calls
+        self._texts: dict[tuple[int, int], str] = {}  # streaming with tools: (prompt, completion) -> text so far
         self._service_lock = service_lock
         self._lock = threading.Lock()
         self._remaining = count
@@ -851,11 +881,17 @@ def _invalid(field_name: str, message: str) -> BridgeError:
 
 def _name_the_prompt(exc: Exception, count: int) -> None:
     """InvalidParams about a prompt names the wire field it came from: prompts[i] (LLM.add_requests sets which
-    prompt in `index`), or prompts when the call had one."""
+    prompt in `index`), or prompts when the call had one. Checks made once the model is known (logprobs against
+    max_logprobs, a grammar compiled for its tokenizer) name a sampling_params field."""
     from lmport.engine.errors import InvalidParams
+    from lmport.engine.sampling_params import SamplingParams
 
-    if isinstance(exc, InvalidParams) and exc.field in ("prompt", "prompt_token_ids"):
+    if not isinstance(exc, InvalidParams):
+        return
+    if exc.field in ("prompt", "prompt_token_ids"):
         exc.field = f"prompts[{exc.index or 0}]" if count > 1 else "prompts"
+    elif exc.field.split(".")[0] in SamplingParams.__dataclass_fields__:
+        exc.field = f"sampling_params.{exc.field}"
 
 
 def _bind(spec: MethodSpec, params: dict[str, Any]) -> dict[str, Any]:

@@ -25,6 +25,7 @@ from lmport.engine.outputs import EmbeddingOutput, RequestOutput
 from lmport.engine.pooling import PoolingParams
 from lmport.engine.sampling_params import RequestOutputKind, SamplingParams, check_token_ids
 from lmport.engine.sequence import Request
+from lmport.engine.tool_calls import ToolCalling, family_for_template, messages_for_template
 
 logger = logging.getLogger("lmport")
 
@@ -299,20 +300,53 @@ class LLM:
     def chat(self, messages: list[dict[str, Any]] | list[list[dict[str, Any]]],
              sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
              chat_template: str | None = None, add_generation_prompt: bool = True,
-             use_tqdm: bool = True) -> list[RequestOutput]:
+             use_tqdm: bool = True, tools: list[dict[str, Any]] | None = None,
+             tool_choice: str | dict[str, Any] | None = None) -> list[RequestOutput]:
+        """Replies through the chat template. With `tools` (OpenAI's function tools) the template renders them and
+        each completion carries `tool_calls` parsed from its text (which stays as generated); tool_choice
+        'required' or a named tool constrains the output as vLLM does (structured outputs), 'none' neither
+        shows the tools to the model nor parses calls."""
+        calling = self.tool_calling(tools, tool_choice, chat_template)
         conversations = [messages] if messages and isinstance(messages[0], dict) else messages
-        prompts = [{"prompt_token_ids": self.apply_chat_template(c, chat_template, add_generation_prompt)}
+        prompts = [{"prompt_token_ids": self.apply_chat_template(c, chat_template, add_generation_prompt,
+                                                                 calling.template_tools if calling else None)}
                    for c in conversations]  # type: ignore[arg-type]
-        return self.generate(prompts, sampling_params, use_tqdm)
+        if calling is None:
+            return self.generate(prompts, sampling_params, use_tqdm)
+        if isinstance(sampling_params, (list, tuple)):
+            sampling_params = [calling.constrain(sp) for sp in sampling_params]
+        else:
+            sampling_params = calling.constrain(sampling_params or SamplingParams())
+        results = self.generate(prompts, sampling_params, use_tqdm)
+        for result in results:
+            for output in result.outputs:
+                output.tool_calls = calling.parse(output.text, output.finish_reason).tool_calls or None
+        return results
+
+    def tool_calling(self, tools: list[dict[str, Any]] | None, tool_choice: str | dict[str, Any] | None = None,
+                     chat_template: str | None = None) -> ToolCalling | None:
+        """Validated tools and tool_choice (InvalidParams naming the field), parsed in the template's format."""
+        return ToolCalling.from_request(tools, tool_choice, family_for_template(self._template_text(chat_template)))
 
     def apply_chat_template(self, messages: list[dict[str, Any]], chat_template: str | None = None,
-                            add_generation_prompt: bool = True) -> list[int]:
+                            add_generation_prompt: bool = True,
+                            tools: list[dict[str, Any]] | None = None) -> list[int]:
+        """The prompt's token ids; `tools` (validated) are rendered by a template that knows them, else written
+        into the messages in the hermes format (lmport.engine.tool_calls.messages_for_template)."""
         if not isinstance(messages, list) or not all(isinstance(m, dict) and "role" in m for m in messages):
             raise InvalidParams("messages", "expected a list of {role, content} maps")
+        messages, pass_tools = messages_for_template(messages, tools, self._template_text(chat_template))
         with self._tokenizer_lock:
             ids = self.tokenizer.apply_chat_template(messages, chat_template=chat_template,
+                                                     tools=tools if pass_tools else None,
                                                      add_generation_prompt=add_generation_prompt, tokenize=True)
         return list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids)
+
+    def _template_text(self, chat_template: str | None) -> str | None:
+        template = chat_template or getattr(self.tokenizer, "chat_template", None)
+        if isinstance(template, dict):  # named templates: transformers picks "tool_use" when there are tools
+            template = template.get("tool_use") or template.get("default")
+        return template if isinstance(template, str) else None
 
     def tokenize(self, text: str, add_special_tokens: bool = True) -> list[int]:
         with self._tokenizer_lock:

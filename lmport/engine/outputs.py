@@ -36,6 +36,7 @@ class CompletionOutput:
     logprobs: list[PositionLogprobs] | None = None
     finish_reason: str | None = None  # "stop" | "length" | "abort"
     stop_reason: int | str | None = None  # the stop string or stop token id that ended it
+    tool_calls: list[dict[str, Any]] | None = None  # OpenAI-shaped, parsed from text when the chat had tools
 
     def finished(self) -> bool:
         return self.finish_reason is not None
@@ -49,6 +50,7 @@ class CompletionOutput:
             "logprobs": None if self.logprobs is None else [logprobs_to_list(p) for p in self.logprobs],
             "finish_reason": self.finish_reason,
             "stop_reason": self.stop_reason,
+            **({} if self.tool_calls is None else {"tool_calls": self.tool_calls}),
         }
 
 

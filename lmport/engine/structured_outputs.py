@@ -75,7 +75,7 @@ class StructuredOutputsParams:
         return {kind: value, "disable_any_whitespace": self.disable_any_whitespace}
 
 
-def _check_schema(schema: Any) -> str:
+def check_schema(schema: Any) -> str:
     where = f"{FIELD}.json"
     if isinstance(schema, str):
         try:
@@ -114,13 +114,18 @@ def _check_json_object(value: Any) -> bool:
     return True
 
 
-_CHECKS = {"json": _check_schema, "json_object": _check_json_object, "regex": _check_text("regex"),
+_CHECKS = {"json": check_schema, "json_object": _check_json_object, "regex": _check_text("regex"),
            "choice": _check_choice, "grammar": _check_text("grammar")}
 
 
 def choice_grammar(choices: tuple[str, ...]) -> str:
     """EBNF whose language is exactly the choices (JSON string escapes are EBNF string escapes)."""
     return "root ::= " + " | ".join(json.dumps(c, ensure_ascii=False) for c in choices)
+
+
+# The longest whitespace run allowed between JSON tokens. Unbounded, a small model at temperature 1.0 can spend its
+# whole budget on newlines inside a valid prefix; 20 (llama.cpp's bound) still fits indented, pretty-printed JSON.
+MAX_WHITESPACE_RUN = 20
 
 
 class GrammarCompiler:
@@ -150,11 +155,10 @@ class GrammarCompiler:
         compiler = self._xgrammar_compiler()
         kind = spec.kind
         try:
-            if kind == "json":
-                return compiler.compile_json_schema(spec.json, any_whitespace=not spec.disable_any_whitespace)
-            if kind == "json_object":  # an object, not any JSON value (as in vLLM and OpenAI's json_object)
-                return compiler.compile_json_schema('{"type": "object"}',
-                                                    any_whitespace=not spec.disable_any_whitespace)
+            if kind in ("json", "json_object"):  # json_object: an object, not any JSON value (as in OpenAI's API)
+                schema = spec.json if kind == "json" else '{"type": "object"}'
+                return compiler.compile_json_schema(schema, any_whitespace=not spec.disable_any_whitespace,
+                                                    max_whitespace_cnt=MAX_WHITESPACE_RUN)
             if kind == "regex":
                 return compiler.compile_regex(spec.regex)
             if kind == "choice":

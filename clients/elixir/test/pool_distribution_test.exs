@@ -40,8 +40,19 @@ defmodule LMPort.PoolDistributionTest do
     unless Node.alive?() do
       # a second epmd exits at once when one already runs
       {_, 0} = System.cmd("epmd", ["-daemon"], env: [{"ERL_EPMD_ADDRESS", "127.0.0.1"}])
+      await_epmd(50)
       :ok = :application.set_env(:kernel, :inet_dist_use_interface, {127, 0, 0, 1})
       {:ok, _} = Node.start(:"lmport_test_#{System.unique_integer([:positive])}@127.0.0.1", :longnames)
+    end
+  end
+
+  # `epmd -daemon` returns before the daemon listens: Node.start would then fail with econnrefused.
+  defp await_epmd(0), do: flunk("epmd did not start listening on 127.0.0.1")
+
+  defp await_epmd(tries) do
+    case System.cmd("epmd", ["-names"], stderr_to_stdout: true) do
+      {_, 0} -> :ok
+      _ -> Process.sleep(100) && await_epmd(tries - 1)
     end
   end
 

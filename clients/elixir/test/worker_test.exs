@@ -83,6 +83,55 @@ defmodule LMPort.WorkerTest do
     assert field == "sampling_params.structured_outputs.regex"
   end
 
+  test "tool calling: a forced call comes back as plain data, its result goes back as a tool message",
+       %{llm: llm} do
+    weather = %{
+      "type" => "function",
+      "function" => %{
+        "name" => "get_weather",
+        "description" => "Current weather of a city",
+        "parameters" => %{
+          "type" => "object",
+          "properties" => %{"city" => %{"type" => "string", "maxLength" => 30}},
+          "required" => ["city"]
+        }
+      }
+    }
+
+    question = [%{"role" => "user", "content" => "What is the weather in Paris?"}]
+
+    assert [%{"outputs" => [%{"tool_calls" => [call]}]}] =
+             LMPort.chat!(@worker, llm, question,
+               sampling_params: [max_tokens: 40, temperature: 0],
+               tools: [weather],
+               tool_choice: %{"type" => "function", "function" => %{"name" => "get_weather"}}
+             )
+
+    assert %{"id" => "call_" <> _, "function" => %{"name" => "get_weather", "arguments" => arguments}} = call
+    assert arguments =~ ~r/^\{\s*"city"\s*:\s*"[^"]{0,30}"\s*\}$/
+
+    conversation =
+      question ++
+        [
+          %{"role" => "assistant", "content" => nil, "tool_calls" => [call]},
+          %{"role" => "tool", "tool_call_id" => call["id"], "content" => "18 C and sunny"}
+        ]
+
+    assert [%{"outputs" => [%{"text" => reply}]}] =
+             LMPort.chat!(@worker, llm, conversation,
+               sampling_params: [max_tokens: 8, temperature: 0],
+               tools: [weather]
+             )
+
+    assert reply != ""
+
+    assert {:error, %LMPort.Error{code: "invalid_params", details: %{"field" => "tool_choice"}}} =
+             LMPort.chat(@worker, llm, question,
+               tools: [weather],
+               tool_choice: %{"type" => "function", "function" => %{"name" => "nope"}}
+             )
+  end
+
   test "embed returns one vector per input; bad input names the field" do
     minilm = LMPort.llm!(@worker, "all-MiniLM-L6-v2", device: "cpu")
     texts = ["A cat sits on the mat.", "Stocks fell sharply.", "The kitten rests on the rug."]

@@ -85,6 +85,34 @@ test("structured outputs: a JSON schema gives a parsed object, a bad schema name
   assert.equal(bad.details.field, "sampling_params.structured_outputs.regex");
 });
 
+test("tool calling: a forced call comes back as plain data, its result goes back as a tool message", async () => {
+  const weather = {
+    type: "function",
+    function: {
+      name: "get_weather", description: "Current weather of a city",
+      parameters: { type: "object", properties: { city: { type: "string", maxLength: 30 } }, required: ["city"] },
+    },
+  };
+  const question = [{ role: "user", content: "What is the weather in Paris?" }];
+  const [out] = await worker.chat(llm, question, {
+    sampling_params: { max_tokens: 40, temperature: 0 }, tools: [weather],
+    tool_choice: { type: "function", function: { name: "get_weather" } },
+  });
+  const [call] = out.outputs[0].tool_calls ?? [];
+  assert.ok(call.id.startsWith("call_"));
+  assert.equal(call.function.name, "get_weather");
+  const args = JSON.parse(call.function.arguments);
+  assert.equal(typeof args.city, "string");
+  const [reply] = await worker.chat(llm, [...question,
+    { role: "assistant", content: null, tool_calls: [call] },
+    { role: "tool", tool_call_id: call.id, content: "18 C and sunny" }],
+  { sampling_params: { max_tokens: 8, temperature: 0 }, tools: [weather] });
+  assert.ok(reply.outputs[0].text.length > 0);
+  const bad = await expectError(worker.chat(llm, question,
+    { tools: [weather], tool_choice: { type: "function", function: { name: "nope" } } }), "invalid_params");
+  assert.equal(bad.details.field, "tool_choice");
+});
+
 test("tokenize and detokenize round-trip", async () => {
   const ids = await worker.tokenize(llm, "Hello world", { add_special_tokens: false });
   assert.ok(ids.length >= 2);

@@ -15,6 +15,7 @@ from typing import Any
 
 from lmport.bridge.http.generation import OnChunk, OnDone
 from lmport.bridge.service import Call, Service
+from lmport.engine.tool_calls import ToolCalling
 
 
 class ServiceBackend:
@@ -69,8 +70,13 @@ class ServiceBackend:
                                     "dimensions": dimensions})
 
     def chat_token_ids(self, messages: list[dict[str, Any]], chat_template: str | None,
-                       add_generation_prompt: bool) -> list[int]:
-        return self.service.get_llm(self.ref).apply_chat_template(messages, chat_template, add_generation_prompt)
+                       add_generation_prompt: bool, tools: list[dict[str, Any]] | None = None) -> list[int]:
+        return self.service.get_llm(self.ref).apply_chat_template(messages, chat_template, add_generation_prompt,
+                                                                  tools)
+
+    def tool_calling(self, tools: list[dict[str, Any]] | None, tool_choice: str | dict[str, Any] | None,
+                     chat_template: str | None) -> ToolCalling | None:
+        return self.service.get_llm(self.ref).tool_calling(tools, tool_choice, chat_template)
 
     def submit(self, prompts: list[list[int]], sampling: dict[str, Any], on_chunk: OnChunk,
                on_done: OnDone) -> Callable[[], None]:

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from lmport.bridge.http.metrics import ServerMetrics
+from lmport.engine.tool_calls import ToolCalling
 
 OnChunk = Callable[[dict[str, Any]], None]
 OnDone = Callable[[Any, BaseException | None], None]
@@ -33,7 +34,9 @@ class Backend(Protocol):
     def tokenize(self, text: str, add_special_tokens: bool = True) -> list[int]: ...
     def detokenize(self, token_ids: list[int]) -> str: ...
     def chat_token_ids(self, messages: list[dict[str, Any]], chat_template: str | None,
-                       add_generation_prompt: bool) -> list[int]: ...
+                       add_generation_prompt: bool, tools: list[dict[str, Any]] | None = None) -> list[int]: ...
+    def tool_calling(self, tools: list[dict[str, Any]] | None, tool_choice: str | dict[str, Any] | None,
+                     chat_template: str | None) -> ToolCalling | None: ...  # validated; None without tools
     def embed(self, inputs: list[list[int]], pooling: str, normalize: bool,
               dimensions: int | None) -> dict[str, Any]: ...  # the worker's EmbedResult
     def submit(self, prompts: list[list[int]], sampling: dict[str, Any], on_chunk: OnChunk,

@@ -12,6 +12,8 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from lmport.bridge.http.errors import bad_request
+from lmport.engine.errors import InvalidParams
+from lmport.engine.structured_outputs import StructuredOutputsParams
 
 TokenIds = list[int]
 
@@ -28,7 +30,7 @@ class StreamOptions(_Strict):
 _PASSTHROUGH = ("n", "temperature", "top_p", "presence_penalty", "frequency_penalty", "stop", "seed", "top_k", "min_p",
                 "repetition_penalty", "ignore_eos", "min_tokens", "stop_token_ids", "skip_special_tokens",
                 "spaces_between_special_tokens", "include_stop_str_in_output", "allowed_token_ids", "bad_words",
-                "truncate_prompt_tokens", "logit_bias")
+                "truncate_prompt_tokens", "logit_bias", "structured_outputs")
 
 
 class _SamplingFields(_Strict):
@@ -59,6 +61,7 @@ class _SamplingFields(_Strict):
     allowed_token_ids: list[int] | None = None
     bad_words: list[str] | None = None
     truncate_prompt_tokens: int | None = None
+    structured_outputs: dict[str, Any] | None = None  # checked by SamplingParams, like every range
 
     def check_common(self) -> None:
         if self.stream_options is not None and not self.stream:
@@ -131,8 +134,32 @@ class ChatMessage(BaseModel):
         return message
 
 
+class JsonSchemaFormat(_Strict):
+    name: str
+    description: str | None = None
+    schema_: dict[str, Any] | None = Field(default=None, alias="schema")
+    strict: bool | None = None  # the output always follows the schema: strict or not, it is enforced
+
+
 class ResponseFormat(_Strict):
-    type: Literal["text"]
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+    def structured_outputs(self) -> dict[str, Any] | None:
+        """The structured_outputs this format asks for (None for text)."""
+        if self.type == "json_object":
+            return {"json_object": True}
+        if self.type == "json_schema":
+            if self.json_schema is None:
+                raise bad_request("response_format.json_schema", "type 'json_schema' needs json_schema "
+                                  "{name, schema, strict}")
+            constraint = {"json": self.json_schema.schema_ if self.json_schema.schema_ is not None else {}}
+            try:  # checked here so that the error names this request's field
+                StructuredOutputsParams.from_value(constraint)
+            except InvalidParams as exc:
+                raise bad_request("response_format.json_schema.schema", exc.message) from None
+            return constraint
+        return None
 
 
 class ChatCompletionRequest(_SamplingFields):
@@ -142,9 +169,9 @@ class ChatCompletionRequest(_SamplingFields):
     logprobs: bool = False
     top_logprobs: int | None = None
     response_format: ResponseFormat | None = None
-    tools: list[dict[str, Any]] | None = None
-    tool_choice: Literal["none"] | None = None
-    parallel_tool_calls: bool | None = None
+    tools: list[dict[str, Any]] | None = None  # checked by lmport.engine.tool_calls, which names the bad field
+    tool_choice: str | dict[str, Any] | None = None
+    parallel_tool_calls: bool | None = None  # several calls are always allowed
     # vLLM's extras
     chat_template: str | None = None
     add_generation_prompt: bool = True
@@ -152,11 +179,14 @@ class ChatCompletionRequest(_SamplingFields):
     def sampling(self) -> tuple[dict[str, Any], dict[str, str]]:
         """SamplingParams fields, and the renames from their names to this request's (for error messages)."""
         self.check_common()
-        if self.tools:
-            raise bad_request("tools", "tool calling is not supported by this server")
         if self.top_logprobs is not None and not self.logprobs:
             raise bad_request("top_logprobs", "top_logprobs requires logprobs to be true")
         params = self.common_sampling()
+        response_format = self.response_format.structured_outputs() if self.response_format else None
+        if response_format is not None:
+            if self.structured_outputs is not None:
+                raise bad_request("response_format", "give response_format or structured_outputs, not both")
+            params["structured_outputs"] = response_format
         renames: dict[str, str] = {}
         max_tokens = self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
         if max_tokens is not None:

@@ -31,6 +31,7 @@ from lmport.bridge.http.metrics import ServerMetrics
 from lmport.bridge.http.ratelimit import RateLimiter
 from lmport.bridge.protocol import BridgeError
 from lmport.engine.errors import LMPortError
+from lmport.engine.tool_calls import ToolCalling
 
 logger = logging.getLogger("lmport.http")
 
@@ -112,14 +113,22 @@ class ServerState:
         return await asyncio.to_thread(lambda: [self.backend.tokenize(p) if isinstance(p, str) else list(p)
                                                 for p in prompts])
 
+    def tool_calling(self, tools: list[dict[str, Any]] | None, tool_choice: str | dict[str, Any] | None,
+                     chat_template: str | None) -> ToolCalling | None:
+        """The request's validated tools and tool_choice (a 400 naming e.g. `tools[0].function.name`)."""
+        try:
+            return self.backend.tool_calling(tools, tool_choice, chat_template)
+        except LMPortError as exc:
+            raise from_engine_error(exc) from None
+
     async def chat_prompt(self, messages: list[dict[str, Any]], chat_template: str | None,
-                          add_generation_prompt: bool) -> list[int]:
+                          add_generation_prompt: bool, tools: list[dict[str, Any]] | None = None) -> list[int]:
         """The chat's prompt token ids. A template that cannot render these messages is the caller's input: 400
         naming `chat_template` when the request gave one, else `messages`; the service's and engine's errors
         (shutting_down, not_found, invalid_params) map as they do everywhere, anything else is a 500."""
         try:
             return await asyncio.to_thread(self.backend.chat_token_ids, messages, chat_template,
-                                           add_generation_prompt)
+                                           add_generation_prompt, tools)
         except (LMPortError, BridgeError) as exc:
             raise from_engine_error(exc, {"prompts": "messages"}) from None
         except TEMPLATE_ERRORS as exc:

@@ -385,7 +385,25 @@ export interface LogprobEntry {
   decoded_token: string | null;
 }
 
-/** Result record CompletionOutput, as the worker sends it. */
+/** Result record ToolCallFunction, as the worker sends it. */
+export interface ToolCallFunction {
+  /** The tool called. */
+  name: string;
+  /** Its arguments as JSON text (as OpenAI sends them). */
+  arguments: string;
+}
+
+/** Result record ToolCall, as the worker sends it. */
+export interface ToolCall {
+  /** The call's id ('call_...'); a tool message answering it sends it as tool_call_id. */
+  id: string;
+  /** Always 'function'. */
+  type: string;
+  /** The tool and its arguments. */
+  function: ToolCallFunction;
+}
+
+/** Result record CompletionOutput, as the worker sends it (a key marked `?` is left out when absent, not sent as null). */
 export interface CompletionOutput {
   /** Which of the request's n completions. */
   index: number;
@@ -401,6 +419,8 @@ export interface CompletionOutput {
   finish_reason: string | null;
   /** The stop string or stop token id that ended it. */
   stop_reason: number | string | null;
+  /** The tools it called (chat with tools, when it called any); text keeps the raw output. */
+  tool_calls?: ToolCall[];
 }
 
 /** Result record RequestMetrics, as the worker sends it. */
@@ -459,6 +479,8 @@ export interface ChunkOutput {
   finish_reason: string | null;
   /** The stop string or stop token id that ended it. */
   stop_reason: number | string | null;
+  /** In the completion's last chunk (chat with tools, when it called any): every call of the whole completion. */
+  tool_calls?: ToolCall[];
 }
 
 /** Result record Chunk, as the worker sends it (a key marked `?` is left out when absent, not sent as null). */
@@ -592,6 +614,8 @@ const METHODS: Readonly<Record<string, MethodSpec>> = {
     { name: "sampling_params", type: "dict|list[dict]|null", fields: SamplingParamsFields },
     { name: "chat_template", type: "str|null" },
     { name: "add_generation_prompt", type: "bool" },
+    { name: "tools", type: "list[dict]|null" },
+    { name: "tool_choice", type: "str|dict|null" },
     ],
   },
   "embed": {
@@ -678,6 +702,18 @@ export interface ChatOptions extends CallOptions {
    * Default: `true`.
    */
   add_generation_prompt?: boolean;
+  /**
+   * OpenAI function tools ({type: 'function', function: {name, description, parameters}}), rendered by the chat template; each completion's calls come back in its tool_calls.
+   *
+   * Default: `null`.
+   */
+  tools?: Record<string, unknown>[] | null;
+  /**
+   * 'auto' (the default with tools: calls parsed from the text), 'none', 'required' (the output is constrained to calls of the declared tools) or {type: 'function', function: {name}} (constrained to that tool's parameters schema).
+   *
+   * Default: `null`.
+   */
+  tool_choice?: string | Record<string, unknown> | null;
 }
 
 /** Options of `Worker.embed`: its optional parameters and the call options. */

@@ -268,6 +268,12 @@ defmodule LMPort do
       checked locally. Default: `nil`.
     * `:chat_template` (str | null) — a Jinja template to use instead of the tokenizer's own. Default: `nil`.
     * `:add_generation_prompt` (bool) — end the prompt with the assistant turn's opening. Default: `true`.
+    * `:tools` (list[dict] | null) — OpenAI function tools ({type: 'function', function: {name, description,
+      parameters}}), rendered by the chat template; each completion's calls come back in its tool_calls.
+      Default: `nil`.
+    * `:tool_choice` (str | dict | null) — 'auto' (the default with tools: calls parsed from the text),
+      'none', 'required' (the output is constrained to calls of the declared tools) or {type: 'function',
+      function: {name}} (constrained to that tool's parameters schema). Default: `nil`.
     * `:stream` — `true` returns `{:ok, stream}`: a lazy `Stream` of the chunks' deltas;
       halting it early cancels the request in the worker. `:with_summary` also ends the
       stream with `{:summary, response}` (usage, finish reasons, metrics)

@@ -290,7 +290,9 @@ defmodule LMPort.Schema do
           "type" => "bool",
           "required" => false,
           "default" => true
-        }
+        },
+        %{"name" => "tools", "type" => "list[dict]|null", "required" => false, "default" => nil},
+        %{"name" => "tool_choice", "type" => "str|dict|null", "required" => false, "default" => nil}
       ]
     },
     "embed" => %{
