@@ -8,11 +8,10 @@ import json
 
 import httpx
 import jsonschema
-import openai
 import pydantic
 import pytest
 
-from tests.http_helpers import model_server
+from tests.test_http_openai import client, server  # noqa: F401  (the module-scoped server and SDK client)
 
 pytestmark = pytest.mark.slow
 
@@ -32,18 +31,6 @@ class City(pydantic.BaseModel):
     name: str = pydantic.Field(max_length=30)
     country: str = pydantic.Field(max_length=30)
     population: int = pydantic.Field(ge=0, le=100_000_000)
-
-
-@pytest.fixture(scope="module")
-def server():
-    running = model_server()
-    yield running
-    running.stop()
-
-
-@pytest.fixture(scope="module")
-def client(server) -> openai.OpenAI:
-    return openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0)
 
 
 def test_response_format_json_schema_and_json_object(client) -> None:
