@@ -114,12 +114,18 @@ def tiny_llama(vocab_size: int = 260, seed: int = 0, **overrides: object) -> nn.
 def write_tiny_model_dir(path: Path, max_shard_size: str | None = None, **overrides: object) -> nn.Module:
     """A complete HF model directory (config, generation config, byte-level tokenizer with chat template,
     fp32 safetensors); returns the HF model it holds."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
     hf = tiny_llama(**overrides)
     hf.config.dtype = torch.float32
     hf.save_pretrained(path, **({"max_shard_size": max_shard_size} if max_shard_size else {}))
+    save_tokenizer(path)
+    return hf
+
+
+def save_tokenizer(path: Path) -> None:
+    """The byte-level BPE tokenizer (vocab 260) with a chat template, saved the way HF saves one."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
     vocab = {token: i for i, token in enumerate(byte_level_vocab())}
     backend = Tokenizer(models.BPE(vocab=vocab, merges=MERGES))
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -128,7 +134,6 @@ def write_tiny_model_dir(path: Path, max_shard_size: str | None = None, **overri
                                         unk_token="<|endoftext|>", pad_token="<|endoftext|>")
     tokenizer.chat_template = CHAT_TEMPLATE
     tokenizer.save_pretrained(path)
-    return hf
 
 
 def write_tiny_gguf(path: Path, hf: nn.Module) -> None:
