@@ -38,7 +38,8 @@ if DEVICE.type == "cuda":
     PREFILL_CHUNKS += [(300, 200)]
 
 
-def naive_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, scale: float) -> torch.Tensor:
+def naive_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, scale: float,
+                    sliding_window: int | None = None, soft_cap: float | None = None) -> torch.Tensor:
     """q [n, Hq, D] are the last n positions of a sequence whose contiguous K/V are [L, Hkv, D]; float64 loops."""
     q = q.cpu()
     num_queries, num_q_heads, _ = q.shape
@@ -46,10 +47,13 @@ def naive_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, s
     out = torch.empty(q.shape, dtype=torch.float64)
     for i in range(num_queries):
         visible = keys.shape[0] - num_queries + i + 1
+        first = max(0, visible - sliding_window) if sliding_window else 0
         for h in range(num_q_heads):
-            k, v = keys[:visible, h // group].double(), values[:visible, h // group].double()
-            weights = torch.softmax(k @ q[i, h].double() * scale, dim=0)
-            out[i, h] = weights @ v
+            k, v = keys[first:visible, h // group].double(), values[first:visible, h // group].double()
+            scores = k @ q[i, h].double() * scale
+            if soft_cap is not None:
+                scores = torch.tanh(scores / soft_cap) * soft_cap
+            out[i, h] = torch.softmax(scores, dim=0) @ v
     return out
 
 
@@ -127,6 +131,53 @@ def test_triton_prefill_matches_reference(heads, dtype):
         rows = slice(int(cu[s]), int(cu[s + 1]))
         err = rel_error(out[rows], expected[rows])
         assert err < TOLERANCE[dtype], f"seed={seed} seq={s} chunk={PREFILL_CHUNKS[s]} rel_error={err:.3g}"
+
+
+# windows of one key, unaligned to any tile, and longer than some contexts; soft caps that bite (scores are ~N(0, 9))
+WINDOW_CASES = [(1, None), (7, None), (20, 2.0), (None, 1.5)]
+
+
+@pytest.mark.parametrize("window,soft_cap", WINDOW_CASES)
+@pytest.mark.parametrize("heads", [(1, 3, 16, 8), (2, 1, 32, 16)])
+def test_windowed_and_capped_decode_reference_and_triton(window, soft_cap, heads):
+    seed = fresh_seed()
+    case, q, scale = decode_inputs(*heads, torch.float32)
+    q = q * 3
+    expected = reference.paged_attention_decode(q, case.k_cache, case.v_cache, case.block_tables, case.seq_lens,
+                                                scale, sliding_window=window, soft_cap=soft_cap)
+    for b, (keys, values) in enumerate(zip(case.keys, case.values)):
+        err = rel_error(expected[b:b + 1], naive_attention(q[b:b + 1], keys, values, scale, window, soft_cap))
+        assert err < TOLERANCE[torch.float32], f"reference seed={seed} seq={b} rel_error={err:.3g}"
+    first_keys = [max(0, n - (window or n)) for n in case.seq_lens.tolist()]
+    nan_case = case.with_unused(float("nan")).with_blocks_before(first_keys, float("nan"))
+    for num_splits in (1, 3):  # 3: early splits fall wholly before a short window
+        out = poisoned(q.shape, torch.float32)
+        triton_attention.paged_attention_decode(q, nan_case.k_cache, nan_case.v_cache, case.block_tables,
+                                                case.seq_lens, scale, window, soft_cap, out=out,
+                                                num_splits=num_splits)
+        err = rel_error(out, expected)
+        assert err < TOLERANCE[torch.float32], f"triton seed={seed} num_splits={num_splits} rel_error={err:.3g}"
+
+
+@pytest.mark.parametrize("window,soft_cap", WINDOW_CASES)
+@pytest.mark.parametrize("heads", [(1, 3, 16, 8), (2, 1, 32, 16)])
+def test_windowed_and_capped_prefill_reference_and_triton(window, soft_cap, heads):
+    seed = fresh_seed()
+    case, q, cu, scale = prefill_inputs(*heads, torch.float32)
+    q = q * 3
+    max_query_len = max(n for _, n in PREFILL_CHUNKS)
+    expected = reference.paged_attention_prefill(q, case.k_cache, case.v_cache, cu, case.seq_lens, case.block_tables,
+                                                 max_query_len, scale, sliding_window=window, soft_cap=soft_cap)
+    out = poisoned(q.shape, torch.float32)
+    triton_attention.paged_attention_prefill(q, case.with_unused(float("nan")).k_cache,
+                                             case.with_unused(float("nan")).v_cache, cu, case.seq_lens,
+                                             case.block_tables, max_query_len, scale, window, soft_cap, out=out)
+    for s, (keys, values) in enumerate(zip(case.keys, case.values)):
+        rows = slice(int(cu[s]), int(cu[s + 1]))
+        err = rel_error(expected[rows], naive_attention(q[rows], keys, values, scale, window, soft_cap))
+        assert err < TOLERANCE[torch.float32], f"reference seed={seed} chunk={PREFILL_CHUNKS[s]} rel_error={err:.3g}"
+        err = rel_error(out[rows], expected[rows])
+        assert err < TOLERANCE[torch.float32], f"triton seed={seed} chunk={PREFILL_CHUNKS[s]} rel_error={err:.3g}"
 
 
 def test_triton_decode_allocates_its_output_and_rejects_bad_gqa():

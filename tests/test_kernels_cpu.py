@@ -66,8 +66,11 @@ def test_extension_is_built_and_used_by_auto_dispatch(monkeypatch):
     assert set(cpu.FUNCTIONS) == {"paged_attention_decode", "rms_norm", "silu_and_mul", "rotary_embedding"}
     assert not cpu._failed
     calls = []
-    monkeypatch.setattr(module, "paged_attention_decode",
-                        lambda *args: calls.append(args) or reference.paged_attention_decode(*args))
+    def recording(*args):  # the extension takes window 0 / soft_cap 0.0 for "off"; the reference None
+        calls.append(args)
+        return reference.paged_attention_decode(*args[:6], args[6] or None, args[7] or None)
+
+    monkeypatch.setattr(module, "paged_attention_decode", recording)
     before = kernels._backend
     try:
         kernels.set_backend("auto")
@@ -90,6 +93,32 @@ def test_matches_reference(batch, num_kv_heads, group, head_dim, block_size, dty
     assert actual.dtype == dtype and actual.shape == expected.shape
     err = max_rel(actual, expected)
     assert err < MAX_REL_TOLERANCE[dtype], f"max rel error {err:.2e} (seed {seed})"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("window,soft_cap", [(1, None), (5, None), (16, None), (35, 3.0), (None, 2.0), (1000, 1.5)])
+@pytest.mark.parametrize("num_kv_heads,group,head_dim,block_size", [(2, 3, 64, 8), (1, 1, 48, 16)])
+def test_sliding_window_and_soft_cap_match_reference(window, soft_cap, num_kv_heads, group, head_dim, block_size,
+                                                      dtype):
+    """Windows of one key, unaligned, one block, several blocks and wider than the context; soft caps that bite.
+    Blocks wholly before a sequence's window are NaN in the kernel's cache: it must skip them."""
+    seed = fresh_seed()
+    random.seed(seed)
+    case = make_paged_case(seq_lens_for(12, block_size), block_size, num_kv_heads, head_dim, dtype)
+    first_keys = [max(0, n - (window or n)) for n in case.seq_lens.tolist()]
+    poisoned = case.with_unused(float("nan")).with_blocks_before(first_keys, float("nan"))
+    q = (torch.randn(12, num_kv_heads * group, head_dim) * 3).to(dtype)  # large scores, so the cap matters
+    scale = head_dim ** -0.5
+    expected = reference.paged_attention_decode(q, case.k_cache, case.v_cache, case.block_tables, case.seq_lens,
+                                                scale, sliding_window=window, soft_cap=soft_cap)
+    actual = cpu.paged_attention_decode(q, poisoned.k_cache, poisoned.v_cache, case.block_tables, case.seq_lens,
+                                        scale, sliding_window=window, soft_cap=soft_cap)
+    err = max_rel(actual, expected)
+    assert err < MAX_REL_TOLERANCE[dtype], f"max rel error {err:.2e} (seed {seed})"
+    if window is not None and window < 1000:  # the window really changes the result
+        full = reference.paged_attention_decode(q, case.k_cache, case.v_cache, case.block_tables, case.seq_lens,
+                                                scale, soft_cap=soft_cap)
+        assert max_rel(full, expected) > 1e-2
 
 
 def test_strided_query_and_per_layer_cache_view():

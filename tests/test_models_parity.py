@@ -28,6 +28,11 @@ CASES: dict[str, tuple[type[PretrainedConfig], dict]] = {
     "llama_rope_linear": (LlamaConfig, dict(rope_parameters=dict(rope_type="linear", rope_theta=10000.0,
                                                                  factor=2.0))),
     "mistral_head_dim": (MistralConfig, dict(head_dim=32, sliding_window=64)),
+    # windows shorter than the prompts (11 tokens) and than the block size (4) or not aligned to it
+    "mistral_window_3": (MistralConfig, dict(sliding_window=3)),
+    "mistral_window_6_mha": (MistralConfig, dict(sliding_window=6, num_key_value_heads=4)),
+    "qwen2_window_upper_layers": (Qwen2Config, dict(num_hidden_layers=3, use_sliding_window=True, sliding_window=5,
+                                                    max_window_layers=1)),
     "qwen2_bias_tied": (Qwen2Config, dict(tie_word_embeddings=True)),
     "qwen2_rope_yarn": (Qwen2Config, dict(rope_parameters=dict(rope_type="yarn", rope_theta=10000.0, factor=4.0,
                                                                original_max_position_embeddings=32))),
@@ -44,7 +49,8 @@ def test_paged_logits_match_transformers(case: str) -> None:
     check_paged_logits(*build_pair(config_of(case)))
 
 
-@pytest.mark.parametrize("case", ["llama_mha_bias_tied", "mistral_head_dim", "qwen2_rope_yarn"])
+@pytest.mark.parametrize("case", ["llama_mha_bias_tied", "mistral_head_dim", "qwen2_rope_yarn", "mistral_window_3",
+                                  "qwen2_window_upper_layers"])
 def test_engine_greedy_and_seeded_sampling_match(case: str, tmp_path) -> None:
     hf = build_hf(config_of(case, **ENGINE_VOCAB))
     check_engine_greedy_and_seeded(hf, save_model_dir(hf, tmp_path))

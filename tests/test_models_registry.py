@@ -40,14 +40,24 @@ def test_unsupported_rope_type_is_named() -> None:
         LlamaForCausalLM(config)
 
 
-def test_context_limit_follows_rope_scaling_and_sliding_window() -> None:
+def test_context_limit_follows_rope_scaling() -> None:
     assert LlamaForCausalLM.max_context_len(LlamaConfig(**TINY)) == 256
     linear = LlamaConfig(**TINY, rope_parameters={"rope_type": "linear", "factor": 4.0, "rope_theta": 1e4})
     assert LlamaForCausalLM.max_context_len(linear) == 1024
-    # Mistral with a window uses it everywhere: capped there (no sliding-window kernel needed below it).
-    assert LlamaForCausalLM.max_context_len(MistralConfig(**TINY, sliding_window=64)) == 64
-    assert LlamaForCausalLM.max_context_len(MistralConfig(**TINY, sliding_window=None)) == 256
-    assert LlamaForCausalLM.max_context_len(Qwen2Config(**TINY, sliding_window=64)) == 256  # window not enabled
+    # a window no longer caps the context: windowed layers attend over the last sliding_window keys
+    assert LlamaForCausalLM.max_context_len(MistralConfig(**TINY, sliding_window=64)) == 256
+
+
+def test_each_layer_gets_its_own_window() -> None:
+    def windows(config) -> list[int | None]:
+        return [m.sliding_window for m in LlamaForCausalLM(config).modules() if isinstance(m, PagedAttention)]
+
+    three = {**TINY, "num_hidden_layers": 3}
+    assert windows(MistralConfig(**three, sliding_window=64)) == [64, 64, 64]
+    assert windows(MistralConfig(**three, sliding_window=None)) == [None, None, None]
+    assert windows(Qwen2Config(**three, sliding_window=64)) == [None, None, None]  # not enabled
+    assert windows(Qwen2Config(**three, sliding_window=64, use_sliding_window=True,
+                               max_window_layers=1)) == [None, 64, 64]
 
 
 def test_rope_cache_is_sized_by_max_model_len_and_shared() -> None:

@@ -109,17 +109,25 @@ def store_kv_cache(key: torch.Tensor, value: torch.Tensor, k_cache: torch.Tensor
 
 
 def paged_attention_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                           block_tables: torch.Tensor, seq_lens: torch.Tensor, scale: float) -> torch.Tensor:
-    """One query per sequence [B, Hq, D], at position seq_len-1, over keys 0..seq_len-1 of its blocks."""
-    return _impl_cpu(q, "attention").paged_attention_decode(q, k_cache, v_cache, block_tables, seq_lens, scale)
+                           block_tables: torch.Tensor, seq_lens: torch.Tensor, scale: float,
+                           sliding_window: int | None = None, soft_cap: float | None = None) -> torch.Tensor:
+    """One query per sequence [B, Hq, D], at position seq_len-1, over keys 0..seq_len-1 of its blocks.
+
+    sliding_window: only the last sliding_window keys are seen (transformers' window: position p sees j with
+    p - j < sliding_window). soft_cap: scores become soft_cap * tanh(q.k * scale / soft_cap) (Gemma 2)."""
+    return _impl_cpu(q, "attention").paged_attention_decode(q, k_cache, v_cache, block_tables, seq_lens, scale,
+                                                            sliding_window=sliding_window, soft_cap=soft_cap)
 
 
 def paged_attention_prefill(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                             cu_seqlens_q: torch.Tensor, seq_lens: torch.Tensor, block_tables: torch.Tensor,
-                            max_query_len: int, scale: float) -> torch.Tensor:
-    """Varlen causal attention [N, Hq, D]; sequence s's queries are the last q_len_s of its seq_lens[s] keys."""
+                            max_query_len: int, scale: float, sliding_window: int | None = None,
+                            soft_cap: float | None = None) -> torch.Tensor:
+    """Varlen causal attention [N, Hq, D]; sequence s's queries are the last q_len_s of its seq_lens[s] keys.
+    sliding_window and soft_cap as in paged_attention_decode."""
     return _impl(q, "attention").paged_attention_prefill(q, k_cache, v_cache, cu_seqlens_q, seq_lens, block_tables,
-                                                         max_query_len, scale)
+                                                         max_query_len, scale, sliding_window=sliding_window,
+                                                         soft_cap=soft_cap)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float,

@@ -142,6 +142,7 @@ void attend_group(const scalar_t* q, int64_t q_s1,                 // q row of h
                   const scalar_t* k, const scalar_t* v,             // cache base + kv_head offset
                   int64_t c_s0, int64_t c_s1,                       // cache strides: block, slot
                   const int32_t* table, int64_t L, int64_t block_size, int64_t G, int64_t D_rt, float scale,
+                  int64_t window, float soft_cap,                   // window 0 / soft_cap 0: off
                   scalar_t* out, int64_t o_s1,
                   std::vector<float>& qf, std::vector<float>& scores, std::vector<float>& acc,
                   std::vector<float>& tile_buf, std::vector<float>& inv_sum) {
@@ -159,16 +160,20 @@ void attend_group(const scalar_t* q, int64_t q_s1,                 // q row of h
   float* tile = tile_buf.data();
   const float* qp = qf.data();
   const int64_t num_blocks = (L + block_size - 1) / block_size;
+  // A sliding window hides keys before L - window: whole blocks before it are skipped (never read, so they may
+  // already be freed), and the rest of the first block is masked. Scores stay indexed by absolute position.
+  const int64_t first_key = window > 0 && L > window ? L - window : 0;
+  const int64_t j0 = first_key / block_size, lo = j0 * block_size;
 
   // pass 1: scores, one block (<= block_size keys, converted to fp32 once) at a time
-  for (int64_t j = 0; j < num_blocks; ++j) {
+  for (int64_t j = j0; j < num_blocks; ++j) {
     const scalar_t* kb = k + static_cast<int64_t>(table[j]) * c_s0;
     const int64_t n = std::min(block_size, L - j * block_size);
     if (j + 1 < num_blocks)
       prefetch_block(k + static_cast<int64_t>(table[j + 1]) * c_s0, c_s1,
                      std::min(block_size, L - (j + 1) * block_size), D);
     else
-      prefetch_block(v + static_cast<int64_t>(table[0]) * c_s0, c_s1, std::min(block_size, L), D);
+      prefetch_block(v + static_cast<int64_t>(table[j0]) * c_s0, c_s1, std::min(block_size, L - lo), D);
     for (int64_t t = 0; t < n; ++t) to_float(kb + t * c_s1, tile + t * D, D);
     for (int64_t g = 0; g < G; ++g) {
       const float* qg = qp + g * D;
@@ -178,22 +183,30 @@ void attend_group(const scalar_t* q, int64_t q_s1,                 // q row of h
       for (; t < n; ++t) sg[t] = dot1<DC>(qg, tile + t * D, D);
     }
   }
+  if (soft_cap > 0.0f) {  // Gemma 2: scores = cap * tanh(score / cap), before the mask
+    const float inv_cap = 1.0f / soft_cap;
+    for (int64_t g = 0; g < G; ++g)
+      for (int64_t i = lo; i < L; ++i) sc[g * L + i] = soft_cap * std::tanh(sc[g * L + i] * inv_cap);
+  }
+  for (int64_t g = 0; g < G; ++g)
+    for (int64_t i = lo; i < first_key; ++i) sc[g * L + i] = -std::numeric_limits<float>::infinity();
 
   // softmax numerators and denominators
   for (int64_t g = 0; g < G; ++g) {
-    float* sg = sc + g * L;
+    float* sg = sc + g * L + lo;
+    const int64_t n_keys = L - lo;
     // max in 16 lanes (vectorizes as vmaxps), then across the lanes
     float lanes[16];
     for (int l = 0; l < 16; ++l) lanes[l] = -std::numeric_limits<float>::infinity();
     int64_t i = 0;
-    for (; i + 16 <= L; i += 16)
+    for (; i + 16 <= n_keys; i += 16)
       for (int l = 0; l < 16; ++l) lanes[l] = sg[i + l] > lanes[l] ? sg[i + l] : lanes[l];
-    for (; i < L; ++i) lanes[0] = sg[i] > lanes[0] ? sg[i] : lanes[0];
+    for (; i < n_keys; ++i) lanes[0] = sg[i] > lanes[0] ? sg[i] : lanes[0];
     float m = lanes[0];
     for (int l = 1; l < 16; ++l) m = lanes[l] > m ? lanes[l] : m;
     float sum = 0.0f;
 #pragma omp simd reduction(+ : sum)
-    for (int64_t i = 0; i < L; ++i) {
+    for (int64_t i = 0; i < n_keys; ++i) {
       const float e = exp_nonpos(sg[i] - m);
       sg[i] = e;
       sum += e;
@@ -203,7 +216,7 @@ void attend_group(const scalar_t* q, int64_t q_s1,                 // q row of h
 
   // pass 2: weighted sum of V, four rows per accumulator update
   float* ac = acc.data();
-  for (int64_t j = 0; j < num_blocks; ++j) {
+  for (int64_t j = j0; j < num_blocks; ++j) {
     const scalar_t* vb = v + static_cast<int64_t>(table[j]) * c_s0;
     const int64_t n = std::min(block_size, L - j * block_size);
     if (j + 1 < num_blocks)
@@ -237,7 +250,7 @@ void attend_group(const scalar_t* q, int64_t q_s1,                 // q row of h
 
 template <typename scalar_t, int DC>
 void run(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache, const at::Tensor& block_tables,
-         const at::Tensor& seq_lens, double scale, at::Tensor& out) {
+         const at::Tensor& seq_lens, double scale, int64_t window, double soft_cap, at::Tensor& out) {
   const int64_t B = q.size(0), Hq = q.size(1), D = q.size(2);
   const int64_t block_size = k_cache.size(1), Hkv = k_cache.size(2);
   const int64_t G = Hq / Hkv;
@@ -270,7 +283,8 @@ void run(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cac
         continue;
       }
       attend_group<scalar_t, DC>(qp + b * q_s0 + h * G * q_s1, q_s1, kp + h * k_s2, vp + h * k_s2, k_s0, k_s1,
-                                 bt + b * bt_s0, L, block_size, G, D, fscale, o, o_s1, qf, scores, acc, tile,
+                                 bt + b * bt_s0, L, block_size, G, D, fscale, window, static_cast<float>(soft_cap),
+                                 o, o_s1, qf, scores, acc, tile,
                                  inv_sum);
     }
   });
@@ -278,19 +292,19 @@ void run(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cac
 
 template <typename scalar_t>
 void dispatch_dim(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& bt,
-                  const at::Tensor& lens, double scale, at::Tensor& out) {
+                  const at::Tensor& lens, double scale, int64_t window, double cap, at::Tensor& out) {
   switch (q.size(2)) {
-    case 32: return run<scalar_t, 32>(q, k, v, bt, lens, scale, out);
-    case 64: return run<scalar_t, 64>(q, k, v, bt, lens, scale, out);
-    case 128: return run<scalar_t, 128>(q, k, v, bt, lens, scale, out);
-    default: return run<scalar_t, 0>(q, k, v, bt, lens, scale, out);
+    case 32: return run<scalar_t, 32>(q, k, v, bt, lens, scale, window, cap, out);
+    case 64: return run<scalar_t, 64>(q, k, v, bt, lens, scale, window, cap, out);
+    case 128: return run<scalar_t, 128>(q, k, v, bt, lens, scale, window, cap, out);
+    default: return run<scalar_t, 0>(q, k, v, bt, lens, scale, window, cap, out);
   }
 }
 
 }  // namespace
 
 at::Tensor paged_attention_decode(at::Tensor q, at::Tensor k_cache, at::Tensor v_cache, at::Tensor block_tables,
-                                  at::Tensor seq_lens, double scale) {
+                                  at::Tensor seq_lens, double scale, int64_t window, double soft_cap) {
   TORCH_CHECK(q.device().is_cpu() && k_cache.device().is_cpu() && v_cache.device().is_cpu(), "CPU tensors only");
   TORCH_CHECK(q.dim() == 3 && k_cache.dim() == 4 && v_cache.dim() == 4, "q [B,Hq,D], caches [N,bs,Hkv,D]");
   TORCH_CHECK(k_cache.sizes() == v_cache.sizes(), "k_cache and v_cache shapes differ");
@@ -304,9 +318,14 @@ at::Tensor paged_attention_decode(at::Tensor q, at::Tensor k_cache, at::Tensor v
   TORCH_CHECK(block_tables.size(0) == q.size(0) && seq_lens.size(0) == q.size(0), "batch mismatch");
   at::Tensor out = at::empty(q.sizes(), q.options());
   switch (q.scalar_type()) {
-    case at::kFloat: dispatch_dim<float>(q, k_cache, v_cache, block_tables, seq_lens, scale, out); break;
-    case at::kBFloat16: dispatch_dim<c10::BFloat16>(q, k_cache, v_cache, block_tables, seq_lens, scale, out); break;
-    case at::kHalf: dispatch_dim<c10::Half>(q, k_cache, v_cache, block_tables, seq_lens, scale, out); break;
+    case at::kFloat: dispatch_dim<float>(q, k_cache, v_cache, block_tables, seq_lens, scale, window, soft_cap, out);
+      break;
+    case at::kBFloat16:
+      dispatch_dim<c10::BFloat16>(q, k_cache, v_cache, block_tables, seq_lens, scale, window, soft_cap, out);
+      break;
+    case at::kHalf:
+      dispatch_dim<c10::Half>(q, k_cache, v_cache, block_tables, seq_lens, scale, window, soft_cap, out);
+      break;
     default: TORCH_CHECK(false, "unsupported dtype ", q.scalar_type());
   }
   return out;
@@ -577,21 +596,24 @@ def available() -> bool:
 
 
 def paged_attention_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                           block_tables: torch.Tensor, seq_lens: torch.Tensor, scale: float) -> torch.Tensor:
+                           block_tables: torch.Tensor, seq_lens: torch.Tensor, scale: float,
+                           sliding_window: int | None = None, soft_cap: float | None = None) -> torch.Tensor:
     """Same contract as lmport.kernels.reference.paged_attention_decode; falls back to it where the kernel can't run."""
     supported = (q.device.type == "cpu" and q.dim() == 3 and k_cache.dim() == 4 and q.dtype in DTYPES
                  and k_cache.dtype == q.dtype and v_cache.dtype == q.dtype and k_cache.stride() == v_cache.stride()
                  and k_cache.stride(3) == 1 and q.shape[1] % k_cache.shape[2] == 0)
     module = load() if supported else None
     if module is None:
-        return reference.paged_attention_decode(q, k_cache, v_cache, block_tables, seq_lens, scale)
+        return reference.paged_attention_decode(q, k_cache, v_cache, block_tables, seq_lens, scale,
+                                                sliding_window, soft_cap)
     if q.stride(2) != 1:
         q = q.contiguous()
     if block_tables.dtype != torch.int32 or block_tables.stride(1) != 1:
         block_tables = block_tables.to(torch.int32).contiguous()
     if seq_lens.dtype != torch.int32 or not seq_lens.is_contiguous():
         seq_lens = seq_lens.to(torch.int32).contiguous()
-    return module.paged_attention_decode(q, k_cache, v_cache, block_tables, seq_lens, float(scale))
+    return module.paged_attention_decode(q, k_cache, v_cache, block_tables, seq_lens, float(scale),
+                                         sliding_window or 0, float(soft_cap or 0.0))
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float,

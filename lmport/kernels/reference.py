@@ -28,20 +28,41 @@ def _gather_blocks(cache: torch.Tensor, block_tables: torch.Tensor) -> torch.Ten
     return flat.view(num_seqs, max_blocks * block_size, num_kv_heads, head_dim)
 
 
+def _attend(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, visible: torch.Tensor | None,
+            is_causal: bool, scale: float, soft_cap: float | None) -> torch.Tensor:
+    """SDPA over [B, H, n, D] queries and [B, Hkv, L, D] keys where `visible` (broadcast to [B, 1, n, L]) or the
+    causal mask says; with soft_cap, scores = soft_cap * tanh(q.k * scale / soft_cap) first (SDPA has no hook for it,
+    so the scores are materialised)."""
+    if soft_cap is None:
+        return F.scaled_dot_product_attention(query, keys, values, attn_mask=visible, is_causal=is_causal,
+                                              scale=scale, enable_gqa=True)
+    group = query.shape[1] // keys.shape[1]
+    keys, values = keys.repeat_interleave(group, dim=1), values.repeat_interleave(group, dim=1)
+    scores = torch.tanh((query.float() @ keys.float().transpose(-1, -2)) * (scale / soft_cap)) * soft_cap
+    if is_causal:
+        visible = torch.ones(scores.shape[-2:], dtype=torch.bool, device=query.device).tril()
+    if visible is not None:
+        scores = scores.masked_fill(~visible, float("-inf"))
+    return (scores.softmax(-1) @ values.float()).to(query.dtype)
+
+
 def paged_attention_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                           block_tables: torch.Tensor, seq_lens: torch.Tensor, scale: float) -> torch.Tensor:
+                           block_tables: torch.Tensor, seq_lens: torch.Tensor, scale: float,
+                           sliding_window: int | None = None, soft_cap: float | None = None) -> torch.Tensor:
     keys = _gather_blocks(k_cache, block_tables).transpose(1, 2)  # [B, Hkv, L, D]
     values = _gather_blocks(v_cache, block_tables).transpose(1, 2)
     positions = torch.arange(keys.shape[2], device=q.device)
-    mask = (positions[None, :] < seq_lens[:, None].to(positions.dtype))[:, None, None, :]  # [B, 1, 1, L]
-    out = F.scaled_dot_product_attention(q.unsqueeze(2), keys, values, attn_mask=mask, scale=scale,
-                                         enable_gqa=True)
-    return out.squeeze(2)
+    lens = seq_lens[:, None].to(positions.dtype)
+    visible = positions[None, :] < lens
+    if sliding_window is not None:
+        visible &= positions[None, :] >= lens - sliding_window
+    return _attend(q.unsqueeze(2), keys, values, visible[:, None, None, :], False, scale, soft_cap).squeeze(2)
 
 
 def paged_attention_prefill(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                             cu_seqlens_q: torch.Tensor, seq_lens: torch.Tensor, block_tables: torch.Tensor,
-                            max_query_len: int, scale: float) -> torch.Tensor:
+                            max_query_len: int, scale: float, sliding_window: int | None = None,
+                            soft_cap: float | None = None) -> torch.Tensor:
     block_size = k_cache.shape[1]
     out = torch.empty_like(q)
     for s, (start, end, seq_len) in enumerate(zip(cu_seqlens_q[:-1].tolist(), cu_seqlens_q[1:].tolist(),
@@ -53,12 +74,16 @@ def paged_attention_prefill(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
         values = _gather_blocks(v_cache, table[None])[:, :seq_len].transpose(1, 2)
         query = q[start:end].transpose(0, 1)[None]  # [1, Hq, n, D]
         num_queries = end - start
-        if num_queries == seq_len:
-            attn = F.scaled_dot_product_attention(query, keys, values, is_causal=True, scale=scale, enable_gqa=True)
-        else:  # cached context precedes the new queries: the causal diagonal is shifted by seq_len - num_queries
+        if num_queries == seq_len and sliding_window is None:
+            attn = _attend(query, keys, values, None, True, scale, soft_cap)
+        else:  # cached context precedes the new queries (the causal diagonal shifts by seq_len - num_queries), or a
+            # window hides keys more than sliding_window - 1 positions back
             rows = torch.arange(num_queries, device=q.device)[:, None] + (seq_len - num_queries)
-            mask = torch.arange(seq_len, device=q.device)[None, :] <= rows
-            attn = F.scaled_dot_product_attention(query, keys, values, attn_mask=mask, scale=scale, enable_gqa=True)
+            cols = torch.arange(seq_len, device=q.device)[None, :]
+            visible = cols <= rows
+            if sliding_window is not None:
+                visible &= cols > rows - sliding_window
+            attn = _attend(query, keys, values, visible, False, scale, soft_cap)
         out[start:end] = attn[0].transpose(0, 1)
     return out
 

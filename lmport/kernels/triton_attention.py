@@ -22,20 +22,24 @@ MAX_SPLITS = 32
 
 
 @triton.jit
-def _attend_range(q, acc, l_i, m_i, lo, hi, limit, k_head_ptr, v_head_ptr, table_ptr,
-                  stride_kb, stride_kt, stride_vb, stride_vt, d, d_mask, scale_log2,
-                  BLOCK_N: tl.constexpr, PAGE: tl.constexpr, MASKED: tl.constexpr, DOT_F32: tl.constexpr):
+def _attend_range(q, acc, l_i, m_i, lo, hi, limit, first, load_first, k_head_ptr, v_head_ptr, table_ptr,
+                  stride_kb, stride_kt, stride_vb, stride_vt, d, d_mask, scale_log2, cap_log2,
+                  BLOCK_N: tl.constexpr, PAGE: tl.constexpr, MASKED: tl.constexpr, DOT_F32: tl.constexpr,
+                  CAPPED: tl.constexpr):
     """Online softmax over keys lo..hi-1, gathered through the block table in BLOCK_N tiles.
 
     MASKED=False is the bulk: whole tiles every query row sees, loaded and scored without predicates. MASKED=True takes
-    the tail: keys at or past hi are not loaded, and a row only sees keys n <= limit (its absolute position; limit
-    broadcasts against the [rows, BLOCK_N] scores).
+    the tail: keys at or past hi are not loaded, and a row only sees keys first <= n <= limit (its sliding window's
+    start and its absolute position; both broadcast against the [rows, BLOCK_N] scores), and keys before load_first
+    (the earliest any row sees: their blocks may be freed) are not loaded. A row may see no key of a
+    masked tile: its running max stays -inf and contributes nothing. CAPPED: scores (base 2) become
+    cap_log2 * tanh(s / cap_log2), i.e. soft_cap * tanh(q.k * scale / soft_cap) in natural units.
     """
     for n0 in range(lo, hi, BLOCK_N):
         n = n0 + tl.arange(0, BLOCK_N)
         tok = n % PAGE
         if MASKED:
-            n_mask = n < hi
+            n_mask = (n < hi) & (n >= load_first)
             page = tl.load(table_ptr + n // PAGE, mask=n_mask, other=0).to(tl.int64)
             kv_mask = n_mask[:, None] & d_mask[None, :]
         else:
@@ -47,11 +51,16 @@ def _attend_range(q, acc, l_i, m_i, lo, hi, limit, k_head_ptr, v_head_ptr, table
             k = k.to(tl.float32)
             v = v.to(tl.float32)
         s = tl.dot(q, tl.trans(k), input_precision="ieee") * scale_log2
+        if CAPPED:
+            s = cap_log2 * (2.0 * tl.sigmoid(2.0 * s / cap_log2) - 1.0)  # tanh, from sigmoid (no tl.tanh everywhere)
         if MASKED:
-            s = tl.where((n[None, :] <= limit) & n_mask[None, :], s, float("-inf"))
+            s = tl.where((n[None, :] <= limit) & (n[None, :] >= first) & n_mask[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(s - m_new[:, None])
+        m_sub = m_new
+        if MASKED:  # a row with no visible key yet: subtract 0, not -inf (exp2(-inf - -inf) is NaN)
+            m_sub = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp2(m_i - m_sub)
+        p = tl.exp2(s - m_sub[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
         m_i = m_new
@@ -68,12 +77,14 @@ def _split_tokens(seq_len, num_splits, BLOCK_N: tl.constexpr):
 # grows with the longest sequence outside CUDA graphs — launches the kernels already compiled instead of new ones.
 @triton.jit(do_not_specialize=["num_splits"])
 def _decode_kernel(q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq_lens_ptr, out_ptr, part_out_ptr,
-                   part_lse_ptr, scale_log2, num_q_heads, num_splits,
+                   part_lse_ptr, scale_log2, cap_log2, window, num_q_heads, num_splits,
                    stride_qb, stride_qh, stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh,
                    stride_bt, stride_ob, stride_oh,
                    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr,
-                   BLOCK_N: tl.constexpr, PAGE: tl.constexpr, SPLIT: tl.constexpr, DOT_F32: tl.constexpr):
-    """SPLIT=False (num_splits == 1): write the output directly; True: write partials for the reduce kernel."""
+                   BLOCK_N: tl.constexpr, PAGE: tl.constexpr, SPLIT: tl.constexpr, DOT_F32: tl.constexpr,
+                   WINDOWED: tl.constexpr, CAPPED: tl.constexpr):
+    """SPLIT=False (num_splits == 1): write the output directly; True: write partials for the reduce kernel.
+    WINDOWED: only keys >= seq_len - window are seen; tiles before the window are never loaded."""
     b = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
@@ -99,14 +110,22 @@ def _decode_kernel(q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq_lens_p
     table_ptr = block_tables_ptr + b.to(tl.int64) * stride_bt
     k_head_ptr = k_cache_ptr + kv_head * stride_kh
     v_head_ptr = v_cache_ptr + kv_head * stride_vh
-    full = start + (end - start) // BLOCK_N * BLOCK_N  # whole tiles, then at most one partial tile
-    acc, l_i, m_i = _attend_range(q, acc, l_i, m_i, start, full, end - 1, k_head_ptr, v_head_ptr, table_ptr,
-                                  stride_kb, stride_kt, stride_vb, stride_vt, d, d_mask, scale_log2,
-                                  BLOCK_N, PAGE, False, DOT_F32)
-    acc, l_i, m_i = _attend_range(q, acc, l_i, m_i, full, end, end - 1, k_head_ptr, v_head_ptr, table_ptr,
-                                  stride_kb, stride_kt, stride_vb, stride_vt, d, d_mask, scale_log2,
-                                  BLOCK_N, PAGE, True, DOT_F32)
-    out = acc / l_i[:, None]
+    if WINDOWED:  # every tile through the mask, from the tile holding the window's first key
+        first = tl.maximum(seq_len - window, 0)
+        lo = tl.maximum(start, first // BLOCK_N * BLOCK_N)
+        acc, l_i, m_i = _attend_range(q, acc, l_i, m_i, lo, end, end - 1, first, first, k_head_ptr, v_head_ptr, table_ptr,
+                                      stride_kb, stride_kt, stride_vb, stride_vt, d, d_mask, scale_log2, cap_log2,
+                                      BLOCK_N, PAGE, True, DOT_F32, CAPPED)
+    else:
+        full = start + (end - start) // BLOCK_N * BLOCK_N  # whole tiles, then at most one partial tile
+        acc, l_i, m_i = _attend_range(q, acc, l_i, m_i, start, full, end - 1, 0, 0, k_head_ptr, v_head_ptr, table_ptr,
+                                      stride_kb, stride_kt, stride_vb, stride_vt, d, d_mask, scale_log2, cap_log2,
+                                      BLOCK_N, PAGE, False, DOT_F32, CAPPED)
+        acc, l_i, m_i = _attend_range(q, acc, l_i, m_i, full, end, end - 1, 0, 0, k_head_ptr, v_head_ptr, table_ptr,
+                                      stride_kb, stride_kt, stride_vb, stride_vt, d, d_mask, scale_log2, cap_log2,
+                                      BLOCK_N, PAGE, True, DOT_F32, CAPPED)
+    # a split wholly before the window saw nothing: partial 0 with log-sum-exp -inf, which the reduce weighs 0
+    out = acc / tl.maximum(l_i, 1e-30)[:, None]
     out_mask = g_mask[:, None] & d_mask[None, :]
     if not SPLIT:
         tl.store(out_ptr + b.to(tl.int64) * stride_ob + heads[:, None] * stride_oh + d[None, :],
@@ -143,11 +162,12 @@ def _decode_reduce_kernel(part_out_ptr, part_lse_ptr, seq_lens_ptr, out_ptr, num
 
 @triton.jit
 def _prefill_kernel(q_ptr, k_cache_ptr, v_cache_ptr, cu_seqlens_q_ptr, seq_lens_ptr, block_tables_ptr, out_ptr,
-                    scale_log2,
+                    scale_log2, cap_log2, window,
                     stride_qt, stride_qh, stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh,
                     stride_bt, stride_ot, stride_oh,
                     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
-                    BLOCK_N: tl.constexpr, PAGE: tl.constexpr, DOT_F32: tl.constexpr):
+                    BLOCK_N: tl.constexpr, PAGE: tl.constexpr, DOT_F32: tl.constexpr, WINDOWED: tl.constexpr,
+                    CAPPED: tl.constexpr):
     tile = tl.num_programs(0) - 1 - tl.program_id(0)  # causal: the last tiles do the most work, start them first
     seq = tl.program_id(1)
     head = tl.program_id(2)
@@ -177,14 +197,20 @@ def _prefill_kernel(q_ptr, k_cache_ptr, v_cache_ptr, cu_seqlens_q_ptr, seq_lens_
     v_head_ptr = v_cache_ptr + kv_head * stride_vh
     # Keys below the tile's first position are seen by every row (no mask); the rest, up to the tile's last row, go
     # through the causal mask. Every row sees key 0, so no row is ever fully masked and the running max stays finite.
-    full = (context + tile * BLOCK_M) // BLOCK_N * BLOCK_N
     kv_end = tl.minimum(seq_len, context + (tile + 1) * BLOCK_M)
-    acc, l_i, m_i = _attend_range(q, acc, l_i, m_i, 0, full, 0, k_head_ptr, v_head_ptr, table_ptr,
-                                  stride_kb, stride_kt, stride_vb, stride_vt, d, d_mask, scale_log2,
-                                  BLOCK_N, PAGE, False, DOT_F32)
-    acc, l_i, m_i = _attend_range(q, acc, l_i, m_i, full, kv_end, pos[:, None], k_head_ptr, v_head_ptr, table_ptr,
-                                  stride_kb, stride_kt, stride_vb, stride_vt, d, d_mask, scale_log2,
-                                  BLOCK_N, PAGE, True, DOT_F32)
+    if WINDOWED:  # row p sees keys p - window + 1 .. p: start at the tile holding the first row's first key
+        first = tl.maximum(context + tile * BLOCK_M - window + 1, 0)
+        acc, l_i, m_i = _attend_range(q, acc, l_i, m_i, first // BLOCK_N * BLOCK_N, kv_end, pos[:, None],
+                                      pos[:, None] - window + 1, first, k_head_ptr, v_head_ptr, table_ptr, stride_kb, stride_kt, stride_vb, stride_vt,
+                                      d, d_mask, scale_log2, cap_log2, BLOCK_N, PAGE, True, DOT_F32, CAPPED)
+    else:
+        full = (context + tile * BLOCK_M) // BLOCK_N * BLOCK_N
+        acc, l_i, m_i = _attend_range(q, acc, l_i, m_i, 0, full, 0, 0, 0, k_head_ptr, v_head_ptr, table_ptr,
+                                      stride_kb, stride_kt, stride_vb, stride_vt, d, d_mask, scale_log2, cap_log2,
+                                      BLOCK_N, PAGE, False, DOT_F32, CAPPED)
+        acc, l_i, m_i = _attend_range(q, acc, l_i, m_i, full, kv_end, pos[:, None], 0, 0, k_head_ptr, v_head_ptr,
+                                      table_ptr, stride_kb, stride_kt, stride_vb, stride_vt, d, d_mask, scale_log2,
+                                      cap_log2, BLOCK_N, PAGE, True, DOT_F32, CAPPED)
     out = acc / l_i[:, None]
     tl.store(out_ptr + rows[:, None] * stride_ot + head * stride_oh + d[None, :], out.to(out_ptr.dtype.element_ty),
              mask=m_mask[:, None] & d_mask[None, :])
@@ -254,7 +280,8 @@ def _cache_strides(cache: torch.Tensor) -> tuple[int, int, int]:
 
 
 def paged_attention_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                           block_tables: torch.Tensor, seq_lens: torch.Tensor, scale: float, *,
+                           block_tables: torch.Tensor, seq_lens: torch.Tensor, scale: float,
+                           sliding_window: int | None = None, soft_cap: float | None = None, *,
                            out: torch.Tensor | None = None, num_splits: int | None = None) -> torch.Tensor:
     """q [B, Hq, D] -> [B, Hq, D]; `out` may be preallocated, `num_splits` overrides the split-K heuristic."""
     batch, num_q_heads, head_dim = q.shape
@@ -273,12 +300,13 @@ def paged_attention_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     else:
         part_out = part_lse = out  # unused: the kernel writes the result directly
     _decode_kernel[(batch, num_kv_heads, num_splits)](
-        q, k_cache, v_cache, block_tables, seq_lens, out, part_out, part_lse, scale * LOG2E, num_q_heads, num_splits,
+        q, k_cache, v_cache, block_tables, seq_lens, out, part_out, part_lse, scale * LOG2E,
+        (soft_cap or 0.0) * LOG2E, sliding_window or 0, num_q_heads, num_splits,
         q.stride(0), q.stride(1), *_cache_strides(k_cache), *_cache_strides(v_cache),
         block_tables.stride(0), out.stride(0), out.stride(1),
         GROUP=group, HEAD_DIM=head_dim, BLOCK_G=max(16, triton.next_power_of_2(group)), BLOCK_D=block_d,
-        BLOCK_N=block_n, PAGE=page, SPLIT=num_splits > 1, DOT_F32=INTERPRET,
-        num_warps=num_warps, num_stages=num_stages)
+        BLOCK_N=block_n, PAGE=page, SPLIT=num_splits > 1, DOT_F32=INTERPRET, WINDOWED=sliding_window is not None,
+        CAPPED=soft_cap is not None, num_warps=num_warps, num_stages=num_stages)
     if num_splits > 1:
         _decode_reduce_kernel[(batch, num_q_heads)](
             part_out, part_lse, seq_lens, out, num_q_heads, num_splits, out.stride(0), out.stride(1),
@@ -288,8 +316,8 @@ def paged_attention_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
 
 def paged_attention_prefill(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                             cu_seqlens_q: torch.Tensor, seq_lens: torch.Tensor, block_tables: torch.Tensor,
-                            max_query_len: int, scale: float, *,
-                            out: torch.Tensor | None = None) -> torch.Tensor:
+                            max_query_len: int, scale: float, sliding_window: int | None = None,
+                            soft_cap: float | None = None, *, out: torch.Tensor | None = None) -> torch.Tensor:
     """q [N, Hq, D] packed by cu_seqlens_q -> [N, Hq, D]; `out` may be preallocated.
 
     The grid is sized by max_query_len; each program stops at its own sequence's keys.
@@ -303,10 +331,12 @@ def paged_attention_prefill(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
     block_m, block_n, num_warps, num_stages = _prefill_config(head_dim, q.dtype)
     grid = (triton.cdiv(max_query_len, block_m), num_seqs, num_q_heads)
     _prefill_kernel[grid](
-        q, k_cache, v_cache, cu_seqlens_q, seq_lens, block_tables, out, scale * LOG2E,
+        q, k_cache, v_cache, cu_seqlens_q, seq_lens, block_tables, out, scale * LOG2E, (soft_cap or 0.0) * LOG2E,
+        sliding_window or 0,
         q.stride(0), q.stride(1), *_cache_strides(k_cache), *_cache_strides(v_cache),
         block_tables.stride(0), out.stride(0), out.stride(1),
         GROUP=num_q_heads // num_kv_heads, HEAD_DIM=head_dim, BLOCK_M=block_m,
         BLOCK_D=triton.next_power_of_2(head_dim), BLOCK_N=block_n, PAGE=page, DOT_F32=INTERPRET,
-        num_warps=num_warps, num_stages=num_stages)
+        WINDOWED=sliding_window is not None, CAPPED=soft_cap is not None, num_warps=num_warps,
+        num_stages=num_stages)
     return out

@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+from transformers import PretrainedConfig
 
 from lmport import kernels
 from lmport.engine.forward_context import get_forward_context
@@ -85,15 +86,31 @@ class RMSNorm(nn.Module):
         return kernels.rms_norm(x, self.weight, self.eps, residual)
 
 
+def layer_sliding_window(hf_config: PretrainedConfig, layer_idx: int) -> int | None:
+    """The attention window of layer `layer_idx`, or None for global attention: per `layer_types` where the config
+    has them (Qwen2, Gemma, transformers 5), else the config's one `sliding_window` for every layer (Mistral)."""
+    window = getattr(hf_config, "sliding_window", None)
+    if getattr(hf_config, "use_sliding_window", True) is False:
+        return None
+    layer_types = getattr(hf_config, "layer_types", None)
+    if layer_types is not None:
+        return window if layer_types[layer_idx] == "sliding_attention" else None
+    return window
+
+
 class PagedAttention(nn.Module):
     """Stores the step's K/V into this layer's paged cache and attends over it (decode rows first, then prefill).
 
     `k_cache` / `v_cache` ([num_blocks, block_size, num_kv_heads, head_dim]) are assigned by the model runner.
+    sliding_window: keys more than sliding_window - 1 positions back are not seen; soft_cap: Gemma 2's
+    attn_logit_softcapping (see kernels.paged_attention_decode).
     """
 
-    def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, scale: float) -> None:
+    def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, scale: float,
+                 sliding_window: int | None = None, soft_cap: float | None = None) -> None:
         super().__init__()
         self.num_heads, self.num_kv_heads, self.head_dim, self.scale = num_heads, num_kv_heads, head_dim, scale
+        self.sliding_window, self.soft_cap = sliding_window, soft_cap
         self.k_cache = torch.empty(0)
         self.v_cache = torch.empty(0)
 
@@ -109,11 +126,13 @@ class PagedAttention(nn.Module):
         parts = []
         if num_decode:
             parts.append(kernels.paged_attention_decode(q[:num_decode], self.k_cache, self.v_cache,
-                                                        meta.decode_block_tables, meta.decode_seq_lens, self.scale))
+                                                        meta.decode_block_tables, meta.decode_seq_lens, self.scale,
+                                                        self.sliding_window, self.soft_cap))
         if num_decode < num_tokens:
             parts.append(kernels.paged_attention_prefill(q[num_decode:], self.k_cache, self.v_cache,
                                                          meta.prefill_cu_seqlens_q, meta.prefill_seq_lens,
-                                                         meta.prefill_block_tables, meta.max_query_len, self.scale))
+                                                         meta.prefill_block_tables, meta.max_query_len, self.scale,
+                                                         self.sliding_window, self.soft_cap))
         out = parts[0] if len(parts) == 1 else torch.cat(parts)
         return out.reshape(num_tokens, self.num_heads * self.head_dim)
 

@@ -14,7 +14,8 @@ from transformers import PretrainedConfig
 
 from lmport import kernels
 from lmport.engine.errors import UnsupportedModel
-from lmport.engine.models.layers import Embedding, Linear, PagedAttention, RMSNorm, RotaryEmbedding
+from lmport.engine.models.layers import (Embedding, Linear, PagedAttention, RMSNorm, RotaryEmbedding,
+                                         layer_sliding_window)
 from lmport.engine.models.rope import cos_sin_cache, rope_context_len
 from lmport.engine.models.weights import load_checkpoint
 
@@ -27,19 +28,8 @@ def _head_dim(hf_config: PretrainedConfig) -> int:
     return getattr(hf_config, "head_dim", None) or hf_config.hidden_size // hf_config.num_attention_heads
 
 
-def _sliding_window(hf_config: PretrainedConfig) -> int | None:
-    """The attention window the model really uses (Qwen2 declares one but enables it per layer type)."""
-    window = getattr(hf_config, "sliding_window", None)
-    layer_types = getattr(hf_config, "layer_types", None)
-    if layer_types is not None and "sliding_attention" not in layer_types:
-        return None
-    if getattr(hf_config, "use_sliding_window", True) is False:
-        return None
-    return window
-
-
 class LlamaAttention(nn.Module):
-    def __init__(self, hf_config: PretrainedConfig, rotary: RotaryEmbedding) -> None:
+    def __init__(self, hf_config: PretrainedConfig, rotary: RotaryEmbedding, layer_idx: int) -> None:
         super().__init__()
         hidden, head_dim = hf_config.hidden_size, _head_dim(hf_config)
         num_heads, num_kv_heads = hf_config.num_attention_heads, hf_config.num_key_value_heads
@@ -50,7 +40,8 @@ class LlamaAttention(nn.Module):
         self.qkv_proj = Linear(hidden, [self.q_size, self.kv_size, self.kv_size], bias=qkv_bias)
         self.o_proj = Linear(self.q_size, [hidden], bias=o_bias)
         self.rotary_emb = rotary
-        self.attn = PagedAttention(num_heads, num_kv_heads, head_dim, scale=head_dim ** -0.5)
+        self.attn = PagedAttention(num_heads, num_kv_heads, head_dim, scale=head_dim ** -0.5,
+                                   sliding_window=layer_sliding_window(hf_config, layer_idx))
 
     def forward(self, positions: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
         q, k, v = self.qkv_proj(hidden).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
@@ -71,9 +62,9 @@ class LlamaMLP(nn.Module):
 
 
 class LlamaDecoderLayer(nn.Module):
-    def __init__(self, hf_config: PretrainedConfig, rotary: RotaryEmbedding) -> None:
+    def __init__(self, hf_config: PretrainedConfig, rotary: RotaryEmbedding, layer_idx: int) -> None:
         super().__init__()
-        self.self_attn = LlamaAttention(hf_config, rotary)
+        self.self_attn = LlamaAttention(hf_config, rotary, layer_idx)
         self.mlp = LlamaMLP(hf_config)
         self.input_layernorm = RMSNorm(hf_config.hidden_size, hf_config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(hf_config.hidden_size, hf_config.rms_norm_eps)
@@ -96,7 +87,7 @@ class LlamaModel(nn.Module):
         head_dim = _head_dim(hf_config)
         self.embed_tokens = Embedding(hf_config.vocab_size, hf_config.hidden_size)
         rotary = RotaryEmbedding(cos_sin_cache(hf_config, head_dim, max_positions), head_dim)
-        self.layers = nn.ModuleList(LlamaDecoderLayer(hf_config, rotary) for _ in range(hf_config.num_hidden_layers))
+        self.layers = nn.ModuleList(LlamaDecoderLayer(hf_config, rotary, i) for i in range(hf_config.num_hidden_layers))
         self.norm = RMSNorm(hf_config.hidden_size, hf_config.rms_norm_eps)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
@@ -123,11 +114,8 @@ class LlamaForCausalLM(nn.Module):
 
     @staticmethod
     def max_context_len(hf_config: PretrainedConfig) -> int:
-        """Longest sequence the model supports. Sliding-window attention is not implemented, so a model that uses
-        a window is capped at it: within the window, full attention is exactly what the model computes."""
-        limit = rope_context_len(hf_config)
-        window = _sliding_window(hf_config)
-        return min(limit, window) if window else limit
+        """Longest sequence the model supports (its RoPE settings' context; windowed layers attend past it)."""
+        return rope_context_len(hf_config)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         return self.model(input_ids, positions)
