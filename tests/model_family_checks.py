@@ -99,7 +99,8 @@ def check_engine_greedy_and_seeded(hf: torch.nn.Module, path: Path, new_tokens: 
     prompts = [torch.randint(0, min(vocab, 256), (n,), generator=gen).tolist() for n in (7, 19, 3)]
     llm = LLM(str(path), dtype="float32", kv_cache_memory_bytes=32 << 20, **engine_options)
     try:
-        greedy = SamplingParams(temperature=0.0, max_tokens=new_tokens, ignore_eos=True)
+        # min_tokens masks EOS for every token, exactly like generate's min_new_tokens
+        greedy = SamplingParams(temperature=0.0, max_tokens=new_tokens, min_tokens=new_tokens)
         outs = llm.generate([{"prompt_token_ids": p} for p in prompts], greedy, use_tqdm=False)
         for prompt, out in zip(prompts, outs):
             with torch.inference_mode():

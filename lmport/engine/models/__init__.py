@@ -2,30 +2,39 @@
 
 from __future__ import annotations
 
+import torch
 from transformers import PretrainedConfig
 
 from lmport.engine.errors import UnsupportedModel
 from lmport.engine.models.bert import BertModel
+from lmport.engine.models.granite import GraniteForCausalLM
 from lmport.engine.models.llama import LlamaForCausalLM
+from lmport.engine.models.olmo2 import Olmo2ForCausalLM
+from lmport.engine.models.qwen3 import Qwen3ForCausalLM
 
 # Mistral and Qwen2 are Llama with different config defaults (sliding window, qkv bias); one class serves all.
 # BertModel is an encoder: it serves embeddings (EncoderEngine), not generation.
-MODEL_REGISTRY: dict[str, type[LlamaForCausalLM] | type[BertModel]] = {
+MODEL_REGISTRY: dict[str, type[torch.nn.Module]] = {
     "LlamaForCausalLM": LlamaForCausalLM,
     "MistralForCausalLM": LlamaForCausalLM,
     "Qwen2ForCausalLM": LlamaForCausalLM,
+    "Qwen3ForCausalLM": Qwen3ForCausalLM,
+    "Olmo2ForCausalLM": Olmo2ForCausalLM,
+    "GraniteForCausalLM": GraniteForCausalLM,
     "BertModel": BertModel,
 }
-_MODEL_TYPES = {"llama", "mistral", "qwen2"}
+# configs converted from GGUF may lack `architectures`: model_type -> architecture
+_MODEL_TYPES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
+                "qwen3": "Qwen3ForCausalLM", "olmo2": "Olmo2ForCausalLM", "granite": "GraniteForCausalLM"}
 
 
-def get_model_class(hf_config: PretrainedConfig) -> type[LlamaForCausalLM] | type[BertModel]:
+def get_model_class(hf_config: PretrainedConfig) -> type[torch.nn.Module]:
     architectures = getattr(hf_config, "architectures", None) or []
     for arch in architectures:
         if arch in MODEL_REGISTRY:
             return MODEL_REGISTRY[arch]
-    if not architectures and hf_config.model_type in _MODEL_TYPES:  # configs converted from GGUF may omit it
-        return LlamaForCausalLM
+    if not architectures and hf_config.model_type in _MODEL_TYPES:
+        return MODEL_REGISTRY[_MODEL_TYPES[hf_config.model_type]]
     raise UnsupportedModel(f"model architecture {architectures or '(none in config.json)'} is not supported; "
                            f"supported architectures: {', '.join(MODEL_REGISTRY)}")
 

@@ -29,30 +29,48 @@ def _head_dim(hf_config: PretrainedConfig) -> int:
 
 
 class LlamaAttention(nn.Module):
-    def __init__(self, hf_config: PretrainedConfig, rotary: RotaryEmbedding, layer_idx: int) -> None:
+    """q|k|v projection, optional q/k RMSNorm, RoPE, paged attention, o projection.
+
+    qk_norm: None; "head" = one RMSNorm over head_dim shared by every head (Qwen3, Gemma 3); "projection" = one
+    RMSNorm over the whole q (and k) projection (OLMo 2). scale defaults to head_dim ** -0.5.
+    """
+
+    def __init__(self, hf_config: PretrainedConfig, rotary: RotaryEmbedding, layer_idx: int,
+                 qk_norm: str | None = None, scale: float | None = None, soft_cap: float | None = None) -> None:
         super().__init__()
         hidden, head_dim = hf_config.hidden_size, _head_dim(hf_config)
         num_heads, num_kv_heads = hf_config.num_attention_heads, hf_config.num_key_value_heads
+        self.head_dim = head_dim
         self.q_size, self.kv_size = num_heads * head_dim, num_kv_heads * head_dim
         # Qwen2 always has q/k/v bias (and none on o_proj); Llama's attention_bias covers all four.
         qkv_bias = hf_config.model_type == "qwen2" or bool(getattr(hf_config, "attention_bias", False))
         o_bias = hf_config.model_type != "qwen2" and bool(getattr(hf_config, "attention_bias", False))
         self.qkv_proj = Linear(hidden, [self.q_size, self.kv_size, self.kv_size], bias=qkv_bias)
         self.o_proj = Linear(self.q_size, [hidden], bias=o_bias)
+        self.qk_norm = qk_norm
+        if qk_norm is not None:
+            q_dim, k_dim = (head_dim, head_dim) if qk_norm == "head" else (self.q_size, self.kv_size)
+            self.q_norm = RMSNorm(q_dim, hf_config.rms_norm_eps)
+            self.k_norm = RMSNorm(k_dim, hf_config.rms_norm_eps)
         self.rotary_emb = rotary
-        self.attn = PagedAttention(num_heads, num_kv_heads, head_dim, scale=head_dim ** -0.5,
-                                   sliding_window=layer_sliding_window(hf_config, layer_idx))
+        self.attn = PagedAttention(num_heads, num_kv_heads, head_dim, scale=scale or head_dim ** -0.5,
+                                   sliding_window=layer_sliding_window(hf_config, layer_idx), soft_cap=soft_cap)
 
     def forward(self, positions: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
         q, k, v = self.qkv_proj(hidden).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        if self.qk_norm == "head":
+            q = self.q_norm(q.reshape(-1, self.head_dim)).view(q.shape)
+            k = self.k_norm(k.reshape(-1, self.head_dim)).view(k.shape)
+        elif self.qk_norm == "projection":
+            q, k = self.q_norm(q.contiguous()), self.k_norm(k.contiguous())
         q, k = self.rotary_emb(positions, q, k)
         return self.o_proj(self.attn(q, k, v))
 
 
 class LlamaMLP(nn.Module):
-    def __init__(self, hf_config: PretrainedConfig) -> None:
+    def __init__(self, hf_config: PretrainedConfig, intermediate_size: int | None = None) -> None:
         super().__init__()
-        hidden, inter = hf_config.hidden_size, hf_config.intermediate_size
+        hidden, inter = hf_config.hidden_size, intermediate_size or hf_config.intermediate_size
         bias = bool(getattr(hf_config, "mlp_bias", False))
         self.gate_up_proj = Linear(hidden, [inter, inter], bias=bias)
         self.down_proj = Linear(inter, [hidden], bias=bias)
@@ -62,36 +80,58 @@ class LlamaMLP(nn.Module):
 
 
 class LlamaDecoderLayer(nn.Module):
+    """Pre-norm block. A family changes its parts through the class attributes (see Qwen3, Mixtral, Granite)."""
+
+    qk_norm: str | None = None
+
     def __init__(self, hf_config: PretrainedConfig, rotary: RotaryEmbedding, layer_idx: int) -> None:
         super().__init__()
-        self.self_attn = LlamaAttention(hf_config, rotary, layer_idx)
-        self.mlp = LlamaMLP(hf_config)
+        self.self_attn = LlamaAttention(hf_config, rotary, layer_idx, self.qk_norm, self.attention_scale(hf_config))
+        self.mlp = self.make_mlp(hf_config, layer_idx)
         self.input_layernorm = RMSNorm(hf_config.hidden_size, hf_config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(hf_config.hidden_size, hf_config.rms_norm_eps)
+        self.residual_multiplier = float(getattr(hf_config, "residual_multiplier", 1.0))  # Granite
+
+    @staticmethod
+    def attention_scale(hf_config: PretrainedConfig) -> float | None:
+        return None
+
+    def make_mlp(self, hf_config: PretrainedConfig, layer_idx: int) -> nn.Module:
+        return LlamaMLP(hf_config)
 
     def forward(self, positions: torch.Tensor, hidden: torch.Tensor,
                 residual: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-        # The residual stream is carried separately so each norm fuses the preceding residual add.
+        # The residual stream is carried separately so each norm fuses the preceding residual add (a scaled branch,
+        # Granite's, is scaled before that add).
         if residual is None:
             residual, hidden = hidden, self.input_layernorm(hidden)
         else:
             hidden, residual = self.input_layernorm(hidden, residual)
         hidden = self.self_attn(positions, hidden)
+        if self.residual_multiplier != 1.0:
+            hidden = hidden * self.residual_multiplier
         hidden, residual = self.post_attention_layernorm(hidden, residual)
-        return self.mlp(hidden), residual
+        hidden = self.mlp(hidden)
+        if self.residual_multiplier != 1.0:
+            hidden = hidden * self.residual_multiplier
+        return hidden, residual
 
 
 class LlamaModel(nn.Module):
-    def __init__(self, hf_config: PretrainedConfig, max_positions: int) -> None:
+    def __init__(self, hf_config: PretrainedConfig, max_positions: int,
+                 layer_cls: type[nn.Module] = LlamaDecoderLayer) -> None:
         super().__init__()
         head_dim = _head_dim(hf_config)
         self.embed_tokens = Embedding(hf_config.vocab_size, hf_config.hidden_size)
+        self.embedding_multiplier = float(getattr(hf_config, "embedding_multiplier", 1.0))  # Granite
         rotary = RotaryEmbedding(cos_sin_cache(hf_config, head_dim, max_positions), head_dim)
-        self.layers = nn.ModuleList(LlamaDecoderLayer(hf_config, rotary, i) for i in range(hf_config.num_hidden_layers))
+        self.layers = nn.ModuleList(layer_cls(hf_config, rotary, i) for i in range(hf_config.num_hidden_layers))
         self.norm = RMSNorm(hf_config.hidden_size, hf_config.rms_norm_eps)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         hidden, residual = self.embed_tokens(input_ids), None
+        if self.embedding_multiplier != 1.0:
+            hidden = hidden * self.embedding_multiplier
         for layer in self.layers:
             hidden, residual = layer(positions, hidden, residual)
         hidden, _ = self.norm(hidden, residual)
@@ -99,6 +139,10 @@ class LlamaModel(nn.Module):
 
 
 class LlamaForCausalLM(nn.Module):
+    """Llama and the families that differ from it only in their decoder layer (`layer_cls`)."""
+
+    layer_cls: type[nn.Module] = LlamaDecoderLayer
+
     def __init__(self, hf_config: PretrainedConfig, max_model_len: int | None = None) -> None:
         """max_model_len sizes the RoPE cache (default: the model's own limit, see max_context_len)."""
         super().__init__()
@@ -106,7 +150,7 @@ class LlamaForCausalLM(nn.Module):
         if act != "silu":
             raise UnsupportedModel(f"hidden_act {act!r} is not supported by LlamaForCausalLM (only 'silu')")
         self.config = hf_config
-        self.model = LlamaModel(hf_config, max_model_len or self.max_context_len(hf_config))
+        self.model = LlamaModel(hf_config, max_model_len or self.max_context_len(hf_config), self.layer_cls)
         self.tie_word_embeddings = bool(getattr(hf_config, "tie_word_embeddings", False))
         self.lm_head = Linear(hf_config.hidden_size, [hf_config.vocab_size])
         if self.tie_word_embeddings:
