@@ -97,13 +97,15 @@ class PagedCase:
 
     def with_blocks_before(self, first_keys: list[int], fill: float) -> PagedCase:
         """A copy whose blocks lying wholly before each sequence's first visible key (a sliding window's start)
-        hold `fill`: a windowed kernel must never read them (the engine may have freed them)."""
-        k_cache, v_cache = self.k_cache.clone(), self.v_cache.clone()
+        hold `fill` and whose table entries for them are -1, as the engine leaves them when it frees those blocks:
+        a windowed kernel must never read them."""
+        k_cache, v_cache, tables = self.k_cache.clone(), self.v_cache.clone(), self.block_tables.clone()
         size = self.k_cache.shape[1]
-        for table, first in zip(self.block_tables.tolist(), first_keys):
-            for block in table[:first // size]:
+        for s, first in enumerate(first_keys):
+            for block in tables[s, :first // size].tolist():
                 k_cache[block], v_cache[block] = fill, fill
-        return PagedCase(k_cache, v_cache, self.block_tables, self.seq_lens, self.keys, self.values)
+            tables[s, :first // size] = -1
+        return PagedCase(k_cache, v_cache, tables, self.seq_lens, self.keys, self.values)
 
 
 def make_paged_case(seq_lens: list[int], block_size: int, num_kv_heads: int, head_dim: int,

@@ -1,4 +1,4 @@
-from lmport.engine.block_manager import BlockManager
+from lmport.engine.block_manager import FREED_BLOCK, BlockManager
 from tests.engine_helpers import compute, make_seq
 
 BS = 4
@@ -80,3 +80,74 @@ def test_fork_shares_blocks_and_copies_the_partial_block_on_write():
     bm.free(parent)
     bm.free(child)
     assert bm.num_free_blocks == 8
+
+
+def held_blocks(seq) -> list[int]:
+    return [b for b in seq.block_table if b != FREED_BLOCK]
+
+
+def decode(bm: BlockManager, seq, steps: int) -> None:
+    for _ in range(steps):
+        seq.token_ids.append(len(seq.token_ids))
+        assert bm.allocate_slots(seq, 1)
+        compute(seq, 1)
+        bm.cache_full_blocks(seq)
+
+
+def test_sliding_window_frees_the_blocks_behind_it_and_keeps_positions():
+    window = 6  # unaligned to the block size: a query's 6 keys span at most 3 blocks
+    bm = BlockManager(16, BS, sliding_window=window)
+    seq = prefilled(bm, list(range(10)))
+    assigned = list(seq.block_table)  # position -> block id, as first allocated
+    most_held = 0
+    for _ in range(30):  # 40 tokens: 10 blocks of positions, never more than 3 held
+        decode(bm, seq, 1)
+        assigned += seq.block_table[len(assigned):]
+        first_needed = (seq.num_computed_tokens - 1 - window + 1) // BS  # this step's query's first key's block
+        assert seq.block_table == [FREED_BLOCK] * first_needed + assigned[first_needed:]
+        most_held = max(most_held, len(held_blocks(seq)))
+        assert bm.num_free_blocks == 16 - len(held_blocks(seq))
+    assert len(seq.block_table) == 10 and most_held == 3
+    bm.free(seq)
+    assert bm.num_free_blocks == 16
+
+
+def test_blocks_freed_by_the_window_stay_cached_and_shared_ones_stay_held():
+    bm = BlockManager(32, BS, sliding_window=4)
+    prompt = list(range(12))
+    first = prefilled(bm, prompt)
+    prompt_blocks = list(first.block_table)
+    sharer = make_seq(prompt + [99], "b")
+    assert bm.match_prefix(sharer) == 12  # attaches first's three blocks; its allocation lets go of two again
+    assert bm.allocate_slots(sharer, 1)
+    assert sharer.block_table[:3] == [FREED_BLOCK] * 2 + prompt_blocks[2:]
+    assert [bm.blocks[b].ref_count for b in prompt_blocks] == [1, 1, 2]
+    decode(bm, first, 8)  # first leaves its whole prompt behind
+    assert first.block_table[:3] == [FREED_BLOCK] * 3
+    assert [bm.blocks[b].ref_count for b in prompt_blocks] == [0, 0, 1]  # block 2: still in sharer's window
+    assert bm.num_free_blocks == 32 - len(held_blocks(first)) - len(held_blocks(sharer))
+    # freed blocks keep their hash and contents until reused: a later request still hits the whole prompt
+    again = make_seq(prompt + [7], "c")
+    assert bm.match_prefix(again) == 12
+    for seq in (first, sharer, again):
+        bm.free(seq)
+    assert bm.num_free_blocks == 32
+
+
+def test_window_fork_and_preempted_recompute_return_every_block():
+    bm = BlockManager(16, BS, sliding_window=5)
+    parent = prefilled(bm, list(range(14)))  # allocating 14 at once, then the window frees blocks 0-1 next step
+    decode(bm, parent, 1)
+    assert parent.block_table[:2] == [FREED_BLOCK] * 2
+    child = make_seq(list(parent.token_ids), "r")
+    bm.fork(parent, child)  # skips the freed entries
+    decode(bm, child, 5)
+    decode(bm, parent, 5)
+    bm.free(parent)  # preempted: the recompute starts over from the prefix cache
+    assert parent.block_table == [] and parent.num_computed_tokens == 0
+    hits = bm.match_prefix(parent)
+    assert hits == 16 and bm.allocate_slots(parent, parent.num_uncomputed_tokens)
+    assert parent.block_table[:3] == [FREED_BLOCK] * 3  # cached blocks behind the window are not held again
+    bm.free(parent)
+    bm.free(child)
+    assert bm.num_free_blocks == 16

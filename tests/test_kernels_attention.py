@@ -143,16 +143,18 @@ def test_windowed_and_capped_decode_reference_and_triton(window, soft_cap, heads
     seed = fresh_seed()
     case, q, scale = decode_inputs(*heads, torch.float32)
     q = q * 3
-    expected = reference.paged_attention_decode(q, case.k_cache, case.v_cache, case.block_tables, case.seq_lens,
+    # blocks wholly before each window freed: table entries -1 (the reference reads them masked, so keep them finite)
+    first_keys = [max(0, n - (window or n)) for n in case.seq_lens.tolist()]
+    freed = case.with_blocks_before(first_keys, 0.0)
+    expected = reference.paged_attention_decode(q, freed.k_cache, freed.v_cache, freed.block_tables, case.seq_lens,
                                                 scale, sliding_window=window, soft_cap=soft_cap)
     for b, (keys, values) in enumerate(zip(case.keys, case.values)):
         err = rel_error(expected[b:b + 1], naive_attention(q[b:b + 1], keys, values, scale, window, soft_cap))
         assert err < TOLERANCE[torch.float32], f"reference seed={seed} seq={b} rel_error={err:.3g}"
-    first_keys = [max(0, n - (window or n)) for n in case.seq_lens.tolist()]
     nan_case = case.with_unused(float("nan")).with_blocks_before(first_keys, float("nan"))
     for num_splits in (1, 3):  # 3: early splits fall wholly before a short window
         out = poisoned(q.shape, torch.float32)
-        triton_attention.paged_attention_decode(q, nan_case.k_cache, nan_case.v_cache, case.block_tables,
+        triton_attention.paged_attention_decode(q, nan_case.k_cache, nan_case.v_cache, nan_case.block_tables,
                                                 case.seq_lens, scale, window, soft_cap, out=out,
                                                 num_splits=num_splits)
         err = rel_error(out, expected)
@@ -166,12 +168,16 @@ def test_windowed_and_capped_prefill_reference_and_triton(window, soft_cap, head
     case, q, cu, scale = prefill_inputs(*heads, torch.float32)
     q = q * 3
     max_query_len = max(n for _, n in PREFILL_CHUNKS)
-    expected = reference.paged_attention_prefill(q, case.k_cache, case.v_cache, cu, case.seq_lens, case.block_tables,
-                                                 max_query_len, scale, sliding_window=window, soft_cap=soft_cap)
+    # the first query of a chunk after `context` cached keys sees keys from context - window + 1: the blocks wholly
+    # before that are NaN with table entries -1, and neither the reference nor Triton may read them
+    first_keys = [max(0, context - (window or context + 1) + 1) for context, _ in PREFILL_CHUNKS]
+    nan_case = case.with_unused(float("nan")).with_blocks_before(first_keys, float("nan"))
+    expected = reference.paged_attention_prefill(q, nan_case.k_cache, nan_case.v_cache, cu, case.seq_lens,
+                                                 nan_case.block_tables, max_query_len, scale, sliding_window=window,
+                                                 soft_cap=soft_cap)
     out = poisoned(q.shape, torch.float32)
-    triton_attention.paged_attention_prefill(q, case.with_unused(float("nan")).k_cache,
-                                             case.with_unused(float("nan")).v_cache, cu, case.seq_lens,
-                                             case.block_tables, max_query_len, scale, window, soft_cap, out=out)
+    triton_attention.paged_attention_prefill(q, nan_case.k_cache, nan_case.v_cache, cu, case.seq_lens,
+                                             nan_case.block_tables, max_query_len, scale, window, soft_cap, out=out)
     for s, (keys, values) in enumerate(zip(case.keys, case.values)):
         rows = slice(int(cu[s]), int(cu[s + 1]))
         err = rel_error(expected[rows], naive_attention(q[rows], keys, values, scale, window, soft_cap))

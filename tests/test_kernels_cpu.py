@@ -101,7 +101,8 @@ def test_matches_reference(batch, num_kv_heads, group, head_dim, block_size, dty
 def test_sliding_window_and_soft_cap_match_reference(window, soft_cap, num_kv_heads, group, head_dim, block_size,
                                                       dtype):
     """Windows of one key, unaligned, one block, several blocks and wider than the context; soft caps that bite.
-    Blocks wholly before a sequence's window are NaN in the kernel's cache: it must skip them."""
+    Blocks wholly before a sequence's window are NaN in the kernel's cache and -1 in its tables (freed): it must
+    skip them."""
     seed = fresh_seed()
     random.seed(seed)
     case = make_paged_case(seq_lens_for(12, block_size), block_size, num_kv_heads, head_dim, dtype)
@@ -111,7 +112,7 @@ def test_sliding_window_and_soft_cap_match_reference(window, soft_cap, num_kv_he
     scale = head_dim ** -0.5
     expected = reference.paged_attention_decode(q, case.k_cache, case.v_cache, case.block_tables, case.seq_lens,
                                                 scale, sliding_window=window, soft_cap=soft_cap)
-    actual = cpu.paged_attention_decode(q, poisoned.k_cache, poisoned.v_cache, case.block_tables, case.seq_lens,
+    actual = cpu.paged_attention_decode(q, poisoned.k_cache, poisoned.v_cache, poisoned.block_tables, case.seq_lens,
                                         scale, sliding_window=window, soft_cap=soft_cap)
     err = max_rel(actual, expected)
     assert err < MAX_REL_TOLERANCE[dtype], f"max rel error {err:.2e} (seed {seed})"

@@ -25,6 +25,31 @@ CASES: dict[str, tuple[str, dict]] = {
                                             residual_multiplier=0.4, logits_scaling=2.5)),
     "granite_tied_mha": ("granite", dict(num_key_value_heads=4, tie_word_embeddings=True, embedding_multiplier=12.0,
                                          attention_multiplier=0.0625, residual_multiplier=0.22, logits_scaling=8.0)),
+    # routed experts: top-k 2 and 1, renormalised or not, dense layers between sparse ones
+    "mixtral_top2": ("mixtral", dict(num_local_experts=4, num_experts_per_tok=2)),
+    "mixtral_top1_window_tied": ("mixtral", dict(num_local_experts=3, num_experts_per_tok=1, sliding_window=5,
+                                                 tie_word_embeddings=True)),
+    "qwen3_moe_top2_norm": ("qwen3_moe", dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=48,
+                                              norm_topk_prob=True)),
+    "qwen3_moe_sparse_step_dense_layers": ("qwen3_moe", dict(num_hidden_layers=3, num_experts=5,
+                                                             num_experts_per_tok=3, moe_intermediate_size=32,
+                                                             norm_topk_prob=False, decoder_sparse_step=2,
+                                                             mlp_only_layers=[0])),
+    # Gemma: windows shorter than the prompt (11 tokens), caps that bite, query_pre_attn_scalar != head_dim
+    "gemma2_window_softcaps": ("gemma2", dict(head_dim=16, sliding_window=4, attn_logit_softcapping=2.0,
+                                              final_logit_softcapping=3.0, query_pre_attn_scalar=24)),
+    "gemma2_mha_no_caps": ("gemma2", dict(num_key_value_heads=4, head_dim=16, sliding_window=6,
+                                          attn_logit_softcapping=None, final_logit_softcapping=None,
+                                          query_pre_attn_scalar=16, tie_word_embeddings=False)),
+    "gemma3_pattern_local_rope": ("gemma3_text", dict(num_hidden_layers=3, head_dim=16, sliding_window=5,
+                                                      sliding_window_pattern=3, query_pre_attn_scalar=20,
+                                                      rope_parameters={
+                                                          "sliding_attention": {"rope_type": "default",
+                                                                                "rope_theta": 10000.0},
+                                                          "full_attention": {"rope_type": "linear", "factor": 4.0,
+                                                                             "rope_theta": 1000000.0}})),
+    "gemma3_final_cap_gqa": ("gemma3_text", dict(num_hidden_layers=2, head_dim=32, sliding_window=3,
+                                                 final_logit_softcapping=5.0, query_pre_attn_scalar=32)),
 }
 
 
@@ -43,3 +68,4 @@ def test_paged_logits_match_transformers(case: str) -> None:
 def test_engine_greedy_and_seeded_sampling_match(case: str, tmp_path) -> None:
     hf = build_hf(config_of(case, **ENGINE_VOCAB))
     check_engine_greedy_and_seeded(hf, save_model_dir(hf, tmp_path))
+

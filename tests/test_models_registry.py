@@ -81,6 +81,7 @@ def test_load_weights_rejects_missing_unknown_and_misshapen_tensors() -> None:
         model.load_weights(state.items())
 
 
-def test_non_silu_activation_is_rejected() -> None:
-    with pytest.raises(UnsupportedModel, match="hidden_act 'gelu'"):
+def test_an_unsupported_activation_is_named() -> None:
+    with pytest.raises(UnsupportedModel, match="hidden activation 'gelu' is not supported; supported: silu, "
+                                               "gelu_pytorch_tanh"):
         LlamaForCausalLM(LlamaConfig(**TINY, hidden_act="gelu"))

@@ -24,6 +24,7 @@ DELEGATED = {
     "peers": ("lmport.bridge.bench_peers", "lmport vs vLLM's CPU build and llama.cpp, same workloads, A B A B"),
     "embed": ("lmport.bridge.bench_embed", "embeddings/s: LLM.embed vs sentence-transformers, alternating A B A B"),
     "structured": ("lmport.bridge.bench_structured", "structured outputs: conformance, cost vs free, compile latency"),
+    "moe": ("lmport.bridge.bench_moe", "routed experts: grouped by expert vs transformers' block vs a per-token loop"),
 }
 
 _WORDS = ("the river carried small boats past quiet towns while engineers measured the water and wrote careful "

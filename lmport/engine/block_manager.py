@@ -4,6 +4,10 @@ A full, computed block is registered under a hash chained over every block befor
 cached block only when their whole prefix up to and including that block is equal (tokens are compared too, so a
 hash collision can never serve the wrong K/V). Freed blocks keep their contents and hash until they are reused,
 least recently freed first, so a later request with the same prefix can still hit them.
+
+With a sliding window shared by every attention layer, a sequence's blocks that lie wholly before its next query's
+window are never read again: they are freed as it advances (their table entries become FREED_BLOCK, so positions
+keep their slots) and stay in the prefix cache until reused, so a long sequence holds about window / block_size + 1.
 """
 
 from __future__ import annotations
@@ -12,6 +16,8 @@ from collections import OrderedDict
 from dataclasses import dataclass
 
 from lmport.engine.sequence import Sequence
+
+FREED_BLOCK = -1  # block-table entry of a block freed because it fell out of the sliding window (never read)
 
 
 @dataclass(slots=True)
@@ -23,9 +29,11 @@ class Block:
 
 
 class BlockManager:
-    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True) -> None:
+    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True,
+                 sliding_window: int | None = None) -> None:
         self.block_size = block_size
         self.enable_prefix_caching = enable_prefix_caching
+        self.sliding_window = sliding_window  # every layer's window, or None (global or mixed layers: keep all)
         self.blocks = [Block(i) for i in range(num_blocks)]
         self._free: OrderedDict[int, None] = OrderedDict((i, None) for i in range(num_blocks))
         self._cached: dict[int, int] = {}  # chained hash -> block id
@@ -78,7 +86,9 @@ class BlockManager:
         return hit_tokens
 
     def allocate_slots(self, seq: Sequence, num_new_tokens: int) -> bool:
-        """Make room for num_new_tokens more K/V entries of seq; False (and no change) if the cache is full."""
+        """Make room for num_new_tokens more K/V entries of seq; False if the cache is full (then the only change is
+        that blocks no longer in seq's window have been freed)."""
+        self._free_outside_window(seq)
         table = seq.block_table
         start = seq.num_computed_tokens
         num_new_blocks = self.blocks_needed(start + num_new_tokens) - len(table)
@@ -115,7 +125,8 @@ class BlockManager:
     def fork(self, parent: Sequence, child: Sequence) -> None:
         """child shares every block of parent (copy-on-write happens on its first write to a shared block)."""
         for block_id in parent.block_table:
-            self.blocks[block_id].ref_count += 1
+            if block_id != FREED_BLOCK:
+                self.blocks[block_id].ref_count += 1
         child.block_table = list(parent.block_table)
         child.block_hashes = list(parent.block_hashes)
         child.num_computed_tokens = parent.num_computed_tokens
@@ -124,13 +135,31 @@ class BlockManager:
     def free(self, seq: Sequence) -> None:
         # Tail blocks go to the free list first, so they are evicted before the (more shareable) head blocks.
         for block_id in reversed(seq.block_table):
-            block = self.blocks[block_id]
-            block.ref_count -= 1
-            if block.ref_count == 0:
-                self._free[block_id] = None
+            if block_id != FREED_BLOCK:
+                self._release(block_id)
         seq.block_table = []
         seq.block_hashes = []
         seq.num_computed_tokens = 0
+
+    def _free_outside_window(self, seq: Sequence) -> None:
+        """Free seq's blocks wholly before its next query's window: that query, at position num_computed_tokens,
+        sees keys from num_computed_tokens - sliding_window + 1 on (and so do all later ones)."""
+        if self.sliding_window is None:
+            return
+        table = seq.block_table
+        first_needed = max(0, seq.num_computed_tokens - self.sliding_window + 1) // self.block_size
+        # backwards from the newest dead block to the previously freed ones: tail blocks first, as in free()
+        for i in range(min(first_needed, len(table)) - 1, -1, -1):
+            if table[i] == FREED_BLOCK:
+                break
+            self._release(table[i])
+            table[i] = FREED_BLOCK
+
+    def _release(self, block_id: int) -> None:
+        block = self.blocks[block_id]
+        block.ref_count -= 1
+        if block.ref_count == 0:
+            self._free[block_id] = None
 
     def take_pending_copies(self) -> list[tuple[int, int]]:
         copies, self._pending_copies = self._pending_copies, []

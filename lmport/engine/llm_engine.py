@@ -40,7 +40,8 @@ class LLMEngine(EngineBase):
             raise InvalidParams("max_num_batched_tokens",
                                 f"must be >= max_model_len ({self.max_model_len}) when enable_chunked_prefill is off")
         self.runner = ModelRunner(loaded, config)
-        self.block_manager = BlockManager(self.runner.num_blocks, config.block_size, config.enable_prefix_caching)
+        self.block_manager = BlockManager(self.runner.num_blocks, config.block_size, config.enable_prefix_caching,
+                                          self.runner.sliding_window)
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens,
                                    config.enable_chunked_prefill)
         self.sampler = Sampler(self.vocab_size, self.eos_token_ids,

@@ -44,6 +44,10 @@ class ModelRunner:
         self.attention_layers = [m for m in self.model.modules() if isinstance(m, PagedAttention)]
         first = self.attention_layers[0]
         self.num_kv_heads, self.head_dim = first.num_kv_heads, first.head_dim
+        # One window on every layer lets the block manager free blocks behind it; a global layer (Gemma's mixed
+        # ones included) reads every block of the shared table, so then nothing can be freed.
+        windows = {layer.sliding_window for layer in self.attention_layers}
+        self.sliding_window: int | None = windows.pop() if len(windows) == 1 else None
         self.max_blocks_per_seq = -(-loaded.max_model_len // self.block_size)  # one max_model_len sequence's blocks
         self.num_blocks = self._plan_num_blocks(config, loaded.max_model_len)
         shape = (2, len(self.attention_layers), self.num_blocks, self.block_size, self.num_kv_heads, self.head_dim)

@@ -46,7 +46,7 @@ class Sequence:
     seq_id: int = field(default_factory=lambda: next(_seq_ids))
     status: SequenceStatus = SequenceStatus.WAITING
     num_computed_tokens: int = 0  # tokens whose K/V are in the cache
-    block_table: list[int] = field(default_factory=list)
+    block_table: list[int] = field(default_factory=list)  # block_manager.FREED_BLOCK: fell out of the window
     block_hashes: list[int] = field(default_factory=list)  # prefix-cache hash chain of the full, computed blocks
     num_cached_tokens: int = 0  # prompt tokens served by the prefix cache at first scheduling
     cumulative_logprob: float = 0.0

@@ -49,6 +49,8 @@ def _attend(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, visib
 def paged_attention_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                            block_tables: torch.Tensor, seq_lens: torch.Tensor, scale: float,
                            sliding_window: int | None = None, soft_cap: float | None = None) -> torch.Tensor:
+    # Entries wholly before a window may be -1 (freed blocks): read block 0 there instead, masked like them.
+    block_tables = block_tables.clamp(min=0) if sliding_window is not None else block_tables
     keys = _gather_blocks(k_cache, block_tables).transpose(1, 2)  # [B, Hkv, L, D]
     values = _gather_blocks(v_cache, block_tables).transpose(1, 2)
     positions = torch.arange(keys.shape[2], device=q.device)
@@ -67,19 +69,23 @@ def paged_attention_prefill(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
     out = torch.empty_like(q)
     for s, (start, end, seq_len) in enumerate(zip(cu_seqlens_q[:-1].tolist(), cu_seqlens_q[1:].tolist(),
                                                   seq_lens.tolist())):
-        num_blocks = -(-seq_len // block_size)
-        table = block_tables[s, :num_blocks]
-        # 4-D inputs ([1, heads, len, D]): on CPU, 3-D ones fall back to SDPA's unfused math path (~7x slower).
-        keys = _gather_blocks(k_cache, table[None])[:, :seq_len].transpose(1, 2)  # [1, Hkv, L, D]
-        values = _gather_blocks(v_cache, table[None])[:, :seq_len].transpose(1, 2)
-        query = q[start:end].transpose(0, 1)[None]  # [1, Hq, n, D]
         num_queries = end - start
+        # Keys from the block holding the first query's first visible key: the blocks before a window are never
+        # read (they may be freed), so a long context costs window-sized work.
+        first_key = max(0, seq_len - num_queries - sliding_window + 1) if sliding_window is not None else 0
+        first_block = first_key // block_size
+        lo = first_block * block_size  # absolute position of the first gathered key
+        table = block_tables[s, first_block:-(-seq_len // block_size)]
+        # 4-D inputs ([1, heads, len, D]): on CPU, 3-D ones fall back to SDPA's unfused math path (~7x slower).
+        keys = _gather_blocks(k_cache, table[None])[:, :seq_len - lo].transpose(1, 2)  # [1, Hkv, L - lo, D]
+        values = _gather_blocks(v_cache, table[None])[:, :seq_len - lo].transpose(1, 2)
+        query = q[start:end].transpose(0, 1)[None]  # [1, Hq, n, D]
         if num_queries == seq_len and sliding_window is None:
             attn = _attend(query, keys, values, None, True, scale, soft_cap)
         else:  # cached context precedes the new queries (the causal diagonal shifts by seq_len - num_queries), or a
-            # window hides keys more than sliding_window - 1 positions back
-            rows = torch.arange(num_queries, device=q.device)[:, None] + (seq_len - num_queries)
-            cols = torch.arange(seq_len, device=q.device)[None, :]
+            # window hides keys more than sliding_window - 1 positions back; rows and cols count from lo
+            rows = torch.arange(num_queries, device=q.device)[:, None] + (seq_len - num_queries - lo)
+            cols = torch.arange(seq_len - lo, device=q.device)[None, :]
             visible = cols <= rows
             if sliding_window is not None:
                 visible &= cols > rows - sliding_window

@@ -7,10 +7,13 @@ from transformers import PretrainedConfig
 
 from lmport.engine.errors import UnsupportedModel
 from lmport.engine.models.bert import BertModel
+from lmport.engine.models.gemma import Gemma2ForCausalLM, Gemma3ForCausalLM
 from lmport.engine.models.granite import GraniteForCausalLM
 from lmport.engine.models.llama import LlamaForCausalLM
+from lmport.engine.models.mixtral import MixtralForCausalLM
 from lmport.engine.models.olmo2 import Olmo2ForCausalLM
 from lmport.engine.models.qwen3 import Qwen3ForCausalLM
+from lmport.engine.models.qwen3_moe import Qwen3MoeForCausalLM
 
 # Mistral and Qwen2 are Llama with different config defaults (sliding window, qkv bias); one class serves all.
 # BertModel is an encoder: it serves embeddings (EncoderEngine), not generation.
@@ -19,13 +22,19 @@ MODEL_REGISTRY: dict[str, type[torch.nn.Module]] = {
     "MistralForCausalLM": LlamaForCausalLM,
     "Qwen2ForCausalLM": LlamaForCausalLM,
     "Qwen3ForCausalLM": Qwen3ForCausalLM,
+    "Qwen3MoeForCausalLM": Qwen3MoeForCausalLM,
+    "MixtralForCausalLM": MixtralForCausalLM,
     "Olmo2ForCausalLM": Olmo2ForCausalLM,
     "GraniteForCausalLM": GraniteForCausalLM,
+    "Gemma2ForCausalLM": Gemma2ForCausalLM,
+    "Gemma3ForCausalLM": Gemma3ForCausalLM,
     "BertModel": BertModel,
 }
 # configs converted from GGUF may lack `architectures`: model_type -> architecture
 _MODEL_TYPES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
-                "qwen3": "Qwen3ForCausalLM", "olmo2": "Olmo2ForCausalLM", "granite": "GraniteForCausalLM"}
+                "qwen3": "Qwen3ForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM", "mixtral": "MixtralForCausalLM",
+                "olmo2": "Olmo2ForCausalLM", "granite": "GraniteForCausalLM",
+                "gemma2": "Gemma2ForCausalLM", "gemma3_text": "Gemma3ForCausalLM"}
 
 
 def get_model_class(hf_config: PretrainedConfig) -> type[torch.nn.Module]:

@@ -7,12 +7,15 @@ device the loader sets, and never require grad.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers import PretrainedConfig
 
 from lmport import kernels
+from lmport.engine.errors import UnsupportedModel
 from lmport.engine.forward_context import get_forward_context
 from lmport.engine.quantization import Int4Weight, Int8Weight
 
@@ -63,6 +66,24 @@ def pack_cpu_linears(model: nn.Module) -> int:
             weight.data = weight.data.new_empty(0)
         count += 1
     return count
+
+
+def _gelu_tanh_and_mul(x: torch.Tensor) -> torch.Tensor:
+    # plain torch (no kernel): Gemma's only; F.gelu is one fused op on CPU and CUDA already
+    gate, up = x.chunk(2, dim=-1)
+    return F.gelu(gate, approximate="tanh") * up
+
+
+_GATED_ACTIVATIONS = {"silu": kernels.silu_and_mul, "gelu_pytorch_tanh": _gelu_tanh_and_mul,
+                      "gelu_tanh": _gelu_tanh_and_mul}
+
+
+def gated_activation(name: str) -> Callable[[torch.Tensor], torch.Tensor]:
+    """act(x[:, :I]) * x[:, I:] for the config's activation name; UnsupportedModel names the others."""
+    if name not in _GATED_ACTIVATIONS:
+        raise UnsupportedModel(f"hidden activation {name!r} is not supported; supported: "
+                               f"{', '.join(_GATED_ACTIVATIONS)}")
+    return _GATED_ACTIVATIONS[name]
 
 
 class Embedding(nn.Module):

@@ -13,9 +13,8 @@ from torch import nn
 from transformers import PretrainedConfig
 
 from lmport import kernels
-from lmport.engine.errors import UnsupportedModel
 from lmport.engine.models.layers import (Embedding, Linear, PagedAttention, RMSNorm, RotaryEmbedding,
-                                         layer_sliding_window)
+                                         gated_activation, layer_sliding_window)
 from lmport.engine.models.rope import cos_sin_cache, rope_context_len
 from lmport.engine.models.weights import load_checkpoint
 
@@ -68,15 +67,20 @@ class LlamaAttention(nn.Module):
 
 
 class LlamaMLP(nn.Module):
+    """Gated MLP: down(act(gate(x)) * up(x)), gate|up fused. The activation follows the config's hidden_act /
+    hidden_activation (SiLU for Llama; GeLU-tanh for Gemma)."""
+
     def __init__(self, hf_config: PretrainedConfig, intermediate_size: int | None = None) -> None:
         super().__init__()
         hidden, inter = hf_config.hidden_size, intermediate_size or hf_config.intermediate_size
         bias = bool(getattr(hf_config, "mlp_bias", False))
         self.gate_up_proj = Linear(hidden, [inter, inter], bias=bias)
         self.down_proj = Linear(inter, [hidden], bias=bias)
+        self.act_and_mul = gated_activation(getattr(hf_config, "hidden_activation", None)
+                                            or getattr(hf_config, "hidden_act", "silu"))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(kernels.silu_and_mul(self.gate_up_proj(x)))
+        return self.down_proj(self.act_and_mul(self.gate_up_proj(x)))
 
 
 class LlamaDecoderLayer(nn.Module):
@@ -146,15 +150,15 @@ class LlamaForCausalLM(nn.Module):
     def __init__(self, hf_config: PretrainedConfig, max_model_len: int | None = None) -> None:
         """max_model_len sizes the RoPE cache (default: the model's own limit, see max_context_len)."""
         super().__init__()
-        act = getattr(hf_config, "hidden_act", "silu")
-        if act != "silu":
-            raise UnsupportedModel(f"hidden_act {act!r} is not supported by LlamaForCausalLM (only 'silu')")
         self.config = hf_config
-        self.model = LlamaModel(hf_config, max_model_len or self.max_context_len(hf_config), self.layer_cls)
+        self.model = self.make_model(hf_config, max_model_len or self.max_context_len(hf_config))
         self.tie_word_embeddings = bool(getattr(hf_config, "tie_word_embeddings", False))
         self.lm_head = Linear(hf_config.hidden_size, [hf_config.vocab_size])
         if self.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
+
+    def make_model(self, hf_config: PretrainedConfig, max_positions: int) -> nn.Module:
+        return LlamaModel(hf_config, max_positions, self.layer_cls)
 
     @staticmethod
     def max_context_len(hf_config: PretrainedConfig) -> int:

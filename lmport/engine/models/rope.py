@@ -16,9 +16,14 @@ from lmport.engine.errors import UnsupportedModel
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "yarn")
 
 
-def rope_parameters(hf_config: PretrainedConfig) -> dict[str, Any]:
-    """The config's RoPE settings as one dict with `rope_type` and `rope_theta` (old and new config styles)."""
+def rope_parameters(hf_config: PretrainedConfig, layer_type: str | None = None) -> dict[str, Any]:
+    """The config's RoPE settings as one dict with `rope_type` and `rope_theta` (old and new config styles).
+
+    Configs whose layer types use different RoPE (Gemma 3: `rope_parameters` keyed by `sliding_attention` /
+    `full_attention`) give the settings of `layer_type`, by default the global layers'."""
     params = dict(getattr(hf_config, "rope_parameters", None) or getattr(hf_config, "rope_scaling", None) or {})
+    if isinstance(params.get("full_attention"), dict):
+        params = dict(params[layer_type or "full_attention"])
     params.setdefault("rope_type", params.get("type", "default"))
     params.setdefault("rope_theta", getattr(hf_config, "rope_theta", None) or 10000.0)
     if params["rope_type"] not in SUPPORTED_ROPE_TYPES:
@@ -39,8 +44,9 @@ def rope_context_len(hf_config: PretrainedConfig) -> int:
     return max_positions
 
 
-def inv_freq_and_scaling(hf_config: PretrainedConfig, head_dim: int) -> tuple[torch.Tensor, float]:
-    params = rope_parameters(hf_config)
+def inv_freq_and_scaling(hf_config: PretrainedConfig, head_dim: int,
+                         layer_type: str | None = None) -> tuple[torch.Tensor, float]:
+    params = rope_parameters(hf_config, layer_type)
     base, rope_type = params["rope_theta"], params["rope_type"]
     inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
     if rope_type == "linear":
@@ -93,8 +99,9 @@ def _yarn(inv_freq: torch.Tensor, params: dict[str, Any], hf_config: PretrainedC
     return (1.0 / (factor * pos_freqs)) * (1 - extrapolation) + inv_freq * extrapolation, float(attention_factor)
 
 
-def cos_sin_cache(hf_config: PretrainedConfig, head_dim: int, max_positions: int) -> torch.Tensor:
+def cos_sin_cache(hf_config: PretrainedConfig, head_dim: int, max_positions: int,
+                  layer_type: str | None = None) -> torch.Tensor:
     """float32 [max_positions, head_dim]: row p = cat(cos(p * inv_freq), sin(p * inv_freq)) * attention scaling."""
-    inv_freq, scaling = inv_freq_and_scaling(hf_config, head_dim)
+    inv_freq, scaling = inv_freq_and_scaling(hf_config, head_dim, layer_type)
     freqs = torch.arange(max_positions, dtype=torch.float32)[:, None] * inv_freq[None, :]
     return torch.cat((freqs.cos() * scaling, freqs.sin() * scaling), dim=-1)
