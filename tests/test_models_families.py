@@ -25,6 +25,17 @@ CASES: dict[str, tuple[str, dict]] = {
                                             residual_multiplier=0.4, logits_scaling=2.5)),
     "granite_tied_mha": ("granite", dict(num_key_value_heads=4, tie_word_embeddings=True, embedding_multiplier=12.0,
                                          attention_multiplier=0.0625, residual_multiplier=0.22, logits_scaling=8.0)),
+    # Phi-3: fused qkv / gate_up in the checkpoint, LongRoPE (within the original 64 positions: short factors and
+    # the attention scaling of factor 128 / 64), partial rotary, a window
+    "phi3_longrope": ("phi3", dict(pad_token_id=0, original_max_position_embeddings=64, rope_parameters=dict(
+        rope_type="longrope", rope_theta=10000.0, short_factor=[1.0 + i / 8 for i in range(8)],
+        long_factor=[2.0 + i for i in range(8)]))),
+    "phi3_partial_rotary_window": ("phi3", dict(pad_token_id=0, sliding_window=5, rope_parameters=dict(
+        rope_type="default", rope_theta=10000.0, partial_rotary_factor=0.5))),
+    # OPT: learned positions, ReLU, pre- and post-LN, a narrower word embedding projected in and out
+    "opt_pre_ln": ("opt", dict(ffn_dim=96, pad_token_id=1)),
+    "opt_post_ln_projected": ("opt", dict(ffn_dim=96, pad_token_id=1, do_layer_norm_before=False,
+                                          word_embed_proj_dim=32)),
     # routed experts: top-k 2 and 1, renormalised or not, dense layers between sparse ones
     "mixtral_top2": ("mixtral", dict(num_local_experts=4, num_experts_per_tok=2)),
     "mixtral_top1_window_tied": ("mixtral", dict(num_local_experts=3, num_experts_per_tok=1, sliding_window=5,
@@ -69,3 +80,13 @@ def test_engine_greedy_and_seeded_sampling_match(case: str, tmp_path) -> None:
     hf = build_hf(config_of(case, **ENGINE_VOCAB))
     check_engine_greedy_and_seeded(hf, save_model_dir(hf, tmp_path))
 
+
+
+def test_opt_loads_the_hub_checkpoints_unprefixed_names() -> None:
+    """facebook/opt-* on the hub name tensors `decoder.*` (no `model.`)."""
+    from lmport.engine.models import get_model_class
+
+    hf = build_hf(config_of("opt_pre_ln"))
+    ours = get_model_class(hf.config)(hf.config)
+    ours.load_weights((name.removeprefix("model."), tensor) for name, tensor in hf.state_dict().items())
+    check_paged_logits(hf, ours)

@@ -12,28 +12,32 @@ from lmport.engine.models.granite import GraniteForCausalLM
 from lmport.engine.models.llama import LlamaForCausalLM
 from lmport.engine.models.mixtral import MixtralForCausalLM
 from lmport.engine.models.olmo2 import Olmo2ForCausalLM
+from lmport.engine.models.opt import OPTForCausalLM
 from lmport.engine.models.qwen3 import Qwen3ForCausalLM
 from lmport.engine.models.qwen3_moe import Qwen3MoeForCausalLM
 
-# Mistral and Qwen2 are Llama with different config defaults (sliding window, qkv bias); one class serves all.
+# Mistral, Qwen2 and Phi-3 are Llama with different config defaults (sliding window, qkv bias, LongRoPE and partial
+# rotary; Phi-3 checkpoints store qkv_proj / gate_up_proj fused already); one class serves all.
 # BertModel is an encoder: it serves embeddings (EncoderEngine), not generation.
 MODEL_REGISTRY: dict[str, type[torch.nn.Module]] = {
     "LlamaForCausalLM": LlamaForCausalLM,
     "MistralForCausalLM": LlamaForCausalLM,
     "Qwen2ForCausalLM": LlamaForCausalLM,
+    "Phi3ForCausalLM": LlamaForCausalLM,
     "Qwen3ForCausalLM": Qwen3ForCausalLM,
     "Qwen3MoeForCausalLM": Qwen3MoeForCausalLM,
     "MixtralForCausalLM": MixtralForCausalLM,
     "Olmo2ForCausalLM": Olmo2ForCausalLM,
     "GraniteForCausalLM": GraniteForCausalLM,
+    "OPTForCausalLM": OPTForCausalLM,
     "Gemma2ForCausalLM": Gemma2ForCausalLM,
     "Gemma3ForCausalLM": Gemma3ForCausalLM,
     "BertModel": BertModel,
 }
 # configs converted from GGUF may lack `architectures`: model_type -> architecture
-_MODEL_TYPES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
+_MODEL_TYPES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM", "phi3": "Phi3ForCausalLM",
                 "qwen3": "Qwen3ForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM", "mixtral": "MixtralForCausalLM",
-                "olmo2": "Olmo2ForCausalLM", "granite": "GraniteForCausalLM",
+                "olmo2": "Olmo2ForCausalLM", "granite": "GraniteForCausalLM", "opt": "OPTForCausalLM",
                 "gemma2": "Gemma2ForCausalLM", "gemma3_text": "Gemma3ForCausalLM"}
 
 

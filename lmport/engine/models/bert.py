@@ -15,21 +15,12 @@ from torch import nn
 from transformers import PretrainedConfig
 
 from lmport.engine.errors import UnsupportedModel
-from lmport.engine.models.layers import Embedding, Linear, _param
+from lmport.engine.models.layers import Embedding, LayerNorm, Linear
 from lmport.engine.models.weights import load_checkpoint
 
 _ACTIVATIONS = {"gelu": F.gelu, "gelu_new": lambda x: F.gelu(x, approximate="tanh"),
                 "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh")}
 _QKV = {"query": 0, "key": 1, "value": 2}
-
-
-class LayerNorm(nn.Module):
-    def __init__(self, hidden_size: int, eps: float) -> None:
-        super().__init__()
-        self.weight, self.bias, self.eps = _param(hidden_size), _param(hidden_size), eps
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.layer_norm(x, self.weight.shape, self.weight, self.bias, self.eps)
 
 
 class BertEmbeddings(nn.Module):

@@ -119,6 +119,15 @@ def layer_sliding_window(hf_config: PretrainedConfig, layer_idx: int) -> int | N
     return window
 
 
+class LayerNorm(nn.Module):
+    def __init__(self, hidden_size: int, eps: float) -> None:
+        super().__init__()
+        self.weight, self.bias, self.eps = _param(hidden_size), _param(hidden_size), eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.layer_norm(x, self.weight.shape, self.weight, self.bias, self.eps)
+
+
 class PagedAttention(nn.Module):
     """Stores the step's K/V into this layer's paged cache and attends over it (decode rows first, then prefill).
 
@@ -159,12 +168,20 @@ class PagedAttention(nn.Module):
 
 
 class RotaryEmbedding(nn.Module):
-    """Holds the float32 cos/sin cache shared by every layer (one instance per model)."""
+    """Holds the float32 cos/sin cache shared by every layer (one instance per model). A cache narrower than
+    head_dim rotates only each head's leading channels (partial_rotary_factor); the rest pass through."""
 
     def __init__(self, cos_sin_cache: torch.Tensor, head_dim: int) -> None:
         super().__init__()
-        self.head_dim = head_dim
+        self.head_dim, self.rotary_dim = head_dim, cos_sin_cache.shape[-1]
         self.register_buffer("cos_sin_cache", cos_sin_cache.to(torch.get_default_device()), persistent=False)
 
     def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return kernels.rotary_embedding(positions, q, k, self.cos_sin_cache, self.head_dim)
+        if self.rotary_dim == self.head_dim:
+            return kernels.rotary_embedding(positions, q, k, self.cos_sin_cache, self.head_dim)
+        heads_q, heads_k = (x.view(x.shape[0], -1, self.head_dim) for x in (q, k))
+        rot_q, rot_k = kernels.rotary_embedding(positions, heads_q[..., :self.rotary_dim].flatten(1),
+                                                heads_k[..., :self.rotary_dim].flatten(1), self.cos_sin_cache,
+                                                self.rotary_dim)
+        return tuple(torch.cat((rot.view(x.shape[0], -1, self.rotary_dim), x[..., self.rotary_dim:]), -1).flatten(1)
+                     for rot, x in ((rot_q, heads_q), (rot_k, heads_k)))

@@ -13,7 +13,7 @@ from transformers import PretrainedConfig
 
 from lmport.engine.errors import UnsupportedModel
 
-SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "yarn")
+SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "yarn", "longrope")
 
 
 def rope_parameters(hf_config: PretrainedConfig, layer_type: str | None = None) -> dict[str, Any]:
@@ -25,13 +25,21 @@ def rope_parameters(hf_config: PretrainedConfig, layer_type: str | None = None) 
     if isinstance(params.get("full_attention"), dict):
         params = dict(params[layer_type or "full_attention"])
     params.setdefault("rope_type", params.get("type", "default"))
+    if params["rope_type"] == "su":  # Phi-3's early name for LongRoPE
+        params["rope_type"] = "longrope"
     params.setdefault("rope_theta", getattr(hf_config, "rope_theta", None) or 10000.0)
+    params.setdefault("partial_rotary_factor", getattr(hf_config, "partial_rotary_factor", None) or 1.0)
+    params.setdefault("original_max_position_embeddings",
+                      getattr(hf_config, "original_max_position_embeddings", None))
     if params["rope_type"] not in SUPPORTED_ROPE_TYPES:
         raise UnsupportedModel(f"rope_type {params['rope_type']!r} is not supported; supported RoPE types: "
                                f"{', '.join(SUPPORTED_ROPE_TYPES)}")
-    if params.get("partial_rotary_factor", 1.0) != 1.0:
-        raise UnsupportedModel("partial_rotary_factor != 1 is not supported")
     return params
+
+
+def rotary_dim(hf_config: PretrainedConfig, head_dim: int, layer_type: str | None = None) -> int:
+    """How many leading channels of each head are rotated (partial_rotary_factor: Phi-4-mini, ...)."""
+    return int(head_dim * rope_parameters(hf_config, layer_type)["partial_rotary_factor"])
 
 
 def rope_context_len(hf_config: PretrainedConfig) -> int:
@@ -99,9 +107,33 @@ def _yarn(inv_freq: torch.Tensor, params: dict[str, Any], hf_config: PretrainedC
     return (1.0 / (factor * pos_freqs)) * (1 - extrapolation) + inv_freq * extrapolation, float(attention_factor)
 
 
+def _longrope(params: dict[str, Any], hf_config: PretrainedConfig, dim: int,
+              positions: torch.Tensor) -> tuple[torch.Tensor, float]:
+    """LongRoPE (Phi-3): per-frequency rescaling by short_factor within the original context and by long_factor
+    beyond it, as vLLM does per position. (transformers switches every position to long_factor once the sequence
+    outgrows the original context; both agree within it.) -> (freqs [P, dim/2], attention scaling)."""
+    original = params["original_max_position_embeddings"] or hf_config.max_position_embeddings
+    factor = params.get("factor") or hf_config.max_position_embeddings / original
+    scaling = params.get("attention_factor")
+    if scaling is None:
+        scaling = 1.0 if factor <= 1.0 else math.sqrt(1 + math.log(factor) / math.log(original))
+    exponents = torch.arange(0, dim, 2, dtype=torch.int64).float() / dim
+    short, long = (1.0 / (torch.tensor(params[key], dtype=torch.float32) * params["rope_theta"] ** exponents)
+                   for key in ("short_factor", "long_factor"))
+    inv_freq = torch.where((positions < original)[:, None], short[None, :], long[None, :])
+    return positions[:, None] * inv_freq, float(scaling)
+
+
 def cos_sin_cache(hf_config: PretrainedConfig, head_dim: int, max_positions: int,
                   layer_type: str | None = None) -> torch.Tensor:
-    """float32 [max_positions, head_dim]: row p = cat(cos(p * inv_freq), sin(p * inv_freq)) * attention scaling."""
-    inv_freq, scaling = inv_freq_and_scaling(hf_config, head_dim, layer_type)
-    freqs = torch.arange(max_positions, dtype=torch.float32)[:, None] * inv_freq[None, :]
+    """float32 [max_positions, rotary_dim]: row p = cat(cos(p * inv_freq), sin(p * inv_freq)) * attention
+    scaling, for the rotated channels of a head (all of them unless partial_rotary_factor < 1)."""
+    dim = rotary_dim(hf_config, head_dim, layer_type)
+    positions = torch.arange(max_positions, dtype=torch.float32)
+    params = rope_parameters(hf_config, layer_type)
+    if params["rope_type"] == "longrope":
+        freqs, scaling = _longrope(params, hf_config, dim, positions)
+    else:
+        inv_freq, scaling = inv_freq_and_scaling(hf_config, dim, layer_type)
+        freqs = positions[:, None] * inv_freq[None, :]
     return torch.cat((freqs.cos() * scaling, freqs.sin() * scaling), dim=-1)

@@ -36,7 +36,11 @@ def load_checkpoint(model: nn.Module, weights: Iterable[tuple[str, torch.Tensor]
             raise UnsupportedModel(f"checkpoint tensor {name!r} has shape {tuple(tensor.shape)}, "
                                    f"expected {tuple(dest.shape)}")
         dest.copy_(tensor)
-        loaded.add((target, shard))
+        module = model.get_submodule(target.rsplit(".", 1)[0]) if shard is None and "." in target else None
+        if isinstance(module, Linear) and len(module.output_sizes) > 1:  # a checkpoint that is fused already (Phi-3)
+            loaded |= {(target, i) for i in range(len(module.output_sizes))}
+        else:
+            loaded.add((target, shard))
     missing = sorted(f"{n}[{s}]" if s is not None else n for n, s in _expected_tensors(model) - loaded)
     if missing:
         raise UnsupportedModel(f"checkpoint lacks {len(missing)} tensor(s): {', '.join(missing[:4])}")
