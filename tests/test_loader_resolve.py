@@ -60,12 +60,14 @@ def test_missing_revision_fails_fast(hf_home: Path) -> None:
         resolve_model("org/tiny", revision="v2")
 
 
-def test_missing_hub_id_says_where_it_looked_and_how_to_provide_it(hf_home: Path) -> None:
+def test_offline_missing_hub_id_says_where_it_looked_and_how_to_provide_it(
+        hf_home: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(ModelNotFound) as err:
         resolve_model("org/absent")
     message = str(err.value)
     assert str(hf_home / "hub" / "models--org--absent") in message
-    assert "hf download org/absent" in message and "never downloads" in message
+    assert "hf download org/absent" in message and "HF_HUB_OFFLINE is set" in message
 
 
 @pytest.mark.parametrize("alias", ["smollm2", "SmolLM2-135M-Instruct", "HuggingFaceTB/SmolLM2-135M-Instruct"])

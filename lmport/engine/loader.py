@@ -101,24 +101,66 @@ def hf_hub_cache() -> Path:
     return Path(home).expanduser() / "hub"
 
 
+# What lmport reads from a hub repo; .bin / .pt / .gguf / ONNX / other frameworks' weights are never fetched.
+HUB_FILES = ["config.json", "generation_config.json", "tokenizer*", "special_tokens_map.json", "vocab*", "merges.txt",
+             "chat_template.jinja", "*.safetensors", "model.safetensors.index.json", "sentence_bert_config.json",
+             "modules.json", "1_Pooling/config.json"]
+
+
+def hub_offline() -> bool:
+    """HF_HUB_OFFLINE, read at call time (huggingface_hub reads it once, at import)."""
+    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
+
+
 def _from_hf_cache(repo_id: str, revision: str | None) -> Path:
+    """The local HF cache's snapshot of repo_id at revision, downloaded first when the cache lacks it (unless
+    HF_HUB_OFFLINE). HF_ENDPOINT and HF_TOKEN are read at call time; huggingface_hub's progress bars go to stderr
+    (the worker's stdout is its protocol pipe)."""
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError
 
     cache = hf_hub_cache()
     looked = cache / f"models--{repo_id.replace('/', '--')}"
     try:
-        snapshot = Path(snapshot_download(repo_id, revision=revision, cache_dir=cache, local_files_only=True))
-    except (LocalEntryNotFoundError, HFValidationError, FileNotFoundError):
-        raise ModelNotFound(
-            f"model {repo_id!r} (revision {revision or 'main'}) is neither a local path nor in the local HF "
-            f"cache: looked in {looked} (cache {cache}: set HF_HUB_CACHE or HF_HOME to use another). "
-            f"lmport never downloads. Provide it by "
-            f"running `hf download {repo_id}` where there is network (then copy the cache here), or pass a local "
-            f"model directory or .gguf file as model ('smollm2' is the bundled default).") from None
+        snapshot = Path(snapshot_download(repo_id, revision=revision, cache_dir=cache, local_files_only=True,
+                                          allow_patterns=HUB_FILES))
+    except HFValidationError as exc:
+        raise ModelNotFound(f"model {repo_id!r} is neither a local path nor a valid hub id ({exc})") from None
+    except (LocalEntryNotFoundError, FileNotFoundError):
+        if hub_offline():
+            raise ModelNotFound(
+                f"model {repo_id!r} (revision {revision or 'main'}) is neither a local path nor in the local HF "
+                f"cache: looked in {looked} (cache {cache}: set HF_HUB_CACHE or HF_HOME to use another), and "
+                f"HF_HUB_OFFLINE is set, so it is not downloaded. Unset HF_HUB_OFFLINE, run `hf download {repo_id}` "
+                f"where there is network (then copy the cache here), or pass a local model directory or .gguf "
+                f"file as model ('smollm2' is the bundled default).") from None
+        snapshot = _download(repo_id, revision, cache)
     if not (snapshot / "config.json").is_file():
         raise ModelNotFound(f"the cached snapshot {snapshot} of {repo_id!r} has no config.json")
     return snapshot
+
+
+def _download(repo_id: str, revision: str | None, cache: Path) -> Path:
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import GatedRepoError, HfHubHTTPError, RepositoryNotFoundError, RevisionNotFoundError
+
+    endpoint = os.environ.get("HF_ENDPOINT") or None
+    logger.warning("downloading %s (revision %s) from %s into %s", repo_id, revision or "main",
+                   endpoint or "https://huggingface.co", cache)
+    try:
+        return Path(snapshot_download(repo_id, revision=revision, cache_dir=cache, allow_patterns=HUB_FILES,
+                                      endpoint=endpoint, token=os.environ.get("HF_TOKEN") or None))
+    except RevisionNotFoundError:
+        raise InvalidParams("revision", f"{revision!r} is not a branch, tag or commit of {repo_id!r}") from None
+    except GatedRepoError:
+        raise ModelNotFound(f"model {repo_id!r} is gated: accept its terms on the hub and set HF_TOKEN to a token "
+                            "that has access") from None
+    except RepositoryNotFoundError:
+        raise ModelNotFound(f"model {repo_id!r} is not on the hub (or is private: set HF_TOKEN), nor a local path "
+                            "or a bundled model ('smollm2')") from None
+    except (HfHubHTTPError, OSError) as exc:  # network down, server error, disk full
+        raise ModelNotFound(f"could not download {repo_id!r} from {endpoint or 'https://huggingface.co'}: "
+                            f"{type(exc).__name__}: {exc}. Set HF_HUB_OFFLINE=1 to use only the local cache") from None
 
 
 # --- options ---
@@ -220,6 +262,9 @@ def load_model(config: EngineConfig) -> LoadedModel:
     model_cls = get_model_class(hf_config)
     device = resolve_device(config.device)
     dtype = resolve_dtype(config.dtype, hf_config, device)
+    # a vision-language checkpoint (Gemma 3) serves text through its language model: from here on the model and
+    # the engine see its text config (text-only configs return themselves)
+    hf_config = hf_config.get_text_config()
     max_model_len = resolve_max_model_len(config.max_model_len, model_cls.max_context_len(hf_config),
                                           sentence_transformers_max_len(model_path))
     tokenizer_path = resolve_model(config.tokenizer, field="tokenizer") if config.tokenizer else model_path
