@@ -106,6 +106,11 @@ class RMSNorm(nn.Module):
         """Without residual: norm(x). With residual: (norm(x + residual), x + residual)."""
         return kernels.rms_norm(x, self.weight, self.eps, residual)
 
+    def add_and_norm(self, x: torch.Tensor, residual: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(norm(x + residual), x + residual), the add fused into the norm; the first layer (residual None) starts
+        the residual stream with x."""
+        return (self(x), x) if residual is None else self(x, residual)
+
 
 def layer_sliding_window(hf_config: PretrainedConfig, layer_idx: int) -> int | None:
     """The attention window of layer `layer_idx`, or None for global attention: per `layer_types` where the config

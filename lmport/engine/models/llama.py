@@ -107,10 +107,7 @@ class LlamaDecoderLayer(nn.Module):
                 residual: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
         # The residual stream is carried separately so each norm fuses the preceding residual add (a scaled branch,
         # Granite's, is scaled before that add).
-        if residual is None:
-            residual, hidden = hidden, self.input_layernorm(hidden)
-        else:
-            hidden, residual = self.input_layernorm(hidden, residual)
+        hidden, residual = self.input_layernorm.add_and_norm(hidden, residual)
         hidden = self.self_attn(positions, hidden)
         if self.residual_multiplier != 1.0:
             hidden = hidden * self.residual_multiplier
