@@ -211,7 +211,7 @@ def _prefill_kernel(q_ptr, k_cache_ptr, v_cache_ptr, cu_seqlens_q_ptr, seq_lens_
         acc, l_i, m_i = _attend_range(q, acc, l_i, m_i, full, kv_end, pos[:, None], 0, 0, k_head_ptr, v_head_ptr,
                                       table_ptr, stride_kb, stride_kt, stride_vb, stride_vt, d, d_mask, scale_log2,
                                       cap_log2, BLOCK_N, PAGE, True, DOT_F32, CAPPED)
-    out = acc / l_i[:, None]
+    out = acc / tl.maximum(l_i, 1e-30)[:, None]  # rows past q_len saw nothing (l_i 0): not stored, but no 0/0
     tl.store(out_ptr + rows[:, None] * stride_ot + head * stride_oh + d[None, :], out.to(out_ptr.dtype.element_ty),
              mask=m_mask[:, None] & d_mask[None, :])
 
