@@ -14,6 +14,8 @@ BASE = dict(vocab_size=96, hidden_size=64, intermediate_size=96, num_hidden_laye
             num_key_value_heads=2, max_position_embeddings=128, rms_norm_eps=1e-6, initializer_range=0.2)
 # the engine checks load a saved directory with the byte-level test tokenizer (260 ids)
 ENGINE_VOCAB = dict(vocab_size=260, bos_token_id=258, eos_token_id=259, pad_token_id=257)
+GEMMA3_ROPE = {"sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+               "full_attention": {"rope_type": "linear", "factor": 4.0, "rope_theta": 1000000.0}}
 
 CASES: dict[str, tuple[str, dict]] = {
     "qwen3_gqa_head_dim": ("qwen3", dict(head_dim=32)),
@@ -46,21 +48,36 @@ CASES: dict[str, tuple[str, dict]] = {
                                                              num_experts_per_tok=3, moe_intermediate_size=32,
                                                              norm_topk_prob=False, decoder_sparse_step=2,
                                                              mlp_only_layers=[0])),
-    # Gemma: windows shorter than the prompt (11 tokens), caps that bite, query_pre_attn_scalar != head_dim
+    # Gemma (more in tests/test_models_gemma.py): windows shorter than the prompt (11 tokens), caps that bite,
+    # query_pre_attn_scalar != head_dim
     "gemma2_window_softcaps": ("gemma2", dict(head_dim=16, sliding_window=4, attn_logit_softcapping=2.0,
                                               final_logit_softcapping=3.0, query_pre_attn_scalar=24)),
-    "gemma2_mha_no_caps": ("gemma2", dict(num_key_value_heads=4, head_dim=16, sliding_window=6,
-                                          attn_logit_softcapping=None, final_logit_softcapping=None,
-                                          query_pre_attn_scalar=16, tie_word_embeddings=False)),
+    "gemma2_mha_no_caps_untied": ("gemma2", dict(num_key_value_heads=4, head_dim=16, sliding_window=6,
+                                                 attn_logit_softcapping=None, final_logit_softcapping=None,
+                                                 query_pre_attn_scalar=16, tie_word_embeddings=False)),
+    # window, global, window (the default alternation); one KV head; a cap of 1 on the scores
+    "gemma2_mqa_three_layers": ("gemma2", dict(num_hidden_layers=3, num_key_value_heads=1, head_dim=32,
+                                               sliding_window=3, attn_logit_softcapping=1.0,
+                                               final_logit_softcapping=8.0, query_pre_attn_scalar=12)),
+    # window, window, global; local and (linearly scaled) global RoPE differ
     "gemma3_pattern_local_rope": ("gemma3_text", dict(num_hidden_layers=3, head_dim=16, sliding_window=5,
                                                       sliding_window_pattern=3, query_pre_attn_scalar=20,
-                                                      rope_parameters={
-                                                          "sliding_attention": {"rope_type": "default",
-                                                                                "rope_theta": 10000.0},
-                                                          "full_attention": {"rope_type": "linear", "factor": 4.0,
-                                                                             "rope_theta": 1000000.0}})),
+                                                      rope_parameters=GEMMA3_ROPE)),
     "gemma3_final_cap_gqa": ("gemma3_text", dict(num_hidden_layers=2, head_dim=32, sliding_window=3,
                                                  final_logit_softcapping=5.0, query_pre_attn_scalar=32)),
+    # a config.json as the hub has them (transformers 4 style: rope_theta, rope_local_base_freq, rope_scaling, the
+    # int sliding_window_pattern), which transformers converts into per-layer-type rope_parameters
+    "gemma3_hub_style_config": ("gemma3_text", dict(num_hidden_layers=4, head_dim=16, sliding_window=4,
+                                                    sliding_window_pattern=2, query_pre_attn_scalar=24,
+                                                    rope_theta=1000000.0, rope_local_base_freq=10000.0,
+                                                    rope_scaling={"rope_type": "linear", "factor": 8.0})),
+    # explicit layer_types (the transformers 5 form), global first; an attn_logit_softcapping that transformers'
+    # Gemma 3 ignores (so must we)
+    "gemma3_layer_types_attn_cap": ("gemma3_text", dict(num_hidden_layers=3, num_key_value_heads=1, head_dim=16,
+                                                        sliding_window=4, attn_logit_softcapping=1.5,
+                                                        query_pre_attn_scalar=8, rope_parameters=GEMMA3_ROPE,
+                                                        layer_types=["full_attention", "sliding_attention",
+                                                                     "sliding_attention"])),
 }
 
 

@@ -7,7 +7,7 @@ import (
 )
 
 // Error is every failure a call reports. Code is one of the protocol's codes (invalid_request,
-// method_not_found, invalid_params, not_found, cancelled, deadline_exceeded, overloaded, out_of_memory,
+// method_not_found, invalid_params, unsupported, not_found, cancelled, deadline_exceeded, overloaded, out_of_memory,
 // engine_error, shutting_down, internal) or one of the client's own: worker_exited (the worker process ended,
 // or was killed for not answering, while the call was pending), protocol_mismatch (the hello announced another
 // major version), protocol_error (an unreadable frame from the worker) and spawn_failed (no Python, no hello).

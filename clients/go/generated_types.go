@@ -443,14 +443,55 @@ type EngineOptions struct {
 
 	// Weight-only quantization applied on load, on CPU: 'int8' (symmetric, per output channel) or 'int4'
 	// (asymmetric, per group of quantization_group_size input channels); null keeps the weights in the model dtype.
+	// vLLM's 'awq' and 'gptq' (loading such checkpoints) are refused (unsupported): not implemented yet.
 	//
-	// Default: nil. Allowed: one of "int8", "int4".
+	// Default: nil. Allowed: one of "int8", "int4", "awq", "gptq".
 	Quantization *string `msgpack:"quantization,omitempty"`
 
 	// Input channels sharing one int4 scale and zero point.
 	//
 	// Default: 32. Allowed: one of 32, 64, 128.
 	QuantizationGroupSize *int `msgpack:"quantization_group_size,omitempty"`
+
+	// KV-cache element type: 'auto' stores K/V in the model dtype. vLLM's fp8 variants are refused (unsupported):
+	// not implemented.
+	//
+	// Default: "auto". Allowed: one of "auto", "fp8", "fp8_e4m3", "fp8_e5m2".
+	KVCacheDtype *string `msgpack:"kv_cache_dtype,omitempty"`
+
+	// GiB of CPU swap for preempted sequences' KV (vLLM). lmport recomputes preempted sequences (mostly from the
+	// prefix cache) and never swaps: only 0 is accepted.
+	//
+	// Default: 0. Allowed: >= 0.
+	SwapSpace *float64 `msgpack:"swap_space,omitempty"`
+
+	// GiB of weights to keep in CPU memory and stream to the GPU (vLLM). Not implemented: only 0 is accepted (use
+	// quantization to shrink the weights).
+	//
+	// Default: 0. Allowed: >= 0.
+	CPUOffloadGb *float64 `msgpack:"cpu_offload_gb,omitempty"`
+
+	// Processes to shard each layer across (vLLM). Only 1: run a worker pool for more processes (docs/scaling.md).
+	//
+	// Default: 1. Allowed: >= 1.
+	TensorParallelSize *int `msgpack:"tensor_parallel_size,omitempty"`
+
+	// Processes to split the layers across (vLLM). Only 1: run a worker pool for more processes (docs/scaling.md).
+	//
+	// Default: 1. Allowed: >= 1.
+	PipelineParallelSize *int `msgpack:"pipeline_parallel_size,omitempty"`
+
+	// How vLLM runs its shards: with one process (the only layout here) 'uni', 'mp' and null all mean this process;
+	// 'ray' and 'external_launcher' are refused (unsupported).
+	//
+	// Default: nil. Allowed: one of "uni", "mp", "ray", "external_launcher".
+	DistributedExecutorBackend *string `msgpack:"distributed_executor_backend,omitempty"`
+
+	// Extra vocabulary slots for LoRA adapters (vLLM, deprecated there). Adapters that add tokens are not supported:
+	// only the default is accepted.
+	//
+	// Default: 256. Allowed: >= 0.
+	LoraExtraVocabSize *int `msgpack:"lora_extra_vocab_size,omitempty"`
 
 	// Library enforcing structured_outputs: 'auto' or 'xgrammar' (the only one; vLLM's guidance and outlines are not
 	// bundled). Alias: guided_decoding_backend.
@@ -525,12 +566,47 @@ func (o *EngineOptions) validate(prefix string) error {
 		}
 	}
 	if o.Quantization != nil {
-		if err := checkChoice(prefix+"quantization", *o.Quantization, "int8", "int4"); err != nil {
+		if err := checkChoice(prefix+"quantization", *o.Quantization, "int8", "int4", "awq", "gptq"); err != nil {
 			return err
 		}
 	}
 	if o.QuantizationGroupSize != nil {
 		if err := checkChoice(prefix+"quantization_group_size", *o.QuantizationGroupSize, 32, 64, 128); err != nil {
+			return err
+		}
+	}
+	if o.KVCacheDtype != nil {
+		if err := checkChoice(prefix+"kv_cache_dtype", *o.KVCacheDtype, "auto", "fp8", "fp8_e4m3", "fp8_e5m2"); err != nil {
+			return err
+		}
+	}
+	if o.SwapSpace != nil {
+		if err := checkMin(prefix+"swap_space", float64(*o.SwapSpace), 0); err != nil {
+			return err
+		}
+	}
+	if o.CPUOffloadGb != nil {
+		if err := checkMin(prefix+"cpu_offload_gb", float64(*o.CPUOffloadGb), 0); err != nil {
+			return err
+		}
+	}
+	if o.TensorParallelSize != nil {
+		if err := checkMin(prefix+"tensor_parallel_size", float64(*o.TensorParallelSize), 1); err != nil {
+			return err
+		}
+	}
+	if o.PipelineParallelSize != nil {
+		if err := checkMin(prefix+"pipeline_parallel_size", float64(*o.PipelineParallelSize), 1); err != nil {
+			return err
+		}
+	}
+	if o.DistributedExecutorBackend != nil {
+		if err := checkChoice(prefix+"distributed_executor_backend", *o.DistributedExecutorBackend, "uni", "mp", "ray", "external_launcher"); err != nil {
+			return err
+		}
+	}
+	if o.LoraExtraVocabSize != nil {
+		if err := checkMin(prefix+"lora_extra_vocab_size", float64(*o.LoraExtraVocabSize), 0); err != nil {
 			return err
 		}
 	}
@@ -609,6 +685,27 @@ func (o *EngineOptions) fill(params map[string]any) {
 	}
 	if o.QuantizationGroupSize != nil {
 		params["quantization_group_size"] = o.QuantizationGroupSize
+	}
+	if o.KVCacheDtype != nil {
+		params["kv_cache_dtype"] = o.KVCacheDtype
+	}
+	if o.SwapSpace != nil {
+		params["swap_space"] = o.SwapSpace
+	}
+	if o.CPUOffloadGb != nil {
+		params["cpu_offload_gb"] = o.CPUOffloadGb
+	}
+	if o.TensorParallelSize != nil {
+		params["tensor_parallel_size"] = o.TensorParallelSize
+	}
+	if o.PipelineParallelSize != nil {
+		params["pipeline_parallel_size"] = o.PipelineParallelSize
+	}
+	if o.DistributedExecutorBackend != nil {
+		params["distributed_executor_backend"] = o.DistributedExecutorBackend
+	}
+	if o.LoraExtraVocabSize != nil {
+		params["lora_extra_vocab_size"] = o.LoraExtraVocabSize
 	}
 	if o.StructuredOutputsBackend != nil {
 		params["structured_outputs_backend"] = o.StructuredOutputsBackend
@@ -922,6 +1019,7 @@ var ErrorCodes = []ErrorCode{
 	{Code: "invalid_request", Retryable: false, Doc: "Not a well-formed message: a missing or wrong-typed envelope field, a duplicate id, stream on a method that does not stream."},
 	{Code: "method_not_found", Retryable: false, Doc: "No method of that name; `describe` lists them."},
 	{Code: "invalid_params", Retryable: false, Doc: "A parameter is missing, unknown, of the wrong type or out of range; details.field names it."},
+	{Code: "unsupported", Retryable: false, Doc: "A recognised option or value lmport does not implement (vLLM's swap_space, tensor_parallel_size > 1, ...); details.field names it and the message says what to use instead."},
 	{Code: "not_found", Retryable: false, Doc: "An unknown handle ref (released, or never created), or a model that is not available locally (details.field = 'model')."},
 	{Code: "cancelled", Retryable: false, Doc: "The host cancelled the request (or released its LLM handle); details.usage holds the tokens already computed."},
 	{Code: "deadline_exceeded", Retryable: false, Doc: "The request ran past its deadline and was aborted in the engine; details.usage holds the tokens already computed."},

@@ -33,6 +33,9 @@ ERROR_CODES: dict[str, tuple[bool, str]] = {
     "method_not_found": (False, "No method of that name; `describe` lists them."),
     "invalid_params": (False, "A parameter is missing, unknown, of the wrong type or out of range; details.field "
                               "names it."),
+    "unsupported": (False, "A recognised option or value lmport does not implement (vLLM's swap_space, "
+                           "tensor_parallel_size > 1, ...); details.field names it and the message says what to use "
+                           "instead."),
     "not_found": (False, "An unknown handle ref (released, or never created), or a model that is not available "
                          "locally (details.field = 'model')."),
     "cancelled": (False, "The host cancelled the request (or released its LLM handle); details.usage holds the "

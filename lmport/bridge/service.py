@@ -852,11 +852,13 @@ def to_bridge_error(exc: BaseException, *, debug: bool = False) -> BridgeError:
     # reader thread) must not wait for that.
     if isinstance(exc, BridgeError):
         return exc
-    from lmport.engine.errors import InvalidParams, ModelNotFound, OutOfKVCache, UnsupportedModel
+    from lmport.engine.errors import InvalidParams, ModelNotFound, OutOfKVCache, Unsupported, UnsupportedModel
     from lmport.engine.llm import EngineDead
 
     if isinstance(exc, InvalidParams):
         error = _invalid(exc.field, exc.message)
+    elif isinstance(exc, Unsupported):
+        error = BridgeError("unsupported", str(exc), {"field": exc.field})
     elif isinstance(exc, ModelNotFound):
         error = BridgeError("not_found", str(exc), {"field": "model"})
     elif isinstance(exc, UnsupportedModel):

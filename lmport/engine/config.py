@@ -55,10 +55,29 @@ class EngineConfig:
                                choices=["auto", "triton", "torch"])
     quantization: str | None = _opt(None, "Weight-only quantization applied on load, on CPU: 'int8' (symmetric, per "
                                     "output channel) or 'int4' (asymmetric, per group of quantization_group_size "
-                                    "input channels); null keeps the weights in the model dtype.",
-                                    choices=["int8", "int4"])
+                                    "input channels); null keeps the weights in the model dtype. vLLM's 'awq' and 'gptq' (loading such "
+                                    "checkpoints) are refused (unsupported): not implemented yet.",
+                                    choices=["int8", "int4", "awq", "gptq"])
     quantization_group_size: int = _opt(32, "Input channels sharing one int4 scale and zero point.",
                                         choices=[32, 64, 128])
+    kv_cache_dtype: str = _opt("auto", "KV-cache element type: 'auto' stores K/V in the model dtype. vLLM's fp8 "
+                               "variants are refused (unsupported): not implemented.",
+                               choices=["auto", "fp8", "fp8_e4m3", "fp8_e5m2"])
+    swap_space: float = _opt(0, "GiB of CPU swap for preempted sequences' KV (vLLM). lmport recomputes preempted "
+                             "sequences (mostly from the prefix cache) and never swaps: only 0 is accepted.", min=0)
+    cpu_offload_gb: float = _opt(0, "GiB of weights to keep in CPU memory and stream to the GPU (vLLM). Not "
+                                 "implemented: only 0 is accepted (use quantization to shrink the weights).", min=0)
+    tensor_parallel_size: int = _opt(1, "Processes to shard each layer across (vLLM). Only 1: run a worker pool for "
+                                     "more processes (docs/scaling.md).", min=1)
+    pipeline_parallel_size: int = _opt(1, "Processes to split the layers across (vLLM). Only 1: run a worker pool "
+                                       "for more processes (docs/scaling.md).", min=1)
+    distributed_executor_backend: str | None = _opt(None, "How vLLM runs its shards: with one process (the only "
+                                                    "layout here) 'uni', 'mp' and null all mean this process; 'ray' "
+                                                    "and 'external_launcher' are refused (unsupported).",
+                                                    choices=["uni", "mp", "ray", "external_launcher"])
+    lora_extra_vocab_size: int = _opt(256, "Extra vocabulary slots for LoRA adapters (vLLM, deprecated there). "
+                                      "Adapters that add tokens are not supported: only the default is accepted.",
+                                      min=0)
     structured_outputs_backend: str = _opt("auto", "Library enforcing structured_outputs: 'auto' or 'xgrammar' (the "
                                            "only one; vLLM's guidance and outlines are not bundled). Alias: "
                                            "guided_decoding_backend.", choices=["auto", "xgrammar"])
@@ -68,6 +87,7 @@ class EngineConfig:
             check_field(f, getattr(self, f.name), EngineConfig)
         if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device):
             raise InvalidParams("device", f"must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {self.device!r}")
+        _refuse_unimplemented(self)
         if not self.enable_chunked_prefill and self.max_model_len is not None \
                 and self.max_num_batched_tokens < self.max_model_len:
             raise InvalidParams("max_num_batched_tokens", f"must be >= max_model_len ({self.max_model_len}) "
@@ -89,6 +109,35 @@ class EngineConfig:
 
     def replace(self, **changes: Any) -> EngineConfig:
         return dataclasses.replace(self, **changes)
+
+
+def _refuse_unimplemented(config: EngineConfig) -> None:
+    """vLLM's options that lmport accepts by name but does not implement: refused unless at their no-op value, each
+    saying what to use instead (docs/engine.md#vllm-options-that-are-refused)."""
+    from lmport.engine.errors import Unsupported
+
+    if config.quantization in ("awq", "gptq"):
+        raise Unsupported("quantization", f"loading {config.quantization.upper()} checkpoints is not implemented "
+                                          "yet; load the unquantized checkpoint with quantization='int4' (or 'int8')")
+    if config.kv_cache_dtype != "auto":
+        raise Unsupported("kv_cache_dtype", f"{config.kv_cache_dtype!r} (an fp8 KV cache) is not implemented; use "
+                                            "'auto' (the model dtype)")
+    if config.swap_space:
+        raise Unsupported("swap_space", "preempted sequences are recomputed (mostly from the prefix cache), never "
+                                        "swapped; leave swap_space at 0")
+    if config.cpu_offload_gb:
+        raise Unsupported("cpu_offload_gb", "weight offloading is not implemented; use quantization='int8' or "
+                                            "'int4' to shrink the weights, or a smaller model")
+    for name in ("tensor_parallel_size", "pipeline_parallel_size"):
+        if getattr(config, name) > 1:
+            raise Unsupported(name, "one engine runs in one process; for more processes run a worker pool "
+                                    "(docs/scaling.md), each with its own copy of the model")
+    if config.distributed_executor_backend in ("ray", "external_launcher"):
+        raise Unsupported("distributed_executor_backend", f"{config.distributed_executor_backend!r} is not "
+                          "implemented; the engine runs in this process (null, 'uni' or 'mp')")
+    if config.lora_extra_vocab_size != 256:
+        raise Unsupported("lora_extra_vocab_size", "LoRA adapters that add vocabulary are not supported; leave it "
+                                                   "at 256")
 
 
 def reject_unknown_keys(given: dict[str, Any], owner: type | Collection[str], what: str) -> None:

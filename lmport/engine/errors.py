@@ -18,8 +18,18 @@ class InvalidParams(LMPortError, ValueError):
         self.index: int | None = None
 
 
+class Unsupported(LMPortError):
+    """A recognised option or setting that lmport does not implement; `field` names it and the message says what to
+    use instead (never silently ignored)."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(f"{field}: {message}")
+        self.field = field
+        self.message = message
+
+
 class ModelNotFound(LMPortError):
-    """The model could not be found locally (no network lookups are made)."""
+    """The model is neither bundled, local, cached, nor downloadable from the hub."""
 
 
 class UnsupportedModel(LMPortError):

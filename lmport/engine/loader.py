@@ -21,7 +21,7 @@ from torch import nn
 from transformers import AutoConfig, AutoTokenizer, GenerationConfig, PretrainedConfig, PreTrainedTokenizerBase
 
 from lmport.engine.config import EngineConfig
-from lmport.engine.errors import InvalidParams, ModelNotFound, UnsupportedModel
+from lmport.engine.errors import InvalidParams, ModelNotFound, Unsupported, UnsupportedModel
 from lmport.engine.bundled_minilm import NAMES as MINILM_NAMES
 from lmport.engine.bundled_minilm import minilm_dir
 from lmport.engine.gguf_convert import BUNDLED_NAMES, bundled_gguf, convert_gguf
@@ -259,6 +259,12 @@ def load_model(config: EngineConfig) -> LoadedModel:
         hf_config = AutoConfig.from_pretrained(model_path, trust_remote_code=config.trust_remote_code)
     except (ValueError, KeyError) as exc:  # e.g. a model_type this transformers does not know
         raise UnsupportedModel(f"cannot read {model_path / 'config.json'}: {exc}") from exc
+    quantized = getattr(hf_config, "quantization_config", None)
+    if quantized:  # an AWQ / GPTQ / bitsandbytes / fp8 checkpoint: its packed tensors have no place here
+        method = quantized.get("quant_method", "?") if isinstance(quantized, dict) else type(quantized).__name__
+        raise Unsupported("quantization", f"{model_path} is a pre-quantized checkpoint ({method}); loading those is "
+                                          "not implemented yet: load the unquantized model with quantization='int4' "
+                                          "(or 'int8')")
     model_cls = get_model_class(hf_config)
     device = resolve_device(config.device)
     dtype = resolve_dtype(config.dtype, hf_config, device)

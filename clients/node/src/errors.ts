@@ -7,7 +7,8 @@
  * worker) and `spawn_failed` (no Python found, or no hello in time).
  */
 export type ErrorCode =
-  | "invalid_request" | "method_not_found" | "invalid_params" | "not_found" | "cancelled" | "deadline_exceeded"
+  | "invalid_request" | "method_not_found" | "invalid_params" | "unsupported" | "not_found" | "cancelled"
+  | "deadline_exceeded"
   | "overloaded" | "out_of_memory" | "engine_error" | "shutting_down" | "internal"
   | "worker_exited" | "protocol_mismatch" | "protocol_error" | "spawn_failed"
   | (string & {});

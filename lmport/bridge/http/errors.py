@@ -69,6 +69,7 @@ def not_ready(message: str = "The model is still loading; retry shortly.") -> AP
 _BRIDGE_STATUS = {  # service error code -> (HTTP status, OpenAI error type); any other code is a 500 server_error
     "invalid_params": (400, "invalid_request_error"),
     "invalid_request": (400, "invalid_request_error"),
+    "unsupported": (400, "invalid_request_error"),
     "not_found": (404, "invalid_request_error"),
     "out_of_memory": (413, "invalid_request_error"),
     "cancelled": (499, "invalid_request_error"),

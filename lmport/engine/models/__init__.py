@@ -7,7 +7,7 @@ from transformers import PretrainedConfig
 
 from lmport.engine.errors import UnsupportedModel
 from lmport.engine.models.bert import BertModel
-from lmport.engine.models.gemma import Gemma2ForCausalLM, Gemma3ForCausalLM
+from lmport.engine.models.gemma import Gemma2ForCausalLM, Gemma3ForCausalLM, Gemma3ForConditionalGeneration
 from lmport.engine.models.granite import GraniteForCausalLM
 from lmport.engine.models.llama import LlamaForCausalLM
 from lmport.engine.models.mixtral import MixtralForCausalLM
@@ -32,6 +32,7 @@ MODEL_REGISTRY: dict[str, type[torch.nn.Module]] = {
     "OPTForCausalLM": OPTForCausalLM,
     "Gemma2ForCausalLM": Gemma2ForCausalLM,
     "Gemma3ForCausalLM": Gemma3ForCausalLM,
+    "Gemma3ForConditionalGeneration": Gemma3ForConditionalGeneration,  # its text part only
     "BertModel": BertModel,
 }
 # configs converted from GGUF may lack `architectures`: model_type -> architecture

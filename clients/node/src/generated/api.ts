@@ -328,9 +328,9 @@ export interface EngineOptions {
    */
   kernel_backend?: string;
   /**
-   * Weight-only quantization applied on load, on CPU: 'int8' (symmetric, per output channel) or 'int4' (asymmetric, per group of quantization_group_size input channels); null keeps the weights in the model dtype.
+   * Weight-only quantization applied on load, on CPU: 'int8' (symmetric, per output channel) or 'int4' (asymmetric, per group of quantization_group_size input channels); null keeps the weights in the model dtype. vLLM's 'awq' and 'gptq' (loading such checkpoints) are refused (unsupported): not implemented yet.
    *
-   * Default: `null`. Allowed: one of "int8", "int4".
+   * Default: `null`. Allowed: one of "int8", "int4", "awq", "gptq".
    */
   quantization?: string | null;
   /**
@@ -339,6 +339,48 @@ export interface EngineOptions {
    * Default: `32`. Allowed: one of 32, 64, 128.
    */
   quantization_group_size?: number;
+  /**
+   * KV-cache element type: 'auto' stores K/V in the model dtype. vLLM's fp8 variants are refused (unsupported): not implemented.
+   *
+   * Default: `"auto"`. Allowed: one of "auto", "fp8", "fp8_e4m3", "fp8_e5m2".
+   */
+  kv_cache_dtype?: string;
+  /**
+   * GiB of CPU swap for preempted sequences' KV (vLLM). lmport recomputes preempted sequences (mostly from the prefix cache) and never swaps: only 0 is accepted.
+   *
+   * Default: `0`. Allowed: >= 0.
+   */
+  swap_space?: number;
+  /**
+   * GiB of weights to keep in CPU memory and stream to the GPU (vLLM). Not implemented: only 0 is accepted (use quantization to shrink the weights).
+   *
+   * Default: `0`. Allowed: >= 0.
+   */
+  cpu_offload_gb?: number;
+  /**
+   * Processes to shard each layer across (vLLM). Only 1: run a worker pool for more processes (docs/scaling.md).
+   *
+   * Default: `1`. Allowed: >= 1.
+   */
+  tensor_parallel_size?: number;
+  /**
+   * Processes to split the layers across (vLLM). Only 1: run a worker pool for more processes (docs/scaling.md).
+   *
+   * Default: `1`. Allowed: >= 1.
+   */
+  pipeline_parallel_size?: number;
+  /**
+   * How vLLM runs its shards: with one process (the only layout here) 'uni', 'mp' and null all mean this process; 'ray' and 'external_launcher' are refused (unsupported).
+   *
+   * Default: `null`. Allowed: one of "uni", "mp", "ray", "external_launcher".
+   */
+  distributed_executor_backend?: string | null;
+  /**
+   * Extra vocabulary slots for LoRA adapters (vLLM, deprecated there). Adapters that add tokens are not supported: only the default is accepted.
+   *
+   * Default: `256`. Allowed: >= 0.
+   */
+  lora_extra_vocab_size?: number;
   /**
    * Library enforcing structured_outputs: 'auto' or 'xgrammar' (the only one; vLLM's guidance and outlines are not bundled). Alias: guided_decoding_backend.
    *
@@ -368,8 +410,15 @@ export const EngineOptionsFields: readonly FieldSpec[] = [
   { name: "num_gpu_blocks_override", type: "int|null", min: 1 },
   { name: "max_logprobs", type: "int", min: 0 },
   { name: "kernel_backend", type: "str", choices: ["auto", "triton", "torch"] },
-  { name: "quantization", type: "str|null", choices: ["int8", "int4"] },
+  { name: "quantization", type: "str|null", choices: ["int8", "int4", "awq", "gptq"] },
   { name: "quantization_group_size", type: "int", choices: [32, 64, 128] },
+  { name: "kv_cache_dtype", type: "str", choices: ["auto", "fp8", "fp8_e4m3", "fp8_e5m2"] },
+  { name: "swap_space", type: "float", min: 0 },
+  { name: "cpu_offload_gb", type: "float", min: 0 },
+  { name: "tensor_parallel_size", type: "int", min: 1 },
+  { name: "pipeline_parallel_size", type: "int", min: 1 },
+  { name: "distributed_executor_backend", type: "str|null", choices: ["uni", "mp", "ray", "external_launcher"] },
+  { name: "lora_extra_vocab_size", type: "int", min: 0 },
   { name: "structured_outputs_backend", type: "str", choices: ["auto", "xgrammar"] },
 ];
 
@@ -579,6 +628,7 @@ export const ERROR_CODES: Readonly<Record<string, { retryable: boolean; doc: str
   "invalid_request": { retryable: false, doc: "Not a well-formed message: a missing or wrong-typed envelope field, a duplicate id, stream on a method that does not stream." },
   "method_not_found": { retryable: false, doc: "No method of that name; `describe` lists them." },
   "invalid_params": { retryable: false, doc: "A parameter is missing, unknown, of the wrong type or out of range; details.field names it." },
+  "unsupported": { retryable: false, doc: "A recognised option or value lmport does not implement (vLLM's swap_space, tensor_parallel_size > 1, ...); details.field names it and the message says what to use instead." },
   "not_found": { retryable: false, doc: "An unknown handle ref (released, or never created), or a model that is not available locally (details.field = 'model')." },
   "cancelled": { retryable: false, doc: "The host cancelled the request (or released its LLM handle); details.usage holds the tokens already computed." },
   "deadline_exceeded": { retryable: false, doc: "The request ran past its deadline and was aborted in the engine; details.usage holds the tokens already computed." },

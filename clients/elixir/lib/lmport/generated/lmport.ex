@@ -34,6 +34,7 @@ defmodule LMPort do
     * `"invalid_request"` — Not a well-formed message: a missing or wrong-typed envelope field, a duplicate id, stream on a method that does not stream.
     * `"method_not_found"` — No method of that name; `describe` lists them.
     * `"invalid_params"` — A parameter is missing, unknown, of the wrong type or out of range; details.field names it.
+    * `"unsupported"` — A recognised option or value lmport does not implement (vLLM's swap_space, tensor_parallel_size > 1, ...); details.field names it and the message says what to use instead.
     * `"not_found"` — An unknown handle ref (released, or never created), or a model that is not available locally (details.field = 'model').
     * `"cancelled"` — The host cancelled the request (or released its LLM handle); details.usage holds the tokens already computed.
     * `"deadline_exceeded"` — The request ran past its deadline and was aborted in the engine; details.usage holds the tokens already computed.
@@ -124,9 +125,27 @@ defmodule LMPort do
       "triton", "torch".
     * `:quantization` (str | null) — Weight-only quantization applied on load, on CPU: 'int8' (symmetric, per
       output channel) or 'int4' (asymmetric, per group of quantization_group_size input channels); null keeps
-      the weights in the model dtype. Default: `nil`. Allowed: one of "int8", "int4".
+      the weights in the model dtype. vLLM's 'awq' and 'gptq' (loading such checkpoints) are refused
+      (unsupported): not implemented yet. Default: `nil`. Allowed: one of "int8", "int4", "awq", "gptq".
     * `:quantization_group_size` (int) — Input channels sharing one int4 scale and zero point. Default: `32`.
       Allowed: one of 32, 64, 128.
+    * `:kv_cache_dtype` (str) — KV-cache element type: 'auto' stores K/V in the model dtype. vLLM's fp8
+      variants are refused (unsupported): not implemented. Default: `"auto"`. Allowed: one of "auto", "fp8",
+      "fp8_e4m3", "fp8_e5m2".
+    * `:swap_space` (float) — GiB of CPU swap for preempted sequences' KV (vLLM). lmport recomputes preempted
+      sequences (mostly from the prefix cache) and never swaps: only 0 is accepted. Default: `0`. Allowed: >=
+      0.
+    * `:cpu_offload_gb` (float) — GiB of weights to keep in CPU memory and stream to the GPU (vLLM). Not
+      implemented: only 0 is accepted (use quantization to shrink the weights). Default: `0`. Allowed: >= 0.
+    * `:tensor_parallel_size` (int) — Processes to shard each layer across (vLLM). Only 1: run a worker pool
+      for more processes (docs/scaling.md). Default: `1`. Allowed: >= 1.
+    * `:pipeline_parallel_size` (int) — Processes to split the layers across (vLLM). Only 1: run a worker pool
+      for more processes (docs/scaling.md). Default: `1`. Allowed: >= 1.
+    * `:distributed_executor_backend` (str | null) — How vLLM runs its shards: with one process (the only
+      layout here) 'uni', 'mp' and null all mean this process; 'ray' and 'external_launcher' are refused
+      (unsupported). Default: `nil`. Allowed: one of "uni", "mp", "ray", "external_launcher".
+    * `:lora_extra_vocab_size` (int) — Extra vocabulary slots for LoRA adapters (vLLM, deprecated there).
+      Adapters that add tokens are not supported: only the default is accepted. Default: `256`. Allowed: >= 0.
     * `:structured_outputs_backend` (str) — Library enforcing structured_outputs: 'auto' or 'xgrammar' (the
       only one; vLLM's guidance and outlines are not bundled). Alias: guided_decoding_backend. Default:
       `"auto"`. Allowed: one of "auto", "xgrammar".

@@ -92,7 +92,7 @@ defmodule LMPort.Schema do
         "type" => "str|null",
         "required" => false,
         "default" => nil,
-        "choices" => ["int8", "int4"]
+        "choices" => ["int8", "int4", "awq", "gptq"]
       },
       %{
         "name" => "quantization_group_size",
@@ -100,6 +100,49 @@ defmodule LMPort.Schema do
         "required" => false,
         "default" => 32,
         "choices" => [32, 64, 128]
+      },
+      %{
+        "name" => "kv_cache_dtype",
+        "type" => "str",
+        "required" => false,
+        "default" => "auto",
+        "choices" => ["auto", "fp8", "fp8_e4m3", "fp8_e5m2"]
+      },
+      %{"name" => "swap_space", "type" => "float", "required" => false, "default" => 0, "min" => 0},
+      %{
+        "name" => "cpu_offload_gb",
+        "type" => "float",
+        "required" => false,
+        "default" => 0,
+        "min" => 0
+      },
+      %{
+        "name" => "tensor_parallel_size",
+        "type" => "int",
+        "required" => false,
+        "default" => 1,
+        "min" => 1
+      },
+      %{
+        "name" => "pipeline_parallel_size",
+        "type" => "int",
+        "required" => false,
+        "default" => 1,
+        "min" => 1
+      },
+      %{
+        "name" => "distributed_executor_backend",
+        "type" => "str|null",
+        "required" => false,
+        "default" => nil,
+        "choices" => ["uni", "mp", "ray", "external_launcher"]
+      },
+      %{
+        "name" => "lora_extra_vocab_size",
+        "type" => "int",
+        "required" => false,
+        "default" => 256,
+        "min" => 0
       },
       %{
         "name" => "structured_outputs_backend",
@@ -358,6 +401,7 @@ defmodule LMPort.Schema do
     %{"code" => "invalid_request", "retryable" => false},
     %{"code" => "method_not_found", "retryable" => false},
     %{"code" => "invalid_params", "retryable" => false},
+    %{"code" => "unsupported", "retryable" => false},
     %{"code" => "not_found", "retryable" => false},
     %{"code" => "cancelled", "retryable" => false},
     %{"code" => "deadline_exceeded", "retryable" => false},
