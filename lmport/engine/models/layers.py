@@ -30,14 +30,19 @@ class Linear(nn.Module):
 
     def __init__(self, input_size: int, output_sizes: list[int], bias: bool = False) -> None:
         super().__init__()
-        self.output_sizes = output_sizes
+        self.input_size, self.output_sizes = input_size, output_sizes
         self.shard_offsets = [sum(output_sizes[:i]) for i in range(len(output_sizes))]
         self.weight = _param(sum(output_sizes), input_size)
         self.bias = _param(sum(output_sizes)) if bias else None
         self.packed: torch.Tensor | None = None  # oneDNN layout of weight, see pack_cpu_linears
         self.quantized: Int8Weight | Int4Weight | None = None  # see lmport.engine.quantization
+        self.lora: nn.Module | None = None  # LoRA adapters' slots, once one targets this Linear (lmport.engine.lora)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self._base(x)
+        return y if self.lora is None else self.lora(x, y)
+
+    def _base(self, x: torch.Tensor) -> torch.Tensor:
         if self.quantized is not None:
             y = self.quantized.matmul(x)
             return y if self.bias is None else y + self.bias
