@@ -134,3 +134,39 @@ def test_slots_are_shared_reused_and_exhausted(models: dict) -> None:
     assert second != first and manager.acquire(reqs["attn_rslora"]) is None  # every slot busy: wait
     manager.release(second)
     assert manager.acquire(reqs["attn_rslora"]) == second  # the freed slot takes the new adapter
+
+
+@pytest.mark.slow
+def test_the_engine_batches_adapters_and_matches_peft_greedy(models: dict, tmp_path: Path) -> None:
+    """Three adapters and the base model in one generate call, on an engine with only two slots: the third adapter
+    waits for a slot. Every greedy continuation equals transformers' generate on PEFT's merged model, and the
+    prefix cache never serves one adapter's K/V to another (the same prompt runs under each)."""
+    from lmport.engine import LLM, SamplingParams
+
+    save_model_dir(models["base"], tmp_path / "base")
+    prompt = [5, 17, 33, 2, 9, 41, 8, 13, 21, 34, 55, 89, 144, 3, 7, 11, 19]  # > one 16-token block: cacheable
+    users = [None, "all", "attn_rslora", "mlp", "all"]
+    llm = LLM(str(tmp_path / "base"), dtype="float32", kv_cache_memory_bytes=16 << 20, enable_lora=True,
+              max_loras=2, max_lora_rank=8)
+    try:
+        greedy = SamplingParams(temperature=0.0, max_tokens=16, min_tokens=16)
+        outs = llm.generate([{"prompt_token_ids": prompt}] * len(users), greedy, use_tqdm=False,
+                            lora_request=[models["requests"][u] if u else None for u in users])
+        for user, out in zip(users, outs):
+            reference = models["merged"][user] if user else models["base"]
+            with torch.inference_mode():
+                ref = reference.generate(torch.tensor([prompt]), do_sample=False, max_new_tokens=16,
+                                         min_new_tokens=16, pad_token_id=257)
+            assert out.outputs[0].token_ids == ref[0, len(prompt):].tolist(), user
+        assert len({tuple(o.outputs[0].token_ids) for o in outs[:4]}) == 4  # four different models
+    finally:
+        llm.shutdown()
+    for options, lora, match in [({"enable_lora": True, "max_lora_rank": 4}, "all", "rank 8, above max_lora_rank 4"),
+                                 ({}, "mlp", "load it with enable_lora=True")]:
+        engine = LLM(str(tmp_path / "base"), dtype="float32", kv_cache_memory_bytes=16 << 20, **options)
+        try:
+            with pytest.raises(InvalidParams, match=match) as err:
+                engine.generate({"prompt_token_ids": prompt}, lora_request=models["requests"][lora], use_tqdm=False)
+            assert err.value.field == "lora_request"
+        finally:
+            engine.shutdown()

@@ -15,6 +15,7 @@ _EXPORTS = {
     "RequestOutput": "lmport.engine.outputs", "CompletionOutput": "lmport.engine.outputs", "Logprob": "lmport.engine.outputs",
     "RequestMetrics": "lmport.engine.outputs", "LMPortError": "lmport.engine.errors", "InvalidParams": "lmport.engine.errors",
     "ModelNotFound": "lmport.engine.errors", "OutOfKVCache": "lmport.engine.errors", "UnsupportedModel": "lmport.engine.errors",
+    "Unsupported": "lmport.engine.errors", "LoRARequest": "lmport.engine.lora",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -66,7 +66,7 @@ class BlockManager:
         size = self.block_size
         usable = (seq.num_tokens - 1) // size
         self.prefix_cache_queries += seq.num_tokens
-        parent: int | None = None
+        parent: int | None = seq.prefix_cache_salt
         for i in range(usable):
             tokens = tuple(seq.token_ids[i * size:(i + 1) * size])
             chained = hash((parent, tokens))
@@ -111,7 +111,7 @@ class BlockManager:
         if not self.enable_prefix_caching:
             return
         size = self.block_size
-        parent = seq.block_hashes[-1] if seq.block_hashes else None
+        parent = seq.block_hashes[-1] if seq.block_hashes else seq.prefix_cache_salt
         for i in range(len(seq.block_hashes), seq.num_computed_tokens // size):
             tokens = tuple(seq.token_ids[i * size:(i + 1) * size])
             chained = hash((parent, tokens))

@@ -60,6 +60,11 @@ class EngineConfig:
                                     choices=["int8", "int4", "awq", "gptq"])
     quantization_group_size: int = _opt(32, "Input channels sharing one int4 scale and zero point.",
                                         choices=[32, 64, 128])
+    enable_lora: bool = _opt(False, "Serve LoRA adapters (PEFT directories) named by each request's lora_request.")
+    max_loras: int = _opt(1, "Adapters that can run in one batch (each holds a slot of stacked weights).", min=1)
+    max_lora_rank: int = _opt(16, "Largest adapter rank accepted (sizes the slots).", min=1)
+    max_cpu_loras: int | None = _opt(None, "Adapters kept loaded in CPU memory (least recently used out); default "
+                                     "max_loras.", min=1)
     kv_cache_dtype: str = _opt("auto", "KV-cache element type: 'auto' stores K/V in the model dtype. vLLM's fp8 "
                                "variants are refused (unsupported): not implemented.",
                                choices=["auto", "fp8", "fp8_e4m3", "fp8_e5m2"])
@@ -88,6 +93,8 @@ class EngineConfig:
         if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device):
             raise InvalidParams("device", f"must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {self.device!r}")
         _refuse_unimplemented(self)
+        if self.max_cpu_loras is not None and self.max_cpu_loras < self.max_loras:
+            raise InvalidParams("max_cpu_loras", f"must be >= max_loras ({self.max_loras}), got {self.max_cpu_loras}")
         if not self.enable_chunked_prefill and self.max_model_len is not None \
                 and self.max_num_batched_tokens < self.max_model_len:
             raise InvalidParams("max_num_batched_tokens", f"must be >= max_model_len ({self.max_model_len}) "

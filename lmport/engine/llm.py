@@ -21,6 +21,7 @@ from lmport.engine.config import EngineConfig
 from lmport.engine.encoder_engine import EncoderEngine, create_engine
 from lmport.engine.errors import InvalidParams, LMPortError
 from lmport.engine.llm_engine import LLMEngine, Prompt
+from lmport.engine.lora import LoRARequest
 from lmport.engine.outputs import EmbeddingOutput, RequestOutput
 from lmport.engine.pooling import PoolingParams
 from lmport.engine.sampling_params import RequestOutputKind, SamplingParams, check_token_ids
@@ -100,13 +101,14 @@ class LLM:
 
     def add_request(self, prompt: Prompt, sampling_params: SamplingParams | None = None,
                     request_id: str | None = None, on_output: Callable[[RequestOutput], None] | None = None,
-                    on_error: Callable[[BaseException], None] | None = None) -> RequestStream:
+                    on_error: Callable[[BaseException], None] | None = None,
+                    lora_request: LoRARequest | dict | None = None) -> RequestStream:
         """Queue a request; outputs go to on_output (called on the engine thread) or to the returned stream.
 
         Validation errors (InvalidParams) are raised here, in the caller's thread.
         """
         params = sampling_params if sampling_params is not None else SamplingParams()
-        make = functools.partial(self.engine.make_request, prompt=prompt, params=params)
+        make = functools.partial(self.engine.make_request, prompt=prompt, params=params, lora_request=lora_request)
         stream, queued = self._prepare(make, request_id, on_output, on_error)
         self._enqueue([queued])
         return stream
@@ -114,17 +116,21 @@ class LLM:
     def add_requests(self, prompts: Sequence[Prompt], sampling_params: Sequence[SamplingParams],
                      request_ids: Sequence[str | None] | None = None,
                      on_output: Callable[[int, RequestOutput], None] | None = None,
-                     on_error: Callable[[BaseException], None] | None = None) -> list[RequestStream]:
+                     on_error: Callable[[BaseException], None] | None = None,
+                     lora_request: LoRARequest | dict | Sequence[LoRARequest | dict | None] | None = None,
+                     ) -> list[RequestStream]:
         """Queue several requests, all or none: every prompt is validated (in the caller's thread) before any is
         queued, and they join the same engine step. on_output gets each output with its prompt's index.
+        lora_request: one adapter for every prompt, or a list with one (or None) per prompt.
 
         An InvalidParams raised for one prompt carries `index`, that prompt's position, so a caller can name it.
         """
         if len(sampling_params) != len(prompts):
             raise InvalidParams("sampling_params", f"got {len(sampling_params)} sampling params for "
                                                    f"{len(prompts)} prompts")
-        makers = [functools.partial(self.engine.make_request, prompt=prompt, params=params)
-                  for prompt, params in zip(prompts, sampling_params)]
+        adapters = _per_prompt(lora_request, len(prompts))
+        makers = [functools.partial(self.engine.make_request, prompt=prompt, params=params, lora_request=adapter)
+                  for prompt, params, adapter in zip(prompts, sampling_params, adapters)]
         return self._add_all(makers, request_ids, on_output, on_error)
 
     def add_embed_requests(self, inputs: Sequence[Prompt], params: PoolingParams,
@@ -258,7 +264,11 @@ class LLM:
 
     def generate(self, prompts: Prompt | Sequence[Prompt],
                  sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
-                 use_tqdm: bool = True) -> list[RequestOutput]:
+                 use_tqdm: bool = True,
+                 lora_request: LoRARequest | dict | Sequence[LoRARequest | dict | None] | None = None,
+                 ) -> list[RequestOutput]:
+        """Complete every prompt (batched together); lora_request as vLLM's: one adapter for all, or one per
+        prompt (None = the base model). The engine needs enable_lora=True for it."""
         prompt_list = _as_prompt_list(prompts)
         if isinstance(sampling_params, (list, tuple)):
             if len(sampling_params) != len(prompt_list):
@@ -269,7 +279,7 @@ class LLM:
             params_list = [sampling_params or SamplingParams()] * len(prompt_list)
         # all or none: a bad prompt fails the call before any is queued
         streams = self.add_requests(prompt_list, [sp.clone(output_kind=RequestOutputKind.FINAL_ONLY)
-                                                  for sp in params_list])
+                                                  for sp in params_list], lora_request=lora_request)
         results: list[RequestOutput] = []
         with tqdm(total=len(streams), desc="Processed prompts", unit="req", disable=not use_tqdm or len(streams) < 2,
                   dynamic_ncols=True) as bar:
@@ -301,7 +311,9 @@ class LLM:
              sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
              chat_template: str | None = None, add_generation_prompt: bool = True,
              use_tqdm: bool = True, tools: list[dict[str, Any]] | None = None,
-             tool_choice: str | dict[str, Any] | None = None) -> list[RequestOutput]:
+             tool_choice: str | dict[str, Any] | None = None,
+             lora_request: LoRARequest | dict | Sequence[LoRARequest | dict | None] | None = None,
+             ) -> list[RequestOutput]:
         """Replies through the chat template. With `tools` (OpenAI's function tools) the template renders them and
         each completion carries `tool_calls` parsed from its text (which stays as generated); tool_choice
         'required' or a named tool constrains the output as vLLM does (structured outputs), 'none' neither
@@ -312,12 +324,12 @@ class LLM:
                                                                  calling.template_tools if calling else None)}
                    for c in conversations]  # type: ignore[arg-type]
         if calling is None:
-            return self.generate(prompts, sampling_params, use_tqdm)
+            return self.generate(prompts, sampling_params, use_tqdm, lora_request)
         if isinstance(sampling_params, (list, tuple)):
             sampling_params = [calling.constrain(sp) for sp in sampling_params]
         else:
             sampling_params = calling.constrain(sampling_params or SamplingParams())
-        results = self.generate(prompts, sampling_params, use_tqdm)
+        results = self.generate(prompts, sampling_params, use_tqdm, lora_request)
         for result in results:
             for output in result.outputs:
                 output.tool_calls = calling.parse(output.text, output.finish_reason).tool_calls or None
@@ -364,3 +376,14 @@ def _as_prompt_list(prompts: Prompt | Sequence[Prompt]) -> list[Prompt]:
     if isinstance(prompts, list) and prompts and all(isinstance(t, int) for t in prompts):
         return [prompts]  # one token-id prompt
     return list(prompts)
+
+
+def _per_prompt(lora_request: LoRARequest | dict | Sequence[LoRARequest | dict | None] | None,
+                count: int) -> list[LoRARequest | dict | None]:
+    """One adapter (or None) per prompt, from one for all or a list with one each."""
+    if lora_request is None or isinstance(lora_request, (LoRARequest, dict)):
+        return [lora_request] * count
+    adapters = list(lora_request)
+    if len(adapters) != count:
+        raise InvalidParams("lora_request", f"got {len(adapters)} LoRA requests for {count} prompts")
+    return adapters

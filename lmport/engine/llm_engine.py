@@ -20,6 +20,7 @@ from lmport.engine.detokenizer import IncrementalDetokenizer
 from lmport.engine.engine_base import EngineBase, Prompt, tokenize_prompt
 from lmport.engine.errors import InvalidParams
 from lmport.engine.loader import LoadedModel, load_model
+from lmport.engine.lora import LoRARequest
 from lmport.engine.model_runner import ModelRunner, StepLogits
 from lmport.engine.outputs import CompletionOutput, Logprob, PositionLogprobs, RequestOutput
 from lmport.engine.pooling import aborted_embedding, add_chunk, finish_embedding, pooled_value
@@ -43,7 +44,7 @@ class LLMEngine(EngineBase):
         self.block_manager = BlockManager(self.runner.num_blocks, config.block_size, config.enable_prefix_caching,
                                           self.runner.sliding_window)
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens,
-                                   config.enable_chunked_prefill)
+                                   config.enable_chunked_prefill, self.runner.lora)
         self.sampler = Sampler(self.vocab_size, self.eos_token_ids,
                                generator=torch.Generator(device=self.device).manual_seed(config.seed))
         self.grammars = GrammarCompiler(self.tokenizer, self.vocab_size, sorted(self.eos_token_ids))
@@ -53,8 +54,16 @@ class LLMEngine(EngineBase):
     # --- admission ---
 
     def make_request(self, request_id: str, prompt: Prompt, params: SamplingParams,
-                     on_output: Callable[[RequestOutput], None]) -> Request:
-        """Tokenize and validate a request (any thread); it joins the batch with add_request (engine thread)."""
+                     on_output: Callable[[RequestOutput], None],
+                     lora_request: LoRARequest | dict | None = None) -> Request:
+        """Tokenize and validate a request (any thread); it joins the batch with add_request (engine thread).
+        A lora_request's adapter is read (and checked) here too."""
+        lora_request = LoRARequest.of(lora_request)
+        if lora_request is not None:
+            if self.runner.lora is None:
+                raise InvalidParams("lora_request", "this engine serves no LoRA adapters: load it with "
+                                                    "enable_lora=True")
+            self.runner.lora.load(lora_request)
         text, token_ids = tokenize_prompt(self.tokenizer, prompt)
         if params.truncate_prompt_tokens is not None:
             token_ids = token_ids[-params.truncate_prompt_tokens:]
@@ -66,7 +75,7 @@ class LLMEngine(EngineBase):
         token_ids = check_token_ids(token_ids, "prompt_token_ids", self.vocab_size)
         params.verify_for_model(self.vocab_size, self.config.max_logprobs, self.max_model_len)
         request = Request(request_id=request_id, prompt=text, prompt_token_ids=token_ids, params=params,
-                          on_output=on_output)
+                          on_output=on_output, lora_request=lora_request)
         if params.bad_words:
             request.bad_words_token_ids = params.bad_words_token_ids(self.tokenizer)
         if params.prompt_logprobs is not None:
@@ -243,6 +252,7 @@ class LLMEngine(EngineBase):
 
     def _finish_request(self, request: Request) -> None:
         self.requests.pop(request.request_id, None)
+        self.scheduler.release_adapter(request)
         request.metrics.finished_time = time.time()
         self.counters["requests_finished"] += 1
         for seq in request.seqs:

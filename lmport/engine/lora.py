@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextvars
 import json
 import re
+import threading
 from collections import OrderedDict
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -192,9 +193,14 @@ class LoRAManager:
         self._slot_of: dict[int, int] = {}  # lora_int_id -> slot
         self._users: list[int] = [0] * max_loras  # requests using each slot
         self._in_slot: list[int | None] = [None] * max_loras
+        self._lock = threading.Lock()  # load() runs in callers' threads, acquire() / release() on the engine's
 
     def load(self, request: LoRARequest) -> Adapter:
         """Read (or reuse) the adapter; raises InvalidParams for a bad one, in the caller's thread."""
+        with self._lock:
+            return self._load(request)
+
+    def _load(self, request: LoRARequest) -> Adapter:
         adapter = self._loaded.get(request.lora_int_id)
         if adapter is not None and adapter.request.lora_path != request.lora_path:
             raise InvalidParams(f"{FIELD}.lora_int_id", f"id {request.lora_int_id} is already adapter "
@@ -210,18 +216,20 @@ class LoRAManager:
 
     def acquire(self, request: LoRARequest) -> int | None:
         """A slot holding the adapter (loading it into a free one), or None when every slot is in use."""
-        slot = self._slot_of.get(request.lora_int_id)
-        if slot is None:
-            free = [s for s in range(self.max_loras) if self._users[s] == 0]
-            if not free:
-                return None
-            slot = next((s for s in free if self._in_slot[s] is None), free[0])
-            self._write(slot, self.load(request))
-        self._users[slot] += 1
-        return slot
+        with self._lock:
+            slot = self._slot_of.get(request.lora_int_id)
+            if slot is None:
+                free = [s for s in range(self.max_loras) if self._users[s] == 0]
+                if not free:
+                    return None
+                slot = next((s for s in free if self._in_slot[s] is None), free[0])
+                self._write(slot, self._load(request))
+            self._users[slot] += 1
+            return slot
 
     def release(self, slot: int) -> None:
-        self._users[slot] -= 1
+        with self._lock:
+            self._users[slot] -= 1
 
     def _write(self, slot: int, adapter: Adapter) -> None:
         evicted = self._in_slot[slot]

@@ -15,6 +15,7 @@ from lmport.engine.config import CPU_DEFAULT_KV_CACHE_BYTES, EngineConfig, GiB
 from lmport.engine.cuda_graphs import DecodeGraphs
 from lmport.engine.errors import OutOfKVCache
 from lmport.engine.forward_context import AttentionMetadata, forward_context
+from lmport.engine.lora import LoRAManager, batch_for, lora_context
 from lmport.engine.loader import LoadedModel
 from lmport.engine.models.layers import PagedAttention
 from lmport.engine.pooling import chunk_pool
@@ -41,6 +42,9 @@ class ModelRunner:
         self.device = loaded.device
         self.dtype = loaded.dtype
         self.block_size = config.block_size
+        self.lora = (LoRAManager(self.model, config.max_loras, config.max_lora_rank,
+                                 config.max_cpu_loras or config.max_loras, loaded.dtype, loaded.device)
+                     if config.enable_lora else None)
         self.attention_layers = [m for m in self.model.modules() if isinstance(m, PagedAttention)]
         first = self.attention_layers[0]
         self.num_kv_heads, self.head_dim = first.num_kv_heads, first.head_dim
@@ -177,12 +181,14 @@ class ModelRunner:
         ids = self._to_device(input_ids, torch.int64)
         pos = self._to_device(positions, torch.int64)
         graphs = self.decode_graphs
+        adapters = batch_for([slot for seq, n in zip(batch.seqs, batch.num_new_tokens) for slot in
+                              [seq.request.lora_slot] * n], ids.device) if self.lora is not None else None
         with kernels.use_backend(self.kernel_backend):
-            if graphs is not None and decode_only and d <= graphs.max_batch_size:
+            if graphs is not None and decode_only and d <= graphs.max_batch_size and adapters is None:
                 hidden = graphs.run(ids, pos, meta)
                 self.graphed_steps += 1
-            else:
-                with forward_context(meta):
+            else:  # steps with LoRA rows run eagerly: their row grouping changes from step to step
+                with forward_context(meta), lora_context(adapters):
                     hidden = self.model(ids, pos)
             pooled = {}
             for i, first_row in pool_rows.items():

@@ -14,7 +14,8 @@ from collections import deque
 from dataclasses import dataclass
 
 from lmport.engine.block_manager import BlockManager
-from lmport.engine.sequence import Sequence, SequenceStatus
+from lmport.engine.lora import LoRAManager
+from lmport.engine.sequence import Request, Sequence, SequenceStatus
 
 
 @dataclass(slots=True)
@@ -27,8 +28,9 @@ class ScheduledBatch:
 
 class Scheduler:
     def __init__(self, block_manager: BlockManager, max_num_seqs: int, max_num_batched_tokens: int,
-                 enable_chunked_prefill: bool) -> None:
+                 enable_chunked_prefill: bool, lora: LoRAManager | None = None) -> None:
         self.block_manager = block_manager
+        self.lora = lora
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         self.enable_chunked_prefill = enable_chunked_prefill
@@ -67,6 +69,8 @@ class Scheduler:
         # Waiting sequences, in arrival order, unless this step already had to preempt.
         while self.waiting and not preempted and budget > 0 and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
+            if not self._holds_adapter(seq.request):
+                break  # its adapter waits for a free slot; arrival order is kept
             first_time = seq.request.metrics.first_scheduled_time is None
             if not seq.block_table and seq.request.uses_prefix_cache:
                 hits = self.block_manager.match_prefix(seq)
@@ -106,6 +110,22 @@ class Scheduler:
             self.waiting.remove(seq)
         seq.status = SequenceStatus.FINISHED
         self.block_manager.free(seq)
+
+    def _holds_adapter(self, request: Request) -> bool:
+        """A LoRA request takes its adapter's slot when first scheduled and keeps it until it finishes."""
+        if request.lora_request is None or request.lora_slot >= 0:
+            return True
+        assert self.lora is not None, "a LoRA request reached an engine without enable_lora"
+        slot = self.lora.acquire(request.lora_request)
+        if slot is None:
+            return False
+        request.lora_slot = slot
+        return True
+
+    def release_adapter(self, request: Request) -> None:
+        if request.lora_slot >= 0:
+            self.lora.release(request.lora_slot)  # type: ignore[union-attr]
+            request.lora_slot = -1
 
     def _tokens_to_schedule(self, seq: Sequence, budget: int) -> int:
         remaining = seq.num_uncomputed_tokens

@@ -20,6 +20,8 @@ from lmport.engine.outputs import PositionLogprobs, RequestMetrics, RequestOutpu
 if TYPE_CHECKING:
     import xgrammar
 
+    from lmport.engine.lora import LoRARequest
+
     from lmport.engine.detokenizer import IncrementalDetokenizer
     from lmport.engine.pooling import PoolingParams
     from lmport.engine.sampling_params import SamplingParams
@@ -60,6 +62,12 @@ class Sequence:
         return len(self.token_ids)
 
     @property
+    def prefix_cache_salt(self) -> int | None:
+        """Seeds the prefix-cache hash chain: K/V computed under one LoRA adapter are never served to another."""
+        lora = self.request.lora_request
+        return None if lora is None else lora.lora_int_id
+
+    @property
     def num_output_tokens(self) -> int:
         return len(self.token_ids) - self.num_prompt_tokens
 
@@ -90,6 +98,8 @@ class Request:
     prompt_logprobs: list[PositionLogprobs | None] | None = None
     bad_words_token_ids: list[list[int]] | None = None
     pooling: PoolingParams | None = None  # an embed request: prefill only, pooled instead of sampled
+    lora_request: LoRARequest | None = None
+    lora_slot: int = -1  # the adapter's slot while the request holds one (lmport.engine.lora), else -1
     pooled: torch.Tensor | None = field(default=None, init=False, repr=False)  # running pooled value (float32)
     # The prompt's distinct token ids on the sampling device, for repetition_penalty (SamplingBatch fills it once).
     distinct_prompt_token_ids: torch.Tensor | None = field(default=None, init=False, repr=False)
