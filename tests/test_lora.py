@@ -170,3 +170,30 @@ def test_the_engine_batches_adapters_and_matches_peft_greedy(models: dict, tmp_p
             assert err.value.field == "lora_request"
         finally:
             engine.shutdown()
+
+
+@pytest.mark.slow
+def test_the_worker_takes_lora_request_on_generate_and_chat(tmp_path: Path) -> None:
+    """Over real pipes, on the bundled SmolLM2: an adapter changes the greedy output, the same call without it does
+    not, and a worker engine without enable_lora answers invalid_params naming lora_request."""
+    from lmport.bridge.client import Client
+    from lmport.bridge.protocol import BridgeError
+    from tests.bridge_helpers import REPO
+    from tests.make_lora_adapter import make_adapter
+
+    adapter = {"lora_name": "smol-test", "lora_int_id": 1, "lora_path": str(make_adapter(tmp_path / "adapter"))}
+    greedy = {"temperature": 0, "max_tokens": 12}
+    client = Client.spawn(cwd=str(REPO))
+    try:
+        llm = client.llm("smollm2", enable_lora=True, max_lora_rank=8, kv_cache_memory_bytes=256 << 20,
+                         max_model_len=512)
+        base, tuned = client.generate(llm, ["The capital of France is"] * 2, greedy, lora_request=[None, adapter])
+        assert base["outputs"][0]["text"] != tuned["outputs"][0]["text"]
+        again = client.chat(llm, [{"role": "user", "content": "Hi"}], greedy, lora_request=adapter)
+        assert again[0]["outputs"][0]["token_ids"]
+        plain = client.llm("smollm2", kv_cache_memory_bytes=256 << 20, max_model_len=512)
+        with pytest.raises(BridgeError) as err:
+            client.generate(plain, "Hi", greedy, lora_request=adapter)
+        assert err.value.code == "invalid_params" and err.value.details["field"] == "lora_request"
+    finally:
+        client.close()

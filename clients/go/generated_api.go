@@ -67,6 +67,12 @@ type GenerateOptions struct {
 	//
 	// Pass a *SamplingParams, or a []*SamplingParams where a list is allowed. Default: nil.
 	SamplingParams any `msgpack:"sampling_params,omitempty"`
+
+	// a LoRA adapter ({lora_name, lora_int_id, lora_path: a PEFT adapter directory}) for every prompt, or a list
+	// with one (or null) each; the engine needs enable_lora.
+	//
+	// Default: nil.
+	LoraRequest any `msgpack:"lora_request,omitempty"`
 }
 
 // Validate checks the fields that are set against the manifest's types, choices and ranges.
@@ -81,6 +87,11 @@ func (o *GenerateOptions) validate(prefix string) error {
 			return err
 		}
 	}
+	if o.LoraRequest != nil {
+		if err := checkType(prefix+"lora_request", o.LoraRequest, "dict|list|null"); err != nil {
+			return err
+		}
+	}
 	return nil
 }
 
@@ -91,6 +102,9 @@ func (o *GenerateOptions) fill(params map[string]any) {
 	}
 	if o.SamplingParams != nil {
 		params["sampling_params"] = o.SamplingParams
+	}
+	if o.LoraRequest != nil {
+		params["lora_request"] = o.LoraRequest
 	}
 }
 
@@ -174,6 +188,12 @@ type ChatOptions struct {
 	//
 	// Default: nil.
 	ToolChoice any `msgpack:"tool_choice,omitempty"`
+
+	// a LoRA adapter ({lora_name, lora_int_id, lora_path: a PEFT adapter directory}) for every conversation, or a
+	// list with one (or null) each; the engine needs enable_lora.
+	//
+	// Default: nil.
+	LoraRequest any `msgpack:"lora_request,omitempty"`
 }
 
 // Validate checks the fields that are set against the manifest's types, choices and ranges.
@@ -190,6 +210,11 @@ func (o *ChatOptions) validate(prefix string) error {
 	}
 	if o.ToolChoice != nil {
 		if err := checkType(prefix+"tool_choice", o.ToolChoice, "str|dict|null"); err != nil {
+			return err
+		}
+	}
+	if o.LoraRequest != nil {
+		if err := checkType(prefix+"lora_request", o.LoraRequest, "dict|list|null"); err != nil {
 			return err
 		}
 	}
@@ -215,6 +240,9 @@ func (o *ChatOptions) fill(params map[string]any) {
 	}
 	if o.ToolChoice != nil {
 		params["tool_choice"] = o.ToolChoice
+	}
+	if o.LoraRequest != nil {
+		params["lora_request"] = o.LoraRequest
 	}
 }
 

@@ -453,6 +453,26 @@ type EngineOptions struct {
 	// Default: 32. Allowed: one of 32, 64, 128.
 	QuantizationGroupSize *int `msgpack:"quantization_group_size,omitempty"`
 
+	// Serve LoRA adapters (PEFT directories) named by each request's lora_request.
+	//
+	// Default: false.
+	EnableLora *bool `msgpack:"enable_lora,omitempty"`
+
+	// Adapters that can run in one batch (each holds a slot of stacked weights).
+	//
+	// Default: 1. Allowed: >= 1.
+	MaxLoras *int `msgpack:"max_loras,omitempty"`
+
+	// Largest adapter rank accepted (sizes the slots).
+	//
+	// Default: 16. Allowed: >= 1.
+	MaxLoraRank *int `msgpack:"max_lora_rank,omitempty"`
+
+	// Adapters kept loaded in CPU memory (least recently used out); default max_loras.
+	//
+	// Default: nil. Allowed: >= 1.
+	MaxCPULoras *int `msgpack:"max_cpu_loras,omitempty"`
+
 	// KV-cache element type: 'auto' stores K/V in the model dtype. vLLM's fp8 variants are refused (unsupported):
 	// not implemented.
 	//
@@ -575,6 +595,21 @@ func (o *EngineOptions) validate(prefix string) error {
 			return err
 		}
 	}
+	if o.MaxLoras != nil {
+		if err := checkMin(prefix+"max_loras", float64(*o.MaxLoras), 1); err != nil {
+			return err
+		}
+	}
+	if o.MaxLoraRank != nil {
+		if err := checkMin(prefix+"max_lora_rank", float64(*o.MaxLoraRank), 1); err != nil {
+			return err
+		}
+	}
+	if o.MaxCPULoras != nil {
+		if err := checkMin(prefix+"max_cpu_loras", float64(*o.MaxCPULoras), 1); err != nil {
+			return err
+		}
+	}
 	if o.KVCacheDtype != nil {
 		if err := checkChoice(prefix+"kv_cache_dtype", *o.KVCacheDtype, "auto", "fp8", "fp8_e4m3", "fp8_e5m2"); err != nil {
 			return err
@@ -685,6 +720,18 @@ func (o *EngineOptions) fill(params map[string]any) {
 	}
 	if o.QuantizationGroupSize != nil {
 		params["quantization_group_size"] = o.QuantizationGroupSize
+	}
+	if o.EnableLora != nil {
+		params["enable_lora"] = o.EnableLora
+	}
+	if o.MaxLoras != nil {
+		params["max_loras"] = o.MaxLoras
+	}
+	if o.MaxLoraRank != nil {
+		params["max_lora_rank"] = o.MaxLoraRank
+	}
+	if o.MaxCPULoras != nil {
+		params["max_cpu_loras"] = o.MaxCPULoras
 	}
 	if o.KVCacheDtype != nil {
 		params["kv_cache_dtype"] = o.KVCacheDtype

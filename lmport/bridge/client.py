@@ -286,21 +286,24 @@ class _Methods(abc.ABC):
         return self._invoke("sampling_params", fields, timeout=timeout)
 
     def generate(self, llm: Handle, prompts: Any, sampling_params: dict[str, Any] | list[dict[str, Any]] | None
-                 = None, *, stream: bool = False, timeout: float | None = None,
-                 timeout_profile: str | None = None) -> Any:
-        """RequestOutput maps, one per prompt; with stream=True an iterator of delta chunks (see docs)."""
-        return self._invoke("generate", _params(llm=llm, prompts=prompts, sampling_params=sampling_params),
+                 = None, *, lora_request: dict[str, Any] | list[dict[str, Any] | None] | None = None,
+                 stream: bool = False, timeout: float | None = None, timeout_profile: str | None = None) -> Any:
+        """RequestOutput maps, one per prompt; with stream=True an iterator of delta chunks (see docs).
+        lora_request: {lora_name, lora_int_id, lora_path} for every prompt, or one (or None) each."""
+        return self._invoke("generate", _params(llm=llm, prompts=prompts, sampling_params=sampling_params,
+                                                lora_request=lora_request),
                             stream=stream, timeout=timeout, timeout_profile=timeout_profile)
 
     def chat(self, llm: Handle, messages: list[Any], sampling_params: dict[str, Any] | list[dict[str, Any]] | None
              = None, *, chat_template: str | None = None, add_generation_prompt: bool = True,
              tools: list[dict[str, Any]] | None = None, tool_choice: str | dict[str, Any] | None = None,
+             lora_request: dict[str, Any] | list[dict[str, Any] | None] | None = None,
              stream: bool = False, timeout: float | None = None, timeout_profile: str | None = None) -> Any:
         """RequestOutput maps, one per conversation; with tools, each completion's calls are in its tool_calls."""
         return self._invoke("chat", _params(llm=llm, messages=messages, sampling_params=sampling_params,
                                             chat_template=chat_template,
                                             add_generation_prompt=add_generation_prompt, tools=tools,
-                                            tool_choice=tool_choice),
+                                            tool_choice=tool_choice, lora_request=lora_request),
                             stream=stream, timeout=timeout, timeout_profile=timeout_profile)
 
     def embed(self, llm: Handle, input: Any, *, pooling: str = "mean", normalize: bool = True,

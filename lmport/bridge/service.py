@@ -426,24 +426,28 @@ class Service:
 
     @rpc("ml_inference", streaming=True, result="list[RequestOutput]", chunk="Chunk", summary="Summary")
     def generate(self, call: Call, llm: Handle, prompts: str | list[str] | list[int] | dict | list[dict],
-                 sampling_params: dict | list[dict] | None = None) -> list[dict]:
+                 sampling_params: dict | list[dict] | None = None,
+                 lora_request: dict | list[dict | None] | None = None) -> list[dict]:
         """Generate completions for one prompt or many; all of them (and every other caller's) batch together.
 
         Args:
             llm: the LLM handle (map or ref string).
             prompts: a string, a list of strings, one token-id list, a {prompt_token_ids} map, or a list of maps.
             sampling_params: one map of SamplingParams fields for every prompt, or a list with one per prompt.
+            lora_request: a LoRA adapter ({lora_name, lora_int_id, lora_path: a PEFT adapter directory}) for every
+                  prompt, or a list with one (or null) each; the engine needs enable_lora.
         Returns:
             One RequestOutput per prompt, in order. With stream: each chunk is a Chunk (one request's delta)
             and the response a Summary (usage, and per request its metrics and how each completion ended).
         """
         entry = self._entry(llm)
-        self._start_generation(call, entry, _prompt_list(prompts), sampling_params)
+        self._start_generation(call, entry, _prompt_list(prompts), sampling_params, lora_request=lora_request)
 
     @rpc("ml_inference", streaming=True, result="list[RequestOutput]", chunk="Chunk", summary="Summary")
     def chat(self, call: Call, llm: Handle, messages: list[dict] | list, sampling_params: dict | list[dict] | None
              = None, chat_template: str | None = None, add_generation_prompt: bool = True,
-             tools: list[dict] | None = None, tool_choice: str | dict | None = None) -> list[dict]:
+             tools: list[dict] | None = None, tool_choice: str | dict | None = None,
+             lora_request: dict | list[dict | None] | None = None) -> list[dict]:
         """Generate replies to one conversation or many, through the model's chat template.
 
         Args:
@@ -457,6 +461,8 @@ class Service:
             tool_choice: 'auto' (the default with tools: calls parsed from the text), 'none', 'required' (the
                   output is constrained to calls of the declared tools) or {type: 'function', function: {name}}
                   (constrained to that tool's parameters schema).
+            lora_request: a LoRA adapter ({lora_name, lora_int_id, lora_path: a PEFT adapter directory}) for every
+                  conversation, or a list with one (or null) each; the engine needs enable_lora.
         Returns:
             Like generate: one RequestOutput per conversation (prompt is null; prompt_token_ids is the
             templated prompt), or Chunks and a Summary when streaming.
@@ -472,7 +478,7 @@ class Service:
                                "expected a non-empty list of {role, content} maps")
             prompts.append({"prompt_token_ids": entry.llm.apply_chat_template(
                 conversation, chat_template, add_generation_prompt, calling.template_tools if calling else None)})
-        self._start_generation(call, entry, prompts, sampling_params, calling)
+        self._start_generation(call, entry, prompts, sampling_params, calling, lora_request)
 
     @rpc("ml_inference", deferred=True, result="EmbedResult")
     def embed(self, call: Call, llm: Handle, input: str | list[str] | list[int] | list, pooling: str = "mean",
@@ -630,7 +636,8 @@ class Service:
         return entry
 
     def _start_generation(self, call: Call, entry: _Engine, prompts: list[Any],
-                          sampling_params: dict | list[dict] | None, calling: ToolCalling | None = None) -> None:
+                          sampling_params: dict | list[dict] | None, calling: ToolCalling | None = None,
+                          lora_request: dict | list[dict | None] | None = None) -> None:
         from lmport.engine.sampling_params import RequestOutputKind
 
         params = _sampling_list(sampling_params, len(prompts))
@@ -642,7 +649,8 @@ class Service:
         def queue(request_ids: list[str]) -> None:
             generation.request_ids = request_ids
             entry.llm.add_requests(prompts, [sp.clone(output_kind=kind) for sp in params], request_ids,
-                                   on_output=generation.on_output, on_error=generation.on_error)
+                                   on_output=generation.on_output, on_error=generation.on_error,
+                                   lora_request=lora_request)
 
         self._queue_requests(call, entry, len(prompts), queue, _name_the_prompt)
 

@@ -340,6 +340,30 @@ export interface EngineOptions {
    */
   quantization_group_size?: number;
   /**
+   * Serve LoRA adapters (PEFT directories) named by each request's lora_request.
+   *
+   * Default: `false`.
+   */
+  enable_lora?: boolean;
+  /**
+   * Adapters that can run in one batch (each holds a slot of stacked weights).
+   *
+   * Default: `1`. Allowed: >= 1.
+   */
+  max_loras?: number;
+  /**
+   * Largest adapter rank accepted (sizes the slots).
+   *
+   * Default: `16`. Allowed: >= 1.
+   */
+  max_lora_rank?: number;
+  /**
+   * Adapters kept loaded in CPU memory (least recently used out); default max_loras.
+   *
+   * Default: `null`. Allowed: >= 1.
+   */
+  max_cpu_loras?: number | null;
+  /**
    * KV-cache element type: 'auto' stores K/V in the model dtype. vLLM's fp8 variants are refused (unsupported): not implemented.
    *
    * Default: `"auto"`. Allowed: one of "auto", "fp8", "fp8_e4m3", "fp8_e5m2".
@@ -412,6 +436,10 @@ export const EngineOptionsFields: readonly FieldSpec[] = [
   { name: "kernel_backend", type: "str", choices: ["auto", "triton", "torch"] },
   { name: "quantization", type: "str|null", choices: ["int8", "int4", "awq", "gptq"] },
   { name: "quantization_group_size", type: "int", choices: [32, 64, 128] },
+  { name: "enable_lora", type: "bool" },
+  { name: "max_loras", type: "int", min: 1 },
+  { name: "max_lora_rank", type: "int", min: 1 },
+  { name: "max_cpu_loras", type: "int|null", min: 1 },
   { name: "kv_cache_dtype", type: "str", choices: ["auto", "fp8", "fp8_e4m3", "fp8_e5m2"] },
   { name: "swap_space", type: "float", min: 0 },
   { name: "cpu_offload_gb", type: "float", min: 0 },
@@ -655,6 +683,7 @@ const METHODS: Readonly<Record<string, MethodSpec>> = {
     { name: "llm", type: "handle", required: true },
     { name: "prompts", type: "str|list[str]|list[int]|dict|list[dict]", required: true },
     { name: "sampling_params", type: "dict|list[dict]|null", fields: SamplingParamsFields },
+    { name: "lora_request", type: "dict|list|null" },
     ],
   },
   "chat": {
@@ -666,6 +695,7 @@ const METHODS: Readonly<Record<string, MethodSpec>> = {
     { name: "add_generation_prompt", type: "bool" },
     { name: "tools", type: "list[dict]|null" },
     { name: "tool_choice", type: "str|dict|null" },
+    { name: "lora_request", type: "dict|list|null" },
     ],
   },
   "embed": {
@@ -730,6 +760,12 @@ export interface GenerateOptions extends CallOptions {
    * Default: `null`.
    */
   sampling_params?: SamplingParams | SamplingParams[] | null;
+  /**
+   * a LoRA adapter ({lora_name, lora_int_id, lora_path: a PEFT adapter directory}) for every prompt, or a list with one (or null) each; the engine needs enable_lora.
+   *
+   * Default: `null`.
+   */
+  lora_request?: Record<string, unknown> | unknown[] | null;
 }
 
 /** Options of `Worker.chat`: its optional parameters and the call options. */
@@ -764,6 +800,12 @@ export interface ChatOptions extends CallOptions {
    * Default: `null`.
    */
   tool_choice?: string | Record<string, unknown> | null;
+  /**
+   * a LoRA adapter ({lora_name, lora_int_id, lora_path: a PEFT adapter directory}) for every conversation, or a list with one (or null) each; the engine needs enable_lora.
+   *
+   * Default: `null`.
+   */
+  lora_request?: Record<string, unknown> | unknown[] | null;
 }
 
 /** Options of `Worker.embed`: its optional parameters and the call options. */

@@ -129,6 +129,13 @@ defmodule LMPort do
       (unsupported): not implemented yet. Default: `nil`. Allowed: one of "int8", "int4", "awq", "gptq".
     * `:quantization_group_size` (int) — Input channels sharing one int4 scale and zero point. Default: `32`.
       Allowed: one of 32, 64, 128.
+    * `:enable_lora` (bool) — Serve LoRA adapters (PEFT directories) named by each request's lora_request.
+      Default: `false`.
+    * `:max_loras` (int) — Adapters that can run in one batch (each holds a slot of stacked weights). Default:
+      `1`. Allowed: >= 1.
+    * `:max_lora_rank` (int) — Largest adapter rank accepted (sizes the slots). Default: `16`. Allowed: >= 1.
+    * `:max_cpu_loras` (int | null) — Adapters kept loaded in CPU memory (least recently used out); default
+      max_loras. Default: `nil`. Allowed: >= 1.
     * `:kv_cache_dtype` (str) — KV-cache element type: 'auto' stores K/V in the model dtype. vLLM's fp8
       variants are refused (unsupported): not implemented. Default: `"auto"`. Allowed: one of "auto", "fp8",
       "fp8_e4m3", "fp8_e5m2".
@@ -251,6 +258,9 @@ defmodule LMPort do
       `skip_special_tokens`, `spaces_between_special_tokens`, `include_stop_str_in_output`, `logit_bias`,
       `allowed_token_ids`, `bad_words`, `truncate_prompt_tokens`, `output_kind`, `structured_outputs`),
       checked locally. Default: `nil`.
+    * `:lora_request` (dict | list | null) — a LoRA adapter ({lora_name, lora_int_id, lora_path: a PEFT
+      adapter directory}) for every prompt, or a list with one (or null) each; the engine needs enable_lora.
+      Default: `nil`.
     * `:stream` — `true` returns `{:ok, stream}`: a lazy `Stream` of the chunks' deltas;
       halting it early cancels the request in the worker. `:with_summary` also ends the
       stream with `{:summary, response}` (usage, finish reasons, metrics)
@@ -293,6 +303,9 @@ defmodule LMPort do
     * `:tool_choice` (str | dict | null) — 'auto' (the default with tools: calls parsed from the text),
       'none', 'required' (the output is constrained to calls of the declared tools) or {type: 'function',
       function: {name}} (constrained to that tool's parameters schema). Default: `nil`.
+    * `:lora_request` (dict | list | null) — a LoRA adapter ({lora_name, lora_int_id, lora_path: a PEFT
+      adapter directory}) for every conversation, or a list with one (or null) each; the engine needs
+      enable_lora. Default: `nil`.
     * `:stream` — `true` returns `{:ok, stream}`: a lazy `Stream` of the chunks' deltas;
       halting it early cancels the request in the worker. `:with_summary` also ends the
       stream with `{:summary, response}` (usage, finish reasons, metrics)

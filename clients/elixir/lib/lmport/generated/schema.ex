@@ -101,6 +101,22 @@ defmodule LMPort.Schema do
         "default" => 32,
         "choices" => [32, 64, 128]
       },
+      %{"name" => "enable_lora", "type" => "bool", "required" => false, "default" => false},
+      %{"name" => "max_loras", "type" => "int", "required" => false, "default" => 1, "min" => 1},
+      %{
+        "name" => "max_lora_rank",
+        "type" => "int",
+        "required" => false,
+        "default" => 16,
+        "min" => 1
+      },
+      %{
+        "name" => "max_cpu_loras",
+        "type" => "int|null",
+        "required" => false,
+        "default" => nil,
+        "min" => 1
+      },
       %{
         "name" => "kv_cache_dtype",
         "type" => "str",
@@ -311,6 +327,12 @@ defmodule LMPort.Schema do
           "type" => "dict|list[dict]|null",
           "required" => false,
           "default" => nil
+        },
+        %{
+          "name" => "lora_request",
+          "type" => "dict|list|null",
+          "required" => false,
+          "default" => nil
         }
       ]
     },
@@ -335,7 +357,13 @@ defmodule LMPort.Schema do
           "default" => true
         },
         %{"name" => "tools", "type" => "list[dict]|null", "required" => false, "default" => nil},
-        %{"name" => "tool_choice", "type" => "str|dict|null", "required" => false, "default" => nil}
+        %{"name" => "tool_choice", "type" => "str|dict|null", "required" => false, "default" => nil},
+        %{
+          "name" => "lora_request",
+          "type" => "dict|list|null",
+          "required" => false,
+          "default" => nil
+        }
       ]
     },
     "embed" => %{
