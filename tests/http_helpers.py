@@ -118,7 +118,8 @@ class FakeBackend:
         return self.tokenize("".join(f"{m['role']}:{m.get('content') or ''};" for m in messages))
 
     def submit(self, prompts: list[list[int]], sampling: dict[str, Any], on_chunk: Callable[[dict[str, Any]], None],
-               on_done: Callable[[Any, BaseException | None], None]) -> Callable[[], None]:
+               on_done: Callable[[Any, BaseException | None], None],
+               lora_request: dict[str, Any] | None = None) -> Callable[[], None]:
         self.submitted.append((prompts, sampling))
         if self.refuse is not None:
             on_done(None, self.refuse)

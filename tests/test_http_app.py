@@ -301,7 +301,7 @@ class _RefusedFromAnotherThread(FakeBackend):
         self.reading = threading.Event()  # the other thread has looked at the generation and is held
         self.assigned = threading.Event()  # the event loop stored what submit returned
 
-    def submit(self, prompts, sampling, on_chunk, on_done):
+    def submit(self, prompts, sampling, on_chunk, on_done, lora_request=None):
         refusal = BridgeError("invalid_params", "prompts: refused", {"field": "prompts"})
         threading.Thread(target=on_done, args=(None, refusal), name="refuser").start()
         self.reading.wait(1)  # (code that never looks is not held: the refusal has long arrived)
@@ -362,7 +362,7 @@ def test_failed_load_and_unknown_path_answer_as_documented(server) -> None:
 class _FailsMidStream(FakeBackend):
     """One chunk of text, then the engine fails (on its own thread, after submit returned)."""
 
-    def submit(self, prompts, sampling, on_chunk, on_done):
+    def submit(self, prompts, sampling, on_chunk, on_done, lora_request=None):
         def later() -> None:
             time.sleep(0.05)
             on_chunk({"index": 0, "outputs": [{"index": 0, "text": "x", "token_ids": [120], "finish_reason": None,

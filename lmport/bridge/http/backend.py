@@ -78,12 +78,13 @@ class ServiceBackend:
                      chat_template: str | None) -> ToolCalling | None:
         return self.service.get_llm(self.ref).tool_calling(tools, tool_choice, chat_template)
 
-    def submit(self, prompts: list[list[int]], sampling: dict[str, Any], on_chunk: OnChunk,
-               on_done: OnDone) -> Callable[[], None]:
-        """Start one streaming `generate` call for every prompt; returns its cancel."""
+    def submit(self, prompts: list[list[int]], sampling: dict[str, Any], on_chunk: OnChunk, on_done: OnDone,
+               lora_request: dict[str, Any] | None = None) -> Callable[[], None]:
+        """Start one streaming `generate` call for every prompt (under a LoRA adapter when given); returns its
+        cancel."""
         call = Call(f"http-{next(self._ids)}", "generate",
                     {"llm": self.ref, "prompts": [{"prompt_token_ids": p} for p in prompts],
-                     "sampling_params": sampling},
+                     "sampling_params": sampling, "lora_request": lora_request},
                     stream=True, on_chunk=on_chunk, on_done=on_done)
         self.service.submit(call)
         return call.cancel

@@ -38,7 +38,8 @@ async def admit_chat(body: ChatCompletionRequest, state: ServerState, identity: 
                                                  template_tools)], fields)
     fields = state.fit([prompt], fields, "messages", renames.get("max_tokens", "max_tokens"))
     sampling = state.sampling(fields, renames)
-    admitted = await state.admit(identity, [prompt], sampling, "chatcmpl", {**renames, "prompts": "messages"})
+    admitted = await state.admit(identity, [prompt], sampling, "chatcmpl", {**renames, "prompts": "messages"},
+                                 model=model)
     admitted.generation.watch(receive)
     return ChatView(body, model, admitted, state, calling)
 

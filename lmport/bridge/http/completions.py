@@ -25,7 +25,7 @@ async def create_completion(body: CompletionRequest, request: Request, state: Se
     # echo shows the prompt the model saw: a truncated one is its kept tokens' text, not the text that was sent
     texts = [text if len(kept) == len(all_ids) else kept for text, kept, all_ids in zip(texts, prompts, whole)]
     sampling = state.sampling(state.fit(prompts, fields, "prompt", "max_tokens"))
-    admitted = await state.admit(identity, prompts, sampling, "cmpl", {"prompts": "prompt"})
+    admitted = await state.admit(identity, prompts, sampling, "cmpl", {"prompts": "prompt"}, model=model)
     admitted.generation.watch(request.receive)
     return await respond(CompletionReply(body, model, admitted, state, texts, prompts), body.stream,
                          body.include_usage)

@@ -35,6 +35,8 @@ class ServeConfig:
     port: int = _opt(8000, "TCP port to listen on (0 picks a free one).", min=0, max=65535)
     served_model_name: list[str] = _opt([], "Names the API answers to (the `model` field); default: the model "
                                         "argument. The first is reported in responses.")
+    lora_modules: list[str] = _opt([], "LoRA adapters to serve, each `name=path` to a PEFT adapter directory "
+                                   "(vLLM's --lora-modules); a request's `model` may name one. Needs enable_lora.")
     api_key: list[str] = _opt([], "Accepted Bearer keys for /v1/*, /tokenize, /detokenize and lmport's own "
                               "endpoints (several allowed; "
                               "comma-separated in LMPORT_API_KEY). None: no authentication.")
@@ -54,6 +56,10 @@ class ServeConfig:
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
             check_field(f, getattr(self, f.name), ServeConfig)
+        for entry in self.lora_modules:
+            name, _, path = entry.partition("=")
+            if not name or not path:
+                raise InvalidParams("lora_modules", f"expected name=path, got {entry!r}")
 
 
 @dataclass(slots=True)
@@ -68,6 +74,13 @@ class Settings:
     @property
     def model_names(self) -> list[str]:
         return self.serve.served_model_name or [self.model]
+
+    @property
+    def lora_requests(self) -> dict[str, dict[str, Any]]:
+        """Served adapter name -> its lora_request (ids 1, 2, ... in the order given)."""
+        pairs = [entry.partition("=")[::2] for entry in self.serve.lora_modules]
+        return {name: {"lora_name": name, "lora_int_id": i, "lora_path": path}
+                for i, (name, path) in enumerate(pairs, 1)}
 
 
 def _schema() -> dict[str, dict[str, Any]]:
@@ -121,7 +134,9 @@ def _build(values: dict[str, Any], schema: dict[str, dict[str, Any]]) -> Setting
     serve_values = {k: v for k, v in values.items() if schema[k]["target"] == "serve"}
     engine_values = {k: v for k, v in values.items() if schema[k]["target"] == "engine"}
     serve = ServeConfig(**serve_values)  # both validate types, ranges and choices, naming the setting
-    EngineConfig.from_dict(engine_values)
+    engine = EngineConfig.from_dict(engine_values)
+    if serve.lora_modules and not engine.enable_lora:
+        raise InvalidParams("lora_modules", "serving LoRA adapters needs enable_lora (--enable-lora)")
     return Settings(serve=serve, engine=engine_values)
 
 

@@ -39,8 +39,8 @@ class Backend(Protocol):
                      chat_template: str | None) -> ToolCalling | None: ...  # validated; None without tools
     def embed(self, inputs: list[list[int]], pooling: str, normalize: bool,
               dimensions: int | None) -> dict[str, Any]: ...  # the worker's EmbedResult
-    def submit(self, prompts: list[list[int]], sampling: dict[str, Any], on_chunk: OnChunk,
-               on_done: OnDone) -> Callable[[], None]: ...  # returns cancel
+    def submit(self, prompts: list[list[int]], sampling: dict[str, Any], on_chunk: OnChunk, on_done: OnDone,
+               lora_request: dict[str, Any] | None = None) -> Callable[[], None]: ...  # returns cancel
     def stats(self) -> dict[str, Any]: ...
     def service_stats(self) -> dict[str, Any]: ...
     def close(self) -> None: ...
@@ -83,6 +83,7 @@ class Generation:
     metrics: ServerMetrics
     prompts: list[list[int]]
     sampling: dict[str, Any]
+    lora_request: dict[str, Any] | None = None
     usage: Usage = field(default_factory=Usage)
     client_gone: bool = False
     _queue: asyncio.Queue[Any] = field(default_factory=asyncio.Queue)
@@ -118,7 +119,7 @@ class Generation:
         def submit() -> Callable[[], None]:
             nonlocal submitting
             try:
-                return self.backend.submit(self.prompts, self.sampling, on_chunk, on_done)
+                return self.backend.submit(self.prompts, self.sampling, on_chunk, on_done, self.lora_request)
             finally:
                 with lock:
                     submitting = False

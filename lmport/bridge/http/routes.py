@@ -52,10 +52,14 @@ async def version() -> dict:
 
 @router.get("/v1/models")
 async def models(state: ServerState = Depends(get_state), _: str = Depends(authenticated)) -> dict:
-    return {"object": "list", "data": [
-        {"id": name, "object": "model", "created": int(state.started), "owned_by": "lmport",
-         "root": state.settings.model, "max_model_len": state.backend.max_model_len if state.ready else None}
-        for name in state.model_names]}
+    max_model_len = state.backend.max_model_len if state.ready else None
+    base = [{"id": name, "object": "model", "created": int(state.started), "owned_by": "lmport",
+             "root": state.settings.model, "parent": None, "max_model_len": max_model_len}
+            for name in state.model_names]
+    adapters = [{"id": name, "object": "model", "created": int(state.started), "owned_by": "lmport",
+                 "root": lora["lora_path"], "parent": state.model_names[0], "max_model_len": max_model_len}
+                for name, lora in state.adapters.items()]  # vLLM's shape: the adapter's path, its base model
+    return {"object": "list", "data": base + adapters}
 
 
 @router.post("/v1/completions")

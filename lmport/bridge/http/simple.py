@@ -90,7 +90,7 @@ async def _answer(reply_class: type[SimpleReply], body: _SimpleRequest, request:
     longest = max(range(len(prompts)), key=lambda i: len(prompts[i]))
     param = f"{prompt_param}[{longest}]" if prompt_param == "prompts" else prompt_param
     sampling = state.sampling(state.fit(prompts, fields, param, "max_tokens"))
-    admitted = await state.admit(identity, prompts, sampling, "gen", {"prompts": prompt_param})
+    admitted = await state.admit(identity, prompts, sampling, "gen", {"prompts": prompt_param}, model=model)
     admitted.generation.watch(request.receive)
     return await respond(reply_class(model, admitted, state, began), stream, include_usage=False)
 

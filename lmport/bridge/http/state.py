@@ -56,6 +56,7 @@ class ServerState:
         self.settings = settings
         self.backend = backend
         self.model_names = settings.model_names
+        self.adapters = settings.lora_requests  # served LoRA adapter name -> lora_request
         self.keys = KeyChecker(settings.serve.api_key)
         self.limiter = RateLimiter(settings.serve.rate_limit_rpm, settings.serve.rate_limit_tpm)
         self.ready = False
@@ -95,10 +96,10 @@ class ServerState:
             raise not_ready()
 
     def check_model(self, requested: str | None) -> str:
-        """The name to report in responses; 404 for a model this server does not serve."""
-        if requested is None or requested in self.model_names:
+        """The name to report in responses (the base model's or a served adapter's); 404 for any other."""
+        if requested is None or requested in self.model_names or requested in self.adapters:
             return self.model_names[0] if requested is None else requested
-        raise model_not_found(requested, self.model_names)
+        raise model_not_found(requested, self.model_names + list(self.adapters))
 
     def sampling(self, fields: dict[str, Any], renames: dict[str, str] | None = None) -> dict[str, Any]:
         try:
@@ -165,11 +166,12 @@ class ServerState:
             raise _rate_error(decision.limit, decision.retry_after_s)
 
     async def admit(self, identity: str, prompts: list[list[int]], sampling: dict[str, Any], prefix: str,
-                    renames: dict[str, str] | None = None) -> Admitted:
-        """Charge the rate limiter (429 with Retry-After when over), then submit every prompt to the engine."""
+                    renames: dict[str, str] | None = None, model: str | None = None) -> Admitted:
+        """Charge the rate limiter (429 with Retry-After when over), then submit every prompt to the engine (under
+        the LoRA adapter `model` names, if it names one)."""
         cost = sum(len(p) for p in prompts) + sampling["max_tokens"] * sampling.get("n", 1) * len(prompts)
         self.charge(identity, cost)
-        generation = Generation(self.backend, self.metrics, prompts, sampling)
+        generation = Generation(self.backend, self.metrics, prompts, sampling, self.adapters.get(model or ""))
         try:
             await generation.start()
         except Exception as exc:  # noqa: BLE001 — admission errors (bad token ids, ...) answer 4xx
