@@ -24,7 +24,7 @@ def make_adapter(out: Path, seed: int = 0) -> Path:
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "lora_B" in name:
-                p.normal_(0, 0.05)
+                p.normal_(0, 0.3)  # strong enough to change greedy text within a few tokens
     model.save_pretrained(out)
     return out
 

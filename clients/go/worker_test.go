@@ -847,3 +847,38 @@ func TestNoWorkerOutlivesAKilledHost(t *testing.T) {
 		t.Fatal("the worker outlived its host")
 	}
 }
+
+func TestLoRARequest(t *testing.T) {
+	useShared(t)
+	ctx := context.Background()
+	python, root, err := findPython("")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if root == "" { // LMPORT_PYTHON given: the repository is two levels up from this package
+		root, _ = filepath.Abs(filepath.Join("..", ".."))
+	}
+	dir := filepath.Join(t.TempDir(), "adapter")
+	if out, err := exec.Command(python, filepath.Join(root, "tests", "make_lora_adapter.py"), dir).CombinedOutput(); err != nil {
+		t.Fatalf("make_lora_adapter: %v\n%s", err, out)
+	}
+	adapter := map[string]any{"lora_name": "smol-test", "lora_int_id": 1, "lora_path": dir}
+	options := engineOptions()
+	options.EnableLora, options.MaxLoraRank = Ptr(true), Ptr(8)
+	lora, err := shared.LLM(ctx, "smollm2", options)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer shared.Release(ctx, lora)
+	greedy := &SamplingParams{MaxTokens: Ptr(10), Temperature: Ptr(0.0)}
+	outs, err := shared.Generate(ctx, lora, []string{"The capital of France is", "The capital of France is"},
+		&GenerateOptions{SamplingParams: greedy, LoraRequest: []any{nil, adapter}})
+	if err != nil || outs[0].Outputs[0].Text == outs[1].Outputs[0].Text {
+		t.Fatalf("the adapter changed nothing: %+v %v", outs, err)
+	}
+	_, err = shared.Generate(ctx, sharedLLM, "x", &GenerateOptions{SamplingParams: greedy, LoraRequest: adapter})
+	var lerr *Error
+	if !errors.As(err, &lerr) || lerr.Code != "invalid_params" || lerr.Details["field"] != "lora_request" {
+		t.Fatalf("an engine without enable_lora: %v", err)
+	}
+}

@@ -30,6 +30,38 @@ defmodule LMPort.WorkerTest do
     end
   end
 
+  test "a LoRA adapter (lora_request) changes the output; an engine without enable_lora refuses it",
+       %{llm: llm} do
+    {:ok, python} = LMPort.Python.find([])
+    root = LMPort.Python.checkout_root() || Path.expand("../..", File.cwd!())
+    dir = Path.join(System.tmp_dir!(), "lmport-lora-#{System.unique_integer([:positive])}")
+    {_, 0} = System.cmd(python, [Path.join([root, "tests", "make_lora_adapter.py"]), dir])
+    adapter = %{lora_name: "smol-test", lora_int_id: 1, lora_path: dir}
+
+    lora =
+      LMPort.llm!(@worker, "smollm2",
+        kv_cache_memory_bytes: 256 * 1024 * 1024,
+        max_model_len: 2048,
+        enable_lora: true,
+        max_lora_rank: 8
+      )
+
+    greedy = [max_tokens: 10, temperature: 0]
+
+    [base, tuned] =
+      LMPort.generate!(@worker, lora, ["The capital of France is", "The capital of France is"],
+        sampling_params: greedy,
+        lora_request: [nil, adapter]
+      )
+
+    assert hd(base["outputs"])["text"] != hd(tuned["outputs"])["text"]
+
+    assert {:error, %LMPort.Error{code: "invalid_params", details: %{"field" => "lora_request"}}} =
+             LMPort.generate(@worker, llm, "x", sampling_params: greedy, lora_request: adapter)
+
+    LMPort.release!(@worker, lora)
+  end
+
   test "generate returns plain RequestOutput maps", %{llm: llm} do
     outputs =
       LMPort.generate!(@worker, llm, ["The capital of France is", "1, 2, 3,"],
@@ -71,8 +103,11 @@ defmodule LMPort.WorkerTest do
 
     assert [%{"outputs" => [%{"text" => answer}]}] =
              LMPort.generate!(@worker, llm, "Answer:",
-               sampling_params: %{"max_tokens" => 5, "temperature" => 0,
-                 "structured_outputs" => %{"choice" => ["left", "right"]}}
+               sampling_params: %{
+                 "max_tokens" => 5,
+                 "temperature" => 0,
+                 "structured_outputs" => %{"choice" => ["left", "right"]}
+               }
              )
 
     assert answer in ["left", "right"]

@@ -1,10 +1,13 @@
 // Against the real worker (`python -m lmport.bridge.worker`) on the bundled model: one worker shared by the calls,
 // fresh ones where a test kills or closes its worker.
 import assert from "node:assert/strict";
-import { spawn, type ChildProcess } from "node:child_process";
+import { execFileSync, spawn, type ChildProcess } from "node:child_process";
+import { mkdtempSync } from "node:fs";
+import { tmpdir } from "node:os";
+import { join } from "node:path";
 import { after, before, test } from "node:test";
 import {
-  LMPortError, Worker, type ChunkOutput, type CompletionOutput, type HandleMap, type RequestMetrics, type RequestOutput,
+  LMPortError, Worker, findPython, type ChunkOutput, type CompletionOutput, type HandleMap, type RequestMetrics, type RequestOutput,
   type EmbedResult, type SpawnOptions, type Summary, type Usage,
 } from "../src/index.js";
 import { groupAlive, waitFor } from "./helpers.js";
@@ -55,6 +58,23 @@ test("generate returns RequestOutputs", async () => {
     assert.equal(typeof out.outputs[0].text, "string");
     assert.equal(out.outputs[0].finish_reason, "length");
   }
+});
+
+test("a LoRA adapter (lora_request) changes the output; an engine without enable_lora refuses it", async () => {
+  const { python, projectRoot } = findPython();
+  const dir = join(mkdtempSync(join(tmpdir(), "lmport-lora-")), "adapter");
+  execFileSync(python, [join(projectRoot ?? join(process.cwd(), "..", ".."), "tests", "make_lora_adapter.py"), dir],
+    { stdio: "ignore" });
+  const adapter = { lora_name: "smol-test", lora_int_id: 1, lora_path: dir };
+  const lora = await worker.llm("smollm2", { ...ENGINE, enable_lora: true, max_lora_rank: 8 });
+  const greedy = { max_tokens: 10, temperature: 0 };
+  const [base, tuned] = await worker.generate(lora, ["The capital of France is", "The capital of France is"],
+    { sampling_params: greedy, lora_request: [null, adapter] });
+  assert.notEqual(tuned.outputs[0].text, base.outputs[0].text);
+  const bad = await expectError(worker.generate(llm, "x", { sampling_params: greedy, lora_request: adapter }),
+    "invalid_params");
+  assert.equal(bad.details.field, "lora_request");
+  await worker.release(lora);
 });
 
 test("chat applies the template", async () => {
