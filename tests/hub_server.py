@@ -73,37 +73,37 @@ def _handler(hub: FakeHub) -> type[BaseHTTPRequestHandler]:
                 return self._resolve(repo_id, revision, filename)
             self._error(404, "EntryNotFound")
 
-        def _repo(self, repo_id: str) -> HubRepo | None:
+        def _commit(self, repo_id: str, revision: str) -> tuple[str, dict[str, bytes]] | None:
+            """(commit sha, its files), or None once the hub's error is answered: an unknown (or private) repo is a
+            401, a gated one without a token too, an unknown revision a 404."""
             repo = hub.repos.get(repo_id)
             if repo is None:
-                self._error(401, "RepoNotFound")  # the hub answers 401 for an unknown or private repo
-            elif repo.gated and not self.headers.get("Authorization"):
-                self._error(401, "GatedRepo")
-                return None
-            return repo
-
-        def _api(self, repo_id: str, revision: str, kind: str) -> None:
-            repo = self._repo(repo_id)
-            if repo is None:
-                return
+                return self._error(401, "RepoNotFound")
+            if repo.gated and not self.headers.get("Authorization"):
+                return self._error(401, "GatedRepo")
             commit = hub.commit_of(repo, revision)
             if commit is None:
                 return self._error(404, "RevisionNotFound")
+            return commit, repo.commits[commit]
+
+        def _api(self, repo_id: str, revision: str, kind: str) -> None:
+            found = self._commit(repo_id, revision)
+            if found is None:
+                return
+            commit, files = found
             if kind == "revision":
-                body = {"id": repo_id, "sha": commit, "siblings": [{"rfilename": n} for n in repo.commits[commit]]}
+                body = {"id": repo_id, "sha": commit, "siblings": [{"rfilename": name} for name in files]}
             else:
                 body = [{"type": "file", "path": name, "size": len(data), "oid": hashlib.sha1(data).hexdigest()}
-                        for name, data in repo.commits[commit].items()]
+                        for name, data in files.items()]
             self._reply(200, json.dumps(body).encode(), {"Content-Type": "application/json"})
 
         def _resolve(self, repo_id: str, revision: str, filename: str) -> None:
-            repo = self._repo(repo_id)
-            if repo is None:
+            found = self._commit(repo_id, revision)
+            if found is None:
                 return
-            commit = hub.commit_of(repo, revision)
-            if commit is None:
-                return self._error(404, "RevisionNotFound")
-            data = repo.commits[commit].get(filename)
+            commit, files = found
+            data = files.get(filename)
             if data is None:
                 return self._error(404, "EntryNotFound")
             self._reply(200, data, {"X-Repo-Commit": commit, "ETag": f'"{hashlib.sha1(data).hexdigest()}"',
