@@ -5,10 +5,12 @@ identical to `generate` and seeded sampling identical alone and in a batch of 16
 from __future__ import annotations
 
 import pytest
-from transformers import AutoConfig, PretrainedConfig
+import torch
+from transformers import AutoConfig, DynamicCache, PretrainedConfig
 
-from tests.model_family_checks import build_hf, build_pair, check_engine_greedy_and_seeded, check_paged_logits, \
-    save_model_dir
+from tests.model_family_checks import PARITY_ATOL, build_hf, build_pair, check_engine_greedy_and_seeded, \
+    check_paged_logits, save_model_dir
+from tests.model_harness import PagedHarness, PagedSeq
 
 BASE = dict(vocab_size=96, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=2, max_position_embeddings=128, rms_norm_eps=1e-6, initializer_range=0.2)
@@ -97,6 +99,21 @@ def test_engine_greedy_and_seeded_sampling_match(case: str, tmp_path) -> None:
     hf = build_hf(config_of(case, **ENGINE_VOCAB))
     check_engine_greedy_and_seeded(hf, save_model_dir(hf, tmp_path))
 
+
+def test_phi3_longrope_uses_long_factors_past_the_original_context() -> None:
+    """A prefill inside original_max_position_embeddings (8), then decode steps past it, against transformers'
+    cached forward step by step (its factors follow the step's last position, as ours follow each position).
+    The engine checks above stay inside the original context: transformers' `generate` re-encodes the whole
+    sequence with long factors once it outgrows it, which a KV cache cannot do."""
+    hf, ours = build_pair(config_of("phi3_longrope", original_max_position_embeddings=8))
+    tokens = torch.randint(0, hf.config.vocab_size, (20,), generator=torch.Generator().manual_seed(3)).tolist()
+    harness, seq, hf_cache = PagedHarness(ours), PagedSeq(), DynamicCache(config=hf.config)
+    for start, end in [(0, 6), *((p, p + 1) for p in range(6, len(tokens)))]:
+        got = harness.step([(seq, tokens[start:end])])[0]
+        with torch.no_grad():
+            expected = hf(torch.tensor([tokens[start:end]]), cache=hf_cache,
+                          position_ids=torch.arange(start, end)[None]).logits[0]
+        torch.testing.assert_close(got, expected, atol=PARITY_ATOL, rtol=0, msg=lambda m: f"step {start}: {m}")
 
 
 def test_opt_loads_the_hub_checkpoints_unprefixed_names() -> None:

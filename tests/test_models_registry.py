@@ -86,20 +86,3 @@ def test_an_unsupported_activation_is_named() -> None:
                                                "gelu_pytorch_tanh"):
         LlamaForCausalLM(LlamaConfig(**TINY, hidden_act="gelu"))
 
-
-def test_longrope_uses_short_factors_inside_the_original_context_and_long_ones_beyond() -> None:
-    from transformers import Phi3Config
-
-    from lmport.engine.models.rope import cos_sin_cache
-
-    short, long = [1.0, 2.0], [4.0, 8.0]
-    config = Phi3Config(hidden_size=16, num_attention_heads=4, max_position_embeddings=64, pad_token_id=0,
-                        original_max_position_embeddings=16,
-                        rope_parameters=dict(rope_type="longrope", rope_theta=100.0, short_factor=short,
-                                             long_factor=long))
-    cache = cos_sin_cache(config, 4, 64)
-    scaling = (1 + torch.log(torch.tensor(4.0)) / torch.log(torch.tensor(16.0))).sqrt()  # factor 64 / 16
-    for position, factors in ((15, short), (16, long), (63, long)):
-        inv_freq = 1.0 / (torch.tensor(factors) * 100.0 ** torch.tensor([0.0, 0.5]))
-        expected = torch.cat(((position * inv_freq).cos(), (position * inv_freq).sin())) * scaling
-        torch.testing.assert_close(cache[position], expected)

@@ -110,8 +110,10 @@ def _yarn(inv_freq: torch.Tensor, params: dict[str, Any], hf_config: PretrainedC
 def _longrope(params: dict[str, Any], hf_config: PretrainedConfig, dim: int,
               positions: torch.Tensor) -> tuple[torch.Tensor, float]:
     """LongRoPE (Phi-3): per-frequency rescaling by short_factor within the original context and by long_factor
-    beyond it, as vLLM does per position. (transformers switches every position to long_factor once the sequence
-    outgrows the original context; both agree within it.) -> (freqs [P, dim/2], attention scaling)."""
+    beyond it, chosen per position so that a key's rotation never depends on its batch mates. This is transformers'
+    cached forward, step by step; its `generate` re-encodes every position with long_factor once the sequence
+    outgrows the original context, and vLLM switches the whole batch when any position in it has.
+    -> (freqs [P, dim/2], attention scaling)."""
     original = params["original_max_position_embeddings"] or hf_config.max_position_embeddings
     factor = params.get("factor") or hf_config.max_position_embeddings / original
     scaling = params.get("attention_factor")
