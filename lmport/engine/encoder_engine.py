@@ -40,7 +40,7 @@ class EncoderEngine(EngineBase):
         self.max_batch = 0
 
     def make_request(self, request_id: str, prompt: Prompt, params: SamplingParams,
-                     on_output: Callable[[Any], None]) -> Request:
+                     on_output: Callable[[Any], None], lora_request: Any = None) -> Request:
         raise InvalidParams("model", f"{self.model_path} is an encoder (embedding) model: it serves embed, not "
                                      "generate or chat")
 
