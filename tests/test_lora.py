@@ -118,6 +118,12 @@ def test_bad_adapters_are_refused_by_field(models: dict, tmp_path: Path) -> None
     with pytest.raises(InvalidParams) as err:
         LoRARequest("x", 0, str(tmp_path))
     assert err.value.field == "lora_request.lora_int_id"
+    from peft import LoraConfig, get_peft_model  # a target lmport serves no LoRA for (vLLM: no lm_head LoRA)
+    get_peft_model(copy.deepcopy(models["base"]), LoraConfig(r=2, target_modules=["lm_head"])).save_pretrained(
+        tmp_path / "head")
+    with pytest.raises(InvalidParams, match="targets 'lm_head', which this model has no LoRA-capable") as err:
+        manager.load(LoRARequest("head", 8, str(tmp_path / "head")))
+    assert err.value.field == "lora_request"
     with pytest.raises(InvalidParams, match="already adapter 'mlp'"):
         manager.load(models["requests"]["mlp"])
         manager.load(LoRARequest("other", models["requests"]["mlp"].lora_int_id, str(tmp_path)))
