@@ -4,7 +4,6 @@ one runs under it."""
 
 from __future__ import annotations
 
-from pathlib import Path
 
 import openai
 import pytest

@@ -12,7 +12,6 @@ import torch
 from torch import nn
 from transformers import PretrainedConfig
 
-from lmport import kernels
 from lmport.engine.models.layers import (Embedding, Linear, PagedAttention, RMSNorm, RotaryEmbedding,
                                          gated_activation, layer_sliding_window)
 from lmport.engine.models.rope import cos_sin_cache, rope_context_len
