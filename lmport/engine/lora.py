@@ -27,10 +27,8 @@ import torch
 from torch import nn
 
 from lmport.engine.errors import InvalidParams
+from lmport.engine.models.llama import FUSED_PROJECTIONS
 
-# checkpoint projection -> (lmport's fused Linear, shard); other targets keep their name with shard 0
-FUSED_TARGETS = {"q_proj": ("qkv_proj", 0), "k_proj": ("qkv_proj", 1), "v_proj": ("qkv_proj", 2),
-                 "gate_proj": ("gate_up_proj", 0), "up_proj": ("gate_up_proj", 1)}
 FIELD = "lora_request"
 
 
@@ -163,7 +161,7 @@ def read_peft_adapter(request: LoRARequest, max_rank: int, targets: dict[str, li
             continue
         b = tensors[name.replace("lora_A", "lora_B")]
         *prefix, proj = match[1].split(".")
-        fused, shard = FUSED_TARGETS.get(proj, (proj, 0))
+        fused, shard = FUSED_PROJECTIONS.get(proj, (proj, 0))  # the checkpoint loader's own mapping
         target = ".".join([*prefix, fused])
         if target not in targets:
             raise InvalidParams(FIELD, f"adapter {request.lora_name!r} targets {match[1]!r}, which this model has no "

@@ -18,7 +18,7 @@ from lmport.engine.models.rope import cos_sin_cache, rope_context_len
 from lmport.engine.models.weights import load_checkpoint
 
 # checkpoint projection name -> (fused parameter module, shard index)
-_FUSED = {"q_proj": ("qkv_proj", 0), "k_proj": ("qkv_proj", 1), "v_proj": ("qkv_proj", 2),
+FUSED_PROJECTIONS = {"q_proj": ("qkv_proj", 0), "k_proj": ("qkv_proj", 1), "v_proj": ("qkv_proj", 2),
           "gate_proj": ("gate_up_proj", 0), "up_proj": ("gate_up_proj", 1)}
 
 
@@ -174,7 +174,7 @@ class LlamaForCausalLM(nn.Module):
             if "rotary_emb.inv_freq" in name or (self.tie_word_embeddings and name == "lm_head.weight"):
                 return None  # recomputed here / shared with the embedding
             *prefix, proj, kind = name.split(".")
-            proj, shard = _FUSED.get(proj, (proj, None))
+            proj, shard = FUSED_PROJECTIONS.get(proj, (proj, None))
             return ".".join([*prefix, proj, kind]), shard
 
         load_checkpoint(self, weights, place)
