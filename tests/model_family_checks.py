@@ -12,12 +12,16 @@ A family's test module builds its configs and calls these; see tests/test_models
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from transformers import AutoModelForCausalLM, PretrainedConfig
 
 from lmport.engine.models import get_model_class
 from tests.model_harness import PagedHarness, PagedSeq, save_tokenizer
+
+if TYPE_CHECKING:
+    from lmport.engine import LLM
 
 PARITY_ATOL = 1e-4
 
@@ -108,12 +112,19 @@ def check_engine_greedy_and_seeded(hf: torch.nn.Module, path: Path, new_tokens: 
                                   min_new_tokens=new_tokens, pad_token_id=hf.config.pad_token_id or 0)
             assert out.outputs[0].token_ids == ref[0, len(prompt):].tolist(), prompt
 
-        seeded = SamplingParams(temperature=1.0, top_p=0.9, seed=1234, max_tokens=16, ignore_eos=True)
-        other = SamplingParams(temperature=0.8, max_tokens=16, ignore_eos=True)
-        alone = llm.generate({"prompt_token_ids": prompts[1]}, seeded, use_tqdm=False)[0].outputs[0].token_ids
-        batch_prompts = [{"prompt_token_ids": prompts[i % 3] * (1 + i % 2)} for i in range(15)]
-        batch = llm.generate(batch_prompts[:9] + [{"prompt_token_ids": prompts[1]}] + batch_prompts[9:],
-                             [other] * 9 + [seeded] + [other] * 6, use_tqdm=False)
-        assert batch[9].outputs[0].token_ids == alone
+        check_seeded_batch_invariance(llm, prompts)
     finally:
         llm.shutdown()
+
+
+def check_seeded_batch_invariance(llm: LLM, prompts: list[list[int]]) -> None:
+    """A seeded sampled request gives the same tokens alone and as row 9 of a batch of 16 mixed requests."""
+    from lmport.engine import SamplingParams
+
+    seeded = SamplingParams(temperature=1.0, top_p=0.9, seed=1234, max_tokens=16, ignore_eos=True)
+    other = SamplingParams(temperature=0.8, max_tokens=16, ignore_eos=True)
+    alone = llm.generate({"prompt_token_ids": prompts[1]}, seeded, use_tqdm=False)[0].outputs[0].token_ids
+    batch_prompts = [{"prompt_token_ids": prompts[i % 3] * (1 + i % 2)} for i in range(15)]
+    batch = llm.generate(batch_prompts[:9] + [{"prompt_token_ids": prompts[1]}] + batch_prompts[9:],
+                         [other] * 9 + [seeded] + [other] * 6, use_tqdm=False)
+    assert batch[9].outputs[0].token_ids == alone

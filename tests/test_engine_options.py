@@ -14,8 +14,6 @@ from lmport.engine.errors import InvalidParams, Unsupported
 from tests.bridge_helpers import spawn_shim
 
 REFUSED = [
-    ("kv_cache_dtype", "fp8", "use 'auto'"),
-    ("kv_cache_dtype", "fp8_e4m3", "use 'auto'"),
     ("swap_space", 4, "recomputed"),
     ("cpu_offload_gb", 2, "quantization='int8'"),
     ("tensor_parallel_size", 2, "worker pool"),
@@ -26,7 +24,8 @@ REFUSED = [
     ("quantization", "awq", "quantization='int4'"),
     ("quantization", "gptq", "quantization='int4'"),
 ]
-ACCEPTED = [("kv_cache_dtype", "auto"), ("swap_space", 0), ("cpu_offload_gb", 0), ("tensor_parallel_size", 1),
+ACCEPTED = [("kv_cache_dtype", "auto"), ("kv_cache_dtype", "fp8"), ("kv_cache_dtype", "fp8_e4m3"),
+            ("kv_cache_dtype", "fp8_e5m2"), ("swap_space", 0), ("cpu_offload_gb", 0), ("tensor_parallel_size", 1),
             ("pipeline_parallel_size", 1), ("distributed_executor_backend", None),
             ("distributed_executor_backend", "uni"), ("distributed_executor_backend", "mp"),
             ("lora_extra_vocab_size", 256), ("quantization", "int8"), ("quantization", "int4"),

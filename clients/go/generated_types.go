@@ -473,8 +473,9 @@ type EngineOptions struct {
 	// Default: nil. Allowed: >= 1.
 	MaxCPULoras *int `msgpack:"max_cpu_loras,omitempty"`
 
-	// KV-cache element type: 'auto' stores K/V in the model dtype. vLLM's fp8 variants are refused (unsupported):
-	// not implemented.
+	// KV-cache element type: 'auto' stores K/V in the model dtype; 'fp8' (= 'fp8_e4m3') and 'fp8_e5m2' store one
+	// byte per element (twice the tokens per GiB of bf16) with per-tensor scales of 1.0 (vLLM's default without
+	// calibrated scales).
 	//
 	// Default: "auto". Allowed: one of "auto", "fp8", "fp8_e4m3", "fp8_e5m2".
 	KVCacheDtype *string `msgpack:"kv_cache_dtype,omitempty"`

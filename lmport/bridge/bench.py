@@ -40,6 +40,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     throughput.add_argument("--enforce-eager", action="store_true", help="engine without CUDA graphs")
     throughput.add_argument("--quantization", choices=["int8", "int4"], default=None,
                             help="weight-only quantization of this engine (transformers stays in --dtype)")
+    throughput.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "fp8", "fp8_e4m3", "fp8_e5m2"],
+                            help="this engine's KV cache element type")
     throughput.add_argument("--skip-hf", action="store_true", help="measure only this engine")
     throughput.add_argument("--json", action="store_true", help="print one JSON object instead of text")
     for name, (module, help_text) in DELEGATED.items():
@@ -74,9 +76,11 @@ def run(args: argparse.Namespace) -> int:
     torch.set_num_threads(args.threads)
     prompts = make_prompts(args.num_prompts, args.min_prompt_len, args.max_prompt_len, args.seed)
     result: dict[str, Any] = {"workload": {"num_prompts": args.num_prompts, "max_tokens": args.max_tokens,
-                                           "dtype": args.dtype, "threads": args.threads, "model": args.model}}
+                                           "dtype": args.dtype, "threads": args.threads, "model": args.model,
+                                           "kv_cache_dtype": args.kv_cache_dtype}}
     result["lmport"] = engine_throughput(args.model, prompts, args.max_tokens, args.dtype, device=args.device,
-                                         enforce_eager=args.enforce_eager, quantization=args.quantization)
+                                         enforce_eager=args.enforce_eager, quantization=args.quantization,
+                                         kv_cache_dtype=args.kv_cache_dtype)
     result["workload"]["device"] = result["lmport"]["device"]
     if not args.skip_hf:
         result["hf"] = hf_throughput(result["lmport"]["model_path"], prompts, args.max_tokens, args.dtype,
@@ -85,7 +89,8 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(result))
         return 0
-    print(f"workload: {args.num_prompts} prompts x {args.max_tokens} greedy tokens (ignore_eos), {args.dtype}, "
+    print(f"workload: {args.num_prompts} prompts x {args.max_tokens} greedy tokens (ignore_eos), {args.dtype} "
+          f"(KV cache {args.kv_cache_dtype}), "
           f"{args.threads} threads, on {result['workload']['device']}")
     graphed = result["lmport"]["cuda_graph_steps"]
     print(f"lmport engine:          {result['lmport']['output_tok_s']:8.1f} output tok/s "

@@ -65,8 +65,9 @@ class EngineConfig:
     max_lora_rank: int = _opt(16, "Largest adapter rank accepted (sizes the slots).", min=1)
     max_cpu_loras: int | None = _opt(None, "Adapters kept loaded in CPU memory (least recently used out); default "
                                      "max_loras.", min=1)
-    kv_cache_dtype: str = _opt("auto", "KV-cache element type: 'auto' stores K/V in the model dtype. vLLM's fp8 "
-                               "variants are refused (unsupported): not implemented.",
+    kv_cache_dtype: str = _opt("auto", "KV-cache element type: 'auto' stores K/V in the model dtype; 'fp8' (= "
+                               "'fp8_e4m3') and 'fp8_e5m2' store one byte per element (twice the tokens per GiB of "
+                               "bf16) with per-tensor scales of 1.0 (vLLM's default without calibrated scales).",
                                choices=["auto", "fp8", "fp8_e4m3", "fp8_e5m2"])
     swap_space: float = _opt(0, "GiB of CPU swap for preempted sequences' KV (vLLM). lmport recomputes preempted "
                              "sequences (mostly from the prefix cache) and never swaps: only 0 is accepted.", min=0)
@@ -126,9 +127,6 @@ def _refuse_unimplemented(config: EngineConfig) -> None:
     if config.quantization in ("awq", "gptq"):
         raise Unsupported("quantization", f"loading {config.quantization.upper()} checkpoints is not implemented "
                                           "yet; load the unquantized checkpoint with quantization='int4' (or 'int8')")
-    if config.kv_cache_dtype != "auto":
-        raise Unsupported("kv_cache_dtype", f"{config.kv_cache_dtype!r} (an fp8 KV cache) is not implemented; use "
-                                            "'auto' (the model dtype)")
     if config.swap_space:
         raise Unsupported("swap_space", "preempted sequences are recomputed (mostly from the prefix cache), never "
                                         "swapped; leave swap_space at 0")

@@ -31,6 +31,10 @@ class StepLogits:
     pooled: dict[int, torch.Tensor | None]  # seq position in batch -> its chunk's share of an embed request's pooling
 
 
+# kv_cache_dtype -> the cache's element type ("auto": the model's)
+KV_CACHE_DTYPES = {"fp8": torch.float8_e4m3fn, "fp8_e4m3": torch.float8_e4m3fn, "fp8_e5m2": torch.float8_e5m2}
+
+
 class ModelRunner:
     def __init__(self, loaded: LoadedModel, config: EngineConfig) -> None:
         # This engine's kernels, installed around each of its model calls (never process-wide: another engine in the
@@ -41,6 +45,7 @@ class ModelRunner:
         self.model = loaded.model
         self.device = loaded.device
         self.dtype = loaded.dtype
+        self.cache_dtype = KV_CACHE_DTYPES.get(config.kv_cache_dtype, loaded.dtype)
         self.block_size = config.block_size
         self.lora = (LoRAManager(self.model, config.max_loras, config.max_lora_rank,
                                  config.max_cpu_loras or config.max_loras, loaded.dtype, loaded.device)
@@ -57,7 +62,7 @@ class ModelRunner:
         shape = (2, len(self.attention_layers), self.num_blocks, self.block_size, self.num_kv_heads, self.head_dim)
         # Zeroed, not empty: padded block-table entries and masked positions are read with weight 0, and 0 * NaN
         # garbage would poison the output.
-        self.kv_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
+        self.kv_cache = torch.zeros(shape, dtype=self.cache_dtype, device=self.device)
         for i, layer in enumerate(self.attention_layers):
             layer.k_cache, layer.v_cache = self.kv_cache[0, i], self.kv_cache[1, i]
         self.no_prefill = torch.zeros(1, dtype=torch.int32, device=self.device)  # cu_seqlens_q of no prefill
@@ -83,7 +88,7 @@ class ModelRunner:
 
     @property
     def bytes_per_block(self) -> int:
-        element = torch.empty((), dtype=self.dtype).element_size()
+        element = torch.empty((), dtype=self.cache_dtype).element_size()
         return 2 * len(self.attention_layers) * self.block_size * self.num_kv_heads * self.head_dim * element
 
     def _plan_num_blocks(self, config: EngineConfig, max_model_len: int) -> int:
@@ -120,7 +125,8 @@ class ModelRunner:
         if batch.copies:
             src = self._to_device([s for s, _ in batch.copies], torch.int64)
             dst = self._to_device([d for _, d in batch.copies], torch.int64)
-            self.kv_cache[:, :, dst] = self.kv_cache[:, :, src]
+            cache = kernels.reference.byte_view(self.kv_cache)  # fp8 has no CPU index kernels; bytes copy exactly
+            cache[:, :, dst] = cache[:, :, src]
 
         size = self.block_size
         input_ids: list[int] = []

@@ -103,31 +103,36 @@ def _impl(tensor: torch.Tensor, triton_module: str) -> ModuleType:
 
 
 def store_kv_cache(key: torch.Tensor, value: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                   slot_mapping: torch.Tensor) -> None:
-    """key/value [N, Hkv, D] into k_cache/v_cache [num_blocks, block_size, Hkv, D] at slot_mapping; -1 is skipped."""
-    _impl(key, "cache").store_kv_cache(key, value, k_cache, v_cache, slot_mapping)
+                   slot_mapping: torch.Tensor, k_scale: float = 1.0, v_scale: float = 1.0) -> None:
+    """key/value [N, Hkv, D] into k_cache/v_cache [num_blocks, block_size, Hkv, D] at slot_mapping; -1 is skipped.
+    An fp8 cache stores key / k_scale and value / v_scale, saturated (reference.quantize_kv)."""
+    _impl(key, "cache").store_kv_cache(key, value, k_cache, v_cache, slot_mapping, k_scale, v_scale)
 
 
 def paged_attention_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                            block_tables: torch.Tensor, seq_lens: torch.Tensor, scale: float,
-                           sliding_window: int | None = None, soft_cap: float | None = None) -> torch.Tensor:
+                           sliding_window: int | None = None, soft_cap: float | None = None,
+                           k_scale: float = 1.0, v_scale: float = 1.0) -> torch.Tensor:
     """One query per sequence [B, Hq, D], at position seq_len-1, over keys 0..seq_len-1 of its blocks.
 
     sliding_window: only the last sliding_window keys are seen (transformers' window: position p sees j with
-    p - j < sliding_window). soft_cap: scores become soft_cap * tanh(q.k * scale / soft_cap) (Gemma 2)."""
+    p - j < sliding_window). soft_cap: scores become soft_cap * tanh(q.k * scale / soft_cap) (Gemma 2).
+    k_scale / v_scale: an fp8 cache's per-tensor scales (its entries times the scale are K and V)."""
     return _impl_cpu(q, "attention").paged_attention_decode(q, k_cache, v_cache, block_tables, seq_lens, scale,
-                                                            sliding_window=sliding_window, soft_cap=soft_cap)
+                                                            sliding_window=sliding_window, soft_cap=soft_cap,
+                                                            k_scale=k_scale, v_scale=v_scale)
 
 
 def paged_attention_prefill(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                             cu_seqlens_q: torch.Tensor, seq_lens: torch.Tensor, block_tables: torch.Tensor,
                             max_query_len: int, scale: float, sliding_window: int | None = None,
-                            soft_cap: float | None = None) -> torch.Tensor:
+                            soft_cap: float | None = None, k_scale: float = 1.0,
+                            v_scale: float = 1.0) -> torch.Tensor:
     """Varlen causal attention [N, Hq, D]; sequence s's queries are the last q_len_s of its seq_lens[s] keys.
-    sliding_window and soft_cap as in paged_attention_decode."""
+    sliding_window, soft_cap, k_scale and v_scale as in paged_attention_decode."""
     return _impl(q, "attention").paged_attention_prefill(q, k_cache, v_cache, cu_seqlens_q, seq_lens, block_tables,
                                                          max_query_len, scale, sliding_window=sliding_window,
-                                                         soft_cap=soft_cap)
+                                                         soft_cap=soft_cap, k_scale=k_scale, v_scale=v_scale)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float,

@@ -44,6 +44,9 @@ CPP_SOURCE = r"""
 #include <ATen/Parallel.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
+#include <c10/util/Float8_e4m3fn.h>
+#include <c10/util/Float8_e5m2.h>
+#include <array>
 #include <algorithm>
 #include <cstdint>
 #include <cmath>
@@ -66,6 +69,25 @@ inline void to_float(const c10::BFloat16* src, float* dst, int64_t n) {
 inline void to_float(const c10::Half* src, float* dst, int64_t n) {
   for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<float>(src[i]);
 }
+
+// fp8 cache rows: a 256-entry table per format (exact, and cheaper than decoding the bits per element).
+template <typename fp8_t>
+const float* fp8_table() {
+  static const std::array<float, 256> table = [] {
+    std::array<float, 256> t{};
+    for (int i = 0; i < 256; ++i) t[i] = static_cast<float>(fp8_t(static_cast<uint8_t>(i), fp8_t::from_bits()));
+    return t;
+  }();
+  return table.data();
+}
+template <typename fp8_t>
+inline void fp8_to_float(const fp8_t* src, float* dst, int64_t n) {
+  const uint8_t* s = reinterpret_cast<const uint8_t*>(src);
+  const float* table = fp8_table<fp8_t>();
+  for (int64_t i = 0; i < n; ++i) dst[i] = table[s[i]];
+}
+inline void to_float(const c10::Float8_e4m3fn* src, float* dst, int64_t n) { fp8_to_float(src, dst, n); }
+inline void to_float(const c10::Float8_e5m2* src, float* dst, int64_t n) { fp8_to_float(src, dst, n); }
 
 inline void from_float(float x, float* dst) { *dst = x; }
 inline void from_float(float x, c10::BFloat16* dst) { *dst = c10::BFloat16(x); }
@@ -137,9 +159,9 @@ inline float dot1(const float* qg, const float* r, int64_t D) {
 
 // One (sequence, kv_head) pair: the G query heads of the group against the sequence's L keys.
 // DC > 0: head_dim known at compile time (unrolled, vectorized); DC == 0: runtime head_dim.
-template <typename scalar_t, int DC>
+template <typename scalar_t, typename cache_t, int DC>
 void attend_group(const scalar_t* q, int64_t q_s1,                 // q row of head 0 of the group; stride per head
-                  const scalar_t* k, const scalar_t* v,             // cache base + kv_head offset
+                  const cache_t* k, const cache_t* v,               // cache base + kv_head offset
                   int64_t c_s0, int64_t c_s1,                       // cache strides: block, slot
                   const int32_t* table, int64_t L, int64_t block_size, int64_t G, int64_t D_rt, float scale,
                   int64_t window, float soft_cap,                   // window 0 / soft_cap 0: off
@@ -167,7 +189,7 @@ void attend_group(const scalar_t* q, int64_t q_s1,                 // q row of h
 
   // pass 1: scores, one block (<= block_size keys, converted to fp32 once) at a time
   for (int64_t j = j0; j < num_blocks; ++j) {
-    const scalar_t* kb = k + static_cast<int64_t>(table[j]) * c_s0;
+    const cache_t* kb = k + static_cast<int64_t>(table[j]) * c_s0;
     const int64_t n = std::min(block_size, L - j * block_size);
     if (j + 1 < num_blocks)
       prefetch_block(k + static_cast<int64_t>(table[j + 1]) * c_s0, c_s1,
@@ -217,7 +239,7 @@ void attend_group(const scalar_t* q, int64_t q_s1,                 // q row of h
   // pass 2: weighted sum of V, four rows per accumulator update
   float* ac = acc.data();
   for (int64_t j = j0; j < num_blocks; ++j) {
-    const scalar_t* vb = v + static_cast<int64_t>(table[j]) * c_s0;
+    const cache_t* vb = v + static_cast<int64_t>(table[j]) * c_s0;
     const int64_t n = std::min(block_size, L - j * block_size);
     if (j + 1 < num_blocks)
       prefetch_block(v + static_cast<int64_t>(table[j + 1]) * c_s0, c_s1,
@@ -248,15 +270,15 @@ void attend_group(const scalar_t* q, int64_t q_s1,                 // q row of h
     for (int64_t d = 0; d < D; ++d) from_float(ac[g * D + d] * inv_sum[g], out + g * o_s1 + d);
 }
 
-template <typename scalar_t, int DC>
+template <typename scalar_t, typename cache_t, int DC>
 void run(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache, const at::Tensor& block_tables,
          const at::Tensor& seq_lens, double scale, int64_t window, double soft_cap, at::Tensor& out) {
   const int64_t B = q.size(0), Hq = q.size(1), D = q.size(2);
   const int64_t block_size = k_cache.size(1), Hkv = k_cache.size(2);
   const int64_t G = Hq / Hkv;
   const scalar_t* qp = q.data_ptr<scalar_t>();
-  const scalar_t* kp = k_cache.data_ptr<scalar_t>();
-  const scalar_t* vp = v_cache.data_ptr<scalar_t>();
+  const cache_t* kp = static_cast<const cache_t*>(k_cache.data_ptr());
+  const cache_t* vp = static_cast<const cache_t*>(v_cache.data_ptr());
   const int32_t* bt = block_tables.data_ptr<int32_t>();
   const int32_t* lens = seq_lens.data_ptr<int32_t>();
   scalar_t* op = out.data_ptr<scalar_t>();
@@ -282,7 +304,7 @@ void run(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cac
           for (int64_t d = 0; d < D; ++d) o[g * o_s1 + d] = scalar_t(0);
         continue;
       }
-      attend_group<scalar_t, DC>(qp + b * q_s0 + h * G * q_s1, q_s1, kp + h * k_s2, vp + h * k_s2, k_s0, k_s1,
+      attend_group<scalar_t, cache_t, DC>(qp + b * q_s0 + h * G * q_s1, q_s1, kp + h * k_s2, vp + h * k_s2, k_s0, k_s1,
                                  bt + b * bt_s0, L, block_size, G, D, fscale, window, static_cast<float>(soft_cap),
                                  o, o_s1, qf, scores, acc, tile,
                                  inv_sum);
@@ -290,14 +312,28 @@ void run(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cac
   });
 }
 
-template <typename scalar_t>
+template <typename scalar_t, typename cache_t>
 void dispatch_dim(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& bt,
                   const at::Tensor& lens, double scale, int64_t window, double cap, at::Tensor& out) {
   switch (q.size(2)) {
-    case 32: return run<scalar_t, 32>(q, k, v, bt, lens, scale, window, cap, out);
-    case 64: return run<scalar_t, 64>(q, k, v, bt, lens, scale, window, cap, out);
-    case 128: return run<scalar_t, 128>(q, k, v, bt, lens, scale, window, cap, out);
-    default: return run<scalar_t, 0>(q, k, v, bt, lens, scale, window, cap, out);
+    case 32: return run<scalar_t, cache_t, 32>(q, k, v, bt, lens, scale, window, cap, out);
+    case 64: return run<scalar_t, cache_t, 64>(q, k, v, bt, lens, scale, window, cap, out);
+    case 128: return run<scalar_t, cache_t, 128>(q, k, v, bt, lens, scale, window, cap, out);
+    default: return run<scalar_t, cache_t, 0>(q, k, v, bt, lens, scale, window, cap, out);
+  }
+}
+
+// The cache holds the model dtype, or one of the fp8 formats (dequantized as rows are loaded; scales applied by
+// the caller).
+template <typename scalar_t>
+void dispatch_cache(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& bt,
+                    const at::Tensor& lens, double scale, int64_t window, double cap, at::Tensor& out) {
+  switch (k.scalar_type()) {
+    case at::kFloat8_e4m3fn: return dispatch_dim<scalar_t, c10::Float8_e4m3fn>(q, k, v, bt, lens, scale, window, cap, out);
+    case at::kFloat8_e5m2: return dispatch_dim<scalar_t, c10::Float8_e5m2>(q, k, v, bt, lens, scale, window, cap, out);
+    default:
+      TORCH_CHECK(k.scalar_type() == q.scalar_type(), "the cache holds q's dtype or fp8, not ", k.scalar_type());
+      return dispatch_dim<scalar_t, scalar_t>(q, k, v, bt, lens, scale, window, cap, out);
   }
 }
 
@@ -308,8 +344,7 @@ at::Tensor paged_attention_decode(at::Tensor q, at::Tensor k_cache, at::Tensor v
   TORCH_CHECK(q.device().is_cpu() && k_cache.device().is_cpu() && v_cache.device().is_cpu(), "CPU tensors only");
   TORCH_CHECK(q.dim() == 3 && k_cache.dim() == 4 && v_cache.dim() == 4, "q [B,Hq,D], caches [N,bs,Hkv,D]");
   TORCH_CHECK(k_cache.sizes() == v_cache.sizes(), "k_cache and v_cache shapes differ");
-  TORCH_CHECK(q.scalar_type() == k_cache.scalar_type() && q.scalar_type() == v_cache.scalar_type(),
-              "q, k_cache and v_cache must share a dtype");
+  TORCH_CHECK(k_cache.scalar_type() == v_cache.scalar_type(), "k_cache and v_cache must share a dtype");
   TORCH_CHECK(q.size(2) == k_cache.size(3), "head_dim mismatch");
   TORCH_CHECK(q.size(1) % k_cache.size(2) == 0, "num_heads must be a multiple of num_kv_heads");
   TORCH_CHECK(q.stride(2) == 1 && k_cache.stride(3) == 1 && v_cache.stride(3) == 1, "last dim must be contiguous");
@@ -318,13 +353,13 @@ at::Tensor paged_attention_decode(at::Tensor q, at::Tensor k_cache, at::Tensor v
   TORCH_CHECK(block_tables.size(0) == q.size(0) && seq_lens.size(0) == q.size(0), "batch mismatch");
   at::Tensor out = at::empty(q.sizes(), q.options());
   switch (q.scalar_type()) {
-    case at::kFloat: dispatch_dim<float>(q, k_cache, v_cache, block_tables, seq_lens, scale, window, soft_cap, out);
+    case at::kFloat: dispatch_cache<float>(q, k_cache, v_cache, block_tables, seq_lens, scale, window, soft_cap, out);
       break;
     case at::kBFloat16:
-      dispatch_dim<c10::BFloat16>(q, k_cache, v_cache, block_tables, seq_lens, scale, window, soft_cap, out);
+      dispatch_cache<c10::BFloat16>(q, k_cache, v_cache, block_tables, seq_lens, scale, window, soft_cap, out);
       break;
     case at::kHalf:
-      dispatch_dim<c10::Half>(q, k_cache, v_cache, block_tables, seq_lens, scale, window, soft_cap, out);
+      dispatch_cache<c10::Half>(q, k_cache, v_cache, block_tables, seq_lens, scale, window, soft_cap, out);
       break;
     default: TORCH_CHECK(false, "unsupported dtype ", q.scalar_type());
   }
@@ -597,23 +632,27 @@ def available() -> bool:
 
 def paged_attention_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                            block_tables: torch.Tensor, seq_lens: torch.Tensor, scale: float,
-                           sliding_window: int | None = None, soft_cap: float | None = None) -> torch.Tensor:
-    """Same contract as lmport.kernels.reference.paged_attention_decode; falls back to it where the kernel can't run."""
+                           sliding_window: int | None = None, soft_cap: float | None = None,
+                           k_scale: float = 1.0, v_scale: float = 1.0) -> torch.Tensor:
+    """Same contract as lmport.kernels.reference.paged_attention_decode; falls back to it where the kernel can't run.
+    The cache may hold q's dtype or an fp8 format (`k_scale` folds into the score scale, `v_scale` into the output)."""
     supported = (q.device.type == "cpu" and q.dim() == 3 and k_cache.dim() == 4 and q.dtype in DTYPES
-                 and k_cache.dtype == q.dtype and v_cache.dtype == q.dtype and k_cache.stride() == v_cache.stride()
+                 and k_cache.dtype in (q.dtype, *reference.FP8_DTYPES) and v_cache.dtype == k_cache.dtype
+                 and k_cache.stride() == v_cache.stride()
                  and k_cache.stride(3) == 1 and q.shape[1] % k_cache.shape[2] == 0)
     module = load() if supported else None
     if module is None:
         return reference.paged_attention_decode(q, k_cache, v_cache, block_tables, seq_lens, scale,
-                                                sliding_window, soft_cap)
+                                                sliding_window, soft_cap, k_scale, v_scale)
     if q.stride(2) != 1:
         q = q.contiguous()
     if block_tables.dtype != torch.int32 or block_tables.stride(1) != 1:
         block_tables = block_tables.to(torch.int32).contiguous()
     if seq_lens.dtype != torch.int32 or not seq_lens.is_contiguous():
         seq_lens = seq_lens.to(torch.int32).contiguous()
-    return module.paged_attention_decode(q, k_cache, v_cache, block_tables, seq_lens, float(scale),
-                                         sliding_window or 0, float(soft_cap or 0.0))
+    out = module.paged_attention_decode(q, k_cache, v_cache, block_tables, seq_lens, float(scale * k_scale),
+                                        sliding_window or 0, float(soft_cap or 0.0))
+    return out if v_scale == 1.0 else out.mul_(v_scale)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float,

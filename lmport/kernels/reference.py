@@ -1,7 +1,9 @@
 """PyTorch reference kernels: the CPU path runs these, and every Triton kernel is tested against them.
 
 Cache layout: k_cache / v_cache are [num_blocks, block_size, num_kv_heads, head_dim];
-slot = block * block_size + offset.
+slot = block * block_size + offset. A cache may hold a narrower type than the model's (an fp8 KV cache,
+kv_cache_dtype="fp8"): it then stores K / k_scale and V / v_scale, saturated to the type's finite range, and every
+read multiplies the scale back in fp32.
 """
 
 from __future__ import annotations
@@ -10,21 +12,42 @@ import torch
 import torch.nn.functional as F
 
 
+FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
+
+
+def quantize_kv(x: torch.Tensor, cache_dtype: torch.dtype, scale: float) -> torch.Tensor:
+    """x as a cache of cache_dtype stores it: unchanged in the model's own type, else x / scale saturated to the
+    type's largest finite value (e4m3fn has no infinity, so an overflow would otherwise read back as NaN)."""
+    if cache_dtype == x.dtype:
+        return x
+    limit = torch.finfo(cache_dtype).max
+    return (x.float() / scale).clamp(-limit, limit).to(cache_dtype)
+
+
+def byte_view(cache: torch.Tensor) -> torch.Tensor:
+    """fp8 tensors as uint8: PyTorch's CPU index_copy_/index_select have no float8 kernels; copying bytes is exact."""
+    return cache.view(torch.uint8) if cache.dtype in FP8_DTYPES else cache
+
+
 def store_kv_cache(key: torch.Tensor, value: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                   slot_mapping: torch.Tensor) -> None:
+                   slot_mapping: torch.Tensor, k_scale: float = 1.0, v_scale: float = 1.0) -> None:
     if bool((slot_mapping < 0).any()):  # padded slots are skipped, not written
         keep = slot_mapping >= 0
         key, value, slot_mapping = key[keep], value[keep], slot_mapping[keep]
     num_kv_heads, head_dim = k_cache.shape[2], k_cache.shape[3]
-    k_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, slot_mapping, key)
-    v_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, slot_mapping, value)
+    for cache, rows, scale in ((k_cache, key, k_scale), (v_cache, value, v_scale)):
+        byte_view(cache).view(-1, num_kv_heads, head_dim).index_copy_(
+            0, slot_mapping, byte_view(quantize_kv(rows, cache.dtype, scale)))
 
 
-def _gather_blocks(cache: torch.Tensor, block_tables: torch.Tensor) -> torch.Tensor:
-    """[S, M] block tables -> [S, M * block_size, num_kv_heads, head_dim], contiguous per sequence."""
+def _gather_blocks(cache: torch.Tensor, block_tables: torch.Tensor, dtype: torch.dtype,
+                   scale: float = 1.0) -> torch.Tensor:
+    """[S, M] block tables -> [S, M * block_size, num_kv_heads, head_dim] in dtype, contiguous per sequence."""
     num_seqs, max_blocks = block_tables.shape
     _, block_size, num_kv_heads, head_dim = cache.shape
-    flat = cache.flatten(1).index_select(0, block_tables.flatten().long())
+    flat = byte_view(cache).flatten(1).index_select(0, block_tables.flatten().long()).view(cache.dtype)
+    if cache.dtype != dtype:
+        flat = (flat.float() * scale).to(dtype)
     return flat.view(num_seqs, max_blocks * block_size, num_kv_heads, head_dim)
 
 
@@ -48,11 +71,12 @@ def _attend(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, visib
 
 def paged_attention_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                            block_tables: torch.Tensor, seq_lens: torch.Tensor, scale: float,
-                           sliding_window: int | None = None, soft_cap: float | None = None) -> torch.Tensor:
+                           sliding_window: int | None = None, soft_cap: float | None = None,
+                           k_scale: float = 1.0, v_scale: float = 1.0) -> torch.Tensor:
     # Entries wholly before a window may be -1 (freed blocks): read block 0 there instead, masked like them.
     block_tables = block_tables.clamp(min=0) if sliding_window is not None else block_tables
-    keys = _gather_blocks(k_cache, block_tables).transpose(1, 2)  # [B, Hkv, L, D]
-    values = _gather_blocks(v_cache, block_tables).transpose(1, 2)
+    keys = _gather_blocks(k_cache, block_tables, q.dtype, k_scale).transpose(1, 2)  # [B, Hkv, L, D]
+    values = _gather_blocks(v_cache, block_tables, q.dtype, v_scale).transpose(1, 2)
     positions = torch.arange(keys.shape[2], device=q.device)
     lens = seq_lens[:, None].to(positions.dtype)
     visible = positions[None, :] < lens
@@ -64,7 +88,8 @@ def paged_attention_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
 def paged_attention_prefill(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                             cu_seqlens_q: torch.Tensor, seq_lens: torch.Tensor, block_tables: torch.Tensor,
                             max_query_len: int, scale: float, sliding_window: int | None = None,
-                            soft_cap: float | None = None) -> torch.Tensor:
+                            soft_cap: float | None = None, k_scale: float = 1.0,
+                            v_scale: float = 1.0) -> torch.Tensor:
     block_size = k_cache.shape[1]
     out = torch.empty_like(q)
     for s, (start, end, seq_len) in enumerate(zip(cu_seqlens_q[:-1].tolist(), cu_seqlens_q[1:].tolist(),
@@ -77,8 +102,8 @@ def paged_attention_prefill(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
         lo = first_block * block_size  # absolute position of the first gathered key
         table = block_tables[s, first_block:-(-seq_len // block_size)]
         # 4-D inputs ([1, heads, len, D]): on CPU, 3-D ones fall back to SDPA's unfused math path (~7x slower).
-        keys = _gather_blocks(k_cache, table[None])[:, :seq_len - lo].transpose(1, 2)  # [1, Hkv, L - lo, D]
-        values = _gather_blocks(v_cache, table[None])[:, :seq_len - lo].transpose(1, 2)
+        keys = _gather_blocks(k_cache, table[None], q.dtype, k_scale)[:, :seq_len - lo].transpose(1, 2)
+        values = _gather_blocks(v_cache, table[None], q.dtype, v_scale)[:, :seq_len - lo].transpose(1, 2)
         query = q[start:end].transpose(0, 1)[None]  # [1, Hq, n, D]
         if num_queries == seq_len and sliding_window is None:
             attn = _attend(query, keys, values, None, True, scale, soft_cap)

@@ -50,6 +50,9 @@ def _attend_range(q, acc, l_i, m_i, lo, hi, limit, first, load_first, k_head_ptr
         if DOT_F32:
             k = k.to(tl.float32)
             v = v.to(tl.float32)
+        else:  # an fp8 cache's entries (a no-op in the model dtype); its scales are applied outside the loop
+            k = k.to(q.dtype)
+            v = v.to(q.dtype)
         s = tl.dot(q, tl.trans(k), input_precision="ieee") * scale_log2
         if CAPPED:
             s = cap_log2 * (2.0 * tl.sigmoid(2.0 * s / cap_log2) - 1.0)  # tanh, from sigmoid (no tl.tanh everywhere)
@@ -281,9 +284,11 @@ def _cache_strides(cache: torch.Tensor) -> tuple[int, int, int]:
 
 def paged_attention_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                            block_tables: torch.Tensor, seq_lens: torch.Tensor, scale: float,
-                           sliding_window: int | None = None, soft_cap: float | None = None, *,
+                           sliding_window: int | None = None, soft_cap: float | None = None,
+                           k_scale: float = 1.0, v_scale: float = 1.0, *,
                            out: torch.Tensor | None = None, num_splits: int | None = None) -> torch.Tensor:
-    """q [B, Hq, D] -> [B, Hq, D]; `out` may be preallocated, `num_splits` overrides the split-K heuristic."""
+    """q [B, Hq, D] -> [B, Hq, D]; `out` may be preallocated, `num_splits` overrides the split-K heuristic.
+    k_scale folds into the score scale; v_scale multiplies the output (softmax weights sum to 1)."""
     batch, num_q_heads, head_dim = q.shape
     page, num_kv_heads = _check_inputs(q, k_cache, block_tables)
     out = torch.empty_like(q) if out is None else out
@@ -300,7 +305,7 @@ def paged_attention_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     else:
         part_out = part_lse = out  # unused: the kernel writes the result directly
     _decode_kernel[(batch, num_kv_heads, num_splits)](
-        q, k_cache, v_cache, block_tables, seq_lens, out, part_out, part_lse, scale * LOG2E,
+        q, k_cache, v_cache, block_tables, seq_lens, out, part_out, part_lse, scale * k_scale * LOG2E,
         (soft_cap or 0.0) * LOG2E, sliding_window or 0, num_q_heads, num_splits,
         q.stride(0), q.stride(1), *_cache_strides(k_cache), *_cache_strides(v_cache),
         block_tables.stride(0), out.stride(0), out.stride(1),
@@ -311,14 +316,15 @@ def paged_attention_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         _decode_reduce_kernel[(batch, num_q_heads)](
             part_out, part_lse, seq_lens, out, num_q_heads, num_splits, out.stride(0), out.stride(1),
             HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_N=block_n, BLOCK_S=_reduce_block_s(num_splits), num_warps=4)
-    return out
+    return out.mul_(v_scale) if v_scale != 1.0 else out
 
 
 def paged_attention_prefill(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                             cu_seqlens_q: torch.Tensor, seq_lens: torch.Tensor, block_tables: torch.Tensor,
                             max_query_len: int, scale: float, sliding_window: int | None = None,
-                            soft_cap: float | None = None, *, out: torch.Tensor | None = None) -> torch.Tensor:
-    """q [N, Hq, D] packed by cu_seqlens_q -> [N, Hq, D]; `out` may be preallocated.
+                            soft_cap: float | None = None, k_scale: float = 1.0, v_scale: float = 1.0, *,
+                            out: torch.Tensor | None = None) -> torch.Tensor:
+    """q [N, Hq, D] packed by cu_seqlens_q -> [N, Hq, D]; `out` may be preallocated; scales as in decode.
 
     The grid is sized by max_query_len; each program stops at its own sequence's keys.
     """
@@ -331,7 +337,8 @@ def paged_attention_prefill(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
     block_m, block_n, num_warps, num_stages = _prefill_config(head_dim, q.dtype)
     grid = (triton.cdiv(max_query_len, block_m), num_seqs, num_q_heads)
     _prefill_kernel[grid](
-        q, k_cache, v_cache, cu_seqlens_q, seq_lens, block_tables, out, scale * LOG2E, (soft_cap or 0.0) * LOG2E,
+        q, k_cache, v_cache, cu_seqlens_q, seq_lens, block_tables, out, scale * k_scale * LOG2E,
+        (soft_cap or 0.0) * LOG2E,
         sliding_window or 0,
         q.stride(0), q.stride(1), *_cache_strides(k_cache), *_cache_strides(v_cache),
         block_tables.stride(0), out.stride(0), out.stride(1),
@@ -339,4 +346,4 @@ def paged_attention_prefill(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
         BLOCK_D=triton.next_power_of_2(head_dim), BLOCK_N=block_n, PAGE=page, DOT_F32=INTERPRET,
         WINDOWED=sliding_window is not None, CAPPED=soft_cap is not None, num_warps=num_warps,
         num_stages=num_stages)
-    return out
+    return out.mul_(v_scale) if v_scale != 1.0 else out

@@ -141,7 +141,8 @@ class LayerNorm(nn.Module):
 class PagedAttention(nn.Module):
     """Stores the step's K/V into this layer's paged cache and attends over it (decode rows first, then prefill).
 
-    `k_cache` / `v_cache` ([num_blocks, block_size, num_kv_heads, head_dim]) are assigned by the model runner.
+    `k_cache` / `v_cache` ([num_blocks, block_size, num_kv_heads, head_dim]) are assigned by the model runner, and
+    with them `k_scale` / `v_scale`, an fp8 cache's per-tensor scales (1.0 unless the checkpoint has its own).
     sliding_window: keys more than sliding_window - 1 positions back are not seen; soft_cap: Gemma 2's
     attn_logit_softcapping (see kernels.paged_attention_decode).
     """
@@ -153,6 +154,7 @@ class PagedAttention(nn.Module):
         self.sliding_window, self.soft_cap = sliding_window, soft_cap
         self.k_cache = torch.empty(0)
         self.v_cache = torch.empty(0)
+        self.k_scale = self.v_scale = 1.0
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """q [T, Hq*D], k/v [T, Hkv*D] -> [T, Hq*D]."""
@@ -161,18 +163,20 @@ class PagedAttention(nn.Module):
         q = q.view(num_tokens, self.num_heads, self.head_dim)
         kernels.store_kv_cache(k.view(num_tokens, self.num_kv_heads, self.head_dim),
                                v.view(num_tokens, self.num_kv_heads, self.head_dim),
-                               self.k_cache, self.v_cache, meta.slot_mapping)
+                               self.k_cache, self.v_cache, meta.slot_mapping, self.k_scale, self.v_scale)
         num_decode = meta.num_decode_tokens
         parts = []
         if num_decode:
             parts.append(kernels.paged_attention_decode(q[:num_decode], self.k_cache, self.v_cache,
                                                         meta.decode_block_tables, meta.decode_seq_lens, self.scale,
-                                                        self.sliding_window, self.soft_cap))
+                                                        self.sliding_window, self.soft_cap, self.k_scale,
+                                                        self.v_scale))
         if num_decode < num_tokens:
             parts.append(kernels.paged_attention_prefill(q[num_decode:], self.k_cache, self.v_cache,
                                                          meta.prefill_cu_seqlens_q, meta.prefill_seq_lens,
                                                          meta.prefill_block_tables, meta.max_query_len, self.scale,
-                                                         self.sliding_window, self.soft_cap))
+                                                         self.sliding_window, self.soft_cap, self.k_scale,
+                                                        self.v_scale))
         out = parts[0] if len(parts) == 1 else torch.cat(parts)
         return out.reshape(num_tokens, self.num_heads * self.head_dim)
 

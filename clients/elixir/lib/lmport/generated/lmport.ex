@@ -136,9 +136,10 @@ defmodule LMPort do
     * `:max_lora_rank` (int) — Largest adapter rank accepted (sizes the slots). Default: `16`. Allowed: >= 1.
     * `:max_cpu_loras` (int | null) — Adapters kept loaded in CPU memory (least recently used out); default
       max_loras. Default: `nil`. Allowed: >= 1.
-    * `:kv_cache_dtype` (str) — KV-cache element type: 'auto' stores K/V in the model dtype. vLLM's fp8
-      variants are refused (unsupported): not implemented. Default: `"auto"`. Allowed: one of "auto", "fp8",
-      "fp8_e4m3", "fp8_e5m2".
+    * `:kv_cache_dtype` (str) — KV-cache element type: 'auto' stores K/V in the model dtype; 'fp8' (=
+      'fp8_e4m3') and 'fp8_e5m2' store one byte per element (twice the tokens per GiB of bf16) with per-tensor
+      scales of 1.0 (vLLM's default without calibrated scales). Default: `"auto"`. Allowed: one of "auto",
+      "fp8", "fp8_e4m3", "fp8_e5m2".
     * `:swap_space` (float) — GiB of CPU swap for preempted sequences' KV (vLLM). lmport recomputes preempted
       sequences (mostly from the prefix cache) and never swaps: only 0 is accepted. Default: `0`. Allowed: >=
       0.
