@@ -88,9 +88,20 @@ class FakeBackend:
         self.submitted: list[tuple[list[list[int]], dict[str, Any]]] = []
         self.refuse: BaseException | None = None  # submit answers this error at once, as the service's admission does
         self.chat_error: BaseException | None = None  # chat_token_ids raises this
+        self.holds = 0  # engine holds taken by requests and not yet released
 
     def load(self) -> None:
         self.loaded.wait(30)
+
+    def sibling(self, engine_options: dict[str, Any]) -> FakeBackend:
+        return type(self)()
+
+    def hold(self) -> Callable[[], None]:
+        self.holds += 1
+
+        def release() -> None:
+            self.holds -= 1
+        return release
 
     def sampling_params(self, fields: dict[str, Any]) -> dict[str, Any]:
         return SamplingParams.from_dict(fields).to_dict()

@@ -136,8 +136,10 @@ def save_tokenizer(path: Path) -> None:
     tokenizer.save_pretrained(path)
 
 
-def write_tiny_gguf(path: Path, hf: nn.Module) -> None:
-    """Write `hf` (a tiny LlamaForCausalLM) as an F32 GGUF the way llama.cpp's converter does, q/k rows permuted."""
+def write_tiny_gguf(path: Path, hf: nn.Module, linear_types: dict[str, str] | None = None) -> None:
+    """Write `hf` (a tiny LlamaForCausalLM) as a GGUF the way llama.cpp's converter does, q/k rows permuted: F32,
+    except the projections `linear_types` maps (GGUF name such as "attn_q" or "output" -> "Q4_0" / "Q4_1" / "Q8_0",
+    quantized by gguf-py)."""
     import gguf
     import numpy as np
 
@@ -179,7 +181,13 @@ def write_tiny_gguf(path: Path, hf: nn.Module) -> None:
                 array = permute(array, heads if parts[-2] == "q_proj" else kv_heads)
         else:
             gguf_name = f"{names[parts[0]]}.{parts[-1]}"
-        writer.add_tensor(gguf_name, np.ascontiguousarray(array))
+        qtype = (linear_types or {}).get(gguf_name.split(".")[-2])
+        if qtype is None:
+            writer.add_tensor(gguf_name, np.ascontiguousarray(array))
+        else:
+            raw_type = getattr(gguf.GGMLQuantizationType, qtype)
+            writer.add_tensor(gguf_name, gguf.quants.quantize(np.ascontiguousarray(array), raw_type),
+                              raw_dtype=raw_type)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()

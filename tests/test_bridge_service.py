@@ -11,7 +11,7 @@ import time
 import pytest
 
 from lmport.bridge.protocol import BridgeError
-from lmport.bridge.service import Call, Service, _Engine
+from lmport.bridge.service import Call, Service, _Engine, engine_key
 from lmport.engine.config import EngineConfig
 from lmport.engine.errors import InvalidParams, ModelNotFound, OutOfKVCache
 from lmport.engine.llm import EngineDead
@@ -162,8 +162,9 @@ class _HookLock:
 
 def test_llm_reusing_an_engine_is_not_undone_by_a_concurrent_release():
     service = Service()
-    key = repr(sorted(EngineConfig.from_dict({}).to_dict().items()))
-    entry = _Engine("engine-1", key, _FakeLLM(), {"model": "smollm2"}, refs={"llm-0"})
+    options = EngineConfig.from_dict({}).to_dict()
+    key = engine_key(options)
+    entry = _Engine("engine-1", key, options, _FakeLLM(), {"model": "smollm2"}, refs={"llm-0"})
     service._engines[key] = entry
     service._refs["llm-0"] = entry
     service._lock = _HookLock()

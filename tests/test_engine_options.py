@@ -16,7 +16,6 @@ from tests.bridge_helpers import spawn_shim
 REFUSED = [
     ("swap_space", 4, "recomputed"),
     ("cpu_offload_gb", 2, "quantization='int8'"),
-    ("tensor_parallel_size", 2, "worker pool"),
     ("pipeline_parallel_size", 2, "worker pool"),
     ("distributed_executor_backend", "ray", "null, 'uni' or 'mp'"),
     ("distributed_executor_backend", "external_launcher", "null, 'uni' or 'mp'"),
@@ -26,9 +25,10 @@ REFUSED = [
 ]
 ACCEPTED = [("kv_cache_dtype", "auto"), ("kv_cache_dtype", "fp8"), ("kv_cache_dtype", "fp8_e4m3"),
             ("kv_cache_dtype", "fp8_e5m2"), ("swap_space", 0), ("cpu_offload_gb", 0), ("tensor_parallel_size", 1),
-            ("pipeline_parallel_size", 1), ("distributed_executor_backend", None),
+            ("tensor_parallel_size", 2), ("pipeline_parallel_size", 1), ("distributed_executor_backend", None),
             ("distributed_executor_backend", "uni"), ("distributed_executor_backend", "mp"),
             ("lora_extra_vocab_size", 256), ("quantization", "int8"), ("quantization", "int4"),
+            ("quantization", "gguf"),
             ("trust_remote_code", True), ("revision", "main")]
 
 
@@ -52,6 +52,16 @@ def test_wrong_types_and_ranges_stay_invalid_params() -> None:
         assert err.value.field == name
 
 
+def test_tensor_parallel_needs_heads_that_split_evenly(tmp_path: Path) -> None:
+    from lmport.engine.loader import load_model
+    from tests.model_harness import write_tiny_model_dir
+
+    write_tiny_model_dir(tmp_path)  # 4 heads, 2 KV heads: 3 ranks cannot share them
+    with pytest.raises(InvalidParams, match="num_attention_heads") as err:
+        load_model(EngineConfig(model=str(tmp_path), tensor_parallel_size=3))
+    assert err.value.field == "tensor_parallel_size"
+
+
 def test_a_pre_quantized_checkpoint_is_refused_at_load(tmp_path: Path) -> None:
     from lmport.engine.config import EngineConfig
     from lmport.engine.loader import load_model
@@ -72,6 +82,6 @@ def test_the_worker_answers_unsupported_naming_the_option() -> None:
 
     for client in spawn_shim():
         with pytest.raises(BridgeError) as err:
-            client.llm("smollm2", tensor_parallel_size=2)
-        assert err.value.code == "unsupported" and err.value.details == {"field": "tensor_parallel_size"}
+            client.llm("smollm2", pipeline_parallel_size=2)
+        assert err.value.code == "unsupported" and err.value.details == {"field": "pipeline_parallel_size"}
         assert "worker pool" in err.value.message and not err.value.retryable

@@ -82,7 +82,7 @@ def test_batch_is_one_engine_call_answered_in_prompt_order(served) -> None:
 def test_models_lists_the_served_names(served) -> None:
     server, _ = served
     assert http.get(f"{server.url}/models").json() == {
-        "models": [{"name": "smollm2", "root": "smollm2", "ready": True, "max_model_len": 64}]}
+        "models": [{"name": "smollm2", "root": "smollm2", "ready": True, "loaded": True, "max_model_len": 64}]}
 
 
 @pytest.mark.parametrize("path, body, param", [

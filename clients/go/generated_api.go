@@ -533,8 +533,8 @@ func (a API) Ping(ctx context.Context, opts *PingOptions, call ...CallOption) (m
 // Health calls the worker's 'health' method. Liveness and what is loaded.
 //
 // Returns: {status ("ok" or "shutting_down"), pid, uptime_s, inflight, device (the first engine's; null before
-// any is loaded, so health never imports torch), engines: [{engine, model, refs, device, dtype, num_running,
-// num_waiting, kv_cache_usage}]}.
+// any is loaded, so health never imports torch), memory_budget_bytes, engines: [{engine, model, refs, device,
+// dtype, loaded, keep_alive, loads, memory_bytes, and while loaded num_running, num_waiting, kv_cache_usage}]}.
 func (a API) Health(ctx context.Context, call ...CallOption) (map[string]any, error) {
 	var out map[string]any
 	params := map[string]any{}
@@ -573,7 +573,9 @@ func (o *StatsOptions) fill(params map[string]any) {
 //
 // opts holds the optional parameters (StatsOptions); nil for the defaults.
 //
-// Returns: The engine's counters map, or {service: {...}, engines: [{engine, model, refs, ...counters}]}.
+// Returns: The engine's counters map, or {service: {...}, engines: [{engine, model, refs, ...counters}]}. Each
+// engine also says whether it is loaded, its keep_alive, how many times it loaded and the memory_bytes it holds;
+// an engine keep_alive unloaded has no counters (reading them does not load it).
 func (a API) Stats(ctx context.Context, opts *StatsOptions, call ...CallOption) (map[string]any, error) {
 	var out map[string]any
 	params := map[string]any{}

@@ -442,10 +442,11 @@ type EngineOptions struct {
 	KernelBackend *string `msgpack:"kernel_backend,omitempty"`
 
 	// Weight-only quantization applied on load, on CPU: 'int8' (symmetric, per output channel) or 'int4'
-	// (asymmetric, per group of quantization_group_size input channels); null keeps the weights in the model dtype.
-	// vLLM's 'awq' and 'gptq' (loading such checkpoints) are refused (unsupported): not implemented yet.
+	// (asymmetric, per group of quantization_group_size input channels); 'gguf' keeps a GGUF file's own
+	// Q4_0/Q4_1/Q4_K codes as int4 (group 32) and its Q8_0 tensors as int8; null keeps the weights in the model
+	// dtype. vLLM's 'awq' and 'gptq' (loading such checkpoints) are refused (unsupported): not implemented yet.
 	//
-	// Default: nil. Allowed: one of "int8", "int4", "awq", "gptq".
+	// Default: nil. Allowed: one of "int8", "int4", "gguf", "awq", "gptq".
 	Quantization *string `msgpack:"quantization,omitempty"`
 
 	// Input channels sharing one int4 scale and zero point.
@@ -480,6 +481,14 @@ type EngineOptions struct {
 	// Default: "auto". Allowed: one of "auto", "fp8", "fp8_e4m3", "fp8_e5m2".
 	KVCacheDtype *string `msgpack:"kv_cache_dtype,omitempty"`
 
+	// Seconds an idle engine stays loaded in a worker or server (Ollama's keep_alive): after this long with no call
+	// in flight its weights and KV cache are freed, and the next call on the handle loads it again. null or
+	// negative: never unload; 0: unload after each call. Not part of the engine's identity (the latest llm call's
+	// value applies to a shared engine); the offline LLM ignores it.
+	//
+	// Default: nil.
+	KeepAlive *float64 `msgpack:"keep_alive,omitempty"`
+
 	// GiB of CPU swap for preempted sequences' KV (vLLM). lmport recomputes preempted sequences (mostly from the
 	// prefix cache) and never swaps: only 0 is accepted.
 	//
@@ -492,7 +501,10 @@ type EngineOptions struct {
 	// Default: 0. Allowed: >= 0.
 	CPUOffloadGb *float64 `msgpack:"cpu_offload_gb,omitempty"`
 
-	// Processes to shard each layer across (vLLM). Only 1: run a worker pool for more processes (docs/scaling.md).
+	// Processes to shard each decoder layer across (vLLM), on CPU over gloo: attention heads and MLP channels are
+	// split evenly, so it must divide the model's head, KV-head and intermediate sizes; Llama-architecture models
+	// only (Llama, Mistral, Qwen2, Phi-3, Qwen3, Granite). The engine's process is rank 0 and starts the others. For
+	// throughput, a worker pool usually serves better (docs/scaling.md#tensor-parallelism).
 	//
 	// Default: 1. Allowed: >= 1.
 	TensorParallelSize *int `msgpack:"tensor_parallel_size,omitempty"`
@@ -502,8 +514,8 @@ type EngineOptions struct {
 	// Default: 1. Allowed: >= 1.
 	PipelineParallelSize *int `msgpack:"pipeline_parallel_size,omitempty"`
 
-	// How vLLM runs its shards: with one process (the only layout here) 'uni', 'mp' and null all mean this process;
-	// 'ray' and 'external_launcher' are refused (unsupported).
+	// How vLLM runs its shards: null and 'mp' start the tensor-parallel ranks as local processes ('uni', one
+	// process, only with tensor_parallel_size 1); 'ray' and 'external_launcher' are refused (unsupported).
 	//
 	// Default: nil. Allowed: one of "uni", "mp", "ray", "external_launcher".
 	DistributedExecutorBackend *string `msgpack:"distributed_executor_backend,omitempty"`
@@ -587,7 +599,7 @@ func (o *EngineOptions) validate(prefix string) error {
 		}
 	}
 	if o.Quantization != nil {
-		if err := checkChoice(prefix+"quantization", *o.Quantization, "int8", "int4", "awq", "gptq"); err != nil {
+		if err := checkChoice(prefix+"quantization", *o.Quantization, "int8", "int4", "gguf", "awq", "gptq"); err != nil {
 			return err
 		}
 	}
@@ -736,6 +748,9 @@ func (o *EngineOptions) fill(params map[string]any) {
 	}
 	if o.KVCacheDtype != nil {
 		params["kv_cache_dtype"] = o.KVCacheDtype
+	}
+	if o.KeepAlive != nil {
+		params["keep_alive"] = o.KeepAlive
 	}
 	if o.SwapSpace != nil {
 		params["swap_space"] = o.SwapSpace
@@ -1067,12 +1082,13 @@ var ErrorCodes = []ErrorCode{
 	{Code: "invalid_request", Retryable: false, Doc: "Not a well-formed message: a missing or wrong-typed envelope field, a duplicate id, stream on a method that does not stream."},
 	{Code: "method_not_found", Retryable: false, Doc: "No method of that name; `describe` lists them."},
 	{Code: "invalid_params", Retryable: false, Doc: "A parameter is missing, unknown, of the wrong type or out of range; details.field names it."},
-	{Code: "unsupported", Retryable: false, Doc: "A recognised option or value lmport does not implement (vLLM's swap_space, tensor_parallel_size > 1, ...); details.field names it and the message says what to use instead."},
+	{Code: "unsupported", Retryable: false, Doc: "A recognised option or value lmport does not implement (vLLM's swap_space, pipeline_parallel_size > 1, ...); details.field names it and the message says what to use instead."},
 	{Code: "not_found", Retryable: false, Doc: "An unknown handle ref (released, or never created), or a model that is not available locally (details.field = 'model')."},
 	{Code: "cancelled", Retryable: false, Doc: "The host cancelled the request (or released its LLM handle); details.usage holds the tokens already computed."},
 	{Code: "deadline_exceeded", Retryable: false, Doc: "The request ran past its deadline and was aborted in the engine; details.usage holds the tokens already computed."},
 	{Code: "overloaded", Retryable: true, Doc: "More than max_inflight requests are in flight; retry after some finish."},
 	{Code: "out_of_memory", Retryable: false, Doc: "A prompt that can never fit the KV cache, or the device ran out of memory."},
+	{Code: "memory_budget_exceeded", Retryable: false, Doc: "Loading the model would exceed the worker's memory budget even after unloading its idle models; details carry the numbers (required_bytes = weights_bytes + kv_cache_bytes, in_use_bytes, budget_bytes, loaded). Retryable (the error says so) when busy models hold the room."},
 	{Code: "engine_error", Retryable: false, Doc: "The engine failed (a step raised); the message says why."},
 	{Code: "shutting_down", Retryable: true, Doc: "The worker is stopping; retry on a fresh worker."},
 	{Code: "internal", Retryable: false, Doc: "A bug in the worker; the message (and traceback under --debug) says where."},

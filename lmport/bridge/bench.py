@@ -20,11 +20,12 @@ DELEGATED = {
     "serve": ("lmport.bridge.http.bench", "load a running OpenAI-compatible server (like vLLM's serving benchmark)"),
     "parity": ("lmport.bridge.bench_parity", "greedy tokens: this engine vs HF transformers generate, prompt by prompt"),
     "profile": ("lmport.bridge.bench_profile", "where an engine step's time goes: phases, then operators"),
-    "quality": ("lmport.bridge.bench_quality", "perplexity and greedy agreement: bf16 vs int8 vs int4 (vs llama.cpp)"),
+    "quality": ("lmport.bridge.bench_quality", "perplexity and greedy agreement: bf16 vs int8, int4, gguf, fp8 KV (vs llama.cpp)"),
     "peers": ("lmport.bridge.bench_peers", "lmport vs vLLM's CPU build and llama.cpp, same workloads, A B A B"),
     "embed": ("lmport.bridge.bench_embed", "embeddings/s: LLM.embed vs sentence-transformers, alternating A B A B"),
     "structured": ("lmport.bridge.bench_structured", "structured outputs: conformance, cost vs free, compile latency"),
     "moe": ("lmport.bridge.bench_moe", "routed experts: grouped by expert vs transformers' block vs a per-token loop"),
+    "tp": ("lmport.bridge.bench_tp", "batch-1 decode latency: tensor_parallel_size 1 vs 2, A B A B"),
 }
 
 _WORDS = ("the river carried small boats past quiet towns while engineers measured the water and wrote careful "
@@ -38,7 +39,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     throughput.add_argument("--device", default="auto", help="'auto' (CUDA when available), 'cpu', 'cuda[:N]': "
                             "both sides run there")
     throughput.add_argument("--enforce-eager", action="store_true", help="engine without CUDA graphs")
-    throughput.add_argument("--quantization", choices=["int8", "int4"], default=None,
+    throughput.add_argument("--quantization", choices=["int8", "int4", "gguf"], default=None,
                             help="weight-only quantization of this engine (transformers stays in --dtype)")
     throughput.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "fp8", "fp8_e4m3", "fp8_e5m2"],
                             help="this engine's KV cache element type")

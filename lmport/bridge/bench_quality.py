@@ -25,7 +25,7 @@ AGREEMENT_PROMPTS = ("The history of the printing press begins", "def quicksort(
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--methods", default="int8,int4", help="quantization methods besides bf16 (default "
+    parser.add_argument("--methods", default="int8,int4,gguf", help="quantization methods besides bf16 (default "
                         "%(default)s)")
     parser.add_argument("--group-size", type=int, default=32, help="int4 quantization_group_size")
     parser.add_argument("--kv-cache-dtypes", default="fp8_e4m3,fp8_e5m2", help="kv_cache_dtype values besides auto, "

@@ -34,7 +34,7 @@ ERROR_CODES: dict[str, tuple[bool, str]] = {
     "invalid_params": (False, "A parameter is missing, unknown, of the wrong type or out of range; details.field "
                               "names it."),
     "unsupported": (False, "A recognised option or value lmport does not implement (vLLM's swap_space, "
-                           "tensor_parallel_size > 1, ...); details.field names it and the message says what to use "
+                           "pipeline_parallel_size > 1, ...); details.field names it and the message says what to use "
                            "instead."),
     "not_found": (False, "An unknown handle ref (released, or never created), or a model that is not available "
                          "locally (details.field = 'model')."),
@@ -44,6 +44,10 @@ ERROR_CODES: dict[str, tuple[bool, str]] = {
                                  "holds the tokens already computed."),
     "overloaded": (True, "More than max_inflight requests are in flight; retry after some finish."),
     "out_of_memory": (False, "A prompt that can never fit the KV cache, or the device ran out of memory."),
+    "memory_budget_exceeded": (False, "Loading the model would exceed the worker's memory budget even after "
+                                      "unloading its idle models; details carry the numbers (required_bytes = "
+                                      "weights_bytes + kv_cache_bytes, in_use_bytes, budget_bytes, loaded). "
+                                      "Retryable (the error says so) when busy models hold the room."),
     "engine_error": (False, "The engine failed (a step raised); the message says why."),
     "shutting_down": (True, "The worker is stopping; retry on a fresh worker."),
     "internal": (False, "A bug in the worker; the message (and traceback under --debug) says where."),

@@ -13,6 +13,8 @@ API for a transport:
     await service.acall("tokenize", {...})            # asyncio adapters over the same path
     async for data in service.astream("chat", {...})  # chunk data; stream.summary when done; leaving early cancels
     service.get_llm(handle) -> engine.LLM             # for a transport that drives the engine itself
+    release = service.hold(handle)                    # keep its engine loaded (loading it if keep_alive unloaded
+                                                      # it) until release(); a transport's request spanning calls
     service.on_event = fn(name, data)                 # events that belong to no request (model_loaded)
     service.close()        # answer everything in flight with shutting_down, unload every engine
 
@@ -41,7 +43,11 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from lmport.bridge import footprint
+from lmport.bridge.budget import Resident, evictions
+from lmport.bridge.footprint import Footprint
 from lmport.bridge.protocol import TIMEOUT_PROFILES, BridgeError, Handle, matches_type, type_string
+from lmport.bridge.reaper import Reaper
 
 if TYPE_CHECKING:
     from lmport.engine.tool_calls import ToolCalling
@@ -70,6 +76,7 @@ class MethodSpec:
     options: str | None  # "EngineOptions" / "SamplingParams": **kwargs are that schema's fields
     shapes: dict[str, str]  # result type expressions over lmport.bridge.results' records: "result", "chunk", "summary"
     doc: str = ""
+    holds_engine: bool = False  # the call keeps its `llm` handle's engine loaded (reloading it first) while it runs
     returns: dict[str, str] = field(default_factory=dict)
     params: list[ParamSpec] = field(default_factory=list)
 
@@ -78,11 +85,12 @@ METHODS: dict[str, MethodSpec] = {}
 
 
 def rpc(timeout_profile: str = "default", *, streaming: bool = False, deferred: bool = False,
-        options: str | None = None, **shapes: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+        options: str | None = None, holds_engine: bool = False,
+        **shapes: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     """Register a method; `shapes` (result=, chunk=, summary=) name its result shapes in lmport.bridge.results."""
     def register(func: Callable[..., Any]) -> Callable[..., Any]:
         METHODS[func.__name__] = MethodSpec(func.__name__, func, timeout_profile, streaming, deferred, options,
-                                            shapes)
+                                            shapes, holds_engine=holds_engine)
         return func
     return register
 
@@ -160,6 +168,8 @@ class Call:
             if self._done:
                 return False
             self._done = True
+            # the deadline heap keeps finished calls a while: they must not keep an unloaded engine's memory alive
+            self._abort = None
         self.on_done(result, error)
         return True
 
@@ -230,20 +240,42 @@ class _Deadlines:
 class _Engine:
     id: str
     key: str
-    llm: Any  # engine.LLM
+    options: dict[str, Any]  # EngineConfig fields, to load it again after keep_alive unloaded it
+    llm: Any | None  # engine.LLM; None while unloaded (its handles stay valid)
     info: dict[str, Any]
+    keep_alive: float | None = None  # seconds idle before unloading; None or negative: never
     refs: set[str] = field(default_factory=set)
     calls: set[Call] = field(default_factory=set)
+    holds: int = 0  # calls in flight and transport holds: while any, it is never unloaded
+    idle_since: float = field(default_factory=time.monotonic)
+    footprint: Footprint | None = None  # measured at its last load
+    loads: int = 0
+
+    @property
+    def expires(self) -> float | None:
+        """When keep_alive unloads it (monotonic), if it is loaded, idle and has a keep_alive."""
+        if self.llm is None or self.holds or self.keep_alive is None or self.keep_alive < 0:
+            return None
+        return self.idle_since + self.keep_alive
+
+    def residency(self) -> dict[str, Any]:
+        """What stats and health report about its loading."""
+        return {"loaded": self.llm is not None, "keep_alive": self.keep_alive, "loads": self.loads,
+                "memory_bytes": self.footprint.total if self.llm is not None and self.footprint else 0}
 
 
 class Service:
-    def __init__(self, timeout_profiles: dict[str, int] | None = None, debug: bool = False) -> None:
+    def __init__(self, timeout_profiles: dict[str, int] | None = None, debug: bool = False,
+                 memory_budget_bytes: int | None = None) -> None:
+        """memory_budget_bytes: the most that loaded engines may hold together (weights + KV cache); a load that
+        would pass it unloads idle engines (least recently used first) or is refused, memory_budget_exceeded."""
         self.timeout_profiles = {**TIMEOUT_PROFILES, **(timeout_profiles or {})}
         self.debug = debug
+        self.memory_budget_bytes = memory_budget_bytes
         self.on_event: Callable[[str, Any], None] = lambda name, data: None
         self.started = time.time()
         self._lock = threading.Lock()
-        self._load_lock = threading.Lock()  # loads are serialized: they compete for the same memory anyway
+        self._load_lock = threading.RLock()  # loads and unloads are serialized: they share the memory (budget)
         self._engines: dict[str, _Engine] = {}
         self._refs: dict[str, _Engine] = {}
         self._active: set[Call] = set()
@@ -254,18 +286,22 @@ class Service:
         self._counters: Counter[str] = Counter()
         self._closing = False
         self._manifest: dict[str, Any] | None = None
+        self._reaper = Reaper(self._unload_expired)
 
     # --- the transport-facing entry points ---
 
     def submit(self, call: Call) -> None:
         """Validate and start a call (blocking admission). Its outcome always arrives through call.on_done."""
         on_done = call.on_done
+        releases: list[Callable[[], None]] = []  # the engine hold of a holds_engine call, let go when it finishes
 
         def finished(result: Any, error: BridgeError | None) -> None:
             with self._lock:
                 self._active.discard(call)
                 self._counters["requests_ok" if error is None else f"errors.{error.code}"] += 1
             self._deadlines.finished()
+            for release in releases:
+                release()
             on_done(result, error)
 
         call.on_done = finished
@@ -289,6 +325,11 @@ class Service:
             if call.done:  # its deadline passed while it waited to be admitted
                 return
             kwargs = _bind(spec, call.params)
+            if spec.holds_engine:
+                releases.append(self.hold(kwargs["llm"]))
+                if call.done:  # finished (cancelled) while the engine loaded: `finished` may have run before
+                    releases[0]()
+                    return
             if spec.streaming or spec.deferred:
                 spec.func(self, call, **kwargs)
                 return
@@ -344,14 +385,45 @@ class Service:
             time.sleep(0.01)
         for call in active:
             call.finish(error=BridgeError("shutting_down", "the worker is shutting down"))
+        self._reaper.close()
         with self._lock:
             engines, self._engines, self._refs = list(self._engines.values()), {}, {}
         for entry in engines:
-            entry.llm.shutdown()
+            if entry.llm is not None:
+                entry.llm.shutdown()
 
     def get_llm(self, handle: Handle | str) -> Any:
-        """The engine.LLM behind a handle (map or ref string); not_found if unknown."""
-        return self._entry(handle).llm
+        """The engine.LLM behind a handle (map or ref string), loaded again if keep_alive unloaded it; not_found if
+        unknown. Use hold() to keep it loaded while using it."""
+        entry = self._entry(handle)
+        self._load(entry)
+        return entry.llm
+
+    def hold(self, handle: Handle | str, field: str = "llm") -> Callable[[], None]:
+        """Keep the handle's engine loaded until the returned release() (idempotent) is called, loading it first
+        if keep_alive unloaded it (memory_budget_exceeded when it cannot fit). keep_alive counts from the moment
+        the last hold on an engine is released."""
+        entry = self._entry(handle, field)
+        with self._lock:
+            entry.holds += 1
+        released = threading.Event()
+
+        def release() -> None:
+            with self._lock:
+                if released.is_set():
+                    return
+                released.set()
+                entry.holds -= 1
+                if entry.holds == 0:
+                    entry.idle_since = time.monotonic()
+            self._reaper.wake()
+
+        try:
+            self._load(entry)
+        except BaseException:
+            release()
+            raise
+        return release
 
     @property
     def inflight(self) -> int:
@@ -384,22 +456,84 @@ class Service:
         """
         from lmport.engine.config import EngineConfig
 
-        config = EngineConfig.from_dict(options)
-        key = repr(sorted(config.to_dict().items()))
+        config = EngineConfig.from_dict(options).to_dict()
+        key = engine_key(config)
         with self._load_lock:
             with self._lock:  # lookup and ref in one step: a release() in between could unload the engine
                 entry = self._engines.get(key)
-                ref = None if entry is None else self._add_ref(entry)
+                if entry is not None:
+                    entry.keep_alive = config["keep_alive"]
+                    ref = self._add_ref(entry)
             if entry is None:
-                from lmport.engine.llm import LLM
-
-                llm = LLM(**config.to_dict())
-                entry = _Engine(f"engine-{next(self._engine_ids)}", key, llm, _engine_info(llm, config))
+                entry = _Engine(f"engine-{next(self._engine_ids)}", key, config, None, {},
+                                keep_alive=config["keep_alive"])
+                self._load(entry)  # a failed load registers nothing
                 with self._lock:
                     self._engines[key] = entry
                     ref = self._add_ref(entry)
-                self.on_event("model_loaded", {"engine": entry.id, **entry.info})
+            else:
+                try:
+                    self._load(entry)  # keep_alive or the memory budget may have unloaded it
+                except BaseException:
+                    self.release(ref)
+                    raise
+        self._reaper.wake()
         return {"ref": ref, "engine": entry.id, **entry.info}  # type: ignore[return-value]
+
+    def _load(self, entry: _Engine) -> None:
+        """Load the engine if it is not (first use, or keep_alive unloaded it), within the memory budget. Loads and
+        unloads are serialized by _load_lock, so the budget sees one change at a time."""
+        if entry.llm is not None:
+            return
+        from lmport.engine.config import EngineConfig
+        from lmport.engine.llm import LLM
+
+        with self._load_lock:
+            if entry.llm is not None:
+                return
+            if self.memory_budget_bytes is not None:
+                self._make_room(entry, entry.footprint or footprint.estimate(entry.options))
+            llm = LLM(**entry.options)
+            info = _engine_info(llm, EngineConfig.from_dict(entry.options))
+            with self._lock:
+                entry.llm, entry.info, entry.footprint = llm, info, footprint.measure(llm)
+                entry.loads += 1
+                entry.idle_since = time.monotonic()
+        self.on_event("model_loaded", {"engine": entry.id, **entry.info})
+
+    def _make_room(self, entry: _Engine, need: Footprint) -> None:
+        """Unload idle engines (least recently used first) until `need` fits the budget; refused with the numbers
+        when it cannot. The caller holds _load_lock."""
+        assert self.memory_budget_bytes is not None
+        with self._lock:
+            loaded = [Resident(e, e.info.get("model", e.options["model"]), e.footprint.total if e.footprint else 0,
+                               e.holds > 0, e.idle_since)
+                      for e in self._engines.values() if e.llm is not None and e is not entry]
+        for resident in evictions(entry.options["model"], need, self.memory_budget_bytes, loaded):
+            self._unload(resident.engine, "memory_budget", lambda e: e.holds == 0)
+
+    def _unload_expired(self) -> float | None:
+        """The reaper's sweep: unload every engine idle past its keep_alive; returns the next expiry."""
+        now = time.monotonic()
+        with self._lock:
+            expiries = [(e.expires, e) for e in self._engines.values() if e.expires is not None]
+        for expires, entry in expiries:
+            if expires <= now:
+                self._unload(entry, "keep_alive", lambda e: e.expires is not None and e.expires <= time.monotonic())
+        with self._lock:
+            upcoming = [e.expires for e in self._engines.values() if e.expires is not None]
+        return min(upcoming, default=None)
+
+    def _unload(self, entry: _Engine, reason: str, still: Callable[[_Engine], bool]) -> None:
+        """Shut the engine down and free its memory if `still(entry)` holds once the locks are taken (a call may have
+        arrived meanwhile); its handles stay valid and the next call loads it again."""
+        with self._load_lock:
+            with self._lock:
+                if entry.llm is None or not still(entry):
+                    return
+                llm, entry.llm = entry.llm, None
+            llm.shutdown()
+        self.on_event("model_unloaded", {"engine": entry.id, "model": entry.info.get("model"), "reason": reason})
 
     def _add_ref(self, entry: _Engine) -> str:
         """A new handle to the engine; the caller holds self._lock."""
@@ -424,7 +558,8 @@ class Service:
             data["logit_bias"] = {str(k): v for k, v in data["logit_bias"].items()}
         return data
 
-    @rpc("ml_inference", streaming=True, result="list[RequestOutput]", chunk="Chunk", summary="Summary")
+    @rpc("ml_inference", streaming=True, holds_engine=True, result="list[RequestOutput]", chunk="Chunk",
+         summary="Summary")
     def generate(self, call: Call, llm: Handle, prompts: str | list[str] | list[int] | dict | list[dict],
                  sampling_params: dict | list[dict] | None = None,
                  lora_request: dict | list[dict | None] | None = None) -> list[dict]:
@@ -443,7 +578,8 @@ class Service:
         entry = self._entry(llm)
         self._start_generation(call, entry, _prompt_list(prompts), sampling_params, lora_request=lora_request)
 
-    @rpc("ml_inference", streaming=True, result="list[RequestOutput]", chunk="Chunk", summary="Summary")
+    @rpc("ml_inference", streaming=True, holds_engine=True, result="list[RequestOutput]", chunk="Chunk",
+         summary="Summary")
     def chat(self, call: Call, llm: Handle, messages: list[dict] | list, sampling_params: dict | list[dict] | None
              = None, chat_template: str | None = None, add_generation_prompt: bool = True,
              tools: list[dict] | None = None, tool_choice: str | dict | None = None,
@@ -480,7 +616,7 @@ class Service:
                 conversation, chat_template, add_generation_prompt, calling.template_tools if calling else None)})
         self._start_generation(call, entry, prompts, sampling_params, calling, lora_request)
 
-    @rpc("ml_inference", deferred=True, result="EmbedResult")
+    @rpc("ml_inference", deferred=True, holds_engine=True, result="EmbedResult")
     def embed(self, call: Call, llm: Handle, input: str | list[str] | list[int] | list, pooling: str = "mean",
               normalize: bool = True, dimensions: int | None = None) -> dict:
         """Embed one input or many: each is pooled from the model's final hidden states into one vector. On a
@@ -510,7 +646,7 @@ class Service:
 
         self._queue_requests(call, entry, len(inputs), queue, _name_the_input)
 
-    @rpc()
+    @rpc(holds_engine=True)
     def tokenize(self, llm: Handle, text: str, add_special_tokens: bool = True) -> list[int]:
         """Turn text into token ids with the model's tokenizer.
 
@@ -523,7 +659,7 @@ class Service:
         """
         return self._entry(llm).llm.tokenize(text, add_special_tokens)
 
-    @rpc()
+    @rpc(holds_engine=True)
     def detokenize(self, llm: Handle, token_ids: list[int], skip_special_tokens: bool = False) -> str:
         """Turn token ids back into text.
 
@@ -558,7 +694,10 @@ class Service:
         if unload:
             for call in calls:
                 call.cancel("cancelled", "the LLM handle was released")
-            entry.llm.shutdown()
+            with self._load_lock, self._lock:
+                llm, entry.llm = entry.llm, None
+            if llm is not None:
+                llm.shutdown()
             for call in calls:  # requests the engine never took in get their answer too
                 call.finish(error=BridgeError("cancelled", "the LLM handle was released"))
         return {"ref": name, "unloaded": unload}
@@ -580,20 +719,23 @@ class Service:
 
         Returns:
             {status ("ok" or "shutting_down"), pid, uptime_s, inflight, device (the first engine's; null before
-            any is loaded, so health never imports torch), engines: [{engine, model, refs, device, dtype,
-            num_running, num_waiting, kv_cache_usage}]}.
+            any is loaded, so health never imports torch), memory_budget_bytes, engines: [{engine, model, refs,
+            device, dtype, loaded, keep_alive, loads, memory_bytes, and while loaded num_running, num_waiting,
+            kv_cache_usage}]}.
         """
         with self._lock:
             entries = list(self._engines.values())
         engines = []
         for entry in entries:
-            stats = entry.llm.stats()
+            llm = entry.llm
+            stats = llm.stats() if llm is not None else {}
             engines.append({"engine": entry.id, "model": entry.info["model"], "refs": sorted(entry.refs),
-                            "device": entry.info["device"], "dtype": entry.info["dtype"],
-                            **{k: stats[k] for k in ("num_running", "num_waiting", "kv_cache_usage")}})
+                            "device": entry.info["device"], "dtype": entry.info["dtype"], **entry.residency(),
+                            **{k: stats[k] for k in ("num_running", "num_waiting", "kv_cache_usage") if k in stats}})
         return {"status": "shutting_down" if self._closing else "ok", "pid": os.getpid(),
                 "uptime_s": time.time() - self.started, "inflight": self.inflight,
-                "device": engines[0]["device"] if engines else None, "engines": engines}
+                "device": engines[0]["device"] if engines else None,
+                "memory_budget_bytes": self.memory_budget_bytes, "engines": engines}
 
     @rpc()
     def stats(self, llm: Handle | None = None) -> dict:
@@ -603,16 +745,24 @@ class Service:
         Args:
             llm: an LLM handle to report on; omit for everything.
         Returns:
-            The engine's counters map, or {service: {...}, engines: [{engine, model, refs, ...counters}]}.
+            The engine's counters map, or {service: {...}, engines: [{engine, model, refs, ...counters}]}. Each
+            engine also says whether it is loaded, its keep_alive, how many times it loaded and the memory_bytes it
+            holds; an engine keep_alive unloaded has no counters (reading them does not load it).
         """
         if llm is not None:
-            entry = self._entry(llm)
-            return {"engine": entry.id, **entry.llm.stats()}
+            return self._engine_stats(self._entry(llm))
         with self._lock:
             entries = list(self._engines.values())
-            service = {**self._counters, "inflight": len(self._active)}
+            service = {**self._counters, "inflight": len(self._active),
+                       "memory_budget_bytes": self.memory_budget_bytes,
+                       "memory_in_use_bytes": sum(e.residency()["memory_bytes"] for e in entries)}
         return {"service": service, "engines": [{"engine": e.id, "model": e.info["model"], "refs": sorted(e.refs),
-                                                 **e.llm.stats()} for e in entries]}
+                                                 **self._engine_stats(e)} for e in entries]}
+
+    @staticmethod
+    def _engine_stats(entry: _Engine) -> dict[str, Any]:
+        llm = entry.llm  # read once: the reaper may unload it meanwhile
+        return {"engine": entry.id, **entry.residency(), **(llm.stats() if llm is not None else {})}
 
     @rpc()
     def shutdown(self) -> dict:
@@ -671,7 +821,8 @@ class Service:
                 entry.calls.discard(call)
             call.finish(error=self.to_bridge_error(exc))
             return
-        call.set_abort(lambda: [entry.llm.abort(r) for r in request_ids])
+        llm = entry.llm  # the engine that took them, even should release() unload it before the abort runs
+        call.set_abort(lambda: [llm.abort(r) for r in request_ids])
 
 
 class _Generation:
@@ -974,6 +1125,12 @@ def _sampling_list(params: dict | list[dict] | None, count: int) -> list[Any]:
             where = f"sampling_params[{i}]" if many else "sampling_params"
             raise _invalid(f"{where}.{exc.field}", exc.message) from None
     return result if many else result * count
+
+
+def engine_key(options: dict[str, Any]) -> str:
+    """What makes two `llm` calls share an engine: every option but keep_alive, which says how long the engine
+    stays loaded, not what it is (the latest call's value applies)."""
+    return repr(sorted((name, value) for name, value in options.items() if name != "keep_alive"))
 
 
 def _engine_info(llm: Any, config: Any) -> dict[str, Any]:

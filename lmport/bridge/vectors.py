@@ -177,6 +177,10 @@ def message_vectors() -> list[dict[str, Any]]:
         "not_found": {"field": "llm"},
         "cancelled": {"usage": _USAGE, "request_ids": ["bridge-5-0"]},
         "deadline_exceeded": {"usage": _USAGE, "request_ids": ["bridge-6-0"]},
+        "memory_budget_exceeded": {"weights_bytes": 270000000, "kv_cache_bytes": 268435456, "total_bytes": 538435456,
+                                   "required_bytes": 538435456, "in_use_bytes": 600000000,
+                                   "budget_bytes": 1073741824,
+                                   "loaded": [{"model": "smollm2", "bytes": 600000000, "busy": True}]},
     }
     for i, code in enumerate(protocol.ERROR_CODES, start=10):
         error = BridgeError(code, f"an example {code} error", details.get(code))

@@ -42,6 +42,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="seconds an orderly stop waits for aborted requests and child processes (default 5)")
     parser.add_argument("--no-setsid", action="store_true", help="stay in the parent's process group")
     parser.add_argument("--debug", action="store_true", help="add Python tracebacks to error responses")
+    parser.add_argument("--memory-budget-gb", type=float, default=None, metavar="GIB",
+                        help="GiB the loaded engines may hold together (estimated weights + KV cache); a load that "
+                             "would not fit unloads idle engines (least recently used first) or is refused with "
+                             "memory_budget_exceeded (default: no budget)")
     parser.add_argument("--preload", action="append", default=[], metavar="MODULE",
                         help="import a module at start, after stdout is protected (plugins, instrumentation)")
 
@@ -56,6 +60,10 @@ def run(args: argparse.Namespace) -> int:
             logger.error("--timeout-profile expects NAME=MS with MS > 0, got %r", item)
             return 2
         profiles[name] = int(ms)
+    if args.memory_budget_gb is not None and args.memory_budget_gb <= 0:
+        logger.error("--memory-budget-gb must be > 0, got %s", args.memory_budget_gb)
+        return 2
+    budget = None if args.memory_budget_gb is None else int(args.memory_budget_gb * (1 << 30))
     for flag, value in (("--max-inflight", args.max_inflight), ("--max-frame-bytes", args.max_frame_bytes)):
         if value <= 0:  # 0 would answer every request 'overloaded' / discard every frame as oversize
             logger.error("%s must be > 0, got %d", flag, value)
@@ -67,7 +75,7 @@ def run(args: argparse.Namespace) -> int:
             pass
     for module in args.preload:
         importlib.import_module(module)
-    worker = Worker(frames_fd, Service(profiles, debug=args.debug), args.max_frame_bytes, args.max_inflight,
+    worker = Worker(frames_fd, Service(profiles, debug=args.debug, memory_budget_bytes=budget), args.max_frame_bytes, args.max_inflight,
                     args.grace, parent_pid)
     return worker.serve()
 

@@ -55,9 +55,11 @@ class EngineConfig:
                                choices=["auto", "triton", "torch"])
     quantization: str | None = _opt(None, "Weight-only quantization applied on load, on CPU: 'int8' (symmetric, per "
                                     "output channel) or 'int4' (asymmetric, per group of quantization_group_size "
-                                    "input channels); null keeps the weights in the model dtype. vLLM's 'awq' and 'gptq' (loading such "
-                                    "checkpoints) are refused (unsupported): not implemented yet.",
-                                    choices=["int8", "int4", "awq", "gptq"])
+                                    "input channels); 'gguf' keeps a GGUF file's own Q4_0/Q4_1/Q4_K codes as int4 "
+                                    "(group 32) and its Q8_0 tensors as int8; null keeps the weights in the model "
+                                    "dtype. vLLM's 'awq' and 'gptq' (loading such checkpoints) are refused "
+                                    "(unsupported): not implemented yet.",
+                                    choices=["int8", "int4", "gguf", "awq", "gptq"])
     quantization_group_size: int = _opt(32, "Input channels sharing one int4 scale and zero point.",
                                         choices=[32, 64, 128])
     enable_lora: bool = _opt(False, "Serve LoRA adapters (PEFT directories) named by each request's lora_request.")
@@ -69,17 +71,27 @@ class EngineConfig:
                                "'fp8_e4m3') and 'fp8_e5m2' store one byte per element (twice the tokens per GiB of "
                                "bf16) with per-tensor scales of 1.0 (vLLM's default without calibrated scales).",
                                choices=["auto", "fp8", "fp8_e4m3", "fp8_e5m2"])
+    keep_alive: float | None = _opt(None, "Seconds an idle engine stays loaded in a worker or server (Ollama's "
+                                    "keep_alive): after this long with no call in flight its weights and KV cache are "
+                                    "freed, and the next call on the handle loads it again. null or negative: never "
+                                    "unload; 0: unload after each call. Not part of the engine's identity (the latest "
+                                    "llm call's value applies to a shared engine); the offline LLM ignores it.")
     swap_space: float = _opt(0, "GiB of CPU swap for preempted sequences' KV (vLLM). lmport recomputes preempted "
                              "sequences (mostly from the prefix cache) and never swaps: only 0 is accepted.", min=0)
     cpu_offload_gb: float = _opt(0, "GiB of weights to keep in CPU memory and stream to the GPU (vLLM). Not "
                                  "implemented: only 0 is accepted (use quantization to shrink the weights).", min=0)
-    tensor_parallel_size: int = _opt(1, "Processes to shard each layer across (vLLM). Only 1: run a worker pool for "
-                                     "more processes (docs/scaling.md).", min=1)
+    tensor_parallel_size: int = _opt(1, "Processes to shard each decoder layer across (vLLM), on CPU over gloo: "
+                                     "attention heads and MLP channels are split evenly, so it must divide the "
+                                     "model's head, KV-head and intermediate sizes; Llama-architecture models only "
+                                     "(Llama, Mistral, Qwen2, Phi-3, Qwen3, Granite). The engine's process is rank "
+                                     "0 and starts the others. For throughput, a worker pool usually serves better "
+                                     "(docs/scaling.md#tensor-parallelism).", min=1)
     pipeline_parallel_size: int = _opt(1, "Processes to split the layers across (vLLM). Only 1: run a worker pool "
                                        "for more processes (docs/scaling.md).", min=1)
-    distributed_executor_backend: str | None = _opt(None, "How vLLM runs its shards: with one process (the only "
-                                                    "layout here) 'uni', 'mp' and null all mean this process; 'ray' "
-                                                    "and 'external_launcher' are refused (unsupported).",
+    distributed_executor_backend: str | None = _opt(None, "How vLLM runs its shards: null and 'mp' start the "
+                                                    "tensor-parallel ranks as local processes ('uni', one process, "
+                                                    "only with tensor_parallel_size 1); 'ray' and "
+                                                    "'external_launcher' are refused (unsupported).",
                                                     choices=["uni", "mp", "ray", "external_launcher"])
     lora_extra_vocab_size: int = _opt(256, "Extra vocabulary slots for LoRA adapters (vLLM, deprecated there). "
                                       "Adapters that add tokens are not supported: only the default is accepted.",
@@ -133,13 +145,20 @@ def _refuse_unimplemented(config: EngineConfig) -> None:
     if config.cpu_offload_gb:
         raise Unsupported("cpu_offload_gb", "weight offloading is not implemented; use quantization='int8' or "
                                             "'int4' to shrink the weights, or a smaller model")
-    for name in ("tensor_parallel_size", "pipeline_parallel_size"):
-        if getattr(config, name) > 1:
-            raise Unsupported(name, "one engine runs in one process; for more processes run a worker pool "
-                                    "(docs/scaling.md), each with its own copy of the model")
+    if config.pipeline_parallel_size > 1:
+        raise Unsupported("pipeline_parallel_size", "layers are not split across processes; for more processes "
+                                                    "run a worker pool (docs/scaling.md), each with its own copy of "
+                                                    "the model, or shard layers with tensor_parallel_size")
     if config.distributed_executor_backend in ("ray", "external_launcher"):
         raise Unsupported("distributed_executor_backend", f"{config.distributed_executor_backend!r} is not "
-                          "implemented; the engine runs in this process (null, 'uni' or 'mp')")
+                          "implemented; use null, 'uni' or 'mp' (tensor-parallel ranks run as local processes)")
+    if config.tensor_parallel_size > 1:
+        if config.distributed_executor_backend == "uni":
+            raise InvalidParams("distributed_executor_backend", "'uni' runs one process; tensor_parallel_size > 1 "
+                                "needs 'mp' or null")
+        if config.enable_lora:
+            raise Unsupported("enable_lora", "LoRA adapters are not sharded across tensor-parallel ranks; use "
+                                             "tensor_parallel_size 1 with enable_lora")
     if config.lora_extra_vocab_size != 256:
         raise Unsupported("lora_extra_vocab_size", "LoRA adapters that add vocabulary are not supported; leave it "
                                                    "at 256")

@@ -31,6 +31,9 @@ class EngineBase:
         self.requests: dict[str, Request] = {}
         self.counters: Counter[str] = Counter()
 
+    def close(self) -> None:
+        """Release what outlives the engine object otherwise (tensor-parallel ranks); the engine is not used after."""
+
     def make_embed_request(self, request_id: str, prompt: Prompt, params: PoolingParams,
                            on_output: Callable[[EmbeddingOutput], None]) -> Request:
         """An embed request (any thread): on a decoder it is prefilled with the running generations and pooled

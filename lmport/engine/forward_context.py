@@ -51,3 +51,21 @@ def forward_context(meta: AttentionMetadata) -> Iterator[AttentionMetadata]:
         yield meta
     finally:
         _current.reset(token)
+
+
+@dataclass(slots=True)
+class StepInputs:
+    """One step's model inputs as host lists, before they become tensors: what a tensor-parallel rank receives from
+    rank 0 to run the same forward (lmport.engine.parallel packs them into one tensor)."""
+    input_ids: list[int]
+    positions: list[int]
+    slot_mapping: list[int]
+    seq_lens: list[int]  # per sequence: context length including this step's tokens
+    query_starts: list[int]  # [S+1]: each sequence's first row in input_ids, then the row count
+    num_decodes: int
+    block_tables: list[list[int]]  # padded to one width
+    copies: list[tuple[int, int]]  # KV blocks to copy (source, destination) before the forward
+
+    @property
+    def max_query_len(self) -> int:
+        return max(b - a for a, b in zip(self.query_starts, self.query_starts[1:]))

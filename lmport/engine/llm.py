@@ -228,7 +228,10 @@ class LLM:
             return
         finally:
             ready.set()
-        self._loop(loaded[0])
+        try:
+            self._loop(loaded[0])
+        finally:
+            loaded[0].close()
 
     def _loop(self, engine: LLMEngine | EncoderEngine) -> None:
         while True:

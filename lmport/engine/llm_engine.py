@@ -40,7 +40,12 @@ class LLMEngine(EngineBase):
         if not config.enable_chunked_prefill and config.max_num_batched_tokens < self.max_model_len:
             raise InvalidParams("max_num_batched_tokens",
                                 f"must be >= max_model_len ({self.max_model_len}) when enable_chunked_prefill is off")
-        self.runner = ModelRunner(loaded, config)
+        try:
+            self.runner = ModelRunner(loaded, config)
+        except BaseException:
+            if loaded.tp is not None:  # the other tensor-parallel ranks must not outlive a failed construction
+                loaded.tp.close()
+            raise
         self.block_manager = BlockManager(self.runner.num_blocks, config.block_size, config.enable_prefix_caching,
                                           self.runner.sliding_window)
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens,
@@ -112,6 +117,9 @@ class LLMEngine(EngineBase):
         self.counters["requests_aborted"] += 1
         self._finish_request(request)
         return True
+
+    def close(self) -> None:
+        self.runner.close()
 
     # --- the step ---
 

@@ -25,8 +25,10 @@ from lmport.engine.errors import InvalidParams, ModelNotFound, Unsupported, Unsu
 from lmport.engine.bundled_minilm import NAMES as MINILM_NAMES
 from lmport.engine.bundled_minilm import minilm_dir
 from lmport.engine.gguf_convert import BUNDLED_NAMES, bundled_gguf, convert_gguf
+from lmport.engine.gguf_weights import checked_gguf_source, load_gguf_linears
 from lmport.engine.models import get_model_class
 from lmport.engine.models.layers import pack_cpu_linears
+from lmport.engine.parallel import TensorParallelGroup, check_tensor_parallel, shard_model
 from lmport.engine.quantization import check_quantizable, quantize_linears
 
 logger = logging.getLogger("lmport")
@@ -46,6 +48,7 @@ class LoadedModel:
     max_model_len: int
     eos_token_ids: list[int]  # generation_config's, then the tokenizer's
     vocab_size: int  # width of the logits (the config's vocab_size)
+    tp: TensorParallelGroup | None = None  # the ranks sharing this model when it is a tensor-parallel shard
 
     @property
     def is_encoder(self) -> bool:
@@ -252,7 +255,9 @@ def _default_dtype(dtype: torch.dtype) -> Iterator[None]:
         torch.set_default_dtype(previous)
 
 
-def load_model(config: EngineConfig) -> LoadedModel:
+def load_model(config: EngineConfig, tp: TensorParallelGroup | None = None) -> LoadedModel:
+    """Load config's model. With tensor_parallel_size > 1 every rank keeps its shard (lmport.engine.parallel): rank 0
+    (tp None) checks that the model splits, then starts the other ranks, which load theirs alongside (tp given)."""
     start = time.perf_counter()
     model_path = resolve_model(config.model, config.revision)
     try:
@@ -276,18 +281,39 @@ def load_model(config: EngineConfig) -> LoadedModel:
     tokenizer_path = resolve_model(config.tokenizer, field="tokenizer") if config.tokenizer else model_path
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_path, trust_remote_code=config.trust_remote_code)
 
+    started = None
+    if config.tensor_parallel_size > 1 and tp is None:
+        from lmport.engine.tp_worker import launch  # it imports this module
+
+        check_tensor_parallel(model_cls, hf_config, config.tensor_parallel_size, device)
+        tp = started = launch(config)
+    try:
+        return _build(config, model_cls, hf_config, model_path, tokenizer, dtype, device, max_model_len, tp, start)
+    except BaseException:
+        if started is not None:
+            started.close()
+        raise
+
+
+def _build(config: EngineConfig, model_cls: type[nn.Module], hf_config: PretrainedConfig, model_path: Path,
+           tokenizer: PreTrainedTokenizerBase, dtype: torch.dtype, device: torch.device, max_model_len: int,
+           tp: TensorParallelGroup | None, start: float) -> LoadedModel:
     with torch.device(device), _default_dtype(dtype):
         model = model_cls(hf_config, max_model_len)
     files = safetensors_files(model_path)
     io_start = time.perf_counter()
     with torch.no_grad():
         model.load_weights(iter_weights(files))
+        if tp is not None:  # before quantizing or packing, which then work on the shard
+            shard_model(model, tp)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     io_seconds = time.perf_counter() - io_start
     num_bytes = sum(f.stat().st_size for f in files)
     num_params = sum(p.numel() for p in model.parameters())
-    if config.quantization is not None:
+    if config.quantization == "gguf":
+        load_gguf_linears(model, checked_gguf_source(model_path, device, tp is not None), dtype)
+    elif config.quantization is not None:
         check_quantizable(model, config.quantization, config.quantization_group_size, device)
         quantize_linears(model, config.quantization, config.quantization_group_size)
     elif os.environ.get("LMPORT_PACK_WEIGHTS", "1") != "0":  # "0": keep plain bf16 weights (A/B measurements)
@@ -299,4 +325,4 @@ def load_model(config: EngineConfig) -> LoadedModel:
     return LoadedModel(model=model, hf_config=hf_config, tokenizer=tokenizer, model_path=str(model_path),
                        dtype=dtype, device=device, max_model_len=max_model_len,
                        eos_token_ids=eos_token_ids(model_path, hf_config, tokenizer),
-                       vocab_size=hf_config.vocab_size)
+                       vocab_size=hf_config.vocab_size, tp=tp)

@@ -5,6 +5,7 @@ Owns the paged KV cache (one tensor, viewed per layer by every PagedAttention mo
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from dataclasses import dataclass
 
@@ -14,8 +15,8 @@ from lmport import kernels
 from lmport.engine.config import CPU_DEFAULT_KV_CACHE_BYTES, EngineConfig, GiB
 from lmport.engine.cuda_graphs import DecodeGraphs
 from lmport.engine.errors import OutOfKVCache
-from lmport.engine.forward_context import AttentionMetadata, forward_context
-from lmport.engine.lora import LoRAManager, batch_for, lora_context
+from lmport.engine.forward_context import AttentionMetadata, StepInputs, forward_context
+from lmport.engine.lora import LoRABatch, LoRAManager, batch_for, lora_context
 from lmport.engine.loader import LoadedModel
 from lmport.engine.models.layers import PagedAttention
 from lmport.engine.pooling import chunk_pool
@@ -59,6 +60,9 @@ class ModelRunner:
         self.sliding_window: int | None = windows.pop() if len(windows) == 1 else None
         self.max_blocks_per_seq = -(-loaded.max_model_len // self.block_size)  # one max_model_len sequence's blocks
         self.num_blocks = self._plan_num_blocks(config, loaded.max_model_len)
+        self.tp = loaded.tp  # this rank's tensor-parallel group (None: a single process)
+        if self.tp is not None and self.tp.rank == 0:
+            self.tp.wait_ready(self.num_blocks)  # the other ranks size their caches alike, then wait for steps
         shape = (2, len(self.attention_layers), self.num_blocks, self.block_size, self.num_kv_heads, self.head_dim)
         # Zeroed, not empty: padded block-table entries and masked positions are read with weight 0, and 0 * NaN
         # garbage would poison the output.
@@ -85,6 +89,11 @@ class ModelRunner:
                            exc_info=True)
             return None
         return graphs
+
+    def close(self) -> None:
+        """Stop the other tensor-parallel ranks (nothing to do in a single process)."""
+        if self.tp is not None:
+            self.tp.close()
 
     @property
     def bytes_per_block(self) -> int:
@@ -122,35 +131,27 @@ class ModelRunner:
 
     @torch.inference_mode()
     def run(self, batch: ScheduledBatch) -> StepLogits:
-        if batch.copies:
-            src = self._to_device([s for s, _ in batch.copies], torch.int64)
-            dst = self._to_device([d for _, d in batch.copies], torch.int64)
-            cache = kernels.reference.byte_view(self.kv_cache)  # fp8 has no CPU index kernels; bytes copy exactly
-            cache[:, :, dst] = cache[:, :, src]
-
+        inputs = StepInputs(input_ids=[], positions=[], slot_mapping=[], seq_lens=[], query_starts=[0],
+                            num_decodes=batch.num_decodes, block_tables=[], copies=list(batch.copies))
         size = self.block_size
-        input_ids: list[int] = []
-        positions: list[int] = []
-        slots: list[int] = []
-        seq_lens: list[int] = []
-        query_starts: list[int] = [0]
         keep_rows: list[int] = []
         sample_rows: list[int] = []
         prompt_rows: dict[int, tuple[int, int]] = {}
         pool_rows: dict[int, int] = {}  # embed requests: seq position -> the chunk's first row (they never sample)
         for i, (seq, num_new) in enumerate(zip(batch.seqs, batch.num_new_tokens)):
             start, end = seq.num_computed_tokens, seq.num_computed_tokens + num_new
-            input_ids.extend(seq.token_ids[start:end])
-            positions.extend(range(start, end))
+            inputs.input_ids.extend(seq.token_ids[start:end])
+            inputs.positions.extend(range(start, end))
             table = seq.block_table
-            slots.extend(table[p // size] * size + p % size for p in range(start, end))
-            seq_lens.append(end)
-            first_row = len(input_ids) - num_new
+            inputs.slot_mapping.extend(table[p // size] * size + p % size for p in range(start, end))
+            inputs.seq_lens.append(end)
+            num_rows = len(inputs.input_ids)
+            inputs.query_starts.append(num_rows)
+            first_row = num_rows - num_new
             request = seq.request
             if request.pooling is not None:
                 pool_rows[i] = first_row
                 sample_rows.append(-1)
-                query_starts.append(len(input_ids))
                 continue
             if request.prompt_logprobs is not None and start < seq.num_prompt_tokens - 1:
                 # Row p predicts token p + 1: prompt positions start .. num_prompt_tokens - 2 of this chunk.
@@ -159,43 +160,18 @@ class ModelRunner:
                 keep_rows.extend(range(first_row, first_row + last - start))
             if end == seq.num_tokens:
                 sample_rows.append(len(keep_rows))
-                keep_rows.append(len(input_ids) - 1)
+                keep_rows.append(num_rows - 1)
             else:
                 sample_rows.append(-1)
-            query_starts.append(len(input_ids))
-
-        d = batch.num_decodes
-        decode_only = d == len(batch.seqs)
         max_blocks = max(len(s.block_table) for s in batch.seqs)
-        tables = self._to_device([s.block_table + [0] * (max_blocks - len(s.block_table)) for s in batch.seqs],
-                                 torch.int32)
-        lens = self._to_device(seq_lens, torch.int32)
-        if decode_only:  # no prefill rows: the attention layers never read cu_seqlens_q
-            prefill_cu_seqlens_q = self.no_prefill
-        else:
-            prefill_cu_seqlens_q = self._to_device([q - query_starts[d] for q in query_starts[d:]], torch.int32)
-        meta = AttentionMetadata(
-            slot_mapping=self._to_device(slots, torch.int64),
-            num_decode_tokens=d,
-            decode_block_tables=tables[:d],
-            decode_seq_lens=lens[:d],
-            prefill_cu_seqlens_q=prefill_cu_seqlens_q,
-            prefill_seq_lens=lens[d:],
-            prefill_block_tables=tables[d:],
-            max_query_len=max(batch.num_new_tokens),
-        )
-        ids = self._to_device(input_ids, torch.int64)
-        pos = self._to_device(positions, torch.int64)
-        graphs = self.decode_graphs
+        inputs.block_tables = [s.block_table + [0] * (max_blocks - len(s.block_table)) for s in batch.seqs]
+
         adapters = batch_for([slot for seq, n in zip(batch.seqs, batch.num_new_tokens) for slot in
-                              [seq.request.lora_slot] * n], ids.device) if self.lora is not None else None
+                              [seq.request.lora_slot] * n], self.device) if self.lora is not None else None
+        # tensor parallel: the other ranks run the same forward on their shards
+        with self.tp.step(inputs) if self.tp is not None else contextlib.nullcontext():
+            hidden = self.forward(inputs, adapters)
         with kernels.use_backend(self.kernel_backend):
-            if graphs is not None and decode_only and d <= graphs.max_batch_size and adapters is None:
-                hidden = graphs.run(ids, pos, meta)
-                self.graphed_steps += 1
-            else:  # steps with LoRA rows run eagerly: their row grouping changes from step to step
-                with forward_context(meta), lora_context(adapters):
-                    hidden = self.model(ids, pos)
             pooled = {}
             for i, first_row in pool_rows.items():
                 seq, num_new = batch.seqs[i], batch.num_new_tokens[i]
@@ -205,7 +181,45 @@ class ModelRunner:
             if not keep_rows:  # only embed requests this step: no logits at all
                 logits = hidden.new_empty((0, 0))
             else:
-                if keep_rows != list(range(len(input_ids))):  # e.g. a decode-only step keeps every row: no copy
+                if keep_rows != list(range(len(inputs.input_ids))):  # e.g. a decode-only step keeps every row
                     hidden = hidden.index_select(0, self._to_device(keep_rows, torch.int64))
                 logits = self.model.compute_logits(hidden)
         return StepLogits(logits=logits, sample_rows=sample_rows, prompt_rows=prompt_rows, pooled=pooled)
+
+    @torch.inference_mode()
+    def forward(self, inputs: StepInputs, adapters: LoRABatch | None = None) -> torch.Tensor:
+        """The model's hidden states [T, H] for one step's inputs (every tensor-parallel rank runs this)."""
+        if inputs.copies:
+            src = self._to_device([s for s, _ in inputs.copies], torch.int64)
+            dst = self._to_device([d for _, d in inputs.copies], torch.int64)
+            cache = kernels.reference.byte_view(self.kv_cache)  # fp8 has no CPU index kernels; bytes copy exactly
+            cache[:, :, dst] = cache[:, :, src]
+        d = inputs.num_decodes
+        decode_only = d == len(inputs.seq_lens)
+        query_starts = inputs.query_starts
+        tables = self._to_device(inputs.block_tables, torch.int32)
+        lens = self._to_device(inputs.seq_lens, torch.int32)
+        if decode_only:  # no prefill rows: the attention layers never read cu_seqlens_q
+            prefill_cu_seqlens_q = self.no_prefill
+        else:
+            prefill_cu_seqlens_q = self._to_device([q - query_starts[d] for q in query_starts[d:]], torch.int32)
+        meta = AttentionMetadata(
+            slot_mapping=self._to_device(inputs.slot_mapping, torch.int64),
+            num_decode_tokens=d,
+            decode_block_tables=tables[:d],
+            decode_seq_lens=lens[:d],
+            prefill_cu_seqlens_q=prefill_cu_seqlens_q,
+            prefill_seq_lens=lens[d:],
+            prefill_block_tables=tables[d:],
+            max_query_len=inputs.max_query_len,
+        )
+        ids = self._to_device(inputs.input_ids, torch.int64)
+        pos = self._to_device(inputs.positions, torch.int64)
+        graphs = self.decode_graphs
+        with kernels.use_backend(self.kernel_backend):
+            if graphs is not None and decode_only and d <= graphs.max_batch_size and adapters is None:
+                self.graphed_steps += 1
+                return graphs.run(ids, pos, meta)
+            # steps with LoRA rows run eagerly: their row grouping changes from step to step
+            with forward_context(meta), lora_context(adapters):
+                return self.model(ids, pos)

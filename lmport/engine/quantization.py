@@ -64,10 +64,16 @@ class Int4Weight:
         low, high = groups.amin(dim=-1), groups.amax(dim=-1)
         scales = ((high - low) / 15).clamp(min=torch.finfo(torch.float32).tiny)
         q = torch.clamp(torch.round((groups - low[..., None]) / scales[..., None]), 0, 15).to(torch.int32)
-        packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.reshape(n, k), _INT4_INNER_K_TILES)
-        zeros = low + 8 * scales  # the kernel computes (q - 8) * scale + zero
-        scales_and_zeros = torch.stack([scales, zeros], dim=-1).transpose(0, 1).contiguous().to(weight.dtype)
-        return cls(packed, group_size, scales_and_zeros, n)
+        return cls.from_codes(q.reshape(n, k), scales, low, group_size, weight.dtype)
+
+    @classmethod
+    def from_codes(cls, codes: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor, group_size: int,
+                   dtype: torch.dtype) -> Int4Weight:
+        """Codes [N, K] in 0..15 with w = code * scale + offset per group ([N, K / group_size] each)."""
+        packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.to(torch.int32), _INT4_INNER_K_TILES)
+        zeros = offsets.float() + 8 * scales.float()  # the kernel computes (q - 8) * scale + zero
+        scales_and_zeros = torch.stack([scales.float(), zeros], dim=-1).transpose(0, 1).contiguous().to(dtype)
+        return cls(packed, group_size, scales_and_zeros, codes.shape[0])
 
 
 def check_quantizable(model: nn.Module, method: str, group_size: int, device: torch.device) -> None:

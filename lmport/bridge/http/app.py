@@ -15,6 +15,7 @@ from lmport.bridge.http.config import Settings
 from lmport.bridge.http.embeddings import router as embeddings_router
 from lmport.bridge.http.errors import APIError, install_handlers, too_large
 from lmport.bridge.http.generation import Backend
+from lmport.bridge.http.holds import ReleaseHolds
 from lmport.bridge.http.playground import install_playground
 from lmport.bridge.http.routes import router
 from lmport.bridge.http.simple import router as simple_router
@@ -25,14 +26,14 @@ from lmport.engine import __version__
 def build_app(settings: Settings, backend: Backend | None = None) -> FastAPI:
     if backend is None:
         from lmport.bridge.http.backend import ServiceBackend  # the service imports the engine lazily; keep it that way
-        backend = ServiceBackend(settings.engine)
+        backend = ServiceBackend(settings.engine, memory_budget_bytes=settings.memory_budget_bytes)
     state = ServerState(settings, backend)
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         state.start_loading()
         yield
-        await asyncio.to_thread(backend.close)
+        await asyncio.to_thread(state.close)
 
     app = FastAPI(title="lmport", version=__version__, lifespan=lifespan,
                   description="OpenAI-compatible API over the lmport engine")
@@ -42,6 +43,7 @@ def build_app(settings: Settings, backend: Backend | None = None) -> FastAPI:
     app.add_middleware(CORSMiddleware, allow_origins=serve.allowed_origins, allow_methods=serve.allowed_methods,
                        allow_headers=serve.allowed_headers, allow_credentials=serve.allow_credentials)
     app.add_middleware(BodyLimit, max_bytes=serve.max_body_bytes)
+    app.add_middleware(ReleaseHolds)  # outermost: a request's engine hold ends after its whole response
     app.include_router(router)
     app.include_router(embeddings_router)
     app.include_router(simple_router)

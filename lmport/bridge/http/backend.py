@@ -19,12 +19,13 @@ from lmport.engine.tool_calls import ToolCalling
 
 
 class ServiceBackend:
-    def __init__(self, engine_options: dict[str, Any], service: Service | None = None) -> None:
+    def __init__(self, engine_options: dict[str, Any], service: Service | None = None,
+                 memory_budget_bytes: int | None = None) -> None:
         """With `service`, share that one (and its engines: the same options reuse the loaded engine); closing
-        then releases only this server's handle."""
+        then releases only this server's handle. Without, a service of its own, with that memory budget."""
         self.engine_options = engine_options
         self._owns_service = service is None
-        self.service = service or Service()
+        self.service = service or Service(memory_budget_bytes=memory_budget_bytes)
         self.handle: dict[str, Any] | None = None
         self.max_model_len = 0
         self._ids = itertools.count(1)
@@ -32,6 +33,15 @@ class ServiceBackend:
     def load(self) -> None:
         self.handle = self._call("llm", self.engine_options, timeout_profile="batch_job")
         self.max_model_len = int(self.handle["max_model_len"])
+
+    def sibling(self, engine_options: dict[str, Any]) -> ServiceBackend:
+        """A backend for another model on the same service (so one memory budget covers both); closing it
+        releases only its handle."""
+        return ServiceBackend(engine_options, service=self.service)
+
+    def hold(self) -> Callable[[], None]:
+        """Keep the engine loaded (loading it again first if keep_alive unloaded it) until the returned release()."""
+        return self.service.hold(self.ref)
 
     @property
     def ref(self) -> str:

@@ -22,8 +22,7 @@ Receive = Callable[[], Awaitable[dict[str, Any]]]
 async def admit_chat(body: ChatCompletionRequest, state: ServerState, identity: str,
                      receive: Receive) -> ChatView:
     """Validate and submit; every refusal raises APIError before anything is sent."""
-    model = state.check_model(body.model)
-    state.require_ready()
+    model, state = await state.route(body.model)
     fields, renames = body.sampling()
     calling = state.tool_calling(body.tools, body.tool_choice, body.chat_template)
     constraint = calling.structured_outputs() if calling is not None else None

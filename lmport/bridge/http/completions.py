@@ -16,8 +16,7 @@ from lmport.bridge.http.state import Admitted, ServerState, truncate
 
 
 async def create_completion(body: CompletionRequest, request: Request, state: ServerState, identity: str) -> Response:
-    model = state.check_model(body.model)
-    state.require_ready()
+    model, state = await state.route(body.model)
     fields = body.sampling()
     texts = body.prompts()
     whole = await state.prompt_ids(texts)

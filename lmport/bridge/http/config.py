@@ -21,6 +21,9 @@ from lmport.engine.config import EngineConfig, check_field, field_schema, option
 from lmport.engine.errors import InvalidParams
 
 ENV_PREFIX = "LMPORT_"
+# engine options the server takes several of (`--model a --model b`, a YAML list, comma-separated in the
+# environment): each value is one served model with the other engine settings
+MULTI_VALUED = ("model",)
 
 
 def _opt(default: Any, doc: str, **extra: Any) -> Any:
@@ -34,7 +37,8 @@ class ServeConfig:
     host: str = _opt("127.0.0.1", "Address to listen on.")
     port: int = _opt(8000, "TCP port to listen on (0 picks a free one).", min=0, max=65535)
     served_model_name: list[str] = _opt([], "Names the API answers to (the `model` field); default: the model "
-                                        "argument. The first is reported in responses.")
+                                        "argument. The first is reported in responses. With several models, one "
+                                        "name per model, in their order.")
     lora_modules: list[str] = _opt([], "LoRA adapters to serve, each `name=path` to a PEFT adapter directory "
                                    "(vLLM's --lora-modules); a request's `model` may name one. Needs enable_lora.")
     api_key: list[str] = _opt([], "Accepted Bearer keys for /v1/*, /tokenize, /detokenize and lmport's own "
@@ -52,6 +56,10 @@ class ServeConfig:
     uvicorn_log_level: str = _opt("info", "uvicorn's log level.",
                           choices=["critical", "error", "warning", "info", "debug", "trace"])
     access_log: bool = _opt(False, "Log every HTTP request (uvicorn's access log).")
+    memory_budget_gb: float | None = _opt(None, "GiB that the loaded models may hold together (estimated weights "
+                                          "+ KV cache); a model that would not fit first unloads idle ones (least "
+                                          "recently used first), else its request is refused (503 "
+                                          "memory_budget_exceeded, with the numbers). Unset: no budget.", min=0)
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
@@ -66,14 +74,36 @@ class ServeConfig:
 class Settings:
     serve: ServeConfig
     engine: dict[str, Any]  # EngineConfig fields that differ from the defaults; validated by EngineConfig
+    more_models: list[str] = field(default_factory=list)  # `--model a --model b`: the models after the first
 
     @property
     def model(self) -> str:
         return self.engine.get("model", EngineConfig.__dataclass_fields__["model"].default)
 
     @property
+    def models(self) -> list[str]:
+        return [self.model, *self.more_models]
+
+    @property
     def model_names(self) -> list[str]:
-        return self.serve.served_model_name or [self.model]
+        return self.serve.served_model_name or self.models
+
+    @property
+    def served(self) -> list[tuple[list[str], str]]:
+        """(the names a request may give, the model argument) per served model: one model answers to every
+        served_model_name; several take one name each."""
+        if not self.more_models:
+            return [(self.model_names, self.model)]
+        return [([name], model) for name, model in zip(self.model_names, self.models)]
+
+    def engine_for(self, model: str) -> dict[str, Any]:
+        """The engine options of one served model: every model shares the engine settings."""
+        return {**self.engine, "model": model}
+
+    @property
+    def memory_budget_bytes(self) -> int | None:
+        budget = self.serve.memory_budget_gb
+        return None if budget is None else int(budget * (1 << 30))
 
     @property
     def lora_requests(self) -> dict[str, dict[str, Any]]:
@@ -100,7 +130,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         flag = "--" + name.replace("_", "-")
         doc = f"{entry['doc']} [env {ENV_PREFIX}{name.upper()}; default {entry['default']!r}]"
         kinds = entry["type"].split("|")
-        if "bool" in kinds:
+        if name in MULTI_VALUED:
+            group.add_argument(flag, dest=name, action="append", default=argparse.SUPPRESS,
+                               help=doc + " (repeat to serve several)")
+        elif "bool" in kinds:
             group.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS,
                                help=doc)
         elif kinds[0].startswith("list"):
@@ -133,11 +166,31 @@ def load_settings(args: argparse.Namespace | Mapping[str, Any] | None = None,
 def _build(values: dict[str, Any], schema: dict[str, dict[str, Any]]) -> Settings:
     serve_values = {k: v for k, v in values.items() if schema[k]["target"] == "serve"}
     engine_values = {k: v for k, v in values.items() if schema[k]["target"] == "engine"}
+    models = _models(engine_values.get("model"))
+    if models:
+        engine_values["model"] = models[0]
     serve = ServeConfig(**serve_values)  # both validate types, ranges and choices, naming the setting
     engine = EngineConfig.from_dict(engine_values)
     if serve.lora_modules and not engine.enable_lora:
         raise InvalidParams("lora_modules", "serving LoRA adapters needs enable_lora (--enable-lora)")
-    return Settings(serve=serve, engine=engine_values)
+    if len(models) > 1 and serve.served_model_name and len(serve.served_model_name) != len(models):
+        raise InvalidParams("served_model_name", f"with {len(models)} models give one name each "
+                            f"({len(serve.served_model_name)} given: {serve.served_model_name})")
+    names = serve.served_model_name or models
+    if len(set(names)) != len(names):
+        raise InvalidParams("model", f"each served model needs its own name, got {names}")
+    return Settings(serve=serve, engine=engine_values, more_models=models[1:])
+
+
+def _models(value: Any) -> list[str]:
+    """`model` as given: one name or path, or a list of them (repeated flag, YAML list, comma-separated)."""
+    if value is None:
+        return []
+    models = _split(value) if isinstance(value, str) and "," in value else value
+    models = models if isinstance(models, list) else [models]
+    if not models or not all(isinstance(m, str) and m for m in models):
+        raise InvalidParams("model", f"expected a model name or path, or a list of them, got {value!r}")
+    return models
 
 
 def _read_yaml(path: Path, schema: dict[str, dict[str, Any]]) -> dict[str, Any]:

@@ -47,8 +47,8 @@ class RerankRequest(_Strict):
 
 async def embed(state: ServerState, identity: str, inputs: list[str | list[int]], pooling: str, normalize: bool,
                 dimensions: int | None) -> dict[str, Any]:
-    """Tokenize, charge the rate limiter, and run the worker's embed on a thread; errors become 4xx naming the field."""
-    state.require_ready()
+    """Tokenize, charge the rate limiter, and run the worker's embed on a thread; errors become 4xx naming the field.
+    `state` is the one route() bound to the request's model."""
     if not inputs:
         raise bad_request("input", "input is empty: give at least one text or token-id list")
     token_ids = await state.prompt_ids(inputs)
@@ -64,7 +64,7 @@ async def embed(state: ServerState, identity: str, inputs: list[str | list[int]]
 @router.post("/v1/embeddings")
 async def embeddings(body: EmbeddingRequest, state: ServerState = Depends(get_state),
                      identity: str = Depends(authenticated)) -> dict:
-    model = state.check_model(body.model)
+    model, state = await state.route(body.model)
     inputs = _input_list(body.input)
     result = await embed(state, identity, inputs, body.pooling, body.normalize, body.dimensions)
     data = [{"object": "embedding", "index": item["index"], "embedding": _encode(item["embedding"],
@@ -77,7 +77,7 @@ async def embeddings(body: EmbeddingRequest, state: ServerState = Depends(get_st
 async def rerank(body: RerankRequest, state: ServerState = Depends(get_state),
                  identity: str = Depends(authenticated)) -> dict:
     """Relevance = cosine similarity of the query's and each document's (normalized) embeddings, in [-1, 1]."""
-    model = state.check_model(body.model)
+    model, state = await state.route(body.model)
     if not body.documents:
         raise bad_request("documents", "documents is empty: give at least one document to rank")
     if body.top_n is not None and body.top_n < 1:

@@ -74,6 +74,7 @@ _BRIDGE_STATUS = {  # service error code -> (HTTP status, OpenAI error type); an
     "out_of_memory": (413, "invalid_request_error"),
     "cancelled": (499, "invalid_request_error"),
     "overloaded": (503, "service_unavailable"),
+    "memory_budget_exceeded": (503, "service_unavailable"),  # the model cannot be loaded now (details: the numbers)
     "shutting_down": (503, "service_unavailable"),
     "deadline_exceeded": (504, "timeout"),
 }

@@ -42,6 +42,9 @@ async def health(state: ServerState = Depends(get_state)) -> JSONResponse:
     body = {"status": status, "model": state.model_names[0], "ready": state.ready}
     if state.load_error:
         body["error"] = state.load_error
+    if len(state.models) > 1:
+        body["models"] = {served.names[0]: {"ready": served.ready, "error": served.load_error}
+                          for served in state.models}
     return JSONResponse(body, status_code=200 if state.ready else 503)
 
 
@@ -52,12 +55,9 @@ async def version() -> dict:
 
 @router.get("/v1/models")
 async def models(state: ServerState = Depends(get_state), _: str = Depends(authenticated)) -> dict:
-    max_model_len = state.backend.max_model_len if state.ready else None
-    base = [{"id": name, "object": "model", "created": int(state.started), "owned_by": "lmport",
-             "root": state.settings.model, "parent": None, "max_model_len": max_model_len}
-            for name in state.model_names]
-    adapters = [{"id": name, "object": "model", "created": int(state.started), "owned_by": "lmport",
-                 "root": lora["lora_path"], "parent": state.model_names[0], "max_model_len": max_model_len}
+    base = await state.listing()
+    first = base[0]
+    adapters = [{**first, "id": name, "root": lora["lora_path"], "parent": first["id"]}
                 for name, lora in state.adapters.items()]  # vLLM's shape: the adapter's path, its base model
     return {"object": "list", "data": base + adapters}
 
@@ -82,8 +82,7 @@ async def chat_websocket(ws: WebSocket) -> None:
 @router.post("/tokenize")
 async def tokenize(body: TokenizeRequest, state: ServerState = Depends(get_state),
                    _: str = Depends(authenticated)) -> dict:
-    state.check_model(body.model)
-    state.require_ready()
+    _, state = await state.route(body.model)
     if (body.prompt is None) == (body.messages is None):
         raise bad_request("prompt", "give exactly one of prompt (text) or messages (a chat)")
     if body.messages is not None:
@@ -100,8 +99,7 @@ async def tokenize(body: TokenizeRequest, state: ServerState = Depends(get_state
 @router.post("/detokenize")
 async def detokenize(body: DetokenizeRequest, state: ServerState = Depends(get_state),
                      _: str = Depends(authenticated)) -> dict:
-    state.check_model(body.model)
-    state.require_ready()
+    _, state = await state.route(body.model)
     try:
         text = await asyncio.to_thread(state.backend.detokenize, body.tokens)
     except Exception as exc:  # noqa: BLE001

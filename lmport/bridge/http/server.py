@@ -42,7 +42,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"lmport serve: cannot listen on {serve.host}:{serve.port}: {exc}", file=sys.stderr)
         return 1
     # the bound port: with --port 0 this line is how a caller (a test, a supervisor) learns it
-    logger.info("serving %s as %s on http://%s:%d", settings.model, settings.model_names, serve.host,
+    logger.info("serving %s as %s on http://%s:%d", settings.models, settings.model_names, serve.host,
                 sock.getsockname()[1])
     server = uvicorn.Server(uvicorn.Config(build_app(settings), log_level=serve.uvicorn_log_level,
                                            access_log=serve.access_log, timeout_graceful_shutdown=5))

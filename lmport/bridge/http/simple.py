@@ -75,17 +75,16 @@ class BatchRequest(_SimpleRequest):
     prompts: list[NonEmptyText] = Field(min_length=1)
 
 
-PromptIds = Callable[[], Awaitable[list[list[int]]]]
+PromptIds = Callable[[ServerState], Awaitable[list[list[int]]]]  # given the state route() bound to the model
 
 
 async def _answer(reply_class: type[SimpleReply], body: _SimpleRequest, request: Request, state: ServerState,
                   identity: str, prompt_ids: PromptIds, prompt_param: str, stream: bool) -> Response:
     """The admission steps of /v1 (model, readiness, prompt ids, fit, sampling fields, rate limit), one engine call
     for every prompt, then the reply, whole or streamed. The clock of `generation_time` starts at the fit."""
-    model = state.check_model(body.model)
-    state.require_ready()
+    model, state = await state.route(body.model)
     fields = body.sampling_fields()
-    prompts = truncate(await prompt_ids(), fields)
+    prompts = truncate(await prompt_ids(state), fields)
     began = time.monotonic()
     longest = max(range(len(prompts)), key=lambda i: len(prompts[i]))
     param = f"{prompt_param}[{longest}]" if prompt_param == "prompts" else prompt_param
@@ -148,15 +147,15 @@ class BatchReply(SimpleReply):
 @router.post("/generate")
 async def generate(body: GenerateRequest, request: Request, state: ServerState = Depends(get_state),
                    identity: str = Depends(authenticated)) -> Response:
-    return await _answer(SimpleReply, body, request, state, identity, lambda: state.prompt_ids([body.prompt]),
-                         "prompt", body.stream)
+    return await _answer(SimpleReply, body, request, state, identity,
+                         lambda bound: bound.prompt_ids([body.prompt]), "prompt", body.stream)
 
 
 @router.post("/chat")
 async def chat(body: ChatRequest, request: Request, state: ServerState = Depends(get_state),
                identity: str = Depends(authenticated)) -> Response:
-    async def prompt_ids() -> list[list[int]]:
-        return [await state.chat_prompt(template_messages(body.messages), body.chat_template,
+    async def prompt_ids(bound: ServerState) -> list[list[int]]:
+        return [await bound.chat_prompt(template_messages(body.messages), body.chat_template,
                                         body.add_generation_prompt)]
 
     return await _answer(SimpleReply, body, request, state, identity, prompt_ids, "messages", body.stream)
@@ -165,12 +164,11 @@ async def chat(body: ChatRequest, request: Request, state: ServerState = Depends
 @router.post("/v1/completions/batch")
 async def batch(body: BatchRequest, request: Request, state: ServerState = Depends(get_state),
                 identity: str = Depends(authenticated)) -> Response:
-    return await _answer(BatchReply, body, request, state, identity, lambda: state.prompt_ids(list(body.prompts)),
-                         "prompts", stream=False)
+    return await _answer(BatchReply, body, request, state, identity,
+                         lambda bound: bound.prompt_ids(list(body.prompts)), "prompts", stream=False)
 
 
 @router.get("/models")
 async def models(state: ServerState = Depends(get_state), _: str = Depends(authenticated)) -> dict[str, Any]:
-    max_model_len = state.backend.max_model_len if state.ready else None
-    return {"models": [{"name": name, "root": state.settings.model, "ready": state.ready,
-                        "max_model_len": max_model_len} for name in state.model_names]}
+    keys = ("root", "ready", "loaded", "max_model_len")
+    return {"models": [{"name": entry["id"], **{key: entry[key] for key in keys}} for entry in await state.listing()]}

@@ -1,11 +1,14 @@
 """The server's shared state and the admission steps every generation endpoint takes in the same order:
-authenticate -> model known -> engine ready -> prompts tokenized (and truncated) -> prompts fit (max_tokens settled)
--> sampling fields valid -> rate limit -> submit."""
+authenticate -> model known -> engine ready (and held: loaded again if keep_alive unloaded it) -> prompts tokenized
+(and truncated) -> prompts fit (max_tokens settled) -> sampling fields valid -> rate limit -> submit.
+
+`route()` picks the request's model and answers a copy of the state bound to it: from there on `state.backend` is
+that model's, so every admission step and reply shape works unchanged whichever model the request named."""
 
 from __future__ import annotations
 
 import asyncio
-import logging
+import copy
 import threading
 import time
 import uuid
@@ -27,13 +30,14 @@ from lmport.bridge.http.errors import (
     too_large,
 )
 from lmport.bridge.http.generation import Backend, Generation
+from lmport.bridge.http.holds import until_response_ends
 from lmport.bridge.http.metrics import ServerMetrics
 from lmport.bridge.http.ratelimit import RateLimiter
+from lmport.bridge.http.served import ServedModel
 from lmport.bridge.protocol import BridgeError
 from lmport.engine.errors import LMPortError
 from lmport.engine.tool_calls import ToolCalling
 
-logger = logging.getLogger("lmport.http")
 
 # what a chat template raises when it cannot render the messages it was given (jinja's own errors, its
 # raise_exception(), Python errors inside an expression, transformers' "no chat template")
@@ -53,34 +57,57 @@ class Admitted:
 
 class ServerState:
     def __init__(self, settings: Settings, backend: Backend) -> None:
+        """`backend` serves the first model; the others get siblings of it (handles on the same service)."""
         self.settings = settings
-        self.backend = backend
+        self.models = [ServedModel(names, root, backend if i == 0 else backend.sibling(settings.engine_for(root)))
+                       for i, (names, root) in enumerate(settings.served)]
+        self.served = self.models[0]  # the model this state answers for: the default one; route() rebinds it
+        self.by_name = {name: served for served in self.models for name in served.names}
         self.model_names = settings.model_names
-        self.adapters = settings.lora_requests  # served LoRA adapter name -> lora_request
+        self.adapters = settings.lora_requests  # served LoRA adapter name -> lora_request (on the first model)
         self.keys = KeyChecker(settings.serve.api_key)
         self.limiter = RateLimiter(settings.serve.rate_limit_rpm, settings.serve.rate_limit_tpm)
-        self.ready = False
-        self.load_error: str | None = None
         self.metrics = ServerMetrics(self.model_names[0], self.engine_stats)
         self.started = time.time()
+
+    @property
+    def backend(self) -> Backend:
+        return self.served.backend
+
+    @property
+    def ready(self) -> bool:
+        """Every served model has loaded (once: keep_alive may have unloaded it since)."""
+        return all(served.ready for served in self.models)
+
+    @property
+    def load_error(self) -> str | None:
+        errors = [f"{served.root}: {served.load_error}" if len(self.models) > 1 else served.load_error
+                  for served in self.models if served.load_error is not None]
+        return "; ".join(errors) if errors else None
 
     # --- lifecycle ---
 
     def start_loading(self) -> None:
-        """Load the model on a thread, so /health answers 503 (not a refused connection) meanwhile."""
+        """Load the models on a thread, one after the other (the service serializes loads anyway), so /health
+        answers 503 (not a refused connection) meanwhile."""
         def load() -> None:
-            try:
-                self.backend.load()
-                self.ready = True
-                logger.info("model %s ready (max_model_len %d)", self.settings.model, self.backend.max_model_len)
-            except Exception as exc:  # noqa: BLE001 — reported by /health and every request, not a crash
-                logger.exception("loading the model failed")
-                self.load_error = f"{type(exc).__name__}: {exc}"
+            for served in self.models:
+                served.load()
 
         threading.Thread(target=load, name="lmport-load", daemon=True).start()
 
     def engine_stats(self) -> dict[str, Any] | None:
-        return self.backend.stats() if self.ready else None
+        return self.served.stats()
+
+    async def listing(self) -> list[dict[str, Any]]:
+        """Every served model's /v1/models entries (reading whether each is loaded asks the service: a thread)."""
+        return await asyncio.to_thread(lambda: [entry for served in self.models
+                                                for entry in served.describe(int(self.started))])
+
+    def close(self) -> None:
+        """Release every model's handle; the first backend last, as it may own the service the others share."""
+        for served in reversed(self.models):
+            served.backend.close()
 
     # --- admission ---
 
@@ -89,11 +116,28 @@ class ServerState:
                                   conn.query_params.get("api_key") if conn.scope["type"] == "websocket" else None)
 
     def require_ready(self) -> None:
-        if self.load_error is not None:
-            raise APIError(503, f"The model failed to load: {self.load_error}", type="service_unavailable",
+        """503 unless this state's model has loaded (its first load; a reload is route()'s to wait for)."""
+        if self.served.load_error is not None:
+            raise APIError(503, f"The model failed to load: {self.served.load_error}", type="service_unavailable",
                            code="model_load_failed")
-        if not self.ready:
+        if not self.served.ready:
             raise not_ready()
+
+    async def route(self, requested: str | None) -> tuple[str, ServerState]:
+        """The request's model: (the name to report, this state bound to that model's engine), once the model is
+        ready and held for the rest of the request (loaded again first if keep_alive unloaded it, so the request
+        waits for the load; refused with the numbers when the memory budget has no room). A LoRA adapter's name
+        routes to the first model, its base."""
+        name = self.check_model(requested)
+        view = copy.copy(self)
+        view.served = self.by_name.get(name, self.models[0])
+        view.require_ready()
+        try:
+            release = await asyncio.to_thread(view.backend.hold)
+        except Exception as exc:  # noqa: BLE001 — memory_budget_exceeded (503), or the reload failed
+            raise from_engine_error(exc) from None
+        until_response_ends(release)
+        return name, view
 
     def check_model(self, requested: str | None) -> str:
         """The name to report in responses (the base model's or a served adapter's); 404 for any other."""

@@ -328,9 +328,9 @@ export interface EngineOptions {
    */
   kernel_backend?: string;
   /**
-   * Weight-only quantization applied on load, on CPU: 'int8' (symmetric, per output channel) or 'int4' (asymmetric, per group of quantization_group_size input channels); null keeps the weights in the model dtype. vLLM's 'awq' and 'gptq' (loading such checkpoints) are refused (unsupported): not implemented yet.
+   * Weight-only quantization applied on load, on CPU: 'int8' (symmetric, per output channel) or 'int4' (asymmetric, per group of quantization_group_size input channels); 'gguf' keeps a GGUF file's own Q4_0/Q4_1/Q4_K codes as int4 (group 32) and its Q8_0 tensors as int8; null keeps the weights in the model dtype. vLLM's 'awq' and 'gptq' (loading such checkpoints) are refused (unsupported): not implemented yet.
    *
-   * Default: `null`. Allowed: one of "int8", "int4", "awq", "gptq".
+   * Default: `null`. Allowed: one of "int8", "int4", "gguf", "awq", "gptq".
    */
   quantization?: string | null;
   /**
@@ -370,6 +370,12 @@ export interface EngineOptions {
    */
   kv_cache_dtype?: string;
   /**
+   * Seconds an idle engine stays loaded in a worker or server (Ollama's keep_alive): after this long with no call in flight its weights and KV cache are freed, and the next call on the handle loads it again. null or negative: never unload; 0: unload after each call. Not part of the engine's identity (the latest llm call's value applies to a shared engine); the offline LLM ignores it.
+   *
+   * Default: `null`.
+   */
+  keep_alive?: number | null;
+  /**
    * GiB of CPU swap for preempted sequences' KV (vLLM). lmport recomputes preempted sequences (mostly from the prefix cache) and never swaps: only 0 is accepted.
    *
    * Default: `0`. Allowed: >= 0.
@@ -382,7 +388,7 @@ export interface EngineOptions {
    */
   cpu_offload_gb?: number;
   /**
-   * Processes to shard each layer across (vLLM). Only 1: run a worker pool for more processes (docs/scaling.md).
+   * Processes to shard each decoder layer across (vLLM), on CPU over gloo: attention heads and MLP channels are split evenly, so it must divide the model's head, KV-head and intermediate sizes; Llama-architecture models only (Llama, Mistral, Qwen2, Phi-3, Qwen3, Granite). The engine's process is rank 0 and starts the others. For throughput, a worker pool usually serves better (docs/scaling.md#tensor-parallelism).
    *
    * Default: `1`. Allowed: >= 1.
    */
@@ -394,7 +400,7 @@ export interface EngineOptions {
    */
   pipeline_parallel_size?: number;
   /**
-   * How vLLM runs its shards: with one process (the only layout here) 'uni', 'mp' and null all mean this process; 'ray' and 'external_launcher' are refused (unsupported).
+   * How vLLM runs its shards: null and 'mp' start the tensor-parallel ranks as local processes ('uni', one process, only with tensor_parallel_size 1); 'ray' and 'external_launcher' are refused (unsupported).
    *
    * Default: `null`. Allowed: one of "uni", "mp", "ray", "external_launcher".
    */
@@ -434,13 +440,14 @@ export const EngineOptionsFields: readonly FieldSpec[] = [
   { name: "num_gpu_blocks_override", type: "int|null", min: 1 },
   { name: "max_logprobs", type: "int", min: 0 },
   { name: "kernel_backend", type: "str", choices: ["auto", "triton", "torch"] },
-  { name: "quantization", type: "str|null", choices: ["int8", "int4", "awq", "gptq"] },
+  { name: "quantization", type: "str|null", choices: ["int8", "int4", "gguf", "awq", "gptq"] },
   { name: "quantization_group_size", type: "int", choices: [32, 64, 128] },
   { name: "enable_lora", type: "bool" },
   { name: "max_loras", type: "int", min: 1 },
   { name: "max_lora_rank", type: "int", min: 1 },
   { name: "max_cpu_loras", type: "int|null", min: 1 },
   { name: "kv_cache_dtype", type: "str", choices: ["auto", "fp8", "fp8_e4m3", "fp8_e5m2"] },
+  { name: "keep_alive", type: "float|null" },
   { name: "swap_space", type: "float", min: 0 },
   { name: "cpu_offload_gb", type: "float", min: 0 },
   { name: "tensor_parallel_size", type: "int", min: 1 },
@@ -656,12 +663,13 @@ export const ERROR_CODES: Readonly<Record<string, { retryable: boolean; doc: str
   "invalid_request": { retryable: false, doc: "Not a well-formed message: a missing or wrong-typed envelope field, a duplicate id, stream on a method that does not stream." },
   "method_not_found": { retryable: false, doc: "No method of that name; `describe` lists them." },
   "invalid_params": { retryable: false, doc: "A parameter is missing, unknown, of the wrong type or out of range; details.field names it." },
-  "unsupported": { retryable: false, doc: "A recognised option or value lmport does not implement (vLLM's swap_space, tensor_parallel_size > 1, ...); details.field names it and the message says what to use instead." },
+  "unsupported": { retryable: false, doc: "A recognised option or value lmport does not implement (vLLM's swap_space, pipeline_parallel_size > 1, ...); details.field names it and the message says what to use instead." },
   "not_found": { retryable: false, doc: "An unknown handle ref (released, or never created), or a model that is not available locally (details.field = 'model')." },
   "cancelled": { retryable: false, doc: "The host cancelled the request (or released its LLM handle); details.usage holds the tokens already computed." },
   "deadline_exceeded": { retryable: false, doc: "The request ran past its deadline and was aborted in the engine; details.usage holds the tokens already computed." },
   "overloaded": { retryable: true, doc: "More than max_inflight requests are in flight; retry after some finish." },
   "out_of_memory": { retryable: false, doc: "A prompt that can never fit the KV cache, or the device ran out of memory." },
+  "memory_budget_exceeded": { retryable: false, doc: "Loading the model would exceed the worker's memory budget even after unloading its idle models; details carry the numbers (required_bytes = weights_bytes + kv_cache_bytes, in_use_bytes, budget_bytes, loaded). Retryable (the error says so) when busy models hold the room." },
   "engine_error": { retryable: false, doc: "The engine failed (a step raised); the message says why." },
   "shutting_down": { retryable: true, doc: "The worker is stopping; retry on a fresh worker." },
   "internal": { retryable: false, doc: "A bug in the worker; the message (and traceback under --debug) says where." },
@@ -1025,7 +1033,7 @@ export abstract class Methods {
    * Liveness and what is loaded.
    *
    * @param options optional parameters and call options (signal, timeout, timeoutProfile)
-   * @returns {status ("ok" or "shutting_down"), pid, uptime_s, inflight, device (the first engine's; null before any is loaded, so health never imports torch), engines: [{engine, model, refs, device, dtype, num_running, num_waiting, kv_cache_usage}]}.
+   * @returns {status ("ok" or "shutting_down"), pid, uptime_s, inflight, device (the first engine's; null before any is loaded, so health never imports torch), memory_budget_bytes, engines: [{engine, model, refs, device, dtype, loaded, keep_alive, loads, memory_bytes, and while loaded num_running, num_waiting, kv_cache_usage}]}.
    */
   health(options?: HealthOptions): Promise<WireMap> {
     return this.invoke(METHODS["health"]!, {}, options);
@@ -1035,7 +1043,7 @@ export abstract class Methods {
    * Counters: with llm, that engine's (requests, tokens, queue, running, peak batch, KV blocks and usage, prefix-cache queries and hits, finish reasons); without, the service's and every engine's.
    *
    * @param options optional parameters and call options (signal, timeout, timeoutProfile)
-   * @returns The engine's counters map, or {service: {...}, engines: [{engine, model, refs, ...counters}]}.
+   * @returns The engine's counters map, or {service: {...}, engines: [{engine, model, refs, ...counters}]}. Each engine also says whether it is loaded, its keep_alive, how many times it loaded and the memory_bytes it holds; an engine keep_alive unloaded has no counters (reading them does not load it).
    */
   stats(options?: StatsOptions): Promise<WireMap> {
     return this.invoke(METHODS["stats"]!, {}, options);

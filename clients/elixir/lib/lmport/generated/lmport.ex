@@ -34,12 +34,13 @@ defmodule LMPort do
     * `"invalid_request"` — Not a well-formed message: a missing or wrong-typed envelope field, a duplicate id, stream on a method that does not stream.
     * `"method_not_found"` — No method of that name; `describe` lists them.
     * `"invalid_params"` — A parameter is missing, unknown, of the wrong type or out of range; details.field names it.
-    * `"unsupported"` — A recognised option or value lmport does not implement (vLLM's swap_space, tensor_parallel_size > 1, ...); details.field names it and the message says what to use instead.
+    * `"unsupported"` — A recognised option or value lmport does not implement (vLLM's swap_space, pipeline_parallel_size > 1, ...); details.field names it and the message says what to use instead.
     * `"not_found"` — An unknown handle ref (released, or never created), or a model that is not available locally (details.field = 'model').
     * `"cancelled"` — The host cancelled the request (or released its LLM handle); details.usage holds the tokens already computed.
     * `"deadline_exceeded"` — The request ran past its deadline and was aborted in the engine; details.usage holds the tokens already computed.
     * `"overloaded"` (retryable) — More than max_inflight requests are in flight; retry after some finish.
     * `"out_of_memory"` — A prompt that can never fit the KV cache, or the device ran out of memory.
+    * `"memory_budget_exceeded"` — Loading the model would exceed the worker's memory budget even after unloading its idle models; details carry the numbers (required_bytes = weights_bytes + kv_cache_bytes, in_use_bytes, budget_bytes, loaded). Retryable (the error says so) when busy models hold the room.
     * `"engine_error"` — The engine failed (a step raised); the message says why.
     * `"shutting_down"` (retryable) — The worker is stopping; retry on a fresh worker.
     * `"internal"` — A bug in the worker; the message (and traceback under --debug) says where.
@@ -124,9 +125,11 @@ defmodule LMPort do
       'torch' (the PyTorch reference everywhere, for debugging). Default: `"auto"`. Allowed: one of "auto",
       "triton", "torch".
     * `:quantization` (str | null) — Weight-only quantization applied on load, on CPU: 'int8' (symmetric, per
-      output channel) or 'int4' (asymmetric, per group of quantization_group_size input channels); null keeps
+      output channel) or 'int4' (asymmetric, per group of quantization_group_size input channels); 'gguf'
+      keeps a GGUF file's own Q4_0/Q4_1/Q4_K codes as int4 (group 32) and its Q8_0 tensors as int8; null keeps
       the weights in the model dtype. vLLM's 'awq' and 'gptq' (loading such checkpoints) are refused
-      (unsupported): not implemented yet. Default: `nil`. Allowed: one of "int8", "int4", "awq", "gptq".
+      (unsupported): not implemented yet. Default: `nil`. Allowed: one of "int8", "int4", "gguf", "awq",
+      "gptq".
     * `:quantization_group_size` (int) — Input channels sharing one int4 scale and zero point. Default: `32`.
       Allowed: one of 32, 64, 128.
     * `:enable_lora` (bool) — Serve LoRA adapters (PEFT directories) named by each request's lora_request.
@@ -140,18 +143,27 @@ defmodule LMPort do
       'fp8_e4m3') and 'fp8_e5m2' store one byte per element (twice the tokens per GiB of bf16) with per-tensor
       scales of 1.0 (vLLM's default without calibrated scales). Default: `"auto"`. Allowed: one of "auto",
       "fp8", "fp8_e4m3", "fp8_e5m2".
+    * `:keep_alive` (float | null) — Seconds an idle engine stays loaded in a worker or server (Ollama's
+      keep_alive): after this long with no call in flight its weights and KV cache are freed, and the next
+      call on the handle loads it again. null or negative: never unload; 0: unload after each call. Not part
+      of the engine's identity (the latest llm call's value applies to a shared engine); the offline LLM
+      ignores it. Default: `nil`.
     * `:swap_space` (float) — GiB of CPU swap for preempted sequences' KV (vLLM). lmport recomputes preempted
       sequences (mostly from the prefix cache) and never swaps: only 0 is accepted. Default: `0`. Allowed: >=
       0.
     * `:cpu_offload_gb` (float) — GiB of weights to keep in CPU memory and stream to the GPU (vLLM). Not
       implemented: only 0 is accepted (use quantization to shrink the weights). Default: `0`. Allowed: >= 0.
-    * `:tensor_parallel_size` (int) — Processes to shard each layer across (vLLM). Only 1: run a worker pool
-      for more processes (docs/scaling.md). Default: `1`. Allowed: >= 1.
+    * `:tensor_parallel_size` (int) — Processes to shard each decoder layer across (vLLM), on CPU over gloo:
+      attention heads and MLP channels are split evenly, so it must divide the model's head, KV-head and
+      intermediate sizes; Llama-architecture models only (Llama, Mistral, Qwen2, Phi-3, Qwen3, Granite). The
+      engine's process is rank 0 and starts the others. For throughput, a worker pool usually serves better
+      (docs/scaling.md#tensor-parallelism). Default: `1`. Allowed: >= 1.
     * `:pipeline_parallel_size` (int) — Processes to split the layers across (vLLM). Only 1: run a worker pool
       for more processes (docs/scaling.md). Default: `1`. Allowed: >= 1.
-    * `:distributed_executor_backend` (str | null) — How vLLM runs its shards: with one process (the only
-      layout here) 'uni', 'mp' and null all mean this process; 'ray' and 'external_launcher' are refused
-      (unsupported). Default: `nil`. Allowed: one of "uni", "mp", "ray", "external_launcher".
+    * `:distributed_executor_backend` (str | null) — How vLLM runs its shards: null and 'mp' start the
+      tensor-parallel ranks as local processes ('uni', one process, only with tensor_parallel_size 1); 'ray'
+      and 'external_launcher' are refused (unsupported). Default: `nil`. Allowed: one of "uni", "mp", "ray",
+      "external_launcher".
     * `:lora_extra_vocab_size` (int) — Extra vocabulary slots for LoRA adapters (vLLM, deprecated there).
       Adapters that add tokens are not supported: only the default is accepted. Default: `256`. Allowed: >= 0.
     * `:structured_outputs_backend` (str) — Library enforcing structured_outputs: 'auto' or 'xgrammar' (the
@@ -451,7 +463,7 @@ defmodule LMPort do
     * `:timeout`, `:timeout_profile` — see the module doc; this method's default profile is
       `:default` (120000 ms)
 
-  Returns `dict`: {status ("ok" or "shutting_down"), pid, uptime_s, inflight, device (the first engine's; null before any is loaded, so health never imports torch), engines: [{engine, model, refs, device, dtype, num_running, num_waiting, kv_cache_usage}]}.
+  Returns `dict`: {status ("ok" or "shutting_down"), pid, uptime_s, inflight, device (the first engine's; null before any is loaded, so health never imports torch), memory_budget_bytes, engines: [{engine, model, refs, device, dtype, loaded, keep_alive, loads, memory_bytes, and while loaded num_running, num_waiting, kv_cache_usage}]}.
   """
   @spec health(worker(), keyword()) :: result(term())
   def health(worker, opts \\ []),
@@ -470,7 +482,7 @@ defmodule LMPort do
     * `:timeout`, `:timeout_profile` — see the module doc; this method's default profile is
       `:default` (120000 ms)
 
-  Returns `dict`: The engine's counters map, or {service: {...}, engines: [{engine, model, refs, ...counters}]}.
+  Returns `dict`: The engine's counters map, or {service: {...}, engines: [{engine, model, refs, ...counters}]}. Each engine also says whether it is loaded, its keep_alive, how many times it loaded and the memory_bytes it holds; an engine keep_alive unloaded has no counters (reading them does not load it).
   """
   @spec stats(worker(), keyword()) :: result(term())
   def stats(worker, opts \\ []),

@@ -92,7 +92,7 @@ defmodule LMPort.Schema do
         "type" => "str|null",
         "required" => false,
         "default" => nil,
-        "choices" => ["int8", "int4", "awq", "gptq"]
+        "choices" => ["int8", "int4", "gguf", "awq", "gptq"]
       },
       %{
         "name" => "quantization_group_size",
@@ -124,6 +124,7 @@ defmodule LMPort.Schema do
         "default" => "auto",
         "choices" => ["auto", "fp8", "fp8_e4m3", "fp8_e5m2"]
       },
+      %{"name" => "keep_alive", "type" => "float|null", "required" => false, "default" => nil},
       %{"name" => "swap_space", "type" => "float", "required" => false, "default" => 0, "min" => 0},
       %{
         "name" => "cpu_offload_gb",
@@ -435,6 +436,7 @@ defmodule LMPort.Schema do
     %{"code" => "deadline_exceeded", "retryable" => false},
     %{"code" => "overloaded", "retryable" => true},
     %{"code" => "out_of_memory", "retryable" => false},
+    %{"code" => "memory_budget_exceeded", "retryable" => false},
     %{"code" => "engine_error", "retryable" => false},
     %{"code" => "shutting_down", "retryable" => true},
     %{"code" => "internal", "retryable" => false}
