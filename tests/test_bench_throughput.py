@@ -43,10 +43,12 @@ def test_peers_bench_without_its_venv_says_how_to_build_it(tmp_path):
 
 def test_quality_bench_reports_perplexity_and_agreement_for_each_method():
     run = subprocess.run([sys.executable, "-m", "lmport.bridge.cli", "bench", "quality", "--methods", "int8",
-                          "--max-tokens", "2", "--json"], capture_output=True, text=True, timeout=600, check=True)
+                          "--kv-cache-dtypes", "fp8", "--max-tokens", "2", "--json"], capture_output=True, text=True,
+                         timeout=600, check=True)
     result = json.loads(run.stdout)
     assert result["tokens"] > 500  # the shipped text, read from package data
-    assert set(result["rows"]) == {"bf16", "int8"}
+    assert set(result["rows"]) == {"bf16", "int8", "bf16, fp8 KV cache"}
     assert 1 < result["rows"]["bf16"]["perplexity"] < 100
-    assert abs(result["rows"]["int8"]["perplexity"] / result["rows"]["bf16"]["perplexity"] - 1) < 0.1
-    assert 0 <= result["rows"]["int8"]["greedy_agreement"] <= 1
+    for variant in ("int8", "bf16, fp8 KV cache"):
+        assert abs(result["rows"][variant]["perplexity"] / result["rows"]["bf16"]["perplexity"] - 1) < 0.1
+        assert 0 <= result["rows"][variant]["greedy_agreement"] <= 1
