@@ -20,15 +20,13 @@ REFUSED = [
     ("distributed_executor_backend", "ray", "null, 'uni' or 'mp'"),
     ("distributed_executor_backend", "external_launcher", "null, 'uni' or 'mp'"),
     ("lora_extra_vocab_size", 512, "leave it at 256"),
-    ("quantization", "awq", "quantization='int4'"),
-    ("quantization", "gptq", "quantization='int4'"),
 ]
 ACCEPTED = [("kv_cache_dtype", "auto"), ("kv_cache_dtype", "fp8"), ("kv_cache_dtype", "fp8_e4m3"),
             ("kv_cache_dtype", "fp8_e5m2"), ("swap_space", 0), ("cpu_offload_gb", 0), ("tensor_parallel_size", 1),
             ("tensor_parallel_size", 2), ("pipeline_parallel_size", 1), ("distributed_executor_backend", None),
             ("distributed_executor_backend", "uni"), ("distributed_executor_backend", "mp"),
             ("lora_extra_vocab_size", 256), ("quantization", "int8"), ("quantization", "int4"),
-            ("quantization", "gguf"),
+            ("quantization", "gguf"), ("quantization", "awq"), ("quantization", "gptq"),
             ("trust_remote_code", True), ("revision", "main")]
 
 
@@ -69,9 +67,9 @@ def test_a_pre_quantized_checkpoint_is_refused_at_load(tmp_path: Path) -> None:
 
     write_tiny_model_dir(tmp_path)
     config = json.loads((tmp_path / "config.json").read_text())
-    config["quantization_config"] = {"quant_method": "awq", "bits": 4, "group_size": 128}
+    config["quantization_config"] = {"quant_method": "bitsandbytes", "load_in_4bit": True}
     (tmp_path / "config.json").write_text(json.dumps(config))
-    with pytest.raises(Unsupported, match=r"pre-quantized checkpoint \(awq\).*quantization='int4'") as err:
+    with pytest.raises(Unsupported, match=r"pre-quantized checkpoint \(bitsandbytes\).*awq, gptq.*'int4'") as err:
         load_model(EngineConfig(model=str(tmp_path)))
     assert err.value.field == "quantization"
 

@@ -57,8 +57,9 @@ class EngineConfig:
                                     "output channel) or 'int4' (asymmetric, per group of quantization_group_size "
                                     "input channels); 'gguf' keeps a GGUF file's own Q4_0/Q4_1/Q4_K codes as int4 "
                                     "(group 32) and its Q8_0 tensors as int8; null keeps the weights in the model "
-                                    "dtype. vLLM's 'awq' and 'gptq' (loading such checkpoints) are refused "
-                                    "(unsupported): not implemented yet.",
+                                    "dtype. 'awq' and 'gptq' load such 4-bit checkpoints (AutoAWQ's gemm layout; "
+                                    "GPTQ without act-order) with their own codes as int4; a checkpoint's "
+                                    "quantization_config selects them by itself when this is null.",
                                     choices=["int8", "int4", "gguf", "awq", "gptq"])
     quantization_group_size: int = _opt(32, "Input channels sharing one int4 scale and zero point.",
                                         choices=[32, 64, 128])
@@ -136,9 +137,6 @@ def _refuse_unimplemented(config: EngineConfig) -> None:
     saying what to use instead (docs/engine.md#vllm-options-that-are-refused)."""
     from lmport.engine.errors import Unsupported
 
-    if config.quantization in ("awq", "gptq"):
-        raise Unsupported("quantization", f"loading {config.quantization.upper()} checkpoints is not implemented "
-                                          "yet; load the unquantized checkpoint with quantization='int4' (or 'int8')")
     if config.swap_space:
         raise Unsupported("swap_space", "preempted sequences are recomputed (mostly from the prefix cache), never "
                                         "swapped; leave swap_space at 0")

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from lmport.engine.errors import InvalidParams
-from lmport.engine.quantization import Int4Weight, Int8Weight
+from lmport.engine.quantization import Int4Weight, Int8Weight, attach_quantized, shared_parameters
 
 logger = logging.getLogger("lmport")
 
@@ -106,20 +106,12 @@ def _unpermute_rows(num_rows: int, heads: int) -> np.ndarray:
     return np.arange(num_rows).reshape(heads, half, 2).swapaxes(1, 2).reshape(num_rows)
 
 
-def _fused_parts(module_name: str) -> list[str]:
-    """HF checkpoint names (without `.weight`) of the projections a Linear fuses, in row order."""
-    from lmport.engine.models.llama import FUSED_PROJECTIONS
-
-    prefix, _, leaf = module_name.rpartition(".")
-    parts = sorted((shard, proj) for proj, (fused, shard) in FUSED_PROJECTIONS.items() if fused == leaf)
-    return [f"{prefix}.{proj}" for _, proj in parts] or [module_name]
-
-
 def load_gguf_linears(model: nn.Module, gguf_path: Path, dtype: torch.dtype) -> dict[str, int]:
     """Give every Linear of `model` the packed form of its GGUF tensors; returns how many became each form."""
     import gguf
 
     from lmport.engine.models.layers import Linear
+    from lmport.engine.models.llama import checkpoint_parts
 
     reader = gguf.GGUFReader(str(gguf_path))
     tensors = {t.name.removesuffix(".weight"): t for t in reader.tensors}
@@ -139,24 +131,21 @@ def load_gguf_linears(model: nn.Module, gguf_path: Path, dtype: torch.dtype) -> 
         return tensors.get("token_embd") if found is None and hf_name == "lm_head" else found  # tied embeddings
 
     counts = {"int4": 0, "int8": 0, "unchanged": 0}
-    shared = {id(p) for m in model.modules() if not isinstance(m, Linear) for p in m.parameters(recurse=False)}
+    shared = shared_parameters(model)
     for module_name, module in model.named_modules():
         if not isinstance(module, Linear) or module.weight.numel() == 0:
             continue
-        parts = [(hf_name, tensor_for(hf_name)) for hf_name in _fused_parts(module_name)]
+        parts = [(hf_name, tensor_for(hf_name)) for hf_name in checkpoint_parts(module_name)]
         types = {t.tensor_type.name if t is not None else None for _, t in parts}  # type: ignore[attr-defined]
         out_features = module.weight.shape[0]
         if types <= set(Q4_TYPES) and out_features % 16 == 0:
-            module.quantized = _int4_from_parts(parts, arch_name, heads, dtype)
+            attach_quantized(module, _int4_from_parts(parts, arch_name, heads, dtype), shared)
             counts["int4"] += 1
         elif types == {"Q8_0"}:
-            module.quantized = Int8Weight.quantize(module.weight.detach().to(dtype))
+            attach_quantized(module, Int8Weight.quantize(module.weight.detach().to(dtype)), shared)
             counts["int8"] += 1
         else:
             counts["unchanged"] += 1
-            continue
-        if id(module.weight) not in shared:
-            module.weight.data = module.weight.data.new_empty(0)
     logger.info("quantization='gguf': %d Linears from the file's 4-bit codes, %d as int8 (Q8_0), %d unchanged",
                 counts["int4"], counts["int8"], counts["unchanged"])
     return counts

@@ -21,7 +21,7 @@ from torch import nn
 from transformers import AutoConfig, AutoTokenizer, GenerationConfig, PretrainedConfig, PreTrainedTokenizerBase
 
 from lmport.engine.config import EngineConfig
-from lmport.engine.errors import InvalidParams, ModelNotFound, Unsupported, UnsupportedModel
+from lmport.engine.errors import InvalidParams, ModelNotFound, UnsupportedModel
 from lmport.engine.bundled_minilm import NAMES as MINILM_NAMES
 from lmport.engine.bundled_minilm import minilm_dir
 from lmport.engine.gguf_convert import BUNDLED_NAMES, bundled_gguf, convert_gguf
@@ -29,6 +29,8 @@ from lmport.engine.gguf_weights import checked_gguf_source, load_gguf_linears
 from lmport.engine.models import get_model_class
 from lmport.engine.models.layers import pack_cpu_linears
 from lmport.engine.parallel import TensorParallelGroup, check_tensor_parallel, shard_model
+from lmport.engine.prequantized import (CheckpointQuantization, attach_prequantized, check_prequantized_target,
+                                        checkpoint_quantization, dequantizing)
 from lmport.engine.quantization import check_quantizable, quantize_linears
 
 logger = logging.getLogger("lmport")
@@ -264,15 +266,12 @@ def load_model(config: EngineConfig, tp: TensorParallelGroup | None = None) -> L
         hf_config = AutoConfig.from_pretrained(model_path, trust_remote_code=config.trust_remote_code)
     except (ValueError, KeyError) as exc:  # e.g. a model_type this transformers does not know
         raise UnsupportedModel(f"cannot read {model_path / 'config.json'}: {exc}") from exc
-    quantized = getattr(hf_config, "quantization_config", None)
-    if quantized:  # an AWQ / GPTQ / bitsandbytes / fp8 checkpoint: its packed tensors have no place here
-        method = quantized.get("quant_method", "?") if isinstance(quantized, dict) else type(quantized).__name__
-        raise Unsupported("quantization", f"{model_path} is a pre-quantized checkpoint ({method}); loading those is "
-                                          "not implemented yet: load the unquantized model with quantization='int4' "
-                                          "(or 'int8')")
+    prequantized = checkpoint_quantization(hf_config, config.quantization, model_path)
     model_cls = get_model_class(hf_config)
     device = resolve_device(config.device)
     dtype = resolve_dtype(config.dtype, hf_config, device)
+    if prequantized is not None:
+        check_prequantized_target(prequantized, device, config.tensor_parallel_size)
     # a vision-language checkpoint (Gemma 3) serves text through its language model: from here on the model and
     # the engine see its text config (text-only configs return themselves)
     hf_config = hf_config.get_text_config()
@@ -288,7 +287,8 @@ def load_model(config: EngineConfig, tp: TensorParallelGroup | None = None) -> L
         check_tensor_parallel(model_cls, hf_config, config.tensor_parallel_size, device)
         tp = started = launch(config)
     try:
-        return _build(config, model_cls, hf_config, model_path, tokenizer, dtype, device, max_model_len, tp, start)
+        return _build(config, model_cls, hf_config, model_path, tokenizer, dtype, device, max_model_len, tp, start,
+                      prequantized)
     except BaseException:
         if started is not None:
             started.close()
@@ -297,13 +297,15 @@ def load_model(config: EngineConfig, tp: TensorParallelGroup | None = None) -> L
 
 def _build(config: EngineConfig, model_cls: type[nn.Module], hf_config: PretrainedConfig, model_path: Path,
            tokenizer: PreTrainedTokenizerBase, dtype: torch.dtype, device: torch.device, max_model_len: int,
-           tp: TensorParallelGroup | None, start: float) -> LoadedModel:
+           tp: TensorParallelGroup | None, start: float, prequantized: CheckpointQuantization | None) -> LoadedModel:
     with torch.device(device), _default_dtype(dtype):
         model = model_cls(hf_config, max_model_len)
     files = safetensors_files(model_path)
     io_start = time.perf_counter()
+    codes: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}  # of an AWQ / GPTQ checkpoint
+    weights = iter_weights(files)
     with torch.no_grad():
-        model.load_weights(iter_weights(files))
+        model.load_weights(weights if prequantized is None else dequantizing(weights, prequantized, codes))
         if tp is not None:  # before quantizing or packing, which then work on the shard
             shard_model(model, tp)
     if device.type == "cuda":
@@ -311,7 +313,10 @@ def _build(config: EngineConfig, model_cls: type[nn.Module], hf_config: Pretrain
     io_seconds = time.perf_counter() - io_start
     num_bytes = sum(f.stat().st_size for f in files)
     num_params = sum(p.numel() for p in model.parameters())
-    if config.quantization == "gguf":
+    if prequantized is not None:
+        attach_prequantized(model, codes, prequantized.group_size, dtype)
+        pack_cpu_linears(model)  # what stays unquantized (lm_head, usually)
+    elif config.quantization == "gguf":
         load_gguf_linears(model, checked_gguf_source(model_path, device, tp is not None), dtype)
     elif config.quantization is not None:
         check_quantizable(model, config.quantization, config.quantization_group_size, device)

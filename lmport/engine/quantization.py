@@ -99,19 +99,32 @@ def check_quantizable(model: nn.Module, method: str, group_size: int, device: to
                                     f"has {out_features}: use quantization='int8'")
 
 
+def shared_parameters(model: nn.Module) -> set[int]:
+    """ids of the parameters a module other than a Linear holds too (a tied embedding): never released."""
+    from lmport.engine.models.layers import Linear
+
+    return {id(p) for m in model.modules() if not isinstance(m, Linear) for p in m.parameters(recurse=False)}
+
+
+def attach_quantized(module: nn.Module, form: Int8Weight | Int4Weight, shared: set[int]) -> None:
+    """Serve `module` (a Linear) from `form`; its plain weight is released unless it is in `shared`."""
+    module.quantized = form
+    if id(module.weight) not in shared:
+        module.weight.data = module.weight.data.new_empty(0)
+
+
 def quantize_linears(model: nn.Module, method: str, group_size: int) -> int:
     """Replace every Linear's weight by its `method` form (check_quantizable first). The plain weight is released
     unless another module shares it (a tied embedding). Returns the number of Linears quantized."""
     from lmport.engine.models.layers import Linear
 
-    shared = {id(p) for m in model.modules() if not isinstance(m, Linear) for p in m.parameters(recurse=False)}
+    shared = shared_parameters(model)
     count = 0
     for module in model.modules():
         if not isinstance(module, Linear) or module.weight.numel() == 0:
             continue
         weight = module.weight.detach()
-        module.quantized = Int8Weight.quantize(weight) if method == "int8" else Int4Weight.quantize(weight, group_size)
-        if id(module.weight) not in shared:
-            module.weight.data = module.weight.data.new_empty(0)
+        attach_quantized(module, Int8Weight.quantize(weight) if method == "int8"
+                         else Int4Weight.quantize(weight, group_size), shared)
         count += 1
     return count

@@ -22,6 +22,13 @@ FUSED_PROJECTIONS = {"q_proj": ("qkv_proj", 0), "k_proj": ("qkv_proj", 1), "v_pr
           "gate_proj": ("gate_up_proj", 0), "up_proj": ("gate_up_proj", 1)}
 
 
+def checkpoint_parts(module_name: str) -> list[str]:
+    """HF checkpoint names (without `.weight`) of the projections a Linear fuses, in row order."""
+    prefix, _, leaf = module_name.rpartition(".")
+    parts = sorted((shard, proj) for proj, (fused, shard) in FUSED_PROJECTIONS.items() if fused == leaf)
+    return [f"{prefix}.{proj}" for _, proj in parts] or [module_name]
+
+
 def _head_dim(hf_config: PretrainedConfig) -> int:
     return getattr(hf_config, "head_dim", None) or hf_config.hidden_size // hf_config.num_attention_heads
 
