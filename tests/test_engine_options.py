@@ -17,14 +17,14 @@ REFUSED = [
     ("swap_space", 4, "recomputed"),
     ("cpu_offload_gb", 2, "quantization='int8'"),
     ("pipeline_parallel_size", 2, "worker pool"),
-    ("distributed_executor_backend", "ray", "null, 'uni' or 'mp'"),
-    ("distributed_executor_backend", "external_launcher", "null, 'uni' or 'mp'"),
+    ("distributed_executor_backend", "external_launcher", "or 'ray'"),
     ("lora_extra_vocab_size", 512, "leave it at 256"),
 ]
 ACCEPTED = [("kv_cache_dtype", "auto"), ("kv_cache_dtype", "fp8"), ("kv_cache_dtype", "fp8_e4m3"),
             ("kv_cache_dtype", "fp8_e5m2"), ("swap_space", 0), ("cpu_offload_gb", 0), ("tensor_parallel_size", 1),
             ("tensor_parallel_size", 2), ("pipeline_parallel_size", 1), ("distributed_executor_backend", None),
             ("distributed_executor_backend", "uni"), ("distributed_executor_backend", "mp"),
+            ("distributed_executor_backend", "ray"),
             ("lora_extra_vocab_size", 256), ("quantization", "int8"), ("quantization", "int4"),
             ("quantization", "gguf"), ("quantization", "awq"), ("quantization", "gptq"),
             ("trust_remote_code", True), ("revision", "main")]

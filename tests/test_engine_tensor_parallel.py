@@ -61,8 +61,17 @@ def none_alive(procs: list[psutil.Process], timeout: float) -> bool:
 
 
 def run_engine(model_dir: Path, tp: int, params: list[SamplingParams]) -> tuple[list, list[torch.Tensor]]:
-    """Outputs for PROMPTS and every step's logits (read at the runner, rank 0's)."""
     llm = LLM(str(model_dir), tensor_parallel_size=tp, **OPTIONS)
+    try:
+        if tp > 1:
+            assert len(rank_processes(os.getpid())) == tp - 1
+        return generate_recording_logits(llm, params)
+    finally:
+        llm.shutdown()
+
+
+def generate_recording_logits(llm: LLM, params: list[SamplingParams]) -> tuple[list, list[torch.Tensor]]:
+    """Outputs for PROMPTS and every step's logits (read at the runner, rank 0's)."""
     logits: list[torch.Tensor] = []
     run = llm.engine.runner.run
 
@@ -73,30 +82,25 @@ def run_engine(model_dir: Path, tp: int, params: list[SamplingParams]) -> tuple[
 
     llm.engine.runner.run = recording
     try:
-        if tp > 1:
-            assert len(rank_processes(os.getpid())) == tp - 1
         return llm.generate(PROMPTS, params, use_tqdm=False), logits
     finally:
-        llm.shutdown()
+        llm.engine.runner.run = run
 
 
-@pytest.fixture(scope="module")
-def greedy(model_dir: Path) -> dict[int, tuple[list, list[torch.Tensor]]]:
-    params = [SamplingParams(max_tokens=32, temperature=0, ignore_eos=True, prompt_logprobs=0, logprobs=3)] * 3
-    return {tp: run_engine(model_dir, tp, params) for tp in (1, 2)}
+GREEDY = [SamplingParams(max_tokens=32, temperature=0, ignore_eos=True, prompt_logprobs=0, logprobs=3)] * 3
+SEEDED = [SamplingParams(max_tokens=24, temperature=0.9, top_p=0.95, seed=seed, ignore_eos=True)
+          for seed in (1, 2, 3)]
 
 
-def test_tp2_logits_match_tp1(greedy: dict) -> None:
-    (_, one), (_, two) = greedy[1], greedy[2]
+def assert_logits_match(one: list[torch.Tensor], two: list[torch.Tensor]) -> None:
     assert len(one) == len(two) and len(one) > 1
     for a, b in zip(one, two):
         assert a.shape == b.shape
         assert torch.allclose(a, b, atol=1e-4, rtol=0), (a - b).abs().max()
 
 
-def test_tp2_greedy_tokens_and_logprobs_match_tp1(greedy: dict) -> None:
-    (one, _), (two, _) = greedy[1], greedy[2]
-    for a, b in zip(one, two):
+def assert_greedy_outputs_match(one: list, two: list) -> None:
+    for a, b in zip(one, two, strict=True):
         assert len(a.outputs[0].token_ids) == 32
         assert a.outputs[0].token_ids == b.outputs[0].token_ids
         assert a.outputs[0].text == b.outputs[0].text
@@ -105,11 +109,22 @@ def test_tp2_greedy_tokens_and_logprobs_match_tp1(greedy: dict) -> None:
             assert all(abs(pa[t].logprob - pb[t].logprob) < 1e-4 for t in pa)
 
 
+@pytest.fixture(scope="module")
+def greedy(model_dir: Path) -> dict[int, tuple[list, list[torch.Tensor]]]:
+    return {tp: run_engine(model_dir, tp, GREEDY) for tp in (1, 2)}
+
+
+def test_tp2_logits_match_tp1(greedy: dict) -> None:
+    assert_logits_match(greedy[1][1], greedy[2][1])
+
+
+def test_tp2_greedy_tokens_and_logprobs_match_tp1(greedy: dict) -> None:
+    assert_greedy_outputs_match(greedy[1][0], greedy[2][0])
+
+
 def test_tp2_seeded_sampling_matches_tp1(model_dir: Path) -> None:
-    params = [SamplingParams(max_tokens=24, temperature=0.9, top_p=0.95, seed=seed, ignore_eos=True)
-              for seed in (1, 2, 3)]
-    one, _ = run_engine(model_dir, 1, params)
-    two, _ = run_engine(model_dir, 2, params)
+    one, _ = run_engine(model_dir, 1, SEEDED)
+    two, _ = run_engine(model_dir, 2, SEEDED)
     assert [o.outputs[0].token_ids for o in one] == [o.outputs[0].token_ids for o in two]
 
 

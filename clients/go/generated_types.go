@@ -444,7 +444,8 @@ type EngineOptions struct {
 	// Weight-only quantization applied on load, on CPU: 'int8' (symmetric, per output channel) or 'int4'
 	// (asymmetric, per group of quantization_group_size input channels); 'gguf' keeps a GGUF file's own
 	// Q4_0/Q4_1/Q4_K codes as int4 (group 32) and its Q8_0 tensors as int8; null keeps the weights in the model
-	// dtype. vLLM's 'awq' and 'gptq' (loading such checkpoints) are refused (unsupported): not implemented yet.
+	// dtype. 'awq' and 'gptq' load such 4-bit checkpoints (AutoAWQ's gemm layout; GPTQ without act-order) with their
+	// own codes as int4; a checkpoint's quantization_config selects them by itself when this is null.
 	//
 	// Default: nil. Allowed: one of "int8", "int4", "gguf", "awq", "gptq".
 	Quantization *string `msgpack:"quantization,omitempty"`
@@ -514,8 +515,10 @@ type EngineOptions struct {
 	// Default: 1. Allowed: >= 1.
 	PipelineParallelSize *int `msgpack:"pipeline_parallel_size,omitempty"`
 
-	// How vLLM runs its shards: null and 'mp' start the tensor-parallel ranks as local processes ('uni', one
-	// process, only with tensor_parallel_size 1); 'ray' and 'external_launcher' are refused (unsupported).
+	// How vLLM runs its shards: null and 'mp' start the tensor-parallel ranks as local processes, 'ray' as Ray
+	// actors on this machine (a local Ray it starts, or RAY_ADDRESS's cluster; with tensor_parallel_size 1 the
+	// engine runs in its own process, without Ray); 'uni', one process, only with tensor_parallel_size 1;
+	// 'external_launcher' is refused (unsupported).
 	//
 	// Default: nil. Allowed: one of "uni", "mp", "ray", "external_launcher".
 	DistributedExecutorBackend *string `msgpack:"distributed_executor_backend,omitempty"`

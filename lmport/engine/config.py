@@ -90,9 +90,12 @@ class EngineConfig:
     pipeline_parallel_size: int = _opt(1, "Processes to split the layers across (vLLM). Only 1: run a worker pool "
                                        "for more processes (docs/scaling.md).", min=1)
     distributed_executor_backend: str | None = _opt(None, "How vLLM runs its shards: null and 'mp' start the "
-                                                    "tensor-parallel ranks as local processes ('uni', one process, "
-                                                    "only with tensor_parallel_size 1); 'ray' and "
-                                                    "'external_launcher' are refused (unsupported).",
+                                                    "tensor-parallel ranks as local processes, 'ray' as Ray actors "
+                                                    "on this machine (a local Ray it starts, or RAY_ADDRESS's "
+                                                    "cluster; with tensor_parallel_size 1 the engine runs in its "
+                                                    "own process, without Ray); 'uni', one process, only with "
+                                                    "tensor_parallel_size 1; 'external_launcher' is refused "
+                                                    "(unsupported).",
                                                     choices=["uni", "mp", "ray", "external_launcher"])
     lora_extra_vocab_size: int = _opt(256, "Extra vocabulary slots for LoRA adapters (vLLM, deprecated there). "
                                       "Adapters that add tokens are not supported: only the default is accepted.",
@@ -147,13 +150,13 @@ def _refuse_unimplemented(config: EngineConfig) -> None:
         raise Unsupported("pipeline_parallel_size", "layers are not split across processes; for more processes "
                                                     "run a worker pool (docs/scaling.md), each with its own copy of "
                                                     "the model, or shard layers with tensor_parallel_size")
-    if config.distributed_executor_backend in ("ray", "external_launcher"):
-        raise Unsupported("distributed_executor_backend", f"{config.distributed_executor_backend!r} is not "
-                          "implemented; use null, 'uni' or 'mp' (tensor-parallel ranks run as local processes)")
+    if config.distributed_executor_backend == "external_launcher":
+        raise Unsupported("distributed_executor_backend", "'external_launcher' is not implemented; use null, "
+                          "'uni', 'mp' (tensor-parallel ranks run as local processes) or 'ray' (as Ray actors)")
     if config.tensor_parallel_size > 1:
         if config.distributed_executor_backend == "uni":
             raise InvalidParams("distributed_executor_backend", "'uni' runs one process; tensor_parallel_size > 1 "
-                                "needs 'mp' or null")
+                                "needs 'mp', 'ray' or null")
         if config.enable_lora:
             raise Unsupported("enable_lora", "LoRA adapters are not sharded across tensor-parallel ranks; use "
                                              "tensor_parallel_size 1 with enable_lora")

@@ -1,7 +1,7 @@
 """Tensor parallelism on CPU over torch.distributed's gloo backend: the ranks' process group, the step broadcast,
 and sharding a loaded model.
 
-Rank 0 is the engine (scheduler, sampler, logits); ranks 1..N-1 run lmport.engine.tp_worker. Each decoder layer is
+Rank 0 is the engine (scheduler, sampler, logits); ranks 1..N-1 run lmport.engine.tp_worker.run_rank. Each decoder layer is
 split Megatron-style: q|k|v and gate|up by output columns (whole heads, KV heads included), o_proj and down_proj by
 input columns, their partial outputs summed by an all-reduce. The embedding, the norms and lm_head stay replicated
 (simplest; they are a small share of a decoder's weights), so every rank ends a forward with the full hidden states
@@ -15,7 +15,8 @@ import datetime
 import os
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from typing import Protocol
 
 import torch
 import torch.distributed as dist
@@ -118,15 +119,31 @@ def shard_model(model: nn.Module, group: TensorParallelGroup) -> None:
             module.down_proj = _shard_rows(module.down_proj, group)
 
 
+class RankProcess(Protocol):
+    """What rank 0 needs of another rank: a subprocess.Popen (the mp executor), or a Ray actor's handle shaped like
+    one (lmport.engine.ray_executor.RayRank)."""
+
+    pid: int
+    returncode: int | None
+
+    def poll(self) -> int | None: ...
+
+    def wait(self, timeout: float | None = None) -> int: ...
+
+    def kill(self) -> None: ...
+
+
 class TensorParallelGroup:
     """One engine's ranks: a gloo process group (over a TCPStore rendezvous on loopback) and, on rank 0, the other
-    ranks' processes (started by lmport.engine.tp_worker.launch)."""
+    ranks' processes (started by lmport.engine.tp_worker.launch) and what to run once they are stopped (on_close:
+    the Ray executor's cleanup)."""
 
-    def __init__(self, store: dist.TCPStore, rank: int, world_size: int,
-                 procs: list[subprocess.Popen] | None = None) -> None:
+    def __init__(self, store: dist.TCPStore, rank: int, world_size: int, procs: list[RankProcess] | None = None,
+                 on_close: Callable[[], None] | None = None) -> None:
         self.store, self.rank, self.world_size = store, rank, world_size
         self.pg = dist.ProcessGroupGloo(store, rank, world_size, COLLECTIVE_TIMEOUT)
         self.procs = procs or []
+        self.on_close = on_close
         self.serving = False  # rank 0: every rank is ready and no collective is left half-done
         self.closed = False
 
@@ -179,12 +196,16 @@ class TensorParallelGroup:
         if self.serving and all(p.poll() is None for p in self.procs):
             with contextlib.suppress(RuntimeError):  # a rank that died meanwhile cannot hear it
                 self._broadcast_header([])
-        for proc in self.procs:
-            try:
-                proc.wait(5 if self.serving else 0)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        try:
+            for proc in self.procs:
+                try:
+                    proc.wait(5 if self.serving else 0)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait()
+        finally:
+            if self.on_close is not None:
+                self.on_close()
 
     def _broadcast_header(self, words: list[int]) -> None:
         header = torch.zeros(_HEADER_WORDS, dtype=torch.int64)

@@ -328,7 +328,7 @@ export interface EngineOptions {
    */
   kernel_backend?: string;
   /**
-   * Weight-only quantization applied on load, on CPU: 'int8' (symmetric, per output channel) or 'int4' (asymmetric, per group of quantization_group_size input channels); 'gguf' keeps a GGUF file's own Q4_0/Q4_1/Q4_K codes as int4 (group 32) and its Q8_0 tensors as int8; null keeps the weights in the model dtype. vLLM's 'awq' and 'gptq' (loading such checkpoints) are refused (unsupported): not implemented yet.
+   * Weight-only quantization applied on load, on CPU: 'int8' (symmetric, per output channel) or 'int4' (asymmetric, per group of quantization_group_size input channels); 'gguf' keeps a GGUF file's own Q4_0/Q4_1/Q4_K codes as int4 (group 32) and its Q8_0 tensors as int8; null keeps the weights in the model dtype. 'awq' and 'gptq' load such 4-bit checkpoints (AutoAWQ's gemm layout; GPTQ without act-order) with their own codes as int4; a checkpoint's quantization_config selects them by itself when this is null.
    *
    * Default: `null`. Allowed: one of "int8", "int4", "gguf", "awq", "gptq".
    */
@@ -400,7 +400,7 @@ export interface EngineOptions {
    */
   pipeline_parallel_size?: number;
   /**
-   * How vLLM runs its shards: null and 'mp' start the tensor-parallel ranks as local processes ('uni', one process, only with tensor_parallel_size 1); 'ray' and 'external_launcher' are refused (unsupported).
+   * How vLLM runs its shards: null and 'mp' start the tensor-parallel ranks as local processes, 'ray' as Ray actors on this machine (a local Ray it starts, or RAY_ADDRESS's cluster; with tensor_parallel_size 1 the engine runs in its own process, without Ray); 'uni', one process, only with tensor_parallel_size 1; 'external_launcher' is refused (unsupported).
    *
    * Default: `null`. Allowed: one of "uni", "mp", "ray", "external_launcher".
    */

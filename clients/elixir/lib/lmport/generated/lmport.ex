@@ -127,9 +127,9 @@ defmodule LMPort do
     * `:quantization` (str | null) — Weight-only quantization applied on load, on CPU: 'int8' (symmetric, per
       output channel) or 'int4' (asymmetric, per group of quantization_group_size input channels); 'gguf'
       keeps a GGUF file's own Q4_0/Q4_1/Q4_K codes as int4 (group 32) and its Q8_0 tensors as int8; null keeps
-      the weights in the model dtype. vLLM's 'awq' and 'gptq' (loading such checkpoints) are refused
-      (unsupported): not implemented yet. Default: `nil`. Allowed: one of "int8", "int4", "gguf", "awq",
-      "gptq".
+      the weights in the model dtype. 'awq' and 'gptq' load such 4-bit checkpoints (AutoAWQ's gemm layout;
+      GPTQ without act-order) with their own codes as int4; a checkpoint's quantization_config selects them by
+      itself when this is null. Default: `nil`. Allowed: one of "int8", "int4", "gguf", "awq", "gptq".
     * `:quantization_group_size` (int) — Input channels sharing one int4 scale and zero point. Default: `32`.
       Allowed: one of 32, 64, 128.
     * `:enable_lora` (bool) — Serve LoRA adapters (PEFT directories) named by each request's lora_request.
@@ -161,9 +161,10 @@ defmodule LMPort do
     * `:pipeline_parallel_size` (int) — Processes to split the layers across (vLLM). Only 1: run a worker pool
       for more processes (docs/scaling.md). Default: `1`. Allowed: >= 1.
     * `:distributed_executor_backend` (str | null) — How vLLM runs its shards: null and 'mp' start the
-      tensor-parallel ranks as local processes ('uni', one process, only with tensor_parallel_size 1); 'ray'
-      and 'external_launcher' are refused (unsupported). Default: `nil`. Allowed: one of "uni", "mp", "ray",
-      "external_launcher".
+      tensor-parallel ranks as local processes, 'ray' as Ray actors on this machine (a local Ray it starts, or
+      RAY_ADDRESS's cluster; with tensor_parallel_size 1 the engine runs in its own process, without Ray);
+      'uni', one process, only with tensor_parallel_size 1; 'external_launcher' is refused (unsupported).
+      Default: `nil`. Allowed: one of "uni", "mp", "ray", "external_launcher".
     * `:lora_extra_vocab_size` (int) — Extra vocabulary slots for LoRA adapters (vLLM, deprecated there).
       Adapters that add tokens are not supported: only the default is accepted. Default: `256`. Allowed: >= 0.
     * `:structured_outputs_backend` (str) — Library enforcing structured_outputs: 'auto' or 'xgrammar' (the
