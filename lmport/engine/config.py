@@ -92,8 +92,8 @@ class EngineConfig:
     distributed_executor_backend: str | None = _opt(None, "How vLLM runs its shards: null and 'mp' start the "
                                                     "tensor-parallel ranks as local processes, 'ray' as Ray actors "
                                                     "on this machine (a local Ray it starts, or RAY_ADDRESS's "
-                                                    "cluster; with tensor_parallel_size 1 the engine runs in its "
-                                                    "own process, without Ray); 'uni', one process, only with "
+                                                    "cluster; with tensor_parallel_size 1 the engine runs in the "
+                                                    "calling process, without Ray); 'uni', one process, only with "
                                                     "tensor_parallel_size 1; 'external_launcher' is refused "
                                                     "(unsupported).",
                                                     choices=["uni", "mp", "ray", "external_launcher"])

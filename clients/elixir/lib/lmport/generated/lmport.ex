@@ -162,7 +162,7 @@ defmodule LMPort do
       for more processes (docs/scaling.md). Default: `1`. Allowed: >= 1.
     * `:distributed_executor_backend` (str | null) — How vLLM runs its shards: null and 'mp' start the
       tensor-parallel ranks as local processes, 'ray' as Ray actors on this machine (a local Ray it starts, or
-      RAY_ADDRESS's cluster; with tensor_parallel_size 1 the engine runs in its own process, without Ray);
+      RAY_ADDRESS's cluster; with tensor_parallel_size 1 the engine runs in the calling process, without Ray);
       'uni', one process, only with tensor_parallel_size 1; 'external_launcher' is refused (unsupported).
       Default: `nil`. Allowed: one of "uni", "mp", "ray", "external_launcher".
     * `:lora_extra_vocab_size` (int) — Extra vocabulary slots for LoRA adapters (vLLM, deprecated there).
