@@ -34,6 +34,21 @@ def llm(client):
     return client.llm("smollm2", **OPTIONS)
 
 
+_ENGINE_PROCESS: dict = {}
+
+
+@pytest.fixture(params=["auto", "on"])
+def any_llm(request, client, llm):
+    """The module's engine, then the same model with engine_process 'on' (loaded by the first test that asks, in
+    the same worker: no test reordering)."""
+    if request.param == "auto":
+        return llm
+    if "on" not in _ENGINE_PROCESS:
+        _ENGINE_PROCESS["on"] = client.llm("smollm2", engine_process="on", **OPTIONS)
+        assert _ENGINE_PROCESS["on"]["engine"] != llm["engine"]
+    return _ENGINE_PROCESS["on"]
+
+
 def wait_idle(client: Client, llm, timeout: float = 60.0) -> dict:
     end = time.monotonic() + timeout
     while True:
@@ -66,10 +81,10 @@ def test_sampling_params_are_normalized_and_bad_ones_name_the_field(client):
         assert info.value.code == "invalid_params" and info.value.details["field"] == field
 
 
-def test_tokenize_detokenize_round_trip(client, llm):
-    ids = client.tokenize(llm, "Hello, wörld 🚀")
+def test_tokenize_detokenize_round_trip(client, any_llm):
+    ids = client.tokenize(any_llm, "Hello, wörld 🚀")
     assert ids and all(isinstance(t, int) for t in ids)
-    assert client.detokenize(llm["ref"], ids).endswith("Hello, wörld 🚀")
+    assert client.detokenize(any_llm["ref"], ids).endswith("Hello, wörld 🚀")
 
 
 def test_64_threads_are_batched_and_match_the_in_process_engine(client, llm):
@@ -106,10 +121,10 @@ def _has_key(value, keys) -> bool:
     return isinstance(value, list) and any(_has_key(v, keys) for v in value)
 
 
-def test_streaming_deltas_concatenate_to_the_full_text_and_the_summary_carries_none(client, llm):
+def test_streaming_deltas_concatenate_to_the_full_text_and_the_summary_carries_none(client, any_llm):
     params = {"temperature": 0.0, "max_tokens": 12, "logprobs": 2}
-    full = client.generate(llm, ["The capital of France is", "def add(a, b):"], params)
-    stream = client.generate(llm, ["The capital of France is", "def add(a, b):"], params, stream=True)
+    full = client.generate(any_llm, ["The capital of France is", "def add(a, b):"], params)
+    stream = client.generate(any_llm, ["The capital of France is", "def add(a, b):"], params, stream=True)
     chunks = list(stream)  # the shim checks that seq counts 0, 1, 2, ... per request
     for index in (0, 1):
         mine = [c for c in chunks if c["index"] == index]
@@ -145,15 +160,15 @@ def test_results_have_exactly_the_shapes_the_manifest_declares(client, llm):
     assert conforms(stream.summary, "Summary", shapes) is None, conforms(stream.summary, "Summary", shapes)
 
 
-def test_chat_with_and_without_streaming(client, llm):
+def test_chat_with_and_without_streaming(client, any_llm):
     messages = [{"role": "user", "content": "What is 2 + 2?"}]
     params = {"temperature": 0.0, "max_tokens": 10}
-    reply = client.chat(llm, messages, params)[0]
+    reply = client.chat(any_llm, messages, params)[0]
     assert reply["prompt"] is None and reply["outputs"][0]["text"]
-    streamed = "".join(o["text"] for c in client.chat(llm, [messages], params, stream=True) for o in c["outputs"])
+    streamed = "".join(o["text"] for c in client.chat(any_llm, [messages], params, stream=True) for o in c["outputs"])
     assert streamed == reply["outputs"][0]["text"]
     with pytest.raises(BridgeError) as info:
-        client.chat(llm, [{"content": "no role"}])
+        client.chat(any_llm, [{"content": "no role"}])
     assert info.value.code == "invalid_params" and info.value.details["field"] == "messages"
 
 
@@ -173,11 +188,11 @@ def _run_others(client: Client, llm, count: int) -> tuple[list[threading.Thread]
     return threads, outcomes
 
 
-def test_cancel_mid_stream_frees_blocks_and_others_finish(client, llm):
-    total = client.stats(llm)["kv_blocks_total"]
-    aborted = client.stats(llm)["requests_aborted"]
-    threads, outcomes = _run_others(client, llm, 3)
-    stream = client.generate(llm, "Write a very long story about the sea.", LONG, stream=True)
+def test_cancel_mid_stream_frees_blocks_and_others_finish(client, any_llm):
+    total = client.stats(any_llm)["kv_blocks_total"]
+    aborted = client.stats(any_llm)["requests_aborted"]
+    threads, outcomes = _run_others(client, any_llm, 3)
+    stream = client.generate(any_llm, "Write a very long story about the sea.", LONG, stream=True)
     received = 0
     with pytest.raises(BridgeError) as info:
         for _ in stream:
@@ -189,7 +204,7 @@ def test_cancel_mid_stream_frees_blocks_and_others_finish(client, llm):
     for t in threads:
         t.join()
     assert all(isinstance(o, dict) and o["outputs"][0]["finish_reason"] == "length" for o in outcomes)
-    stats = wait_idle(client, llm)
+    stats = wait_idle(client, any_llm)
     assert stats["kv_blocks_free"] == total and stats["requests_aborted"] == aborted + 1
 
 
@@ -209,8 +224,8 @@ def test_timeout_ms_200_aborts_in_the_engine_with_partial_usage(client, llm):
     assert wait_idle(client, llm)["kv_blocks_free"] == total
 
 
-def test_ping_stays_under_100ms_while_32_generations_run(client, llm):
-    threads, outcomes = _run_others(client, llm, 32)
+def test_ping_stays_under_100ms_while_32_generations_run(client, any_llm):
+    threads, outcomes = _run_others(client, any_llm, 32)
     time.sleep(0.5)
     latencies = []
     while any(t.is_alive() for t in threads) and len(latencies) < 100:
@@ -220,7 +235,7 @@ def test_ping_stays_under_100ms_while_32_generations_run(client, llm):
         time.sleep(0.02)
     for t in threads:
         t.join()
-    assert len(latencies) >= 10 and client.stats(llm)["max_num_running"] >= 32
+    assert len(latencies) >= 10 and client.stats(any_llm)["max_num_running"] >= 32
     assert max(latencies) < 0.1, f"slowest ping {max(latencies) * 1000:.1f} ms"
     assert all(isinstance(o, dict) for o in outcomes)
 
@@ -249,13 +264,13 @@ def test_bad_requests_name_the_problem_and_the_worker_keeps_serving(client, llm)
     assert client.ping(5)["n"] == 5
 
 
-def test_a_bad_prompt_among_many_queues_none_of_them(client, llm):
-    before = client.stats(llm)
+def test_a_bad_prompt_among_many_queues_none_of_them(client, any_llm):
+    before = client.stats(any_llm)
     with pytest.raises(BridgeError) as info:
-        client.generate(llm, ["a fine prompt", "word " * 3000, "another"], GREEDY)
+        client.generate(any_llm, ["a fine prompt", "word " * 3000, "another"], GREEDY)
     assert info.value.code == "invalid_params" and info.value.details["field"] == "prompts[1]", info.value
-    client.generate(llm, "hi", {"max_tokens": 1})  # one step later: anything queued would have reached the engine
-    after = client.stats(llm)
+    client.generate(any_llm, "hi", {"max_tokens": 1})  # one step later: anything queued would have reached the engine
+    after = client.stats(any_llm)
     assert after["requests_total"] == before["requests_total"] + 1
     assert after["requests_aborted"] == before["requests_aborted"]
 

@@ -26,6 +26,7 @@ DELEGATED = {
     "structured": ("lmport.bridge.bench_structured", "structured outputs: conformance, cost vs free, compile latency"),
     "moe": ("lmport.bridge.bench_moe", "routed experts: grouped by expert vs transformers' block vs a per-token loop"),
     "tp": ("lmport.bridge.bench_tp", "batch-1 decode latency: tensor_parallel_size 1 vs 2, A B A B"),
+    "ping": ("lmport.bridge.bench_ping", "ping latency under concurrent generations: engine_process off vs on"),
 }
 
 _WORDS = ("the river carried small boats past quiet towns while engineers measured the water and wrote careful "
@@ -43,6 +44,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                             help="weight-only quantization of this engine (transformers stays in --dtype)")
     throughput.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "fp8", "fp8_e4m3", "fp8_e5m2"],
                             help="this engine's KV cache element type")
+    throughput.add_argument("--engine-process", default="auto", choices=["auto", "on", "off"],
+                            help="this engine's engine_process (on: the model in a child process)")
     throughput.add_argument("--skip-hf", action="store_true", help="measure only this engine")
     throughput.add_argument("--json", action="store_true", help="print one JSON object instead of text")
     for name, (module, help_text) in DELEGATED.items():
@@ -78,10 +81,11 @@ def run(args: argparse.Namespace) -> int:
     prompts = make_prompts(args.num_prompts, args.min_prompt_len, args.max_prompt_len, args.seed)
     result: dict[str, Any] = {"workload": {"num_prompts": args.num_prompts, "max_tokens": args.max_tokens,
                                            "dtype": args.dtype, "threads": args.threads, "model": args.model,
-                                           "kv_cache_dtype": args.kv_cache_dtype}}
+                                           "kv_cache_dtype": args.kv_cache_dtype,
+                                           "engine_process": args.engine_process}}
     result["lmport"] = engine_throughput(args.model, prompts, args.max_tokens, args.dtype, device=args.device,
                                          enforce_eager=args.enforce_eager, quantization=args.quantization,
-                                         kv_cache_dtype=args.kv_cache_dtype)
+                                         kv_cache_dtype=args.kv_cache_dtype, engine_process=args.engine_process)
     result["workload"]["device"] = result["lmport"]["device"]
     if not args.skip_hf:
         result["hf"] = hf_throughput(result["lmport"]["model_path"], prompts, args.max_tokens, args.dtype,

@@ -68,18 +68,8 @@ def estimate(options: dict[str, Any]) -> Footprint:
 
 def measure(llm: Any) -> Footprint:
     """What a loaded engine.LLM holds: its model's tensors (parameters, buffers and packed weights, each storage
-    once) and its KV cache."""
-    engine = llm.engine
-    runner = getattr(engine, "runner", None)
-    model = runner.model if runner is not None else engine.model
-    storages: dict[int, int] = {}
-    tensors = [*model.parameters(), *model.buffers(), *model.state_dict(keep_vars=True).values()]
-    for tensor in tensors:
-        if hasattr(tensor, "untyped_storage"):
-            storage = tensor.untyped_storage()
-            storages[storage.data_ptr()] = storage.nbytes()
-    kv_cache = getattr(runner, "kv_cache", None)
-    return Footprint(sum(storages.values()), 0 if kv_cache is None else kv_cache.numel() * kv_cache.element_size())
+    once) and its KV cache (LLM.memory_footprint)."""
+    return Footprint(*llm.memory_footprint())  # in the engine's process (engine_process 'on': its child)
 
 
 def _parameter_count(file: Path) -> int:

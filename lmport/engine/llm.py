@@ -13,7 +13,7 @@ import queue
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from tqdm import tqdm
 
@@ -28,6 +28,9 @@ from lmport.engine.sampling_params import RequestOutputKind, SamplingParams, che
 from lmport.engine.sequence import Request
 from lmport.engine.tool_calls import ToolCalling, family_for_template, messages_for_template
 
+if TYPE_CHECKING:
+    from lmport.engine.engine_process import EngineProcess
+
 logger = logging.getLogger("lmport")
 
 class EngineDead(LMPortError):
@@ -37,7 +40,7 @@ class EngineDead(LMPortError):
 class RequestStream:
     """The outputs of one request, in order; iterating blocks until the next one (the last has finished=True)."""
 
-    def __init__(self, request_id: str, llm: LLM) -> None:
+    def __init__(self, request_id: str, llm: Any) -> None:  # anything with abort(request_id)
         self.request_id = request_id
         self._llm = llm
         self._queue: queue.SimpleQueue[RequestOutput | BaseException] = queue.SimpleQueue()
@@ -67,11 +70,20 @@ class RequestStream:
 
 
 class LLM:
+    """engine_process 'on' runs the engine in a child process (lmport.engine.engine_process) behind the same API:
+    `engine` is then only its facts (model_path, dtype, device, vocab_size, ...), and this process keeps a copy of
+    the tokenizer for chat templates, tokenize and detokenize."""
+
     def __init__(self, model: str = "smollm2", **engine_options: Any) -> None:
         config = EngineConfig.from_dict({"model": model, **engine_options})
         self._ids = itertools.count()
         self._lock = threading.Condition()
         self._tokenizer_lock = threading.Lock()  # HF fast tokenizers are not safe to share across threads
+        self._on_step: Callable[[], None] | None = None  # called on the engine thread after every step
+        self._process: EngineProcess | None = None
+        if resolve_engine_process(config) == "on":
+            self._start_process(config)
+            return
         self._commands: list[Callable[[], None]] = []
         self._error_callbacks: dict[str, Callable[[BaseException], None]] = {}
         self._dead: BaseException | None = None
@@ -91,11 +103,24 @@ class LLM:
         # The options as resolved: "auto" dtype/device and the default max_model_len replaced by what was chosen.
         self.config = self.engine.config.replace(dtype=str(self.engine.dtype).removeprefix("torch."),
                                                  device=str(self.engine.device),
-                                                 max_model_len=self.engine.max_model_len)
+                                                 max_model_len=self.engine.max_model_len,
+                                                 engine_process="off")
         self.tokenizer = self.engine.tokenizer
         self.max_model_len = self.engine.max_model_len
         self.num_kv_blocks = self.engine.num_kv_blocks
         self.is_encoder = isinstance(self.engine, EncoderEngine)
+
+    def _start_process(self, config: EngineConfig) -> None:
+        from lmport.engine.engine_process import EngineProcess
+
+        self._process = EngineProcess(config)  # a load error in the child is raised here
+        facts = self._process.facts
+        self.engine = facts  # type: ignore[assignment]
+        self.config = facts.config.replace(engine_process="on")
+        self.tokenizer = facts.tokenizer
+        self.max_model_len = facts.max_model_len
+        self.num_kv_blocks = facts.num_kv_blocks
+        self.is_encoder = facts.is_encoder
 
     # --- streaming front ---
 
@@ -108,6 +133,14 @@ class LLM:
         Validation errors (InvalidParams) are raised here, in the caller's thread.
         """
         params = sampling_params if sampling_params is not None else SamplingParams()
+        if self._process is not None:
+            deliver = None if on_output is None else lambda _index, output: on_output(output)
+            try:
+                return self._process.add("generate1", (prompt, params, lora_request), [request_id], deliver,
+                                         on_error, self)[0]
+            except InvalidParams as exc:
+                exc.index = None  # one request: no index, as in thread mode
+                raise
         make = functools.partial(self.engine.make_request, prompt=prompt, params=params, lora_request=lora_request)
         stream, queued = self._prepare(make, request_id, on_output, on_error)
         self._enqueue([queued])
@@ -129,6 +162,9 @@ class LLM:
             raise InvalidParams("sampling_params", f"got {len(sampling_params)} sampling params for "
                                                    f"{len(prompts)} prompts")
         adapters = _per_prompt(lora_request, len(prompts))
+        if self._process is not None:
+            return self._process.add("generate", (list(prompts), list(sampling_params), adapters),
+                                     _request_ids(request_ids, len(prompts)), on_output, on_error, self)
         makers = [functools.partial(self.engine.make_request, prompt=prompt, params=params, lora_request=adapter)
                   for prompt, params, adapter in zip(prompts, sampling_params, adapters)]
         return self._add_all(makers, request_ids, on_output, on_error)
@@ -141,13 +177,16 @@ class LLM:
         scheduled with the running generations) whose one output is an EmbeddingOutput."""
         if not inputs:
             raise InvalidParams("input", "no inputs to embed: give at least one text or token-id list")
+        if self._process is not None:
+            return self._process.add("embed", (list(inputs), params), _request_ids(request_ids, len(inputs)),
+                                     on_output, on_error, self)
         makers = [functools.partial(self.engine.make_embed_request, prompt=prompt, params=params) for prompt in inputs]
         return self._add_all(makers, request_ids, on_output, on_error)
 
     def _add_all(self, makers: list[Callable[..., Request]], request_ids: Sequence[str | None] | None,
                  on_output: Callable[[int, Any], None] | None,
                  on_error: Callable[[BaseException], None] | None) -> list[RequestStream]:
-        ids = list(request_ids) if request_ids is not None else [None] * len(makers)
+        ids = _request_ids(request_ids, len(makers))
         prepared = []
         for i, (make, request_id) in enumerate(zip(makers, ids)):
             deliver = None if on_output is None else functools.partial(on_output, i)
@@ -196,6 +235,8 @@ class LLM:
         """Abort a request between two steps: its blocks are freed and it finishes with finish_reason 'abort'.
 
         Returns False when the id is unknown or already finished (abort is idempotent)."""
+        if self._process is not None:
+            return self._process.abort(request_id)
         with self._lock:
             known = request_id in self._error_callbacks
             if known:
@@ -204,10 +245,24 @@ class LLM:
         return known
 
     def stats(self) -> dict[str, Any]:
+        if self._process is not None:
+            return self._process.stats()
         with self._lock:
             return self.engine.stats()
 
+    def memory_footprint(self) -> tuple[int, int]:
+        """(weights_bytes, kv_cache_bytes): the model's tensors (parameters, buffers and packed weights, each
+        storage once) and its KV cache."""
+        if self._process is not None:
+            return self._process.memory_footprint()
+        with self._lock:
+            return _memory_footprint(self.engine)
+
     def shutdown(self) -> None:
+        """Every request in flight finishes (finish_reason 'abort'); later adds raise EngineDead."""
+        if self._process is not None:
+            self._process.shutdown()
+            return
         with self._lock:
             self._stopping = True
             self._lock.notify()
@@ -254,6 +309,9 @@ class LLM:
                 logger.exception("engine step failed")
                 self._fail_all(exc)
                 return
+            finally:
+                if self._on_step is not None:
+                    self._on_step()
 
     def _fail_all(self, exc: BaseException) -> None:
         with self._lock:
@@ -371,6 +429,28 @@ class LLM:
         token_ids = check_token_ids(token_ids, "token_ids", self.engine.vocab_size)
         with self._tokenizer_lock:
             return self.tokenizer.decode(token_ids, skip_special_tokens=skip_special_tokens)
+
+
+def resolve_engine_process(config: EngineConfig) -> str:
+    """'on' or 'off': 'auto' is 'off' (docs/scaling.md#the-engine-in-its-own-process)."""
+    return "on" if config.engine_process == "on" else "off"
+
+
+def _request_ids(request_ids: Sequence[str | None] | None, count: int) -> list[str | None]:
+    return list(request_ids) if request_ids is not None else [None] * count
+
+
+def _memory_footprint(engine: LLMEngine | EncoderEngine) -> tuple[int, int]:
+    runner = getattr(engine, "runner", None)
+    model = runner.model if runner is not None else engine.model
+    storages: dict[int, int] = {}
+    tensors = [*model.parameters(), *model.buffers(), *model.state_dict(keep_vars=True).values()]
+    for tensor in tensors:
+        if hasattr(tensor, "untyped_storage"):
+            storage = tensor.untyped_storage()
+            storages[storage.data_ptr()] = storage.nbytes()
+    kv_cache = getattr(runner, "kv_cache", None)
+    return sum(storages.values()), 0 if kv_cache is None else kv_cache.numel() * kv_cache.element_size()
 
 
 def _as_prompt_list(prompts: Prompt | Sequence[Prompt]) -> list[Prompt]:

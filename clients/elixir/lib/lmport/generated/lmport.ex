@@ -170,6 +170,13 @@ defmodule LMPort do
     * `:structured_outputs_backend` (str) — Library enforcing structured_outputs: 'auto' or 'xgrammar' (the
       only one; vLLM's guidance and outlines are not bundled). Alias: guided_decoding_backend. Default:
       `"auto"`. Allowed: one of "auto", "xgrammar".
+    * `:engine_process` (str) — Where the model runs: 'on' in a child process (lmport.engine.engine_process),
+      so a worker's reader and writer (or a server's event loop) never wait for the model's GIL; 'off' on a
+      thread of the calling process; 'auto' is 'off': 'on' cut the ping p99 under 32 generations 3x when the
+      model's torch threads left a core free, not when they took every core
+      (docs/scaling.md#the-engine-in-its-own-process). The child stays in the caller's process group, dies
+      with it, and with tensor_parallel_size > 1 is rank 0. Default: `"auto"`. Allowed: one of "auto", "on",
+      "off".
     * `:timeout`, `:timeout_profile` — see the module doc; this method's default profile is
       `:ml_inference` (600000 ms)
 

@@ -167,6 +167,13 @@ defmodule LMPort.Schema do
         "required" => false,
         "default" => "auto",
         "choices" => ["auto", "xgrammar"]
+      },
+      %{
+        "name" => "engine_process",
+        "type" => "str",
+        "required" => false,
+        "default" => "auto",
+        "choices" => ["auto", "on", "off"]
       }
     ],
     "SamplingParams" => [
