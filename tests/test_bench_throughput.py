@@ -35,6 +35,16 @@ def test_profile_bench_splits_each_step_into_phases_and_the_runner_into_operator
     assert operators["shares"]["matmuls"] > 0 and operators["shares"]["attention"] > 0
 
 
+def test_profile_bench_decode_only_times_decode_steps_alone():
+    run = subprocess.run([sys.executable, "-m", "lmport.bridge.cli", "bench", "profile", "--batch", "3",
+                          "--max-tokens", "5", "--decode-only", "--json"], capture_output=True, text=True,
+                         timeout=300, check=True)
+    [entry] = json.loads(run.stdout).values()
+    # the prefill step made each request's first token before timing: 4 decode steps of 3 sequences remain
+    assert entry["phases"]["steps"] == 4
+    assert entry["phases"]["output_tok_s"] > 0
+
+
 def test_peers_bench_without_its_venv_says_how_to_build_it(tmp_path):
     run = subprocess.run([sys.executable, "-m", "lmport.bridge.cli", "bench", "peers", "--peer-python",
                           str(tmp_path / "missing" / "python")], capture_output=True, text=True, timeout=120)

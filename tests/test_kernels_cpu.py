@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import logging
 import random
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -325,3 +327,10 @@ def test_elementwise_fall_back_after_a_failed_build(monkeypatch):
     cache = rope_cache(8, 16)
     torch.testing.assert_close(cpu.rotary_embedding(torch.arange(3), x, x, cache, 16),
                                reference.rotary_embedding(torch.arange(3), x, x, cache, 16))
+
+
+@pytest.mark.parametrize("cold", [False, True])
+def test_micro_benchmark_runs_warm_and_cold(cold):
+    args = [sys.executable, "-m", "lmport.kernels.cpu", "--batch", "2", "--context", "40", "--rounds", "1"]
+    run = subprocess.run(args + (["--cold"] if cold else []), capture_output=True, text=True, timeout=300, check=True)
+    assert "speed-up" in run.stdout and ("(cold caches)" in run.stdout) == cold

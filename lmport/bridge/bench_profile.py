@@ -10,6 +10,9 @@ Two runs of the same workload (greedy, ignore_eos) on a fresh engine each:
    other torch operators (embedding, adds, copies, index_select, ...), and what is left: Python and dispatch
    between the operators. The profiler adds a few microseconds to every operator, so run 2's absolute times are
    inflated; its shares are what it is for.
+
+With --decode-only every prompt is prefilled before either run starts timing, so the figures are decode steps
+alone (a batch's prefill step can take as long as a hundred decode steps, and would dominate the shares).
 """
 
 from __future__ import annotations
@@ -40,6 +43,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-tokens", type=int, default=128)
     parser.add_argument("--dtype", default="bfloat16")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--decode-only", action="store_true",
+                        help="prefill every prompt before timing starts, so only decode steps are measured")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of tables")
 
 
@@ -109,21 +114,30 @@ def _generate(args: argparse.Namespace, prompts: list[str], instrument: Callable
     engine = LLMEngine(EngineConfig.from_dict({"model": args.model, "dtype": args.dtype}))
     finished: list[Any] = []
 
-    def submit(batch: list[str], params: SamplingParams) -> None:
+    def add(batch: list[str], params: SamplingParams) -> None:
         for index, prompt in enumerate(batch):
             engine.add_request(engine.make_request(f"r{len(finished)}-{index}", prompt, params,
                                                    lambda out: out.finished and finished.append(out)))
+
+    def drain() -> None:
         while engine.has_work():
             engine.step()
 
-    submit(prompts[:2], SamplingParams(temperature=0.0, max_tokens=4))  # warm-up
+    add(prompts[:2], SamplingParams(temperature=0.0, max_tokens=4))  # warm-up
+    drain()
     finished.clear()
-    params = SamplingParams(temperature=0.0, max_tokens=args.max_tokens, ignore_eos=True)
+    add(prompts, SamplingParams(temperature=0.0, max_tokens=args.max_tokens, ignore_eos=True))
+    untimed_tokens = 0
+    if args.decode_only:
+        scheduler = engine.scheduler
+        while scheduler.waiting or any(seq.num_output_tokens == 0 for seq in scheduler.running):
+            engine.step()
+        untimed_tokens = sum(seq.num_output_tokens for seq in scheduler.running)
     with instrument(engine) as handle:
         start = time.perf_counter()
-        submit(prompts, params)
+        drain()
         seconds = time.perf_counter() - start
-    return handle, seconds, sum(len(out.outputs[0].token_ids) for out in finished)
+    return handle, seconds, sum(len(out.outputs[0].token_ids) for out in finished) - untimed_tokens
 
 
 def _phase_run(args: argparse.Namespace, prompts: list[str]) -> dict[str, Any]:
