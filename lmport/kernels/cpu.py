@@ -734,32 +734,28 @@ def _bench(argv: list[str] | None = None) -> None:
     caches = [(torch.randn(num_blocks, block_size, kv_heads, head_dim).to(dtype),
                torch.randn(num_blocks, block_size, kv_heads, head_dim).to(dtype)) for _ in range(layers)]
     k_cache, v_cache = caches[0]
-    layer_weights = torch.ones(4_500_000, dtype=torch.bfloat16)
+    layer_weights = torch.ones(4_500_000, dtype=torch.bfloat16) if args.cold else None
     tables = torch.randperm(num_blocks - 1)[:batch * per_seq].add(1).view(batch, per_seq).to(torch.int32)
     lens = torch.randint(args.context - 20, args.context + 10, (batch,), dtype=torch.int32)
     q = torch.randn(batch, q_heads, head_dim).to(dtype)
     if not available():
         raise SystemExit("the extension did not build")
-    calls = {"reference": lambda: reference.paged_attention_decode(q, k_cache, v_cache, tables, lens, 0.125),
-             "kernel": lambda: paged_attention_decode(q, k_cache, v_cache, tables, lens, 0.125)}
-    torch.testing.assert_close(calls["kernel"]().float(), calls["reference"]().float(), atol=2e-2, rtol=2e-2)
     functions = {"reference": reference.paged_attention_decode, "kernel": paged_attention_decode}
-    best = dict.fromkeys(calls, float("inf"))
+    torch.testing.assert_close(paged_attention_decode(q, k_cache, v_cache, tables, lens, 0.125).float(),
+                               reference.paged_attention_decode(q, k_cache, v_cache, tables, lens, 0.125).float(),
+                               atol=2e-2, rtol=2e-2)
+    best = dict.fromkeys(functions, float("inf"))
     for _ in range(args.rounds):
-        for name, fn in calls.items():
-            if not args.cold:
+        for name, fn in functions.items():
+            seconds, calls = 0.0, 0
+            for k, v in caches if args.cold else [(k_cache, v_cache)] * 50:
+                if args.cold:
+                    layer_weights.sum()  # evicts the previous layer's K/V, as the step's matmuls do
                 start = time.perf_counter()
-                for _ in range(50):
-                    fn()
-                best[name] = min(best[name], (time.perf_counter() - start) / 50 * 1e3)
-                continue
-            seconds = 0.0
-            for k, v in caches:
-                layer_weights.sum()  # evicts the previous layer's K/V, as the step's matmuls do
-                start = time.perf_counter()
-                functions[name](q, k, v, tables, lens, 0.125)
+                fn(q, k, v, tables, lens, 0.125)
                 seconds += time.perf_counter() - start
-            best[name] = min(best[name], seconds / layers * 1e3)
+                calls += 1
+            best[name] = min(best[name], seconds / calls * 1e3)
     print(f"threads={args.threads} {args.dtype} batch={batch} context~{args.context}"
           f"{' (cold caches)' if args.cold else ''}: reference "
           f"{best['reference']:.3f} ms/layer, kernel {best['kernel']:.3f} ms/layer, "
