@@ -132,7 +132,8 @@ def _generate(args: argparse.Namespace, prompts: list[str], instrument: Callable
         scheduler = engine.scheduler
         while scheduler.waiting or any(seq.num_output_tokens == 0 for seq in scheduler.running):
             engine.step()
-        untimed_tokens = sum(seq.num_output_tokens for seq in scheduler.running)
+        untimed_tokens = (sum(seq.num_output_tokens for seq in scheduler.running)
+                          + sum(len(out.outputs[0].token_ids) for out in finished))  # max_tokens=1 ends in prefill
     with instrument(engine) as handle:
         start = time.perf_counter()
         drain()
