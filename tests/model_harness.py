@@ -30,6 +30,7 @@ class PagedHarness:
         for layer in layers:
             layer.k_cache, layer.v_cache = (torch.zeros(shape, dtype=weight.dtype, device=self.device)
                                             for _ in range(2))
+        self.layers = layers
         self.free_blocks = list(range(num_blocks))
         random.Random(seed).shuffle(self.free_blocks)  # scattered blocks: block tables must really be followed
 
@@ -70,6 +71,23 @@ class PagedHarness:
         for seq, tokens in work:
             seq.num_computed += len(tokens)
         return tensor(ids, torch.int64), tensor(positions, torch.int64), meta, order, cu
+
+    def caches(self) -> list[torch.Tensor]:
+        """Every layer's K and V cache, in layer order."""
+        return [cache for layer in self.layers for cache in (layer.k_cache, layer.v_cache)]
+
+    @torch.inference_mode()
+    def rewound_forward(self, ids: torch.Tensor, positions: torch.Tensor,
+                        meta: AttentionMetadata) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
+        """The modules' hidden states for one prepared step, then the caches put back as they were, so that another
+        path can run the same step: (hidden, copies of the caches before, copies of the caches after)."""
+        before = [c.clone() for c in self.caches()]
+        with forward_context(meta):
+            hidden = self.model(ids, positions)
+        after = [c.clone() for c in self.caches()]
+        for cache, saved in zip(self.caches(), before):
+            cache.copy_(saved)
+        return hidden, before, after
 
     @torch.inference_mode()
     def step(self, work: list[tuple[PagedSeq, list[int]]]) -> list[torch.Tensor]:

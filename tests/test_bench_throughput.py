@@ -19,6 +19,7 @@ def test_throughput_bench_compares_engine_and_transformers_on_one_device():
     assert result["workload"]["device"] == "cpu"
     assert result["lmport"]["output_tokens"] == result["hf"]["output_tokens"] == 12
     assert result["lmport"]["cuda_graph_steps"] == 0
+    assert result["lmport"]["cpu_decode_stack_steps"] >= 3  # the 3 prompts' tokens after their prefill
     assert result["ratio"] == pytest.approx(result["lmport"]["output_tok_s"] / result["hf"]["output_tok_s"])
 
 
@@ -43,6 +44,9 @@ def test_profile_bench_decode_only_times_decode_steps_alone():
     # the prefill step made each request's first token before timing: 4 decode steps of 3 sequences remain
     assert entry["phases"]["steps"] == 4
     assert entry["phases"]["output_tok_s"] > 0
+    # decode steps run on the C++ decode stack, whose kernels carry the profiler labels of their Python wrappers
+    shares = entry["operators"]["shares"]
+    assert shares["attention"] > 0 and shares["fused elementwise kernels"] > 0 and shares["matmuls"] > 0
 
 
 def test_peers_bench_without_its_venv_says_how_to_build_it(tmp_path):

@@ -13,9 +13,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import LlamaConfig
 
 from lmport.engine.cuda_graphs import DecodeGraphs, capture_sizes
-from lmport.engine.forward_context import forward_context
 from lmport.engine.models import get_model_class
-from lmport.engine.models.layers import PagedAttention
 from tests.kernel_helpers import DEVICE, enable_triton_interpreter, fresh_seed, rel_error
 from tests.model_harness import PagedHarness, PagedSeq
 
@@ -55,10 +53,6 @@ def tiny_model(dtype: torch.dtype) -> torch.nn.Module:
     return model.to(dtype)
 
 
-def caches(model: torch.nn.Module) -> list[torch.Tensor]:
-    return [t for m in model.modules() if isinstance(m, PagedAttention) for t in (m.k_cache, m.v_cache)]
-
-
 @pytest.mark.parametrize("backend", ["auto", "torch", "triton"])
 @torch.inference_mode()
 def test_padded_static_decode_matches_the_eager_decode(backend):
@@ -81,18 +75,13 @@ def test_padded_static_decode_matches_the_eager_decode(backend):
         for step_seqs in (seqs, [seqs[1], seqs[4], seqs[2]]):
             ids, positions, meta, _, _ = harness.prepare([(s, [int(torch.randint(0, VOCAB, ()))]) for s in step_seqs])
             assert meta.num_decode_tokens == len(step_seqs)
-            snapshot = [c.clone() for c in caches(model)]
-            with forward_context(meta):
-                eager = model(ids, positions)
-            eager_caches = [c.clone() for c in caches(model)]
-            for cache, saved in zip(caches(model), snapshot):
-                cache.copy_(saved)
+            eager, snapshot, eager_caches = harness.rewound_forward(ids, positions, meta)
             static = graphs.run(ids, positions, meta)
             assert static.shape == eager.shape
             assert rel_error(static, eager) < 1e-5, f"seed={seed}"
             written = torch.zeros(snapshot[0].shape[:2], dtype=torch.bool, device=DEVICE).flatten()
             written[meta.slot_mapping] = True
-            for cache, saved, expected in zip(caches(model), snapshot, eager_caches):
+            for cache, saved, expected in zip(harness.caches(), snapshot, eager_caches):
                 flat, flat_saved, flat_expected = (t.flatten(0, 1) for t in (cache, saved, expected))
                 assert torch.equal(flat[~written], flat_saved[~written]), "a padded row wrote into the cache"
                 assert rel_error(flat[written], flat_expected[written]) < 1e-5

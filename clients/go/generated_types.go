@@ -420,7 +420,7 @@ type EngineOptions struct {
 	// Default: 0. Allowed: >= 0.
 	Seed *int `msgpack:"seed,omitempty"`
 
-	// Run every step eagerly: no CUDA graphs for decode steps (CUDA only).
+	// Run every step module by module: no CUDA graphs for decode steps on CUDA, no C++ decode stack on CPU.
 	//
 	// Default: false.
 	EnforceEager *bool `msgpack:"enforce_eager,omitempty"`

@@ -39,7 +39,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_workload_arguments(throughput)
     throughput.add_argument("--device", default="auto", help="'auto' (CUDA when available), 'cpu', 'cuda[:N]': "
                             "both sides run there")
-    throughput.add_argument("--enforce-eager", action="store_true", help="engine without CUDA graphs")
+    throughput.add_argument("--enforce-eager", action="store_true",
+                            help="engine without CUDA graphs or the CPU decode stack (module by module)")
     throughput.add_argument("--quantization", choices=["int8", "int4", "gguf"], default=None,
                             help="weight-only quantization of this engine (transformers stays in --dtype)")
     throughput.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "fp8", "fp8_e4m3", "fp8_e5m2"],
@@ -97,9 +98,10 @@ def run(args: argparse.Namespace) -> int:
     print(f"workload: {args.num_prompts} prompts x {args.max_tokens} greedy tokens (ignore_eos), {args.dtype} "
           f"(KV cache {args.kv_cache_dtype}), "
           f"{args.threads} threads, on {result['workload']['device']}")
-    graphed = result["lmport"]["cuda_graph_steps"]
+    graphed, stacked = result["lmport"]["cuda_graph_steps"], result["lmport"]["cpu_decode_stack_steps"]
     print(f"lmport engine:          {result['lmport']['output_tok_s']:8.1f} output tok/s "
-          f"({result['lmport']['seconds']:.1f} s{f'; {graphed} decode steps from CUDA graphs' if graphed else ''})")
+          f"({result['lmport']['seconds']:.1f} s{f'; {graphed} decode steps from CUDA graphs' if graphed else ''}"
+          f"{f'; {stacked} decode steps on the CPU decode stack' if stacked else ''})")
     if "hf" in result:
         print(f"transformers generate:  {result['hf']['output_tok_s']:8.1f} output tok/s "
               f"({result['hf']['seconds']:.1f} s)")
@@ -120,7 +122,7 @@ def engine_throughput(model: str, prompts: list[str], max_tokens: int, dtype: st
         tokens = sum(len(o.outputs[0].token_ids) for o in outputs)
         return {"seconds": seconds, "output_tokens": tokens, "output_tok_s": tokens / seconds,
                 "model_path": llm.engine.model_path, "device": str(llm.engine.device),
-                "cuda_graph_steps": llm.stats()["cuda_graph_steps"]}
+                **{key: llm.stats()[key] for key in ("cuda_graph_steps", "cpu_decode_stack_steps")}}
 
 
 def hf_throughput(model_path: str, prompts: list[str], max_tokens: int, dtype: str,

@@ -42,6 +42,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "and 64)")
     parser.add_argument("--max-tokens", type=int, default=128)
     parser.add_argument("--dtype", default="bfloat16")
+    parser.add_argument("--quantization", choices=["int8", "int4"], default=None,
+                        help="weight-only quantization of the engine")
+    parser.add_argument("--enforce-eager", action="store_true",
+                        help="run every step module by module (no CPU decode stack)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--decode-only", action="store_true",
                         help="prefill every prompt before timing starts, so only decode steps are measured")
@@ -111,7 +115,9 @@ def _generate(args: argparse.Namespace, prompts: list[str], instrument: Callable
     from lmport.engine.llm_engine import LLMEngine
     from lmport.engine.sampling_params import SamplingParams
 
-    engine = LLMEngine(EngineConfig.from_dict({"model": args.model, "dtype": args.dtype}))
+    engine = LLMEngine(EngineConfig.from_dict({"model": args.model, "dtype": args.dtype,
+                                               "quantization": args.quantization,
+                                               "enforce_eager": args.enforce_eager}))
     finished: list[Any] = []
 
     def add(batch: list[str], params: SamplingParams) -> None:

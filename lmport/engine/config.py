@@ -47,7 +47,8 @@ class EngineConfig:
     enable_chunked_prefill: bool = _opt(True, "Split long prompts across steps so decodes keep flowing.")
     block_size: int = _opt(16, "Tokens per KV-cache block.", choices=[8, 16, 32, 64, 128])
     seed: int = _opt(0, "Seed of the engine's generator for requests without their own seed.", min=0)
-    enforce_eager: bool = _opt(False, "Run every step eagerly: no CUDA graphs for decode steps (CUDA only).")
+    enforce_eager: bool = _opt(False, "Run every step module by module: no CUDA graphs for decode steps on CUDA, no "
+                                      "C++ decode stack on CPU.")
     num_gpu_blocks_override: int | None = _opt(None, "Use exactly this many KV blocks (testing, preemption).", min=1)
     max_logprobs: int = _opt(20, "Largest logprobs / prompt_logprobs a request may ask for.", min=0)
     kernel_backend: str = _opt("auto", "Kernels to run: 'auto' (Triton on CUDA, the C++ kernels on CPU), 'triton', "

@@ -322,6 +322,7 @@ class LLMEngine(EngineBase):
             "kv_cache_usage": bm.usage,
             "finish_reasons": dict(self.finish_reasons),
             "cuda_graph_steps": self.runner.graphed_steps,
+            "cpu_decode_stack_steps": self.runner.stack_steps,
         }
 
 

@@ -13,6 +13,7 @@ import torch
 
 from lmport import kernels
 from lmport.engine.config import CPU_DEFAULT_KV_CACHE_BYTES, EngineConfig, GiB
+from lmport.engine.cpu_decode import CpuDecodeStack
 from lmport.engine.cuda_graphs import DecodeGraphs
 from lmport.engine.errors import OutOfKVCache
 from lmport.engine.forward_context import AttentionMetadata, StepInputs, forward_context
@@ -72,7 +73,11 @@ class ModelRunner:
         self.no_prefill = torch.zeros(1, dtype=torch.int32, device=self.device)  # cu_seqlens_q of no prefill
         with kernels.use_backend(self.kernel_backend):
             self.decode_graphs = self._capture_decode_graphs(config)
-        self.graphed_steps = 0
+            # LoRA adapters attach to Linears at run time, so an engine that can load them runs the modules
+            self.decode_stack = (CpuDecodeStack.build(self.model, self.cache_dtype)
+                                 if self.device.type == "cpu" and not config.enforce_eager and self.lora is None
+                                 and self.tp is None else None)
+        self.graphed_steps = self.stack_steps = 0
 
     def _capture_decode_graphs(self, config: EngineConfig) -> DecodeGraphs | None:
         if self.device.type != "cuda" or config.enforce_eager:
@@ -220,6 +225,9 @@ class ModelRunner:
             if graphs is not None and decode_only and d <= graphs.max_batch_size and adapters is None:
                 self.graphed_steps += 1
                 return graphs.run(ids, pos, meta)
+            if self.decode_stack is not None and decode_only:
+                self.stack_steps += 1
+                return self.decode_stack.run(ids, pos, meta)
             # steps with LoRA rows run eagerly: their row grouping changes from step to step
             with forward_context(meta), lora_context(adapters):
                 return self.model(ids, pos)

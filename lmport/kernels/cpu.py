@@ -31,6 +31,7 @@ from types import ModuleType
 import torch
 
 from lmport.kernels import reference
+from lmport.kernels.cpu_decoder import DECODER_BINDINGS, DECODER_SOURCE
 
 logger = logging.getLogger("lmport")
 
@@ -586,7 +587,8 @@ std::vector<at::Tensor> rotary_embedding(at::Tensor positions, at::Tensor q, at:
 }
 
 #pragma GCC pop_options
-"""
+""" + DECODER_SOURCE + "\nPYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {\n" + "".join(
+    f'  m.def("{name}", &{name});\n' for name in FUNCTIONS) + DECODER_BINDINGS + "}\n"
 
 _lock = threading.Lock()
 _module: ModuleType | None = None
@@ -616,8 +618,7 @@ def load() -> ModuleType | None:
         if _module is None and not _failed:
             try:
                 from torch.utils.cpp_extension import load_inline
-                _module = load_inline(name=_build_name(), cpp_sources=[CPP_SOURCE],
-                                      functions=FUNCTIONS, extra_cflags=CFLAGS,
+                _module = load_inline(name=_build_name(), cpp_sources=[CPP_SOURCE], extra_cflags=CFLAGS,
                                       extra_ldflags=LDFLAGS, verbose=False)
             except Exception as exc:  # no compiler, no ninja, unwritable cache dir, ...
                 _failed = True

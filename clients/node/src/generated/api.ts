@@ -304,7 +304,7 @@ export interface EngineOptions {
    */
   seed?: number;
   /**
-   * Run every step eagerly: no CUDA graphs for decode steps (CUDA only).
+   * Run every step module by module: no CUDA graphs for decode steps on CUDA, no C++ decode stack on CPU.
    *
    * Default: `false`.
    */

@@ -115,8 +115,8 @@ defmodule LMPort do
     * `:block_size` (int) — Tokens per KV-cache block. Default: `16`. Allowed: one of 8, 16, 32, 64, 128.
     * `:seed` (int) — Seed of the engine's generator for requests without their own seed. Default: `0`.
       Allowed: >= 0.
-    * `:enforce_eager` (bool) — Run every step eagerly: no CUDA graphs for decode steps (CUDA only). Default:
-      `false`.
+    * `:enforce_eager` (bool) — Run every step module by module: no CUDA graphs for decode steps on CUDA, no
+      C++ decode stack on CPU. Default: `false`.
     * `:num_gpu_blocks_override` (int | null) — Use exactly this many KV blocks (testing, preemption).
       Default: `nil`. Allowed: >= 1.
     * `:max_logprobs` (int) — Largest logprobs / prompt_logprobs a request may ask for. Default: `20`.
