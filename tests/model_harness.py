@@ -121,10 +121,10 @@ def byte_level_vocab() -> list[str]:
 
 def tiny_llama(vocab_size: int = 260, seed: int = 0, **overrides: object) -> nn.Module:
     from transformers import AutoModelForCausalLM, LlamaConfig
-    config = LlamaConfig(vocab_size=vocab_size, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-                         rms_norm_eps=1e-6, initializer_range=0.2, bos_token_id=258, eos_token_id=259,
-                         pad_token_id=257, **overrides)
+    config = LlamaConfig(**{"vocab_size": vocab_size, "hidden_size": 64, "intermediate_size": 96,
+                            "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+                            "max_position_embeddings": 128, "rms_norm_eps": 1e-6, "initializer_range": 0.2,
+                            "bos_token_id": 258, "eos_token_id": 259, "pad_token_id": 257, **overrides})
     torch.manual_seed(seed)
     return AutoModelForCausalLM.from_config(config, attn_implementation="eager").eval()
 

@@ -66,3 +66,23 @@ def test_quality_bench_reports_perplexity_and_agreement_for_each_method():
     for variant in ("int8", "bf16, fp8 KV cache"):
         assert abs(result["rows"][variant]["perplexity"] / result["rows"]["bf16"]["perplexity"] - 1) < 0.1
         assert 0 <= result["rows"][variant]["greedy_agreement"] <= 1
+
+
+def test_peers_serve_budgets_are_sides_compared_with_vllm(tmp_path):
+    """`--serve-budget` adds one lmport server per budget; every lmport side gets a tok/s and a TTFT ratio."""
+    import argparse
+
+    from lmport.bridge import bench_peers
+
+    parser = argparse.ArgumentParser()
+    bench_peers.add_arguments(parser)
+    args = parser.parse_args(["--workloads", "serve", "--serve-budget", "512", "--serve-budget", "1024"])
+    sides = bench_peers._sides("serve", args, tmp_path / "python", tmp_path, tmp_path / "m.gguf", tmp_path)
+    assert list(sides) == ["lmport", "lmport budget 512", "lmport budget 1024", "vllm"]
+    summary = bench_peers._summarize({"serve": {
+        "lmport": [{"output_tok_s": 300.0, "mean_ttft_ms": 3000.0}, {"output_tok_s": 330.0, "mean_ttft_ms": 2900.0}],
+        "lmport budget 512": [{"output_tok_s": 240.0, "mean_ttft_ms": 1500.0}],
+        "vllm": [{"output_tok_s": 300.0, "mean_ttft_ms": 2000.0}]}})["serve"]
+    assert summary["lmport/vllm"] == pytest.approx(1.1) and summary["ttft lmport/vllm"] == pytest.approx(1.45)
+    assert summary["lmport budget 512/vllm"] == pytest.approx(0.8)
+    assert summary["ttft lmport budget 512/vllm"] == pytest.approx(0.75)

@@ -89,6 +89,11 @@ def test_bad_quantization_settings_name_the_option(tmp_path):
     with pytest.raises(InvalidParams) as rows:
         load_model(EngineConfig(model=str(tmp_path / "odd"), dtype="float32", quantization="int4"))
     assert rows.value.field == "quantization" and "lm_head" in str(rows.value) and "int8" in str(rows.value)
+    write_tiny_model_dir(tmp_path / "narrow", vocab_size=VOCAB, hidden_size=40, num_attention_heads=4,
+                         num_key_value_heads=2)  # every projection but down_proj has 40 inputs
+    with pytest.raises(InvalidParams) as narrow:
+        load_model(EngineConfig(model=str(tmp_path / "narrow"), dtype="float32", quantization="int8"))
+    assert narrow.value.field == "quantization" and "has 40: use the model dtype" in str(narrow.value)
 
 
 @pytest.mark.slow

@@ -46,6 +46,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-tokens", type=int, default=128, help="offline tokens each (default %(default)s)")
     parser.add_argument("--decode-tokens", type=int, default=256, help="batch-1 decode tokens (default %(default)s)")
     parser.add_argument("--dtype", default="bfloat16")
+    parser.add_argument("--serve-budget", type=int, action="append", default=None, metavar="TOKENS",
+                        help="serve: also run `lmport serve --max-num-batched-tokens TOKENS` (repeatable; its side "
+                             "is named 'lmport budget TOKENS')")
     parser.add_argument("--no-llamacpp", action="store_true", help="leave llama.cpp out of the decode workload")
     parser.add_argument("--json", default=None, help="also write every measurement to this file")
 
@@ -87,8 +90,12 @@ def _sides(workload: str, args: argparse.Namespace, peer_python: Path, model_dir
            tmp: Path) -> dict[str, Any]:
     """name -> a no-argument callable that runs one measurement in a fresh process and returns its JSON."""
     if workload == "serve":
-        return {"lmport": lambda: _serve_round("lmport", peer_python, model_dir, args.dtype, tmp),
-                "vllm": lambda: _serve_round("vllm", peer_python, model_dir, args.dtype, tmp)}
+        sides = {"lmport": lambda: _serve_round("lmport", peer_python, model_dir, args.dtype, tmp)}
+        for budget in args.serve_budget or []:
+            sides[f"lmport budget {budget}"] = functools.partial(
+                _serve_round, "lmport", peer_python, model_dir, args.dtype, tmp,
+                ["--max-num-batched-tokens", str(budget)])
+        return {**sides, "vllm": lambda: _serve_round("vllm", peer_python, model_dir, args.dtype, tmp)}
     count, tokens = (args.num_prompts, args.max_tokens) if workload == "offline" else (1, args.decode_tokens)
     prompts_file = tmp / f"{workload}-prompts.json"
     prompts_file.write_text(json.dumps(make_prompts(count, 16, 128, seed=0)))
@@ -155,13 +162,15 @@ def _server(command: list[str], port: int, env: dict[str, str], log: Path) -> It
             proc.wait()
 
 
-def _serve_round(side: str, peer_python: Path, model_dir: Path, dtype: str, tmp: Path) -> dict[str, Any]:
-    """One `vllm bench serve` run (the issue's flags) against a freshly started server of `side`."""
+def _serve_round(side: str, peer_python: Path, model_dir: Path, dtype: str, tmp: Path,
+                 server_args: list[str] | None = None) -> dict[str, Any]:
+    """One `vllm bench serve` run (the issue's flags) against a freshly started server of `side` (lmport's with
+    `server_args` added)."""
     port = _free_port()
     vllm_cli = [str(peer_python), "-m", "vllm.entrypoints.cli.main"]
     if side == "lmport":
         command = [sys.executable, "-m", "lmport.bridge.cli", "serve", "--model", "smollm2", "--dtype", dtype,
-                   "--served-model-name", "smollm2", "--port", str(port)]
+                   "--served-model-name", "smollm2", "--port", str(port), *(server_args or [])]
         env: dict[str, str] = {}
     else:
         command = [*vllm_cli, "serve", str(model_dir), "--dtype", dtype, "--served-model-name", "smollm2",
@@ -193,7 +202,8 @@ def _summarize(results: dict[str, dict[str, list[dict[str, Any]]]]) -> dict[str,
             for peer in (name for name in best if name not in ours):
                 entry[f"{mine}/{peer}"] = best[mine]["output_tok_s"] / best[peer]["output_tok_s"]
         if workload == "serve":
-            entry["ttft lmport/vllm"] = best["lmport"]["mean_ttft_ms"] / best["vllm"]["mean_ttft_ms"]
+            for mine in ours:
+                entry[f"ttft {mine}/vllm"] = best[mine]["mean_ttft_ms"] / best["vllm"]["mean_ttft_ms"]
         summary[workload] = entry
     return summary
 

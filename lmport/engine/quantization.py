@@ -1,14 +1,16 @@
 """Weight-only quantization of a loaded model's Linear layers, on CPU: `quantization="int8"` or `"int4"`.
 
 - int8: symmetric, one scale per output channel; the matmul is torch's `_weight_int8pack_mm` (activations stay in
-  the model dtype, the weight is widened inside the kernel).
+  the model dtype, the weight is widened inside the kernel). torch 2.13's kernel reads out of bounds on strided
+  rows and on input sizes that are not multiples of 16, so rows are made contiguous and such layers are refused.
 - int4: asymmetric, one scale and zero point per group of `quantization_group_size` (32, 64 or 128) input
   channels; the weight is packed once with `_convert_weight_to_int4pack_for_cpu` and multiplied with
   `_weight_int4pack_mm_for_cpu`. The kernel's convention is w = (q - 8) * scale + zero, q in 0..15.
 
-Both are PyTorch's own CPU kernels (no hand-written GEMM here): docs/performance.md measures them against the bf16
-oneDNN path. Every Linear is quantized, lm_head included (a tied embedding keeps its full-precision table); MoE
-experts, which are stacked tensors rather than Linears, stay in the model dtype.
+Both are PyTorch's own CPU kernels: docs/performance.md measures them against the bf16 oneDNN path and against
+hand-written AVX-512 GEMVs, which were not faster. Every Linear is quantized, lm_head included (a tied embedding
+keeps its full-precision table); MoE experts, which are stacked tensors rather than Linears, stay in the model
+dtype.
 """
 
 from __future__ import annotations
@@ -32,7 +34,8 @@ class Int8Weight:
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, x.shape[-1])
-        return torch.ops.aten._weight_int8pack_mm(flat, self.weight, self.scales).reshape(*x.shape[:-1], -1)
+        return torch.ops.aten._weight_int8pack_mm(flat.contiguous(), self.weight,
+                                                  self.scales).reshape(*x.shape[:-1], -1)
 
     @classmethod
     def quantize(cls, weight: torch.Tensor) -> Int8Weight:
@@ -85,18 +88,20 @@ def check_quantizable(model: nn.Module, method: str, group_size: int, device: to
     if device.type != "cpu":
         raise InvalidParams("quantization", f"{method} weight-only quantization runs on CPU only (device is "
                                             f"{device}); use the model dtype on {device.type}")
-    if method == "int4":
-        for name, module in model.named_modules():
-            if not isinstance(module, Linear):
-                continue
-            out_features, in_features = module.weight.shape
-            if in_features % max(group_size, 16 * _INT4_INNER_K_TILES):
-                raise InvalidParams("quantization_group_size", f"layer {name} has {in_features} input features, "
-                                    f"not a multiple of the int4 group size {group_size}; choose a group size "
-                                    f"that divides it, or quantization='int8'")
-            if out_features % 16:
-                raise InvalidParams("quantization", f"int4 needs output features in multiples of 16; layer {name} "
-                                    f"has {out_features}: use quantization='int8'")
+    for name, module in model.named_modules():
+        if not isinstance(module, Linear):
+            continue
+        out_features, in_features = module.weight.shape
+        if method == "int8" and in_features % 16:  # torch's int8 kernel, run for prefill, reads out of bounds
+            raise InvalidParams("quantization", f"int8 needs input features in multiples of 16; layer {name} has "
+                                f"{in_features}: use the model dtype")
+        if method == "int4" and in_features % max(group_size, 16 * _INT4_INNER_K_TILES):
+            raise InvalidParams("quantization_group_size", f"layer {name} has {in_features} input features, not "
+                                f"a multiple of the int4 group size {group_size}; choose a group size that divides "
+                                f"it, or quantization='int8'")
+        if method == "int4" and out_features % 16:
+            raise InvalidParams("quantization", f"int4 needs output features in multiples of 16; layer {name} has "
+                                f"{out_features}: use quantization='int8'")
 
 
 def shared_parameters(model: nn.Module) -> set[int]:

@@ -9,8 +9,8 @@ lmport.engine.cuda_graphs: the step's ops are issued from C++, with the GIL rele
 The ops are those of the module path, in the same order, on the same kernels: rms_norm, the Linear's own matmul op
 (oneDNN's packed bf16 `mkldnn::_linear_pointwise`, `_weight_int8pack_mm`, `_weight_int4pack_mm_for_cpu` or
 `linear`), rotary_embedding, the K/V row copy into the paged cache, paged_attention_decode and silu_and_mul. So the
-hidden states are bit-identical to the module path's (tests/test_cpu_decode.py checks this for every Linear kind);
-lmport.engine.cpu_decode decides which models and steps qualify.
+hidden states are bit-identical to the module path's (tests/test_engine_cpu_decode.py checks this for every Linear
+kind); lmport.engine.cpu_decode decides which models and steps qualify.
 """
 
 from __future__ import annotations
@@ -77,7 +77,7 @@ struct FusedLinear {
     switch (kind) {
       case Kind::plain: return at::linear(x, weight, bias);
       case Kind::packed: return packed_linear(x, weight, bias);
-      case Kind::int8: return with_bias(at::_weight_int8pack_mm(x, weight, scales));
+      case Kind::int8: return with_bias(at::_weight_int8pack_mm(x.contiguous(), weight, scales));
       case Kind::int4: return with_bias(at::_weight_int4pack_mm_for_cpu(x, weight, group_size, scales));
     }
     TORCH_CHECK(false, "unreachable");
