@@ -182,6 +182,37 @@ def test_failed_build_warns_once_and_falls_back(monkeypatch, caplog):
     assert not cpu.available()
 
 
+LOAD_IN_A_FRESH_PROCESS = "from lmport.kernels import cpu; assert cpu.available()"
+
+
+def test_a_load_killed_mid_way_does_not_block_later_processes():
+    """torch's lock file, left behind by a process SIGKILLed inside load_inline, and an flock holder killed the same
+    way: the next process still loads the extension (it used to wait forever, hanging every worker start)."""
+    directory = cpu.build_directory()
+    assert cpu.available() and (directory / f"{directory.name}.so").exists()
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import fcntl, sys, time; f = open(sys.argv[1], 'a'); fcntl.flock(f, fcntl.LOCK_EX); "
+        "open(sys.argv[2], 'x').close(); print('held', flush=True); time.sleep(600)"),
+        str(directory / "lmport-build.lock"), str(directory / "lock")], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        holder.kill()
+        holder.wait(timeout=10)
+        assert (directory / "lock").exists()
+        subprocess.run([sys.executable, "-c", LOAD_IN_A_FRESH_PROCESS], check=True, timeout=120)
+        assert not (directory / "lock").exists()
+    finally:
+        holder.kill()
+        (directory / "lock").unlink(missing_ok=True)
+
+
+def test_build_flags_survive_a_load():
+    """load_inline appends to the flag lists it is given: the build key must not change after a load."""
+    name = cpu._build_name()
+    assert cpu.available()
+    assert cpu._build_name() == name == cpu.build_directory().name
+
+
 def _zero_filled(k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """The reference fallback can't take NaN-poisoned slots (SDPA spreads masked NaN): zero them for that test."""
     return k.nan_to_num(0.0), v.nan_to_num(0.0)

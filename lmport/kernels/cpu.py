@@ -15,17 +15,20 @@ rounded to the model dtype at exactly the points where the reference's ops round
 computes in fp32 and rounds its output), with FMA contraction off: fp32 matches the reference up to summation order
 (and exp's last bit), bf16/fp16 within one ulp.
 
-The extension is compiled on first use (once per machine: torch's extension cache, keyed by a hash of the source,
-the flags and the CPU) under a lock. If the build fails (no compiler, no ninja, unwritable cache), one warning goes to
+The extension is compiled on first use (once per machine and torch install: a build directory keyed by a hash of the
+source, the flags, torch and the CPU) under an flock, which the kernel drops when its holder dies. If the build fails (no compiler, no ninja, unwritable cache), one warning goes to
 the `lmport` logger and every function here falls back to the reference for the rest of the process.
 """
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import logging
+import os
 import platform
 import threading
+from pathlib import Path
 from types import ModuleType
 
 import torch
@@ -35,8 +38,8 @@ from lmport.kernels.cpu_decoder import DECODER_BINDINGS, DECODER_SOURCE
 
 logger = logging.getLogger("lmport")
 
-CFLAGS = ["-O3", "-march=native", "-fopenmp"]
-LDFLAGS = ["-fopenmp"]
+CFLAGS = ("-O3", "-march=native", "-fopenmp")
+LDFLAGS = ("-fopenmp",)
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 FUNCTIONS = ["paged_attention_decode", "rms_norm", "silu_and_mul", "rotary_embedding"]
 
@@ -596,7 +599,8 @@ _failed = False
 
 
 def _build_name() -> str:
-    """Extension name keyed by source, flags, torch and CPU, so -march=native code never runs on another CPU."""
+    """Extension name keyed by source, flags, torch (version and install: another venv's headers and libtorch
+    rebuild the module) and CPU, so -march=native code never runs on another CPU."""
     cpu = [platform.machine()]
     try:
         with open("/proc/cpuinfo") as f:
@@ -605,8 +609,36 @@ def _build_name() -> str:
             cpu += [line.split(":", 1)[-1].strip() for line in lines if line.startswith(field)][:1]
     except OSError:
         pass
-    key = "\0".join([CPP_SOURCE, " ".join(FUNCTIONS), " ".join(CFLAGS + LDFLAGS), torch.__version__, *cpu])
+    key = "\0".join([CPP_SOURCE, " ".join(FUNCTIONS), " ".join(CFLAGS + LDFLAGS), torch.__version__,
+                     os.path.dirname(torch.__file__), *cpu])
     return "lmport_cpu_kernels_" + hashlib.sha256(key.encode()).hexdigest()[:16]
+
+
+def build_directory() -> Path:
+    """Where the extension is built: under $TORCH_EXTENSIONS_DIR if set, else lmport's own cache directory."""
+    root = os.environ.get("TORCH_EXTENSIONS_DIR") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "lmport", "kernels")
+    return Path(root) / _build_name()
+
+
+def _compile(directory: Path) -> ModuleType:
+    """load_inline under an flock on the build directory.
+
+    torch guards every load (even one with nothing to build: ninja still runs) with a lock *file* that only its
+    holder removes, so a process killed in that window (a worker SIGKILLed as it starts) leaves every later load
+    waiting forever. An flock is released by the kernel when its holder dies; holding it, no other lmport process is
+    inside load_inline here, so a leftover torch lock file is stale and is removed.
+    """
+    from torch.utils.cpp_extension import load_inline
+    directory.mkdir(parents=True, exist_ok=True)
+    with open(directory / "lmport-build.lock", "a") as guard:
+        fcntl.flock(guard, fcntl.LOCK_EX)
+        (directory / "lock").unlink(missing_ok=True)
+        if not (directory / f"{directory.name}.so").exists():
+            logger.info("compiling lmport's CPU C++ kernels into %s (once per machine, about a minute)", directory)
+        # Lists copied: load_inline appends its own flags to the ones it is given.
+        return load_inline(name=directory.name, cpp_sources=[CPP_SOURCE], extra_cflags=list(CFLAGS),
+                           extra_ldflags=list(LDFLAGS), build_directory=str(directory), verbose=False)
 
 
 def load() -> ModuleType | None:
@@ -617,9 +649,7 @@ def load() -> ModuleType | None:
     with _lock:
         if _module is None and not _failed:
             try:
-                from torch.utils.cpp_extension import load_inline
-                _module = load_inline(name=_build_name(), cpp_sources=[CPP_SOURCE], extra_cflags=CFLAGS,
-                                      extra_ldflags=LDFLAGS, verbose=False)
+                _module = _compile(build_directory())
             except Exception as exc:  # no compiler, no ninja, unwritable cache dir, ...
                 _failed = True
                 logger.warning("CPU C++ kernels could not be built (%s: %s); using the slower PyTorch "
