@@ -6,8 +6,8 @@ Two runs of the same workload (greedy, ignore_eos) on a fresh engine each:
    perf_counter around those calls on the engine thread; the rest of the step is "step bookkeeping";
 2. operators, under torch.profiler: the model runner's time split into matmuls (aten mm/addmm/linear/bmm and the
    oneDNN packed linear), attention
-   (lmport's paged attention and KV-cache store), lmport's fused elementwise kernels (RMSNorm, rotary, SiLU-and-mul),
-   other torch operators (embedding, adds, copies, index_select, ...), and what is left: Python and dispatch
+   (lmport's paged attention and KV-cache store, with the torch operators they run: prefill's SDPA), lmport's fused
+   elementwise kernels (RMSNorm, rotary, SiLU-and-mul), other torch operators (embedding, adds, copies, index_select, ...), and what is left: Python and dispatch
    between the operators. The profiler adds a few microseconds to every operator, so run 2's absolute times are
    inflated; its shares are what it is for.
 
@@ -182,13 +182,29 @@ def _phase_run(args: argparse.Namespace, prompts: list[str]) -> dict[str, Any]:
             "shares": shares}
 
 
-def _inside_runner(event: Any) -> bool:
+def _category(event: Any) -> str | None:
+    """The category an event's self time counts for; None outside the model runner (the sampler's operators, say).
+
+    A torch operator run inside one of lmport's kernel labels (the reference SDPA of prefill attention, the
+    index_copy of a KV-cache store) counts for that kernel's category, not as an "other torch operator"."""
+    name = event.name
+    if name == RUNNER_LABEL:
+        return None
+    kernel: str | None = None
     parent = event.cpu_parent
-    while parent is not None:
-        if parent.name == RUNNER_LABEL:
-            return True
+    while parent is not None and parent.name != RUNNER_LABEL:
+        if kernel is None and parent.name.removeprefix("lmport::") in KERNEL_CATEGORIES:
+            kernel = parent.name.removeprefix("lmport::")
         parent = parent.cpu_parent
-    return False
+    if parent is None:
+        return None
+    if name.startswith("lmport::"):
+        return KERNEL_CATEGORIES.get(name.removeprefix("lmport::"))
+    if name in MATMUL_OPS:
+        return "matmuls"
+    if name.startswith(("aten::", "mkldnn::")):
+        return KERNEL_CATEGORIES.get(kernel or "", "other torch operators")
+    return None
 
 
 def _operator_run(args: argparse.Namespace, prompts: list[str]) -> dict[str, Any]:
@@ -226,18 +242,9 @@ def _operator_run(args: argparse.Namespace, prompts: list[str]) -> dict[str, Any
     prof, _seconds, _tokens = _generate(args, prompts, instrument)
     by_category: dict[str, float] = defaultdict(float)
     for event in prof.events():
-        name = event.name
-        if not _inside_runner(event):  # the sampler's operators, say
-            continue
-        if name.startswith("lmport::") and name != RUNNER_LABEL:
-            category = KERNEL_CATEGORIES[name.removeprefix("lmport::")]
-        elif name in MATMUL_OPS:
-            category = "matmuls"
-        elif name.startswith(("aten::", "mkldnn::")):
-            category = "other torch operators"
-        else:
-            continue
-        by_category[category] += event.self_cpu_time_total / 1e6
+        category = _category(event)
+        if category is not None:
+            by_category[category] += event.self_cpu_time_total / 1e6
     runner_total = runner_seconds[0]
     shares = {c: by_category[c] / runner_total
               for c in ("matmuls", "attention", "fused elementwise kernels", "other torch operators")}
