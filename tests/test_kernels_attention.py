@@ -1,4 +1,5 @@
-"""Paged attention: the reference against a naive dense implementation, the Triton kernels against the reference.
+"""Paged attention: the reference against a naive dense implementation, the Triton kernels and the CPU C++ prefill
+kernel against the reference.
 
 The Triton kernels run on the GPU if there is one, else in the interpreter on CPU. They read a cache whose unused
 slots (padding table entries, the tail of each last block, blocks of no sequence) are NaN, so a single read past a
@@ -22,7 +23,7 @@ from tests.kernel_helpers import (
 
 enable_triton_interpreter()
 
-from lmport.kernels import reference, triton_attention  # noqa: E402
+from lmport.kernels import cpu, reference, triton_attention  # noqa: E402
 
 # (num_kv_heads, GQA group, head_dim, block_size): ratios 1 and 3, a non-power-of-two head_dim, two page sizes
 HEAD_CONFIGS = [(2, 1, 32, 16), (1, 3, 16, 8), (4, 1, 64, 8), (1, 3, 48, 16)]
@@ -63,10 +64,11 @@ def decode_inputs(num_kv_heads: int, group: int, head_dim: int, block_size: int,
     return case, q, head_dim ** -0.5
 
 
-def prefill_inputs(num_kv_heads: int, group: int, head_dim: int, block_size: int, dtype: torch.dtype):
-    case = make_paged_case([c + n for c, n in PREFILL_CHUNKS], block_size, num_kv_heads, head_dim, dtype)
+def prefill_inputs(num_kv_heads: int, group: int, head_dim: int, block_size: int, dtype: torch.dtype,
+                   chunks: list[tuple[int, int]] = PREFILL_CHUNKS):
+    case = make_paged_case([c + n for c, n in chunks], block_size, num_kv_heads, head_dim, dtype)
     num_q_heads = num_kv_heads * group
-    cu = torch.tensor([0] + [n for _, n in PREFILL_CHUNKS], dtype=torch.int32).cumsum(0, dtype=torch.int32)
+    cu = torch.tensor([0] + [n for _, n in chunks], dtype=torch.int32).cumsum(0, dtype=torch.int32)
     cu = cu.to(DEVICE)
     # q as the kernels get it from a fused qkv projection: a strided view, rows wider than Hq * D
     qkv = torch.randn(int(cu[-1]), (num_q_heads + 2 * num_kv_heads) * head_dim).to(DEVICE, dtype)
@@ -184,6 +186,54 @@ def test_windowed_and_capped_prefill_reference_and_triton(window, soft_cap, head
         assert err < TOLERANCE[torch.float32], f"reference seed={seed} chunk={PREFILL_CHUNKS[s]} rel_error={err:.3g}"
         err = rel_error(out[rows], expected[rows])
         assert err < TOLERANCE[torch.float32], f"triton seed={seed} chunk={PREFILL_CHUNKS[s]} rel_error={err:.3g}"
+
+
+# The C++ kernel's tiles are 16 query positions and 16 keys: these add several query tiles, tiles straddling the
+# cached context, and a prompt whose key tiles start mid-block
+CPU_PREFILL_CHUNKS = PREFILL_CHUNKS + [(0, 100), (37, 70), (5, 16)]
+
+
+@pytest.mark.parametrize("heads", HEAD_CONFIGS)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_cpu_prefill_matches_reference(heads, dtype):
+    assert cpu.available()
+    seed = fresh_seed()
+    case, q, cu, scale = prefill_inputs(*heads, dtype, chunks=CPU_PREFILL_CHUNKS)
+    max_query_len = max(n for _, n in CPU_PREFILL_CHUNKS)
+    expected = reference.paged_attention_prefill(q, case.k_cache, case.v_cache, cu, case.seq_lens, case.block_tables,
+                                                 max_query_len, scale)
+    nan_case = case.with_unused(float("nan"))
+    out = cpu.paged_attention_prefill(q, nan_case.k_cache, nan_case.v_cache, cu, case.seq_lens, case.block_tables,
+                                      max_query_len, scale)
+    for s in range(len(CPU_PREFILL_CHUNKS)):
+        rows = slice(int(cu[s]), int(cu[s + 1]))
+        err = rel_error(out[rows], expected[rows])
+        assert err < TOLERANCE[dtype], f"seed={seed} seq={s} chunk={CPU_PREFILL_CHUNKS[s]} rel_error={err:.3g}"
+
+
+@pytest.mark.parametrize("window,soft_cap", WINDOW_CASES)
+@pytest.mark.parametrize("heads", [(1, 3, 16, 8), (2, 1, 32, 16)])
+def test_windowed_and_capped_cpu_prefill(window, soft_cap, heads):
+    seed = fresh_seed()
+    case, q, cu, scale = prefill_inputs(*heads, torch.float32, chunks=CPU_PREFILL_CHUNKS)
+    q = q * 3
+    max_query_len = max(n for _, n in CPU_PREFILL_CHUNKS)
+    first_keys = [max(0, context - (window or context + 1) + 1) for context, _ in CPU_PREFILL_CHUNKS]
+    nan_case = case.with_unused(float("nan")).with_blocks_before(first_keys, float("nan"))
+    out = cpu.paged_attention_prefill(q, nan_case.k_cache, nan_case.v_cache, cu, case.seq_lens,
+                                      nan_case.block_tables, max_query_len, scale, window, soft_cap)
+    for s, (keys, values) in enumerate(zip(case.keys, case.values)):
+        rows = slice(int(cu[s]), int(cu[s + 1]))
+        err = rel_error(out[rows], naive_attention(q[rows], keys, values, scale, window, soft_cap))
+        assert err < TOLERANCE[torch.float32], f"seed={seed} chunk={CPU_PREFILL_CHUNKS[s]} rel_error={err:.3g}"
+
+
+def test_cpu_prefill_takes_an_fp8_cache_through_the_reference():
+    case, q, cu, scale = prefill_inputs(2, 1, 32, 16, torch.float32)
+    k8, v8 = case.k_cache.to(torch.float8_e4m3fn), case.v_cache.to(torch.float8_e4m3fn)
+    args = (q, k8, v8, cu, case.seq_lens, case.block_tables, max(n for _, n in PREFILL_CHUNKS), scale)
+    expected = reference.paged_attention_prefill(*args, k_scale=0.5, v_scale=2.0)
+    assert torch.equal(cpu.paged_attention_prefill(*args, k_scale=0.5, v_scale=2.0), expected)
 
 
 def test_triton_decode_allocates_its_output_and_rejects_bad_gqa():

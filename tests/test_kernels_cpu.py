@@ -65,7 +65,8 @@ def built():
 def test_extension_is_built_and_used_by_auto_dispatch(monkeypatch):
     module = cpu.load()
     assert module is not None and all(hasattr(module, name) for name in cpu.FUNCTIONS)
-    assert set(cpu.FUNCTIONS) == {"paged_attention_decode", "rms_norm", "silu_and_mul", "rotary_embedding"}
+    assert set(cpu.FUNCTIONS) == {"paged_attention_decode", "paged_attention_prefill", "rms_norm", "silu_and_mul",
+                                  "rotary_embedding"}
     assert not cpu._failed
     calls = []
     def recording(*args):  # the extension takes window 0 / soft_cap 0.0 for "off"; the reference None
@@ -85,6 +86,15 @@ def test_extension_is_built_and_used_by_auto_dispatch(monkeypatch):
         assert not calls, "the 'torch' backend must run the pure reference"
     finally:
         kernels.set_backend(before)
+    prefills = []
+    monkeypatch.setattr(module, "paged_attention_prefill", lambda *args: prefills.append(args) or args[0].clone())
+    case = make_paged_case([5], 16, 1, 32, torch.float32)
+    q, cu = torch.randn(5, 1, 32), torch.tensor([0, 5], dtype=torch.int32)
+    with kernels.use_backend("auto"):
+        kernels.paged_attention_prefill(q, case.k_cache, case.v_cache, cu, case.seq_lens, case.block_tables, 5, 0.1)
+    with kernels.use_backend("torch"):
+        kernels.paged_attention_prefill(q, case.k_cache, case.v_cache, cu, case.seq_lens, case.block_tables, 5, 0.1)
+    assert len(prefills) == (1 if kernels.get_backend() == "auto" else 0), "prefill: auto reaches the kernel, torch not"
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)

@@ -130,9 +130,9 @@ def paged_attention_prefill(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
                             v_scale: float = 1.0) -> torch.Tensor:
     """Varlen causal attention [N, Hq, D]; sequence s's queries are the last q_len_s of its seq_lens[s] keys.
     sliding_window, soft_cap, k_scale and v_scale as in paged_attention_decode."""
-    return _impl(q, "attention").paged_attention_prefill(q, k_cache, v_cache, cu_seqlens_q, seq_lens, block_tables,
-                                                         max_query_len, scale, sliding_window=sliding_window,
-                                                         soft_cap=soft_cap, k_scale=k_scale, v_scale=v_scale)
+    return _impl_cpu(q, "attention").paged_attention_prefill(
+        q, k_cache, v_cache, cu_seqlens_q, seq_lens, block_tables, max_query_len, scale,
+        sliding_window=sliding_window, soft_cap=soft_cap, k_scale=k_scale, v_scale=v_scale)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float,

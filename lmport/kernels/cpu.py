@@ -1,5 +1,6 @@
-"""C++ kernels for CPU tensors, built at run time with load_inline: gather-free paged decode attention and fused
-RMSNorm (with the residual add), SiLU-and-mul and rotary embedding.
+"""C++ kernels for CPU tensors, built at run time with load_inline: gather-free paged decode and prefill attention
+(the prefill kernel's source is in cpu_prefill.py) and fused RMSNorm (with the residual add), SiLU-and-mul and
+rotary embedding.
 
 Decode attention: the reference (`lmport.kernels.reference.paged_attention_decode`) copies every sequence's K/V blocks into
 a contiguous tensor and runs SDPA on it; this kernel reads K/V straight from the paged cache through the block table
@@ -35,13 +36,14 @@ import torch
 
 from lmport.kernels import reference
 from lmport.kernels.cpu_decoder import DECODER_BINDINGS, DECODER_SOURCE
+from lmport.kernels.cpu_prefill import PREFILL_SOURCE
 
 logger = logging.getLogger("lmport")
 
 CFLAGS = ("-O3", "-march=native", "-fopenmp")
 LDFLAGS = ("-fopenmp",)
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-FUNCTIONS = ["paged_attention_decode", "rms_norm", "silu_and_mul", "rotary_embedding"]
+FUNCTIONS = ["paged_attention_decode", "paged_attention_prefill", "rms_norm", "silu_and_mul", "rotary_embedding"]
 
 CPP_SOURCE = r"""
 #include <torch/extension.h>
@@ -590,7 +592,7 @@ std::vector<at::Tensor> rotary_embedding(at::Tensor positions, at::Tensor q, at:
 }
 
 #pragma GCC pop_options
-""" + DECODER_SOURCE + "\nPYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {\n" + "".join(
+""" + PREFILL_SOURCE + DECODER_SOURCE + "\nPYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {\n" + "".join(
     f'  m.def("{name}", &{name});\n' for name in FUNCTIONS) + DECODER_BINDINGS + "}\n"
 
 _lock = threading.Lock()
@@ -686,6 +688,28 @@ def paged_attention_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     out = module.paged_attention_decode(q, k_cache, v_cache, block_tables, seq_lens, float(scale * k_scale),
                                         sliding_window or 0, float(soft_cap or 0.0))
     return out if v_scale == 1.0 else out.mul_(v_scale)
+
+
+def paged_attention_prefill(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                            cu_seqlens_q: torch.Tensor, seq_lens: torch.Tensor, block_tables: torch.Tensor,
+                            max_query_len: int, scale: float, sliding_window: int | None = None,
+                            soft_cap: float | None = None, k_scale: float = 1.0,
+                            v_scale: float = 1.0) -> torch.Tensor:
+    """Same contract as lmport.kernels.reference.paged_attention_prefill; falls back to it where the kernel can't run
+    (an fp8 cache: the reference dequantizes it)."""
+    supported = (q.device.type == "cpu" and q.dim() == 3 and k_cache.dim() == 4 and q.dtype in DTYPES
+                 and k_cache.dtype == q.dtype and v_cache.dtype == q.dtype and k_cache.stride() == v_cache.stride()
+                 and k_cache.stride(3) == 1 and q.shape[1] % k_cache.shape[2] == 0)
+    module = load() if supported else None
+    if module is None:
+        return reference.paged_attention_prefill(q, k_cache, v_cache, cu_seqlens_q, seq_lens, block_tables,
+                                                 max_query_len, scale, sliding_window, soft_cap, k_scale, v_scale)
+    if q.stride(2) != 1:
+        q = q.contiguous()
+    tables = [t if t.dtype == torch.int32 and t.is_contiguous() else t.to(torch.int32).contiguous()
+              for t in (cu_seqlens_q, seq_lens, block_tables)]
+    return module.paged_attention_prefill(q, k_cache, v_cache, *tables, float(scale), sliding_window or 0,
+                                          float(soft_cap or 0.0))
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float,
