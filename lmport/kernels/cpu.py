@@ -17,8 +17,9 @@ computes in fp32 and rounds its output), with FMA contraction off: fp32 matches 
 (and exp's last bit), bf16/fp16 within one ulp.
 
 The extension is compiled on first use (once per machine and torch install: a build directory keyed by a hash of the
-source, the flags, torch and the CPU) under an flock, which the kernel drops when its holder dies. If the build fails (no compiler, no ninja, unwritable cache), one warning goes to
-the `lmport` logger and every function here falls back to the reference for the rest of the process.
+source, the flags, torch and the CPU) under an flock, which the kernel drops when its holder dies. If the build fails
+(no compiler, no ninja, unwritable cache), one warning goes to the `lmport` logger and every function here falls back
+to the reference for the rest of the process.
 """
 
 from __future__ import annotations

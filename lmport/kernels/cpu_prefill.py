@@ -23,13 +23,12 @@ void prefill_tile(const scalar_t* q, int64_t q_s0, int64_t q_s1, const cache_t* 
   constexpr int64_t T = PREFILL_TILE;
   const int64_t D = DC > 0 ? DC : head_dim;
   const int64_t R = rows * G;  // row r = (position r / G, head r % G)
-  std::vector<float> buf(R * D * 2 + 4 * R + 2 * T * D + R * T);
+  std::vector<float> buf(R * D * 2 + 2 * R + 2 * T * D + R * T);
   float* Q = buf.data();
   float* O = Q + R * D;
   float* m = O + R * D;
   float* l = m + R;
-  int64_t* last = reinterpret_cast<int64_t*>(l + R);  // each row's absolute position (2 floats of room each)
-  float* Kt = reinterpret_cast<float*>(last + R);  // [D][T]
+  float* Kt = l + R;  // [D][T]
   float* V = Kt + T * D;  // [T][D]
   float* S = V + T * D;   // [R][T]
   std::vector<float> row(D);
@@ -40,7 +39,6 @@ void prefill_tile(const scalar_t* q, int64_t q_s0, int64_t q_s1, const cache_t* 
     std::fill(O + r * D, O + (r + 1) * D, 0.0f);
     m[r] = -std::numeric_limits<float>::infinity();
     l[r] = 0.0f;
-    last[r] = context + first_row + r / G;
   }
   const int64_t lo_pos = context + first_row, hi_pos = context + first_row + rows - 1;
   const int64_t first_key = window > 0 ? std::max<int64_t>(0, lo_pos - window + 1) : 0;
@@ -94,7 +92,7 @@ void prefill_tile(const scalar_t* q, int64_t q_s0, int64_t q_s1, const cache_t* 
     }
     for (r = 0; r < R; ++r) {
       float* s = S + r * T;
-      const int64_t p_last = last[r];
+      const int64_t p_last = context + first_row + r / G;  // the row's absolute position
       if (soft_cap > 0.0f)
         for (int64_t j = 0; j < T; ++j) s[j] = soft_cap * std::tanh(s[j] / soft_cap);
       // Only tiles on the diagonal, at a window's edge or past the last key need a mask.
