@@ -1,8 +1,8 @@
 """The C++ CPU decode stack (lmport.engine.cpu_decode) against the module path it replaces.
 
 It must give bit-identical hidden states and K/V cache contents for every Linear kind (fp32, oneDNN-packed bf16, int8,
-int4) and the Llama variants it takes (Qwen3's per-head q/k norms, Qwen2's q/k/v bias, a sliding window), over scattered
-block tables and several decode steps. Models it does not take must be named with a reason, and an engine must decode
+int4 on lmport's W4A8 kernel and on torch's) and the Llama variants it takes (Qwen3's per-head q/k norms, Qwen2's
+q/k/v bias, a sliding window), over scattered block tables and several decode steps. Models it does not take must be named with a reason, and an engine must decode
 through it by default and give the same tokens as with enforce_eager=True.
 """
 
@@ -13,6 +13,7 @@ import torch
 from transformers import (Gemma2Config, GraniteConfig, LlamaConfig, MixtralConfig, Olmo2Config, Qwen2Config,
                           Qwen3Config)
 
+from lmport import kernels
 from lmport.engine.cpu_decode import CpuDecodeStack, unsupported_reason
 from lmport.engine.models import get_model_class
 from lmport.engine.models.layers import pack_cpu_linears
@@ -46,11 +47,17 @@ def make_model(config_cls: type, dtype: torch.dtype, **overrides: object) -> tor
     return model
 
 
+def int4_with_torchs_kernel(model: torch.nn.Module) -> int:
+    with kernels.use_backend("torch"):  # the layout of _weight_int4pack_mm_for_cpu, not lmport's W4A8 one
+        return quantize_linears(model, "int4", 32)
+
+
 FORMS = {
     "fp32": (torch.float32, None),
     "bf16 packed": (torch.bfloat16, pack_cpu_linears),
     "int8": (torch.bfloat16, lambda m: quantize_linears(m, "int8", 32)),
-    "int4": (torch.bfloat16, lambda m: quantize_linears(m, "int4", 32)),
+    "int4": (torch.bfloat16, lambda m: quantize_linears(m, "int4", 32)),  # W4A8 where K divides by 64 (not down)
+    "int4 torch kernel": (torch.bfloat16, int4_with_torchs_kernel),
 }
 VARIANTS = {
     "llama": (LlamaConfig, {}),

@@ -114,9 +114,11 @@ def _fused_linear(module: ModuleType, linear: Linear) -> object:
     """The C++ stack's view of a Linear: the same matmul op its forward calls."""
     form = linear.quantized
     if isinstance(form, Int8Weight):
-        return module.FusedLinear("int8", form.weight, form.scales, 0, linear.bias)
+        return module.FusedLinear("int8", form.weight, form.scales, None, 0, linear.bias)
+    if isinstance(form, Int4Weight) and form.offsets is not None:
+        return module.FusedLinear("w4a8", form.packed, form.scales, form.offsets, form.group_size, linear.bias)
     if isinstance(form, Int4Weight):
-        return module.FusedLinear("int4", form.packed, form.scales_and_zeros, form.group_size, linear.bias)
+        return module.FusedLinear("int4", form.packed, form.scales, None, form.group_size, linear.bias)
     if linear.packed is not None:
-        return module.FusedLinear("packed", linear.packed, None, 0, linear.bias)
-    return module.FusedLinear("plain", linear.weight, None, 0, linear.bias)
+        return module.FusedLinear("packed", linear.packed, None, None, 0, linear.bias)
+    return module.FusedLinear("plain", linear.weight, None, None, 0, linear.bias)

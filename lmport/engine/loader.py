@@ -20,6 +20,7 @@ from safetensors import safe_open
 from torch import nn
 from transformers import AutoConfig, AutoTokenizer, GenerationConfig, PretrainedConfig, PreTrainedTokenizerBase
 
+from lmport import kernels
 from lmport.engine.config import EngineConfig
 from lmport.engine.errors import InvalidParams, ModelNotFound, UnsupportedModel
 from lmport.engine.bundled_minilm import NAMES as MINILM_NAMES
@@ -313,16 +314,17 @@ def _build(config: EngineConfig, model_cls: type[nn.Module], hf_config: Pretrain
     io_seconds = time.perf_counter() - io_start
     num_bytes = sum(f.stat().st_size for f in files)
     num_params = sum(p.numel() for p in model.parameters())
-    if prequantized is not None:
-        attach_prequantized(model, codes, prequantized.group_size, dtype)
-        pack_cpu_linears(model)  # what stays unquantized (lm_head, usually)
-    elif config.quantization == "gguf":
-        load_gguf_linears(model, checked_gguf_source(model_path, device, tp is not None), dtype)
-    elif config.quantization is not None:
-        check_quantizable(model, config.quantization, config.quantization_group_size, device)
-        quantize_linears(model, config.quantization, config.quantization_group_size)
-    elif os.environ.get("LMPORT_PACK_WEIGHTS", "1") != "0":  # "0": keep plain bf16 weights (A/B measurements)
-        pack_cpu_linears(model)
+    with kernels.use_backend(config.kernel_backend):  # which int4 kernel's layout the weights take
+        if prequantized is not None:
+            attach_prequantized(model, codes, prequantized.group_size, dtype)
+            pack_cpu_linears(model)  # what stays unquantized (lm_head, usually)
+        elif config.quantization == "gguf":
+            load_gguf_linears(model, checked_gguf_source(model_path, device, tp is not None), dtype)
+        elif config.quantization is not None:
+            check_quantizable(model, config.quantization, config.quantization_group_size, device)
+            quantize_linears(model, config.quantization, config.quantization_group_size)
+        elif os.environ.get("LMPORT_PACK_WEIGHTS", "1") != "0":  # "0": keep plain bf16 weights (A/B measurements)
+            pack_cpu_linears(model)
     logger.info("loaded %s (%s, %.1fM params) from %s: dtype=%s device=%s max_model_len=%d; weights %.0f MB in "
                 "%.2f s; total %.2f s", hf_config.architectures[0] if hf_config.architectures else model_cls.__name__,
                 hf_config.model_type, num_params / 1e6, model_path, str(dtype).removeprefix("torch."), device,

@@ -4,11 +4,13 @@
   the model dtype, the weight is widened inside the kernel). torch 2.13's kernel reads out of bounds on strided
   rows and on input sizes that are not multiples of 16, so rows are made contiguous and such layers are refused.
 - int4: asymmetric, one scale and zero point per group of `quantization_group_size` (32, 64 or 128) input
-  channels; the weight is packed once with `_convert_weight_to_int4pack_for_cpu` and multiplied with
-  `_weight_int4pack_mm_for_cpu`. The kernel's convention is w = (q - 8) * scale + zero, q in 0..15.
+  channels. bf16 models on a CPU with AVX-512 VNNI run lmport's W4A8 kernel (lmport.kernels.cpu_int4): activations
+  rounded to int8 per 32 channels, integer dot products, 1.4-2.1x torch's kernel at decode batch sizes. Elsewhere, and
+  for float32 models, the weight is packed once with `_convert_weight_to_int4pack_for_cpu` and multiplied with
+  `_weight_int4pack_mm_for_cpu` (activations not rounded), whose convention is w = (q - 8) * scale + zero.
 
-Both are PyTorch's own CPU kernels: docs/performance.md measures them against the bf16 oneDNN path and against
-hand-written AVX-512 GEMVs, which were not faster. Every Linear is quantized, lm_head included (a tied embedding
+int8 is PyTorch's own CPU kernel: docs/performance.md measures it against the bf16 oneDNN path and against a
+hand-written AVX-512 GEMV, which was not faster. Every Linear is quantized, lm_head included (a tied embedding
 keeps its full-precision table); MoE experts, which are stacked tensors rather than Linears, stay in the model
 dtype.
 """
@@ -20,7 +22,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from lmport import kernels
 from lmport.engine.errors import InvalidParams
+from lmport.kernels import cpu as cpu_kernels
 
 METHODS = ("int8", "int4")
 GROUP_SIZES = (32, 64, 128)
@@ -50,14 +54,25 @@ class Int8Weight:
 
 @dataclass(slots=True)
 class Int4Weight:
-    packed: torch.Tensor  # _convert_weight_to_int4pack_for_cpu's layout
+    """Group-wise int4 codes in one of two kernels' layouts, chosen by `from_codes`.
+
+    - offsets None: torch's `_weight_int4pack_mm_for_cpu`; `packed` is `_convert_weight_to_int4pack_for_cpu`'s
+      layout and `scales` its scales_and_zeros [K / group_size, N, 2] in the activation dtype.
+    - offsets set: lmport's W4A8 kernel (lmport.kernels.cpu_int4), for bf16 activations on CPUs with AVX-512 VNNI;
+      `packed`, `scales` and `offsets` are `pack_int4`'s three tensors.
+    """
+    packed: torch.Tensor
     group_size: int
-    scales_and_zeros: torch.Tensor  # [K / group_size, N, 2], activation dtype
+    scales: torch.Tensor
     out_features: int
+    offsets: torch.Tensor | None = None
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, x.shape[-1])
-        y = torch.ops.aten._weight_int4pack_mm_for_cpu(flat, self.packed, self.group_size, self.scales_and_zeros)
+        if self.offsets is not None:
+            y = cpu_kernels.int4_matmul(flat, self.packed, self.scales, self.offsets)
+        else:
+            y = torch.ops.aten._weight_int4pack_mm_for_cpu(flat, self.packed, self.group_size, self.scales)
         return y.reshape(*x.shape[:-1], self.out_features)
 
     @classmethod
@@ -73,10 +88,37 @@ class Int4Weight:
     def from_codes(cls, codes: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor, group_size: int,
                    dtype: torch.dtype) -> Int4Weight:
         """Codes [N, K] in 0..15 with w = code * scale + offset per group ([N, K / group_size] each)."""
+        n, k = codes.shape
+        if uses_int4_matmul(n, k, group_size, dtype):
+            repeat = group_size // 32
+            packed, block_scales, block_offsets = pack_int4(codes, scales.float().repeat_interleave(repeat, 1),
+                                                            offsets.float().repeat_interleave(repeat, 1))
+            return cls(packed, group_size, block_scales, n, block_offsets)
         packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.to(torch.int32), _INT4_INNER_K_TILES)
         zeros = offsets.float() + 8 * scales.float()  # the kernel computes (q - 8) * scale + zero
         scales_and_zeros = torch.stack([scales.float(), zeros], dim=-1).transpose(0, 1).contiguous().to(dtype)
-        return cls(packed, group_size, scales_and_zeros, codes.shape[0])
+        return cls(packed, group_size, scales_and_zeros, n)
+
+
+def uses_int4_matmul(out_features: int, in_features: int, group_size: int, dtype: torch.dtype) -> bool:
+    """Whether an int4 Linear of this shape runs lmport's W4A8 kernel: bf16 activations, the kernel backend "auto"
+    (in force while the model loads), a CPU with AVX-512 VNNI, and shapes its tiles divide. float32 models keep
+    torch's kernel, whose activations are not rounded."""
+    return (dtype == torch.bfloat16 and out_features % 4 == 0 and in_features % 64 == 0 and group_size % 32 == 0
+            and kernels.get_backend() == "auto" and cpu_kernels.int4_matmul_supported())
+
+
+def pack_int4(codes: torch.Tensor, block_scales: torch.Tensor,
+              block_offsets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Codes [N, K] in 0..15 and per-32-channel scales / offsets [N, K / 32] -> lmport.kernels.cpu_int4's layout:
+    codes uint8 [N/4, K/64, 4, 32] (channel j of a 64-channel chunk in byte j's low nibble, j + 32 in its high one),
+    scales float [N/4, K/64, 4, 2], offsets float [N/4, K/32, 4]."""
+    n, k = codes.shape
+    chunked = codes.to(torch.uint8).reshape(n // 4, 4, k // 64, 2, 32)
+    packed = (chunked[:, :, :, 0] | (chunked[:, :, :, 1] << 4)).permute(0, 2, 1, 3).contiguous()
+    scales = block_scales.float().reshape(n // 4, 4, k // 64, 2).permute(0, 2, 1, 3).contiguous()
+    offsets = block_offsets.float().reshape(n // 4, 4, k // 32).permute(0, 2, 1).contiguous()
+    return packed, scales, offsets
 
 
 def check_quantizable(model: nn.Module, method: str, group_size: int, device: torch.device) -> None:

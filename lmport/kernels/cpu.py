@@ -37,6 +37,7 @@ import torch
 
 from lmport.kernels import reference
 from lmport.kernels.cpu_decoder import DECODER_BINDINGS, DECODER_SOURCE
+from lmport.kernels.cpu_int4 import INT4_SOURCE
 from lmport.kernels.cpu_prefill import PREFILL_SOURCE
 
 logger = logging.getLogger("lmport")
@@ -44,7 +45,8 @@ logger = logging.getLogger("lmport")
 CFLAGS = ("-O3", "-march=native", "-fopenmp")
 LDFLAGS = ("-fopenmp",)
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-FUNCTIONS = ["paged_attention_decode", "paged_attention_prefill", "rms_norm", "silu_and_mul", "rotary_embedding"]
+FUNCTIONS = ["paged_attention_decode", "paged_attention_prefill", "rms_norm", "silu_and_mul", "rotary_embedding",
+             "int4_matmul", "int4_matmul_supported"]
 
 CPP_SOURCE = r"""
 #include <torch/extension.h>
@@ -60,6 +62,7 @@ CPP_SOURCE = r"""
 #include <cstring>
 #include <limits>
 #include <vector>
+#include <immintrin.h>
 
 namespace {
 
@@ -593,7 +596,7 @@ std::vector<at::Tensor> rotary_embedding(at::Tensor positions, at::Tensor q, at:
 }
 
 #pragma GCC pop_options
-""" + PREFILL_SOURCE + DECODER_SOURCE + "\nPYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {\n" + "".join(
+""" + PREFILL_SOURCE + INT4_SOURCE + DECODER_SOURCE + "\nPYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {\n" + "".join(
     f'  m.def("{name}", &{name});\n' for name in FUNCTIONS) + DECODER_BINDINGS + "}\n"
 
 _lock = threading.Lock()
@@ -760,6 +763,21 @@ def rotary_embedding(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, 
         positions = positions.to(torch.int64).contiguous()
     q_out, k_out = module.rotary_embedding(positions, q, k, cos_sin_cache, int(head_dim))
     return q_out, k_out
+
+
+def int4_matmul_supported() -> bool:
+    """Whether int4_matmul runs here: the extension builds and its compiler targets AVX-512 VNNI."""
+    module = load()
+    return module is not None and module.int4_matmul_supported()
+
+
+def int4_matmul(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    """bf16 x [M, K] times int4 weights in lmport.kernels.cpu_int4's layout (lmport.engine.quantization.pack_int4
+    builds it) -> bf16 [M, N]; x is rounded to int8 per 32 channels. Only where int4_matmul_supported()."""
+    module = load()
+    if module is None:
+        raise RuntimeError("int4_matmul needs lmport's CPU C++ kernels, which could not be built")
+    return module.int4_matmul(x.contiguous(), packed, scales, offsets)
 
 
 def _bench(argv: list[str] | None = None) -> None:

@@ -7,8 +7,8 @@ and dispatch" at about a fifth of a SmolLM2-135M batch-1 step (docs/performance.
 lmport.engine.cuda_graphs: the step's ops are issued from C++, with the GIL released while they run.
 
 The ops are those of the module path, in the same order, on the same kernels: rms_norm, the Linear's own matmul op
-(oneDNN's packed bf16 `mkldnn::_linear_pointwise`, `_weight_int8pack_mm`, `_weight_int4pack_mm_for_cpu` or
-`linear`), rotary_embedding, the K/V row copy into the paged cache, paged_attention_decode and silu_and_mul. So the
+(oneDNN's packed bf16 `mkldnn::_linear_pointwise`, `_weight_int8pack_mm`, `_weight_int4pack_mm_for_cpu`,
+lmport's `int4_matmul` or `linear`), rotary_embedding, the K/V row copy into the paged cache, paged_attention_decode and silu_and_mul. So the
 hidden states are bit-identical to the module path's (tests/test_engine_cpu_decode.py checks this for every Linear
 kind); lmport.engine.cpu_decode decides which models and steps qualify.
 """
@@ -54,23 +54,27 @@ auto recorded(const char* label, Fn&& fn) {
 }  // namespace
 
 struct FusedLinear {
-  enum class Kind { plain, packed, int8, int4 };
+  enum class Kind { plain, packed, int8, int4, w4a8 };
   Kind kind;
-  at::Tensor weight;  // plain [N, K]; packed: oneDNN's layout; int8 [N, K]; int4: _convert_weight_to_int4pack's
-  at::Tensor scales;  // int8: per-channel scales; int4: scales_and_zeros; else undefined
+  at::Tensor weight;   // plain [N, K]; packed: oneDNN's layout; int8 [N, K]; int4: _convert_weight_to_int4pack's;
+                       // w4a8: lmport.kernels.cpu_int4's
+  at::Tensor scales;   // int8: per-channel scales; int4: scales_and_zeros; w4a8: block scales; else undefined
+  at::Tensor offsets;  // w4a8: block offsets; else undefined
   int64_t group_size;
   c10::optional<at::Tensor> bias;
 
-  FusedLinear(const std::string& kind_name, at::Tensor weight, c10::optional<at::Tensor> scales, int64_t group_size,
-              c10::optional<at::Tensor> bias)
-      : weight(std::move(weight)), scales(scales.value_or(at::Tensor())), group_size(group_size),
-        bias(std::move(bias)) {
+  FusedLinear(const std::string& kind_name, at::Tensor weight, c10::optional<at::Tensor> scales,
+              c10::optional<at::Tensor> offsets, int64_t group_size, c10::optional<at::Tensor> bias)
+      : weight(std::move(weight)), scales(scales.value_or(at::Tensor())), offsets(offsets.value_or(at::Tensor())),
+        group_size(group_size), bias(std::move(bias)) {
     if (kind_name == "plain") kind = Kind::plain;
     else if (kind_name == "packed") kind = Kind::packed;
     else if (kind_name == "int8") kind = Kind::int8;
     else if (kind_name == "int4") kind = Kind::int4;
-    else TORCH_CHECK(false, "FusedLinear kind must be plain, packed, int8 or int4; got ", kind_name);
-    TORCH_CHECK((kind != Kind::int8 && kind != Kind::int4) || this->scales.defined(), kind_name, " needs scales");
+    else if (kind_name == "w4a8") kind = Kind::w4a8;
+    else TORCH_CHECK(false, "FusedLinear kind must be plain, packed, int8, int4 or w4a8; got ", kind_name);
+    TORCH_CHECK((kind == Kind::plain || kind == Kind::packed) || this->scales.defined(), kind_name, " needs scales");
+    TORCH_CHECK(kind != Kind::w4a8 || this->offsets.defined(), "w4a8 needs offsets");
   }
 
   at::Tensor operator()(const at::Tensor& x) const {
@@ -79,6 +83,7 @@ struct FusedLinear {
       case Kind::packed: return packed_linear(x, weight, bias);
       case Kind::int8: return with_bias(at::_weight_int8pack_mm(x.contiguous(), weight, scales));
       case Kind::int4: return with_bias(at::_weight_int4pack_mm_for_cpu(x, weight, group_size, scales));
+      case Kind::w4a8: return with_bias(int4_matmul(x.contiguous(), weight, scales, offsets));
     }
     TORCH_CHECK(false, "unreachable");
   }
@@ -181,8 +186,10 @@ struct DecoderStack {
 
 DECODER_BINDINGS = r"""
   py::class_<FusedLinear>(m, "FusedLinear")
-      .def(py::init<std::string, at::Tensor, c10::optional<at::Tensor>, int64_t, c10::optional<at::Tensor>>(),
-           py::arg("kind"), py::arg("weight"), py::arg("scales"), py::arg("group_size"), py::arg("bias"));
+      .def(py::init<std::string, at::Tensor, c10::optional<at::Tensor>, c10::optional<at::Tensor>, int64_t,
+                    c10::optional<at::Tensor>>(),
+           py::arg("kind"), py::arg("weight"), py::arg("scales"), py::arg("offsets"), py::arg("group_size"),
+           py::arg("bias"));
   py::class_<DecoderLayer>(m, "DecoderLayer")
       .def(py::init<at::Tensor, double, at::Tensor, double, c10::optional<at::Tensor>, c10::optional<at::Tensor>,
                     double, FusedLinear, FusedLinear, FusedLinear, FusedLinear, at::Tensor, at::Tensor, double,
