@@ -33,7 +33,8 @@ KERNEL_CATEGORIES = {"paged_attention_decode": "attention", "paged_attention_pre
                      "rotary_embedding": "fused elementwise kernels", "silu_and_mul": "fused elementwise kernels"}
 RUNNER_LABEL = "lmport::model_runner"
 MATMUL_OPS = {"aten::mm", "aten::addmm", "aten::bmm", "aten::linear", "aten::matmul", "aten::_weight_int8pack_mm",
-              "aten::_weight_int4pack_mm_for_cpu", "aten::mkldnn_linear", "mkldnn::_linear_pointwise"}
+              "aten::_weight_int4pack_mm_for_cpu", "aten::mkldnn_linear", "mkldnn::_linear_pointwise",
+              "lmport::int4_matmul"}  # the last labelled by lmport.kernels.cpu_int4 itself
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -198,10 +199,10 @@ def _category(event: Any) -> str | None:
         parent = parent.cpu_parent
     if parent is None:
         return None
-    if name.startswith("lmport::"):
-        return KERNEL_CATEGORIES.get(name.removeprefix("lmport::"))
     if name in MATMUL_OPS:
         return "matmuls"
+    if name.startswith("lmport::"):
+        return KERNEL_CATEGORIES.get(name.removeprefix("lmport::"))
     if name.startswith(("aten::", "mkldnn::")):
         return KERNEL_CATEGORIES.get(kernel or "", "other torch operators")
     return None

@@ -19,11 +19,11 @@ import torch
 from torch import nn
 
 from lmport import kernels
-from lmport.kernels import cpu as cpu_kernels
 from lmport.engine.forward_context import AttentionMetadata
 from lmport.engine.models.layers import Linear
 from lmport.engine.models.llama import LlamaAttention, LlamaDecoderLayer, LlamaMLP, LlamaModel
 from lmport.engine.quantization import Int4Weight, Int8Weight
+from lmport.kernels import cpu as cpu_kernels
 
 logger = logging.getLogger("lmport")
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 INT4_SOURCE = r"""
 // ---- int4 weights x int8-quantized activations (lmport.kernels.cpu_int4)
+#include <ATen/record_function.h>
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__) && defined(__AVX512DQ__) && \
     defined(__AVX512VNNI__)
 #define LMPORT_INT4_VNNI 1
@@ -78,6 +79,7 @@ bool int4_matmul_supported() {
 at::Tensor int4_matmul(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scales,
                        const at::Tensor& offsets) {
 #ifdef LMPORT_INT4_VNNI
+  RECORD_FUNCTION("lmport::int4_matmul", std::vector<c10::IValue>());  // a matmul to lmport bench profile
   TORCH_CHECK(x.scalar_type() == at::kBFloat16 && x.dim() == 2 && x.is_contiguous(), "x: contiguous bf16 [M, K]");
   const int64_t M = x.size(0), K = x.size(1), tiles = packed.size(0), N = tiles * kInt4Tile;
   const int64_t chunks = K / 64, blocks = K / 32;
