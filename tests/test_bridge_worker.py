@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 
 import msgpack
@@ -227,6 +228,28 @@ def test_sigterm_is_an_orderly_exit():
     assert event["name"] == "shutting_down" and event["data"]["reason"] == "SIGTERM"
     assert w.proc.wait(10) == 0
     w.close()
+
+
+def test_the_signal_handler_takes_no_lock_the_main_thread_may_hold():
+    """Python runs a handler on the main thread between bytecodes, so it can land inside Event.wait's
+    `with cond:` of the main loop; a handler that set the Event there would wait on that lock forever."""
+    from lmport.bridge.service import Service
+    from lmport.bridge.worker import Worker
+
+    read_fd, write_fd = os.pipe()
+    worker = Worker(write_fd, Service(), 1 << 20, 8, 1.0)
+
+    def signal_inside_the_wait() -> None:
+        with worker._stop._cond:  # where the main loop's Event.wait holds it
+            worker._on_signal(signal.SIGTERM, None)
+
+    thread = threading.Thread(target=signal_inside_the_wait, daemon=True)
+    thread.start()
+    thread.join(5)
+    assert not thread.is_alive(), "the handler blocked on the Event's lock"
+    assert worker._signal_name == "SIGTERM"
+    os.close(read_fd)
+    os.close(write_fd)
 
 
 def test_shutdown_request_answers_then_exits_0():

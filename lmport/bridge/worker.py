@@ -102,6 +102,7 @@ class Worker:
         self._out: queue.SimpleQueue[bytes | None] = queue.SimpleQueue()
         self._stop = threading.Event()
         self._stop_reason = ""
+        self._signal_name = ""  # set by the SIGTERM/SIGINT handler, acted on by the main loop
         self._admission = ThreadPoolExecutor(ADMISSION_THREADS, thread_name_prefix="lmport-admit")
         service.on_event = lambda name, data: self._send(protocol.event(name, data))
 
@@ -110,7 +111,7 @@ class Worker:
     def serve(self) -> int:
         self._watch_parent()
         for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, lambda signum, frame: self.stop(signal.Signals(signum).name))
+            signal.signal(sig, self._on_signal)
         writer = threading.Thread(target=self._write_loop, name="lmport-writer", daemon=True)
         writer.start()
         self._send(protocol.hello(version=VERSION, pid=os.getpid(), pgid=os.getpgrp(),
@@ -118,7 +119,8 @@ class Worker:
                                   methods=list(METHODS), timeout_profiles=self.service.timeout_profiles))
         threading.Thread(target=self._read_loop, name="lmport-reader", daemon=True).start()
         while not self._stop.wait(0.5):  # the main thread stays free for signal handlers
-            pass
+            if self._signal_name:
+                self.stop(self._signal_name)
         logger.info("worker stopping: %s", self._stop_reason)
         self._send(protocol.event("shutting_down", {"reason": self._stop_reason}))
         self.service.close(self.grace)
@@ -129,6 +131,11 @@ class Worker:
         kill_children(self.grace)
         sys.stderr.flush()
         os._exit(0)  # admission threads may sit in a model load; nothing else needs to run
+
+    def _on_signal(self, signum: int, frame: object) -> None:
+        # Only a plain store: the handler runs on the main thread between bytecodes, possibly inside
+        # Event.wait's `with self._cond`, where Event.set would deadlock on the same non-reentrant lock.
+        self._signal_name = signal.Signals(signum).name
 
     def stop(self, reason: str) -> None:
         if not self._stop.is_set():
