@@ -75,8 +75,8 @@ def run(args: argparse.Namespace) -> int:
             pass
     for module in args.preload:
         importlib.import_module(module)
-    worker = Worker(frames_fd, Service(profiles, debug=args.debug, memory_budget_bytes=budget), args.max_frame_bytes, args.max_inflight,
-                    args.grace, parent_pid)
+    service = Service(profiles, debug=args.debug, memory_budget_bytes=budget)
+    worker = Worker(frames_fd, service, args.max_frame_bytes, args.max_inflight, args.grace, parent_pid)
     return worker.serve()
 
 
