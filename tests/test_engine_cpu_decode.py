@@ -1,17 +1,19 @@
 """The C++ CPU decode stack (lmport.engine.cpu_decode) against the module path it replaces.
 
-It must give bit-identical hidden states and K/V cache contents for every Linear kind (fp32, oneDNN-packed bf16, int8,
-int4 on lmport's W4A8 kernel and on torch's) and the Llama variants it takes (Qwen3's per-head q/k norms, Qwen2's
-q/k/v bias, a sliding window), over scattered block tables and several decode steps. Models it does not take must be named with a reason, and an engine must decode
-through it by default and give the same tokens as with enforce_eager=True.
+It must give bit-identical hidden states and K/V cache contents for every Linear kind (fp32, oneDNN-packed bf16,
+int8 and int4, each on lmport's VNNI kernel and on torch's) and the Llama variants it takes (Qwen3's per-head q/k
+norms, Qwen2's q/k/v bias, a sliding window), over scattered block tables and several decode steps. Models it does
+not take must be named with a reason, and an engine must decode through it by default and give the same tokens as
+with enforce_eager=True.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import pytest
 import torch
-from transformers import (Gemma2Config, GraniteConfig, LlamaConfig, MixtralConfig, Olmo2Config, Qwen2Config,
-                          Qwen3Config)
+from transformers import Gemma2Config, GraniteConfig, LlamaConfig, MixtralConfig, Olmo2Config, Qwen2Config, Qwen3Config
 
 from lmport import kernels
 from lmport.engine.cpu_decode import CpuDecodeStack, unsupported_reason
@@ -47,17 +49,21 @@ def make_model(config_cls: type, dtype: torch.dtype, **overrides: object) -> tor
     return model
 
 
-def int4_with_torchs_kernel(model: torch.nn.Module) -> int:
-    with kernels.use_backend("torch"):  # the layout of _weight_int4pack_mm_for_cpu, not lmport's W4A8 one
-        return quantize_linears(model, "int4", 32)
+def with_torchs_kernel(method: str) -> Callable[[torch.nn.Module], int]:
+    def quantize(model: torch.nn.Module) -> int:
+        with kernels.use_backend("torch"):  # torch's layouts, not lmport's VNNI ones
+            return quantize_linears(model, method, 32)
+    return quantize
 
 
 FORMS = {
     "fp32": (torch.float32, None),
     "bf16 packed": (torch.bfloat16, pack_cpu_linears),
+    # lmport's W8A8 / W4A8 kernels where K divides by 64 (all but down_proj, K = 96)
     "int8": (torch.bfloat16, lambda m: quantize_linears(m, "int8", 32)),
-    "int4": (torch.bfloat16, lambda m: quantize_linears(m, "int4", 32)),  # W4A8 where K divides by 64 (not down)
-    "int4 torch kernel": (torch.bfloat16, int4_with_torchs_kernel),
+    "int8 torch kernel": (torch.bfloat16, with_torchs_kernel("int8")),
+    "int4": (torch.bfloat16, lambda m: quantize_linears(m, "int4", 32)),
+    "int4 torch kernel": (torch.bfloat16, with_torchs_kernel("int4")),
 }
 VARIANTS = {
     "llama": (LlamaConfig, {}),

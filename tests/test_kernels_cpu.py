@@ -66,7 +66,7 @@ def test_extension_is_built_and_used_by_auto_dispatch(monkeypatch):
     module = cpu.load()
     assert module is not None and all(hasattr(module, name) for name in cpu.FUNCTIONS)
     assert set(cpu.FUNCTIONS) == {"paged_attention_decode", "paged_attention_prefill", "rms_norm", "silu_and_mul",
-                                  "rotary_embedding", "int4_matmul", "int4_matmul_supported"}
+                                  "rotary_embedding", "int4_matmul", "int8_matmul", "vnni_matmul_supported"}
     assert not cpu._failed
     calls = []
     def recording(*args):  # the extension takes window 0 / soft_cap 0.0 for "off"; the reference None

@@ -34,7 +34,7 @@ KERNEL_CATEGORIES = {"paged_attention_decode": "attention", "paged_attention_pre
 RUNNER_LABEL = "lmport::model_runner"
 MATMUL_OPS = {"aten::mm", "aten::addmm", "aten::bmm", "aten::linear", "aten::matmul", "aten::_weight_int8pack_mm",
               "aten::_weight_int4pack_mm_for_cpu", "aten::mkldnn_linear", "mkldnn::_linear_pointwise",
-              "lmport::int4_matmul"}  # the last labelled by lmport.kernels.cpu_int4 itself
+              "lmport::int4_matmul", "lmport::int8_matmul"}  # the last two labelled by lmport.kernels.cpu_vnni
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -114,7 +114,7 @@ def _fused_linear(module: ModuleType, linear: Linear) -> object:
     """The C++ stack's view of a Linear: the same matmul op its forward calls."""
     form = linear.quantized
     if isinstance(form, Int8Weight):
-        return module.FusedLinear("int8", form.weight, form.scales, None, 0, linear.bias)
+        return module.FusedLinear("w8a8" if form.blocked else "int8", form.weight, form.scales, None, 0, linear.bias)
     if isinstance(form, Int4Weight) and form.offsets is not None:
         return module.FusedLinear("w4a8", form.packed, form.scales, form.offsets, form.group_size, linear.bias)
     if isinstance(form, Int4Weight):

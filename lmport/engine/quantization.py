@@ -1,18 +1,20 @@
 """Weight-only quantization of a loaded model's Linear layers, on CPU: `quantization="int8"` or `"int4"`.
 
-- int8: symmetric, one scale per output channel; the matmul is torch's `_weight_int8pack_mm` (activations stay in
-  the model dtype, the weight is widened inside the kernel). torch 2.13's kernel reads out of bounds on strided
-  rows and on input sizes that are not multiples of 16, so rows are made contiguous and such layers are refused.
-- int4: asymmetric, one scale and zero point per group of `quantization_group_size` (32, 64 or 128) input
-  channels. bf16 models on a CPU with AVX-512 VNNI run lmport's W4A8 kernel (lmport.kernels.cpu_int4): activations
-  rounded to int8 per 32 channels, integer dot products, 1.4-2.1x torch's kernel at decode batch sizes. Elsewhere, and
-  for float32 models, the weight is packed once with `_convert_weight_to_int4pack_for_cpu` and multiplied with
-  `_weight_int4pack_mm_for_cpu` (activations not rounded), whose convention is w = (q - 8) * scale + zero.
+bf16 models on a CPU with AVX-512 VNNI, under the "auto" kernel backend, run lmport's integer kernels
+(lmport.kernels.cpu_vnni): activations rounded to int8 per 32 channels, integer dot products with `vpdpbusd`. At
+decode batch sizes they are 1.4-2.1x (int4) and ~2x (int8) torch's kernels, which widen the weights to floating
+point (docs/performance.md). Elsewhere, and for float32 models, whose activations are never rounded:
 
-int8 is PyTorch's own CPU kernel: docs/performance.md measures it against the bf16 oneDNN path and against a
-hand-written AVX-512 GEMV, which was not faster. Every Linear is quantized, lm_head included (a tied embedding
-keeps its full-precision table); MoE experts, which are stacked tensors rather than Linears, stay in the model
-dtype.
+- int8: torch's `_weight_int8pack_mm` (activations stay in the model dtype, the weight is widened inside the
+  kernel). torch 2.13's kernel reads out of bounds on strided rows and on input sizes that are not multiples of 16,
+  so rows are made contiguous and such layers are refused.
+- int4: the weight is packed once with `_convert_weight_to_int4pack_for_cpu` and multiplied with
+  `_weight_int4pack_mm_for_cpu`, whose convention is w = (q - 8) * scale + zero.
+
+int8 is symmetric, one scale per output channel; int4 asymmetric, one scale and zero point per group of
+`quantization_group_size` (32, 64 or 128) input channels. Every Linear is quantized, lm_head included (a tied
+embedding keeps its full-precision table); MoE experts, which are stacked tensors rather than Linears, stay in the
+model dtype.
 """
 
 from __future__ import annotations
@@ -33,23 +35,53 @@ _INT4_INNER_K_TILES = 2  # what _convert_weight_to_int4pack_for_cpu packs for; K
 
 @dataclass(slots=True)
 class Int8Weight:
-    weight: torch.Tensor  # int8 [N, K]
-    scales: torch.Tensor  # [N], activation dtype
+    """Symmetric int8 codes (w = code * scale) in one of two kernels' layouts, chosen by `from_codes`.
+
+    - blocked False: torch's `_weight_int8pack_mm`; `weight` int8 [N, K], `scales` [N] in the activation dtype.
+    - blocked True: lmport's W8A8 kernel (lmport.kernels.cpu_vnni), for bf16 activations on CPUs with AVX-512 VNNI;
+      `weight` and `scales` are `pack_int8`'s two tensors (a scale per 32 channels).
+    """
+    weight: torch.Tensor
+    scales: torch.Tensor
+    out_features: int
+    blocked: bool = False
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, x.shape[-1])
-        return torch.ops.aten._weight_int8pack_mm(flat.contiguous(), self.weight,
-                                                  self.scales).reshape(*x.shape[:-1], -1)
+        if self.blocked:
+            y = cpu_kernels.int8_matmul(flat, self.weight, self.scales)
+        else:
+            y = torch.ops.aten._weight_int8pack_mm(flat.contiguous(), self.weight, self.scales)
+        return y.reshape(*x.shape[:-1], self.out_features)
 
     @classmethod
-    def quantize(cls, weight: torch.Tensor) -> Int8Weight:
+    def quantize(cls, weight: torch.Tensor, dtype: torch.dtype | None = None) -> Int8Weight:
+        """Per output channel: scale = max |w| / 127. `dtype`: the activations' (default: the weight's)."""
         w = weight.float()
         scales = (w.abs().amax(dim=1) / 127).clamp(min=torch.finfo(torch.float32).tiny)
         q = torch.clamp(torch.round(w / scales[:, None]), -127, 127).to(torch.int8)
-        return cls(q, scales.to(weight.dtype))
+        return cls.from_codes(q, scales[:, None], dtype or weight.dtype)
+
+    @classmethod
+    def from_codes(cls, codes: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype) -> Int8Weight:
+        """Codes int8 [N, K] with w = code * scale, scales [N, 1] (per channel) or [N, K / 32] (a GGUF's Q8_0
+        blocks). torch's kernel takes only the former: blocks are re-quantized per channel for it."""
+        n, k = codes.shape
+        if uses_vnni_matmul(n, k, dtype):
+            block_scales = scales.float().repeat_interleave(k // 32 // scales.shape[1], 1)
+            return cls(*pack_int8(codes, block_scales), n, blocked=True)
+        if scales.shape[1] != 1:
+            return cls.quantize(codes.float() * scales.float().repeat_interleave(32, 1), dtype)
+        return cls(codes.contiguous(), scales.reshape(n).to(dtype), n)
 
     def dequantize(self) -> torch.Tensor:
-        return self.weight.float() * self.scales.float()[:, None]
+        """The weight [N, K] in float32."""
+        if not self.blocked:
+            return self.weight.float() * self.scales.float()[:, None]
+        tiles, chunks = self.weight.shape[:2]
+        codes = self.weight.permute(0, 2, 1, 3).reshape(tiles * 4, chunks * 64).to(torch.int16) - 128
+        scales = self.scales.permute(0, 2, 1, 3).reshape(tiles * 4, chunks * 2)
+        return codes.float() * scales.repeat_interleave(32, 1)
 
 
 @dataclass(slots=True)
@@ -58,7 +90,7 @@ class Int4Weight:
 
     - offsets None: torch's `_weight_int4pack_mm_for_cpu`; `packed` is `_convert_weight_to_int4pack_for_cpu`'s
       layout and `scales` its scales_and_zeros [K / group_size, N, 2] in the activation dtype.
-    - offsets set: lmport's W4A8 kernel (lmport.kernels.cpu_int4), for bf16 activations on CPUs with AVX-512 VNNI;
+    - offsets set: lmport's W4A8 kernel (lmport.kernels.cpu_vnni), for bf16 activations on CPUs with AVX-512 VNNI;
       `packed`, `scales` and `offsets` are `pack_int4`'s three tensors.
     """
     packed: torch.Tensor
@@ -89,7 +121,7 @@ class Int4Weight:
                    dtype: torch.dtype) -> Int4Weight:
         """Codes [N, K] in 0..15 with w = code * scale + offset per group ([N, K / group_size] each)."""
         n, k = codes.shape
-        if uses_int4_matmul(n, k, group_size, dtype):
+        if group_size % 32 == 0 and uses_vnni_matmul(n, k, dtype):
             repeat = group_size // 32
             packed, block_scales, block_offsets = pack_int4(codes, scales.float().repeat_interleave(repeat, 1),
                                                             offsets.float().repeat_interleave(repeat, 1))
@@ -100,25 +132,39 @@ class Int4Weight:
         return cls(packed, group_size, scales_and_zeros, n)
 
 
-def uses_int4_matmul(out_features: int, in_features: int, group_size: int, dtype: torch.dtype) -> bool:
-    """Whether an int4 Linear of this shape runs lmport's W4A8 kernel: bf16 activations, the kernel backend "auto"
-    (in force while the model loads), a CPU with AVX-512 VNNI, and shapes its tiles divide. float32 models keep
-    torch's kernel, whose activations are not rounded."""
-    return (dtype == torch.bfloat16 and out_features % 4 == 0 and in_features % 64 == 0 and group_size % 32 == 0
-            and kernels.get_backend() == "auto" and cpu_kernels.int4_matmul_supported())
+def uses_vnni_matmul(out_features: int, in_features: int, dtype: torch.dtype) -> bool:
+    """Whether an int8 or int4 Linear of this shape runs lmport's integer kernels (lmport.kernels.cpu_vnni): bf16
+    activations, the kernel backend "auto" (in force while the model loads), a CPU with AVX-512 VNNI, and shapes
+    their tiles divide. float32 models keep torch's kernels, whose activations are not rounded."""
+    return (dtype == torch.bfloat16 and out_features % 4 == 0 and in_features % 64 == 0
+            and kernels.get_backend() == "auto" and cpu_kernels.vnni_matmul_supported())
+
+
+def tile_block_scales(block_scales: torch.Tensor) -> torch.Tensor:
+    """Per-32-channel scales [N, K / 32] -> float [N/4, K/64, 4, 2]: each tile's and 64 channels' next to its codes."""
+    n, blocks = block_scales.shape
+    return block_scales.float().reshape(n // 4, 4, blocks // 2, 2).permute(0, 2, 1, 3).contiguous()
 
 
 def pack_int4(codes: torch.Tensor, block_scales: torch.Tensor,
               block_offsets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Codes [N, K] in 0..15 and per-32-channel scales / offsets [N, K / 32] -> lmport.kernels.cpu_int4's layout:
+    """Codes [N, K] in 0..15 and per-32-channel scales / offsets [N, K / 32] -> lmport.kernels.cpu_vnni's layout:
     codes uint8 [N/4, K/64, 4, 32] (channel j of a 64-channel chunk in byte j's low nibble, j + 32 in its high one),
     scales float [N/4, K/64, 4, 2], offsets float [N/4, K/32, 4]."""
     n, k = codes.shape
     chunked = codes.to(torch.uint8).reshape(n // 4, 4, k // 64, 2, 32)
     packed = (chunked[:, :, :, 0] | (chunked[:, :, :, 1] << 4)).permute(0, 2, 1, 3).contiguous()
-    scales = block_scales.float().reshape(n // 4, 4, k // 64, 2).permute(0, 2, 1, 3).contiguous()
     offsets = block_offsets.float().reshape(n // 4, 4, k // 32).permute(0, 2, 1).contiguous()
-    return packed, scales, offsets
+    return packed, tile_block_scales(block_scales), offsets
+
+
+def pack_int8(codes: torch.Tensor, block_scales: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Codes int8 [N, K] and per-32-channel scales [N, K / 32] -> lmport.kernels.cpu_vnni's int8 layout: code + 128
+    as uint8 [N/4, K/64, 4, 64], scales float [N/4, K/64, 4, 2]."""
+    n, k = codes.shape
+    unsigned = (codes.to(torch.int16) + 128).to(torch.uint8)
+    packed = unsigned.reshape(n // 4, 4, k // 64, 64).permute(0, 2, 1, 3).contiguous()
+    return packed, tile_block_scales(block_scales)
 
 
 def check_quantizable(model: nn.Module, method: str, group_size: int, device: torch.device) -> None:

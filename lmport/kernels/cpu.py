@@ -37,8 +37,8 @@ import torch
 
 from lmport.kernels import reference
 from lmport.kernels.cpu_decoder import DECODER_BINDINGS, DECODER_SOURCE
-from lmport.kernels.cpu_int4 import INT4_SOURCE
 from lmport.kernels.cpu_prefill import PREFILL_SOURCE
+from lmport.kernels.cpu_vnni import VNNI_SOURCE
 
 logger = logging.getLogger("lmport")
 
@@ -46,7 +46,7 @@ CFLAGS = ("-O3", "-march=native", "-fopenmp")
 LDFLAGS = ("-fopenmp",)
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 FUNCTIONS = ["paged_attention_decode", "paged_attention_prefill", "rms_norm", "silu_and_mul", "rotary_embedding",
-             "int4_matmul", "int4_matmul_supported"]
+             "int4_matmul", "int8_matmul", "vnni_matmul_supported"]
 
 CPP_SOURCE = r"""
 #include <torch/extension.h>
@@ -596,7 +596,7 @@ std::vector<at::Tensor> rotary_embedding(at::Tensor positions, at::Tensor q, at:
 }
 
 #pragma GCC pop_options
-""" + PREFILL_SOURCE + INT4_SOURCE + DECODER_SOURCE + "\nPYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {\n" + "".join(
+""" + PREFILL_SOURCE + VNNI_SOURCE + DECODER_SOURCE + "\nPYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {\n" + "".join(
     f'  m.def("{name}", &{name});\n' for name in FUNCTIONS) + DECODER_BINDINGS + "}\n"
 
 _lock = threading.Lock()
@@ -765,19 +765,29 @@ def rotary_embedding(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, 
     return q_out, k_out
 
 
-def int4_matmul_supported() -> bool:
-    """Whether int4_matmul runs here: the extension builds and its compiler targets AVX-512 VNNI."""
+def vnni_matmul_supported() -> bool:
+    """Whether int4_matmul and int8_matmul run here: the extension builds and its compiler targets AVX-512 VNNI."""
     module = load()
-    return module is not None and module.int4_matmul_supported()
+    return module is not None and module.vnni_matmul_supported()
+
+
+def _vnni_module(name: str) -> ModuleType:
+    module = load()
+    if module is None:
+        raise RuntimeError(f"{name} needs lmport's CPU C++ kernels, which could not be built")
+    return module
 
 
 def int4_matmul(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
-    """bf16 x [M, K] times int4 weights in lmport.kernels.cpu_int4's layout (lmport.engine.quantization.pack_int4
-    builds it) -> bf16 [M, N]; x is rounded to int8 per 32 channels. Only where int4_matmul_supported()."""
-    module = load()
-    if module is None:
-        raise RuntimeError("int4_matmul needs lmport's CPU C++ kernels, which could not be built")
-    return module.int4_matmul(x.contiguous(), packed, scales, offsets)
+    """bf16 x [M, K] times int4 weights in lmport.kernels.cpu_vnni's layout (lmport.engine.quantization.pack_int4
+    builds it) -> bf16 [M, N]; x is rounded to int8 per 32 channels. Only where vnni_matmul_supported()."""
+    return _vnni_module("int4_matmul").int4_matmul(x.contiguous(), packed, scales, offsets)
+
+
+def int8_matmul(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """bf16 x [M, K] times int8 weights in lmport.kernels.cpu_vnni's layout (lmport.engine.quantization.pack_int8
+    builds it) -> bf16 [M, N]; x is rounded to int8 per 32 channels. Only where vnni_matmul_supported()."""
+    return _vnni_module("int8_matmul").int8_matmul(x.contiguous(), packed, scales)
 
 
 def _bench(argv: list[str] | None = None) -> None:

@@ -54,11 +54,11 @@ auto recorded(const char* label, Fn&& fn) {
 }  // namespace
 
 struct FusedLinear {
-  enum class Kind { plain, packed, int8, int4, w4a8 };
+  enum class Kind { plain, packed, int8, int4, w4a8, w8a8 };
   Kind kind;
   at::Tensor weight;   // plain [N, K]; packed: oneDNN's layout; int8 [N, K]; int4: _convert_weight_to_int4pack's;
-                       // w4a8: lmport.kernels.cpu_int4's
-  at::Tensor scales;   // int8: per-channel scales; int4: scales_and_zeros; w4a8: block scales; else undefined
+                       // w4a8, w8a8: lmport.kernels.cpu_vnni's
+  at::Tensor scales;   // int8: per-channel scales; int4: scales_and_zeros; w4a8, w8a8: block scales; else undefined
   at::Tensor offsets;  // w4a8: block offsets; else undefined
   int64_t group_size;
   c10::optional<at::Tensor> bias;
@@ -72,7 +72,8 @@ struct FusedLinear {
     else if (kind_name == "int8") kind = Kind::int8;
     else if (kind_name == "int4") kind = Kind::int4;
     else if (kind_name == "w4a8") kind = Kind::w4a8;
-    else TORCH_CHECK(false, "FusedLinear kind must be plain, packed, int8, int4 or w4a8; got ", kind_name);
+    else if (kind_name == "w8a8") kind = Kind::w8a8;
+    else TORCH_CHECK(false, "FusedLinear kind must be plain, packed, int8, int4, w4a8 or w8a8; got ", kind_name);
     TORCH_CHECK((kind == Kind::plain || kind == Kind::packed) || this->scales.defined(), kind_name, " needs scales");
     TORCH_CHECK(kind != Kind::w4a8 || this->offsets.defined(), "w4a8 needs offsets");
   }
@@ -84,6 +85,7 @@ struct FusedLinear {
       case Kind::int8: return with_bias(at::_weight_int8pack_mm(x.contiguous(), weight, scales));
       case Kind::int4: return with_bias(at::_weight_int4pack_mm_for_cpu(x, weight, group_size, scales));
       case Kind::w4a8: return with_bias(int4_matmul(x.contiguous(), weight, scales, offsets));
+      case Kind::w8a8: return with_bias(int8_matmul(x.contiguous(), weight, scales));
     }
     TORCH_CHECK(false, "unreachable");
   }
