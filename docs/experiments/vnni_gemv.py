@@ -1,62 +1,90 @@
-"""W4A8 on AVX-512 VNNI: int4 weight codes times int8-quantized activations with `vpdpbusd`, against torch's
-`_weight_int4pack_mm_for_cpu` (which widens the codes and multiplies in floating point). Reproduce:
+"""lmport's integer matmuls on AVX-512 VNNI (lmport.kernels.cpu_vnni: W4A8 and W8A8 with `vpdpbusd`) against torch's
+`_weight_int4pack_mm_for_cpu` and `_weight_int8pack_mm` (which widen the weights and multiply in floating point), as
+a decode step of the bundled model calls them. Reproduce:
 
-    .venv/bin/python docs/experiments/int4_vnni_gemv.py
+    .venv/bin/python docs/experiments/vnni_gemv.py [--bits 4 8] [--rows 1 2 4 8 32]
 
-The kernel is lmport.kernels.cpu_int4 (this script times the package's own build of it). The layout: weight rows in tiles of 4; per tile and 64 input channels, 4 x 32 bytes, byte j of a row holding the
-code of channel j in its low nibble and of channel j + 32 in its high one, so one 32-byte load unpacks into 64 codes
-in channel order. Activations are quantized per row and per 32 channels to int8 (scale = max |x| / 127), as llama.cpp
-quantizes activations for its Q4 / Q8 dot products; the group offsets are applied through per-32 sums of the exact
-activations.
+A "token" is every matmul of the model once, on distinct weights (30 layers of q/k/v, o, gate/up and down, then
+lm_head), so each call reads its weight from memory, as in a decode step. This script times the package's own build
+of the kernels. lmport's and torch's tokens alternate, in rounds; the best round of each is kept (the machine may be
+shared).
 """
 
+import argparse
 import time
+from collections.abc import Callable
+from functools import partial
 
 import torch
 
-from lmport.engine.quantization import Int4Weight, pack_int4
+from lmport import kernels
+from lmport.engine.quantization import Int4Weight, Int8Weight
 from lmport.kernels import cpu
 
+SHAPES = ((960, 576), (576, 576), (3072, 576), (576, 1536))  # a layer: qkv, o, gate_up, down
+LM_HEAD = (49152, 576)
+LAYERS = 30
 
-def bench(fn, n: int = 100) -> float:
-    for _ in range(3):
+
+def best_of(fns: list[Callable[[], object]], rounds: int = 5) -> list[float]:
+    """Seconds per call of each fn: the best of `rounds` calls, the fns' calls interleaved."""
+    best = [float("inf")] * len(fns)
+    for fn in fns:
         fn()
-    start = time.perf_counter()
-    for _ in range(n):
-        fn()
-    return (time.perf_counter() - start) / n
+    for _ in range(rounds):
+        for i, fn in enumerate(fns):
+            start = time.perf_counter()
+            fn()
+            best[i] = min(best[i], time.perf_counter() - start)
+    return best
+
+
+def forms(weight: torch.Tensor, bits: int) -> tuple[object, object]:
+    """(lmport's form, torch's form) of a bf16 weight."""
+    def make() -> object:
+        return Int4Weight.quantize(weight, 32) if bits == 4 else Int8Weight.quantize(weight)
+    own = make()
+    with kernels.use_backend("torch"):
+        theirs = make()
+    return own, theirs
+
+
+def nbytes(form: object) -> int:
+    return sum(t.nbytes for t in (getattr(form, name, None) for name in ("weight", "packed", "scales", "offsets"))
+               if isinstance(t, torch.Tensor))
+
+
+def token(matmuls: list[tuple[object, object, int]], inputs: dict[int, torch.Tensor], side: int) -> None:
+    for *pair, k in matmuls:
+        pair[side].matmul(inputs[k])
 
 
 def main() -> None:
-    assert cpu.int4_matmul_supported(), "needs lmport's CPU kernels built for AVX-512 VNNI"
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--bits", type=int, nargs="+", default=[4, 8], choices=[4, 8])
+    parser.add_argument("--rows", type=int, nargs="+", default=[1, 2, 4, 8, 32])
+    args = parser.parse_args()
+    assert cpu.vnni_matmul_supported(), "needs lmport's CPU kernels built for AVX-512 VNNI"
     torch.manual_seed(0)
     torch.set_num_threads(2)
-    shapes = ((960, 576), (576, 576), (3072, 576), (576, 1536), (49152, 576))
-    for M in (1, 2, 4, 8, 32):
-        totals = [0.0, 0.0]
-        for N, K in shapes:
-            w = torch.randn(N, K, dtype=torch.bfloat16)
-            groups = w.float().reshape(N, K // 32, 32)
-            low, high = groups.amin(-1), groups.amax(-1)
-            s = ((high - low) / 15).clamp(min=1e-30)
-            q = torch.clamp(torch.round((groups - low[..., None]) / s[..., None]), 0, 15).reshape(N, K)
-            ref = Int4Weight.from_codes(q.to(torch.int32), s, low, 32, torch.float32)  # torch's kernel
-            ref.scales = ref.scales.to(torch.bfloat16)
-            deq = (q.reshape(N, K // 32, 32) * s[..., None] + low[..., None]).reshape(N, K)
-            P, S, O = pack_int4(q, s, low)
-            x = torch.randn(M, K, dtype=torch.bfloat16)
-            exact = x.float() @ deq.T
-            err = ((cpu.int4_matmul(x, P, S, O).float() - exact).abs().max() / exact.abs().max()).item()
-            err_torch = ((ref.matmul(x).float() - exact).abs().max() / exact.abs().max()).item()
-            calls = 20 if N > 10000 else 300
-            own, theirs = bench(lambda: cpu.int4_matmul(x, P, S, O), calls), bench(lambda: ref.matmul(x), calls)
-            weight = 30 if N < 10000 else 1  # a decode step: 30 layers of each projection, one lm_head
-            totals[0] += own * weight
-            totals[1] += theirs * weight
-            print(f"M={M} N={N} K={K}: max rel. error own {err:.1e}, torch {err_torch:.1e}; own {own * 1e6:.1f} us, "
-                  f"torch {theirs * 1e6:.1f} us, own/torch speed {theirs / own:.2f}x")
-        print(f"M={M} a token's matmuls: own {totals[0] * 1e3:.2f} ms, torch {totals[1] * 1e3:.2f} ms, "
-              f"{totals[1] / totals[0]:.2f}x")
+    for bits in args.bits:
+        layers = [shape for _ in range(LAYERS) for shape in SHAPES]
+        matmuls = [(*forms(torch.randn(n, k, dtype=torch.bfloat16) * 0.05, bits), k) for n, k in layers]
+        lm_head = torch.randn(*LM_HEAD, dtype=torch.bfloat16)
+        matmuls.append((*forms(lm_head, bits), LM_HEAD[1]))
+        sizes = [nbytes(own) for own, _, _ in matmuls], [nbytes(theirs) for _, theirs, _ in matmuls]
+        x = torch.randn(4, LM_HEAD[1], dtype=torch.bfloat16)
+        exact = x.double() @ lm_head.double().T
+        errors = [((form.matmul(x).double() - exact).norm() / exact.norm()).item() for form in matmuls[-1][:2]]
+        print(f"int{bits}: weights {sum(sizes[0]) / 1e6:.0f} MB (lmport's layout), {sum(sizes[1]) / 1e6:.0f} MB "
+              f"(torch's); lm_head relative error against the bf16 weight: lmport {errors[0]:.1e}, "
+              f"torch {errors[1]:.1e}")
+        for m in args.rows:
+            inputs = {k: torch.randn(m, k, dtype=torch.bfloat16) for _, k in SHAPES}
+            times = best_of([partial(token, matmuls, inputs, 0), partial(token, matmuls, inputs, 1)])
+            print(f"int{bits} M={m}: lmport {times[0] * 1e3:.2f} ms a token ({sum(sizes[0]) / times[0] / 1e9:.1f} "
+                  f"GB/s), torch {times[1] * 1e3:.2f} ms ({sum(sizes[1]) / times[1] / 1e9:.1f} GB/s), "
+                  f"{times[1] / times[0]:.2f}x", flush=True)
 
 
 if __name__ == "__main__":

@@ -2,9 +2,11 @@
 
 Q4_0, Q4_1 and Q4_K hold 4-bit codes with a scale and an offset per 32 weights (w = code * scale + offset), which is
 exactly lmport's int4 form (`Int4Weight`, group size 32): the codes are copied, not re-quantized, so the weights are
-the file's own. Q8_0 (8-bit codes, a scale per 32 weights) has no group-wise int8 kernel in PyTorch, so those
-tensors become per-channel int8 re-quantized from their values; every other type (F32, F16, Q5_*, Q6_K, ...) stays
-in the model dtype. The rest of the model (norms, embeddings) loads from the converted directory as always.
+the file's own. Q8_0 (signed 8-bit codes, a scale per 32 weights) is lmport's int8 form with block scales
+(`Int8Weight`) where lmport's W8A8 kernel runs (bf16 on AVX-512 VNNI), codes copied too; elsewhere torch's int8
+kernel takes per-channel scales only, so those tensors are re-quantized per channel from their values. Every other
+type (F32, F16, Q5_*, Q6_K, ...) stays in the model dtype. The rest of the model (norms, embeddings) loads from the
+converted directory as always.
 
 The block layouts are ggml's (ggml-common.h; gguf-py's quants.py dequantizes the same blocks, and the tests check
 these codes against it). They are parsed here with numpy because no library hands out the codes themselves.
@@ -30,7 +32,7 @@ Q4_TYPES = ("Q4_0", "Q4_1", "Q4_K")
 # architectures whose converter permutes q/k rows into llama.cpp's interleaved rotary layout (transformers undoes it)
 _PERMUTED_QK = ("llama", "mistral")
 
-Blocks = tuple[np.ndarray, np.ndarray, np.ndarray]  # codes [N, K] 0..15, scales [N, K/32], offsets [N, K/32]
+Blocks = tuple[np.ndarray, np.ndarray, np.ndarray]  # codes [N, K], scales [N, K/32], offsets [N, K/32]
 
 
 def checked_gguf_source(model_dir: Path, device: torch.device, sharded: bool) -> Path:
@@ -91,11 +93,18 @@ def _q4_k(rows: np.ndarray) -> Blocks:
     return codes, (d * sc).reshape(n, -1), (-dmin * mn).reshape(n, -1)
 
 
-_PARSERS: dict[str, Callable[[np.ndarray], Blocks]] = {"Q4_0": _q4_0, "Q4_1": _q4_1, "Q4_K": _q4_k}
+def _q8_0(rows: np.ndarray) -> Blocks:
+    blocks = rows.reshape(rows.shape[0], -1, 34)  # d (f16), 32 signed codes; w = q * d
+    d = _f16(blocks[..., 0:2]).squeeze(-1)
+    return blocks[..., 2:].copy().view(np.int8).reshape(rows.shape[0], -1), d, np.zeros_like(d)
 
 
-def q4_blocks(tensor: object) -> Blocks:
-    """(codes, scales, offsets) of a GGUFReader tensor of a Q4 type, rows as in the file ([out, in] of a Linear)."""
+_PARSERS: dict[str, Callable[[np.ndarray], Blocks]] = {"Q4_0": _q4_0, "Q4_1": _q4_1, "Q4_K": _q4_k, "Q8_0": _q8_0}
+
+
+def quantized_blocks(tensor: object) -> Blocks:
+    """(codes, scales, offsets) of a GGUFReader tensor of a Q4 type (codes 0..15) or Q8_0 (int8 codes, offsets 0),
+    rows as in the file ([out, in] of a Linear)."""
     rows = np.asarray(tensor.data, dtype=np.uint8)  # type: ignore[attr-defined]
     return _PARSERS[tensor.tensor_type.name](rows.reshape(rows.shape[0], -1))  # type: ignore[attr-defined]
 
@@ -139,10 +148,13 @@ def load_gguf_linears(model: nn.Module, gguf_path: Path, dtype: torch.dtype) -> 
         types = {t.tensor_type.name if t is not None else None for _, t in parts}  # type: ignore[attr-defined]
         out_features = module.weight.shape[0]
         if types <= set(Q4_TYPES) and out_features % 16 == 0:
-            attach_quantized(module, _int4_from_parts(parts, arch_name, heads, dtype), shared)
+            codes, scales, offsets = _blocks_of_parts(parts, arch_name, heads)
+            attach_quantized(module, Int4Weight.from_codes(codes.to(torch.int32), scales, offsets, GROUP_SIZE, dtype),
+                             shared)
             counts["int4"] += 1
         elif types == {"Q8_0"}:
-            attach_quantized(module, Int8Weight.quantize(module.weight.detach().to(dtype)), shared)
+            codes, scales, _ = _blocks_of_parts(parts, arch_name, heads)
+            attach_quantized(module, Int8Weight.from_codes(codes, scales, dtype), shared)
             counts["int8"] += 1
         else:
             counts["unchanged"] += 1
@@ -151,11 +163,13 @@ def load_gguf_linears(model: nn.Module, gguf_path: Path, dtype: torch.dtype) -> 
     return counts
 
 
-def _int4_from_parts(parts: list[tuple[str, object]], arch: str, heads: dict[str, int],
-                     dtype: torch.dtype) -> Int4Weight:
+def _blocks_of_parts(parts: list[tuple[str, object]], arch: str,
+                     heads: dict[str, int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The codes, scales and offsets of a Linear's checkpoint parts (q, k, v of a fused qkv), rows in transformers'
+    order, stacked."""
     codes, scales, offsets = [], [], []
     for hf_name, tensor in parts:
-        c, s, o = q4_blocks(tensor)
+        c, s, o = quantized_blocks(tensor)
         leaf = hf_name.rpartition(".")[2]
         if arch in _PERMUTED_QK and leaf in heads:
             order = _unpermute_rows(c.shape[0], heads[leaf])
@@ -163,6 +177,4 @@ def _int4_from_parts(parts: list[tuple[str, object]], arch: str, heads: dict[str
         codes.append(c)
         scales.append(s)
         offsets.append(o)
-    return Int4Weight.from_codes(torch.from_numpy(np.concatenate(codes)).to(torch.int32),
-                                 torch.from_numpy(np.concatenate(scales)), torch.from_numpy(np.concatenate(offsets)),
-                                 GROUP_SIZE, dtype)
+    return tuple(torch.from_numpy(np.concatenate(blocks)) for blocks in (codes, scales, offsets))  # type: ignore[return-value]
