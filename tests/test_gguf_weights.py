@@ -100,7 +100,8 @@ def test_the_engine_runs_the_files_own_codes(tmp_path: Path, monkeypatch: pytest
                                atol=1e-4, rtol=0)
 
 
-@pytest.mark.skipif(not cpu.vnni_matmul_supported(), reason="this CPU (or its compiler target) has no AVX-512 VNNI")
+@pytest.mark.skipif(cpu.available() and not cpu.vnni_matmul_supported(),
+                    reason="this CPU (or its compiler target) has no AVX-512 VNNI")
 def test_bf16_q8_0_tensors_keep_the_files_codes_and_block_scales(tmp_path: Path,
                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
     """On lmport's W8A8 kernel every Q8_0 Linear whose shape its tiles divide holds exactly the file's weights

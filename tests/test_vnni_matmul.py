@@ -16,14 +16,20 @@ from lmport import kernels
 from lmport.engine.quantization import Int4Weight, Int8Weight, pack_int4, pack_int8, uses_vnni_matmul
 from lmport.kernels import cpu
 
-pytestmark = pytest.mark.skipif(not cpu.vnni_matmul_supported(),
+# a build that failed is a failure (every test then raises), not a skip: only a CPU without VNNI skips
+pytestmark = pytest.mark.skipif(cpu.available() and not cpu.vnni_matmul_supported(),
                                 reason="this CPU (or its compiler target) has no AVX-512 VNNI")
+
+
+def fp16_valued(values: torch.Tensor) -> torch.Tensor:
+    """The kernels keep block scales and offsets in fp16 (as GGUF does): test values they hold exactly."""
+    return values.half().float()
 
 
 def random_codes(n: int, k: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     codes = torch.randint(0, 16, (n, k), generator=gen)
-    scales = torch.rand(n, k // 32, generator=gen) * 0.1 + 0.01
-    offsets = torch.randn(n, k // 32, generator=gen) * 0.5
+    scales = fp16_valued(torch.rand(n, k // 32, generator=gen) * 0.1 + 0.01)
+    offsets = fp16_valued(torch.randn(n, k // 32, generator=gen) * 0.5)
     return codes, scales, offsets
 
 
@@ -94,8 +100,8 @@ def test_bf16_int4_weights_take_the_w4a8_layout_and_multiply_like_the_reference(
     gen = torch.Generator().manual_seed(group_size)
     n, k = 24, 256
     codes = torch.randint(0, 16, (n, k), generator=gen)
-    scales = torch.rand(n, k // group_size, generator=gen) * 0.1 + 0.01
-    offsets = torch.randn(n, k // group_size, generator=gen)
+    scales = fp16_valued(torch.rand(n, k // group_size, generator=gen) * 0.1 + 0.01)
+    offsets = fp16_valued(torch.randn(n, k // group_size, generator=gen))
     weight = Int4Weight.from_codes(codes, scales, offsets, group_size, torch.bfloat16)
     assert weight.offsets is not None
     x = torch.randn(2, 3, k, generator=gen).to(torch.bfloat16)
@@ -119,21 +125,23 @@ def test_float32_models_the_torch_backend_and_odd_shapes_keep_torchs_kernels():
     assert not int8.blocked and int8.weight.shape == (16, 64) and int8.scales.shape == (16,)
 
 
-def random_int8(n: int, k: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+def random_int8(n: int, k: int, gen: torch.Generator, per_row: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Codes and scales [N, K/32], or [N, 1] with `per_row`."""
     codes = torch.randint(-127, 128, (n, k), generator=gen, dtype=torch.int8)
-    return codes, torch.rand(n, k // 32, generator=gen) * 0.01 + 0.001
+    return codes, fp16_valued(torch.rand(n, 1 if per_row else k // 32, generator=gen) * 0.01 + 0.001)
 
 
+@pytest.mark.parametrize("per_row", [False, True], ids=["block scales", "row scales"])
 @pytest.mark.parametrize(("m", "n", "k"), [(1, 8, 64), (3, 12, 128), (4, 16, 192), (5, 8, 64), (9, 20, 576)])
-def test_int8_matmul_is_its_arithmetic_written_out(m, n, k):
+def test_int8_matmul_is_its_arithmetic_written_out(m, n, k, per_row):
     gen = torch.Generator().manual_seed(m * 1000 + n + k)
-    codes, scales = random_int8(n, k, gen)
+    codes, scales = random_int8(n, k, gen, per_row)
     codes[0, :32] = -127  # the extremes: the +128 bias and its correction must cancel exactly
     codes[1, 32:64] = 127
     x = torch.randn(m, k, generator=gen).to(torch.bfloat16)
     y = cpu.int8_matmul(x, *pack_int8(codes, scales))
     assert y.dtype == torch.bfloat16 and y.shape == (m, n)
-    assert close_to_the_reference(y, blocked_dot(x, codes, scales))
+    assert close_to_the_reference(y, blocked_dot(x, codes, scales.expand(n, k // 32)))
 
 
 def test_int8_matmul_approximates_the_w8a16_matmul_and_takes_a_zero_row():
@@ -156,6 +164,8 @@ def test_int8_matmul_names_a_wrong_layout():
         cpu.int8_matmul(torch.zeros(1, 128), packed, scales)
     with pytest.raises(RuntimeError, match=r"32\] for x's K"):  # int4's layout is not int8's
         cpu.int4_matmul(torch.zeros(1, 128, dtype=torch.bfloat16), packed, scales, torch.zeros(2, 4, 4))
+    with pytest.raises(RuntimeError, match=r"float \[N\] \(one per row\)"):
+        cpu.int8_matmul(torch.zeros(1, 128, dtype=torch.bfloat16), packed, torch.ones(7))
 
 
 def test_bf16_int8_weights_take_the_w8a8_layout_per_channel_or_per_block():
@@ -163,7 +173,7 @@ def test_bf16_int8_weights_take_the_w8a8_layout_per_channel_or_per_block():
     n, k = 24, 256
     weight = torch.randn(n, k, generator=gen).to(torch.bfloat16)
     per_channel = Int8Weight.quantize(weight)
-    assert per_channel.blocked
+    assert per_channel.blocked and per_channel.scales.shape == (n,)  # applied once a row
     scales = weight.float().abs().amax(1) / 127
     codes = torch.round(weight.float() / scales[:, None]).to(torch.int8)
     torch.testing.assert_close(per_channel.dequantize(), codes.float() * scales[:, None], rtol=0, atol=0)

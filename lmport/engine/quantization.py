@@ -39,7 +39,7 @@ class Int8Weight:
 
     - blocked False: torch's `_weight_int8pack_mm`; `weight` int8 [N, K], `scales` [N] in the activation dtype.
     - blocked True: lmport's W8A8 kernel (lmport.kernels.cpu_vnni), for bf16 activations on CPUs with AVX-512 VNNI;
-      `weight` and `scales` are `pack_int8`'s two tensors (a scale per 32 channels).
+      `weight` and `scales` are `pack_int8`'s two tensors (float scales [N], or float16 per 32 channels).
     """
     weight: torch.Tensor
     scales: torch.Tensor
@@ -68,8 +68,7 @@ class Int8Weight:
         blocks). torch's kernel takes only the former: blocks are re-quantized per channel for it."""
         n, k = codes.shape
         if uses_vnni_matmul(n, k, dtype):
-            block_scales = scales.float().repeat_interleave(k // 32 // scales.shape[1], 1)
-            return cls(*pack_int8(codes, block_scales), n, blocked=True)
+            return cls(*pack_int8(codes, scales), n, blocked=True)
         if scales.shape[1] != 1:
             return cls.quantize(codes.float() * scales.float().repeat_interleave(32, 1), dtype)
         return cls(codes.contiguous(), scales.reshape(n).to(dtype), n)
@@ -79,9 +78,10 @@ class Int8Weight:
         if not self.blocked:
             return self.weight.float() * self.scales.float()[:, None]
         tiles, chunks = self.weight.shape[:2]
-        codes = self.weight.permute(0, 2, 1, 3).reshape(tiles * 4, chunks * 64).to(torch.int16) - 128
-        scales = self.scales.permute(0, 2, 1, 3).reshape(tiles * 4, chunks * 2)
-        return codes.float() * scales.repeat_interleave(32, 1)
+        codes = (self.weight.permute(0, 2, 1, 3).reshape(tiles * 4, chunks * 64).to(torch.int16) - 128).float()
+        if self.scales.dim() == 1:
+            return codes * self.scales[:, None]
+        return codes * self.scales.permute(0, 2, 1, 3).reshape(tiles * 4, chunks * 2).float().repeat_interleave(32, 1)
 
 
 @dataclass(slots=True)
@@ -141,30 +141,32 @@ def uses_vnni_matmul(out_features: int, in_features: int, dtype: torch.dtype) ->
 
 
 def tile_block_scales(block_scales: torch.Tensor) -> torch.Tensor:
-    """Per-32-channel scales [N, K / 32] -> float [N/4, K/64, 4, 2]: each tile's and 64 channels' next to its codes."""
+    """Per-32-channel scales [N, K / 32] -> float16 [N/4, K/64, 4, 2]: each tile's and 64 channels' together."""
     n, blocks = block_scales.shape
-    return block_scales.float().reshape(n // 4, 4, blocks // 2, 2).permute(0, 2, 1, 3).contiguous()
+    return block_scales.to(torch.float16).reshape(n // 4, 4, blocks // 2, 2).permute(0, 2, 1, 3).contiguous()
 
 
 def pack_int4(codes: torch.Tensor, block_scales: torch.Tensor,
               block_offsets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Codes [N, K] in 0..15 and per-32-channel scales / offsets [N, K / 32] -> lmport.kernels.cpu_vnni's layout:
     codes uint8 [N/4, K/64, 4, 32] (channel j of a 64-channel chunk in byte j's low nibble, j + 32 in its high one),
-    scales float [N/4, K/64, 4, 2], offsets float [N/4, K/32, 4]."""
+    scales float16 [N/4, K/64, 4, 2], offsets float16 [N/4, K/32, 4]."""
     n, k = codes.shape
     chunked = codes.to(torch.uint8).reshape(n // 4, 4, k // 64, 2, 32)
     packed = (chunked[:, :, :, 0] | (chunked[:, :, :, 1] << 4)).permute(0, 2, 1, 3).contiguous()
-    offsets = block_offsets.float().reshape(n // 4, 4, k // 32).permute(0, 2, 1).contiguous()
+    offsets = block_offsets.to(torch.float16).reshape(n // 4, 4, k // 32).permute(0, 2, 1).contiguous()
     return packed, tile_block_scales(block_scales), offsets
 
 
-def pack_int8(codes: torch.Tensor, block_scales: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Codes int8 [N, K] and per-32-channel scales [N, K / 32] -> lmport.kernels.cpu_vnni's int8 layout: code + 128
-    as uint8 [N/4, K/64, 4, 64], scales float [N/4, K/64, 4, 2]."""
+def pack_int8(codes: torch.Tensor, scales: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Codes int8 [N, K] and scales [N, 1] (per row) or [N, K / 32] (per 32 channels) -> lmport.kernels.cpu_vnni's
+    int8 layout: code + 128 as uint8 [N/4, K/64, 4, 64]; scales float [N], or float16 [N/4, K/64, 4, 2]."""
     n, k = codes.shape
     unsigned = (codes.to(torch.int16) + 128).to(torch.uint8)
     packed = unsigned.reshape(n // 4, 4, k // 64, 64).permute(0, 2, 1, 3).contiguous()
-    return packed, tile_block_scales(block_scales)
+    if scales.shape[1] == 1:
+        return packed, scales.float().reshape(n).contiguous()
+    return packed, tile_block_scales(scales)
 
 
 def check_quantizable(model: nn.Module, method: str, group_size: int, device: torch.device) -> None:

@@ -10,15 +10,17 @@ integer dot product is scaled in fp32 by the weight's and the activation's scale
 
 - int4 (`int4_matmul`): codes 0..15 with w = code * scale + offset per 32 channels. The offsets are applied through
   per-32 sums of the exact activations, so only the activations' rounding separates it from the W4A16 matmul.
-- int8 (`int8_matmul`): signed codes q with w = q * scale per 32 channels (a per-channel scale repeated, or a GGUF's
-  Q8_0 blocks). They are stored as q + 128 (unsigned, as `vpdpbusd` wants them); each dot product starts from
+- int8 (`int8_matmul`): signed codes q with w = q * scale, one scale per row (`quantization="int8"`, applied once
+  at the end) or per row and 32 channels (a GGUF's Q8_0 blocks). They are stored as q + 128 (unsigned, as `vpdpbusd` wants them); each dot product starts from
   -128 * sum(activation codes), computed once per activation row and 64 channels, so the result is exactly
   sum(q * activation code): W8A8 as llama.cpp's Q8_0 x Q8_0 dot product.
 
 The layouts (`pack_int4` / `pack_int8` in lmport.engine.quantization): weight rows in tiles of 4; per tile and 64
 input channels, 4 rows of codes (int4: 32 bytes a row, byte j holding channel j in its low nibble and channel j + 32
-in its high one, so one 32-byte load unpacks into 64 codes in channel order; int8: 64 bytes a row), then scales per
-tile, 64 channels and row: 2 floats (the two 32-channel blocks); int4's offsets per tile, 32 channels: 4 floats.
+in its high one, so one 32-byte load unpacks into 64 codes in channel order; int8: 64 bytes a row). Block scales per
+tile, 64 channels and row: 2 fp16 values (the two 32-channel blocks), or int8's row scales: a float per row; int4's
+offsets per tile, 32 channels: 4 fp16 values. fp16, as GGUF stores its block scales, because at batch 1 these
+kernels are bound by the bytes they read: fp32 scales and offsets made int4's weights 20 % larger.
 
 Built only where the compiler targets AVX-512 VNNI (-march=native); elsewhere `vnni_matmul_supported()` is false and
 lmport keeps torch's kernels.
@@ -53,6 +55,16 @@ inline __m512 block_pair(const float* p, __m512i index) {  // lanes 0-7: p[0], l
       _mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)))));
 }
 
+inline __m512 block_pair(const at::Half* p, __m512i index) {  // the same from two fp16 values
+  int32_t raw;
+  std::memcpy(&raw, p, sizeof(raw));
+  return _mm512_permutexvar_ps(index, _mm512_castps128_ps512(_mm_cvtph_ps(_mm_cvtsi32_si128(raw))));
+}
+
+inline __m128 four_halves(const at::Half* p) {
+  return _mm_cvtph_ps(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)));
+}
+
 inline __m512 bf16_to_float(__m256i v) {
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(v), 16));
 }
@@ -77,8 +89,9 @@ void quantize_activations(const at::BFloat16* x, int64_t M, int64_t K, int8_t* c
     }
 }
 
-// y [M, N] = x @ w.T for Bits-wide codes in the layout above; offsets only for int4
-template <int Bits>
+// y [M, N] = x @ w.T for Bits-wide codes in the layout above; offsets only for int4. RowScales: one scale per
+// weight row (float [N]), applied once at the end, instead of one per row and 32 channels
+template <int Bits, bool RowScales>
 at::Tensor vnni_matmul(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scales,
                        const at::Tensor& offsets) {
   constexpr int kRowBytes = Bits * 8;  // one row's 64 channels
@@ -88,18 +101,25 @@ at::Tensor vnni_matmul(const at::Tensor& x, const at::Tensor& packed, const at::
   TORCH_CHECK(K % 64 == 0 && packed.dim() == 4 && packed.size(1) == chunks && packed.size(2) == kVnniTile &&
               packed.size(3) == kRowBytes && packed.scalar_type() == at::kByte && packed.is_contiguous(),
               "packed: contiguous uint8 [N/4, K/64, 4, ", kRowBytes, "] for x's K = ", K);
-  TORCH_CHECK(scales.sizes() == at::IntArrayRef({tiles, chunks, kVnniTile, 2}) &&
-              scales.scalar_type() == at::kFloat && scales.is_contiguous(), "scales: float [N/4, K/64, 4, 2]");
-  if constexpr (Bits == 4)
+  if constexpr (RowScales) {
+    TORCH_CHECK(scales.sizes() == at::IntArrayRef({N}) && scales.scalar_type() == at::kFloat &&
+                scales.is_contiguous(), "scales: float [N] (one per row) or float16 [N/4, K/64, 4, 2]");
+  } else {
+    TORCH_CHECK(scales.sizes() == at::IntArrayRef({tiles, chunks, kVnniTile, 2}) &&
+                scales.scalar_type() == at::kHalf && scales.is_contiguous(), "scales: float16 [N/4, K/64, 4, 2]");
+  }
+  if constexpr (Bits == 4) {
     TORCH_CHECK(offsets.sizes() == at::IntArrayRef({tiles, blocks, kVnniTile}) &&
-                offsets.scalar_type() == at::kFloat && offsets.is_contiguous(), "offsets: float [N/4, K/32, 4]");
+                offsets.scalar_type() == at::kHalf && offsets.is_contiguous(), "offsets: float16 [N/4, K/32, 4]");
+  }
   std::vector<int8_t> x_codes(M * K);
   std::vector<float> x_scales(M * blocks), x_sums(M * blocks);
   quantize_activations(x.data_ptr<at::BFloat16>(), M, K, x_codes.data(), x_scales.data(), x_sums.data());
   at::Tensor y = at::empty({M, N}, x.options());
   const uint8_t* P = packed.data_ptr<uint8_t>();
-  const float* S = scales.data_ptr<float>();
-  const float* O = Bits == 4 ? offsets.data_ptr<float>() : nullptr;
+  const float* row_scales = RowScales ? scales.data_ptr<float>() : nullptr;
+  const at::Half* S = RowScales ? nullptr : scales.data_ptr<at::Half>();
+  const at::Half* O = Bits == 4 ? offsets.data_ptr<at::Half>() : nullptr;
   at::BFloat16* Y = y.data_ptr<at::BFloat16>();
   const int64_t threads = at::get_num_threads();
   // Equal shares of the weight tiles: each thread streams its rows once, for every activation row.
@@ -108,7 +128,7 @@ at::Tensor vnni_matmul(const at::Tensor& x, const at::Tensor& packed, const at::
     const __m512i code_bias = _mm512_set1_epi8(static_cast<char>(0x80));  // int8 codes are stored as q + 128
     for (int64_t t = t0; t < t1; ++t) {
       const uint8_t* tile_codes = P + t * chunks * kVnniTile * kRowBytes;
-      const float* tile_scales = S + t * chunks * kVnniTile * 2;
+      const at::Half* tile_scales = RowScales ? nullptr : S + t * chunks * kVnniTile * 2;
       for (int64_t m0 = 0; m0 < M; m0 += kVnniRows) {
         const int rows = static_cast<int>(std::min<int64_t>(kVnniRows, M - m0));
         __m512 acc[kVnniRows][kVnniTile];
@@ -119,7 +139,7 @@ at::Tensor vnni_matmul(const at::Tensor& x, const at::Tensor& packed, const at::
           __m512 w_scale[kVnniTile];
           for (int r = 0; r < kVnniTile; ++r) {
             w[r] = load_codes<Bits>(tile_codes + (c * kVnniTile + r) * kRowBytes);
-            w_scale[r] = block_pair(tile_scales + (c * kVnniTile + r) * 2, halves);
+            if constexpr (!RowScales) w_scale[r] = block_pair(tile_scales + (c * kVnniTile + r) * 2, halves);
           }
           for (int i = 0; i < rows; ++i) {
             const int64_t m = m0 + i;
@@ -130,7 +150,8 @@ at::Tensor vnni_matmul(const at::Tensor& x, const at::Tensor& packed, const at::
               start = _mm512_sub_epi32(start, _mm512_dpbusd_epi32(_mm512_setzero_si512(), code_bias, xq));
             for (int r = 0; r < kVnniTile; ++r) {
               const __m512i dot = _mm512_dpbusd_epi32(start, w[r], xq);
-              acc[i][r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_mul_ps(w_scale[r], x_scale), acc[i][r]);
+              const __m512 scale = RowScales ? x_scale : _mm512_mul_ps(w_scale[r], x_scale);
+              acc[i][r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), scale, acc[i][r]);
             }
           }
         }
@@ -138,15 +159,18 @@ at::Tensor vnni_matmul(const at::Tensor& x, const at::Tensor& packed, const at::
           const int64_t m = m0 + i;
           alignas(16) float offsets_out[kVnniTile] = {0.0f, 0.0f, 0.0f, 0.0f};
           if constexpr (Bits == 4) {
-            const float* tile_offsets = O + t * blocks * kVnniTile;
+            const at::Half* tile_offsets = O + t * blocks * kVnniTile;
             __m128 offset = _mm_setzero_ps();
             for (int64_t b = 0; b < blocks; ++b)
-              offset = _mm_fmadd_ps(_mm_loadu_ps(tile_offsets + b * kVnniTile), _mm_set1_ps(x_sums[m * blocks + b]),
+              offset = _mm_fmadd_ps(four_halves(tile_offsets + b * kVnniTile), _mm_set1_ps(x_sums[m * blocks + b]),
                                     offset);
             _mm_store_ps(offsets_out, offset);
           }
-          for (int r = 0; r < kVnniTile; ++r)
-            Y[m * N + t * kVnniTile + r] = at::BFloat16(_mm512_reduce_add_ps(acc[i][r]) + offsets_out[r]);
+          for (int r = 0; r < kVnniTile; ++r) {
+            const float sum = _mm512_reduce_add_ps(acc[i][r]);
+            Y[m * N + t * kVnniTile + r] =
+                at::BFloat16(RowScales ? sum * row_scales[t * kVnniTile + r] : sum + offsets_out[r]);
+          }
         }
       }
     }
@@ -164,24 +188,25 @@ bool vnni_matmul_supported() {
 #endif
 }
 
-// x bf16 [M, K] (contiguous); packed uint8 [N/4, K/64, 4, 32]; scales float [N/4, K/64, 4, 2]; offsets float
+// x bf16 [M, K] (contiguous); packed uint8 [N/4, K/64, 4, 32]; scales float16 [N/4, K/64, 4, 2]; offsets float16
 // [N/4, K/32, 4]: y = x @ (code * scale + offset).T in bf16 [M, N], with x rounded to int8 per 32 channels
 at::Tensor int4_matmul(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scales,
                        const at::Tensor& offsets) {
 #ifdef LMPORT_VNNI
   RECORD_FUNCTION("lmport::int4_matmul", std::vector<c10::IValue>());  // a matmul to lmport bench profile
-  return vnni_matmul<4>(x, packed, scales, offsets);
+  return vnni_matmul<4, false>(x, packed, scales, offsets);
 #else
   TORCH_CHECK(false, "int4_matmul needs AVX-512 VNNI (see vnni_matmul_supported)");
 #endif
 }
 
-// x bf16 [M, K] (contiguous); packed uint8 [N/4, K/64, 4, 64] holding q + 128; scales float [N/4, K/64, 4, 2]:
-// y = x @ (q * scale).T in bf16 [M, N], with x rounded to int8 per 32 channels
+// x bf16 [M, K] (contiguous); packed uint8 [N/4, K/64, 4, 64] holding q + 128; scales float [N] (per row) or
+// float16 [N/4, K/64, 4, 2] (per row and 32 channels): y = x @ (q * scale).T in bf16 [M, N], x rounded to int8 per 32 channels
 at::Tensor int8_matmul(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scales) {
 #ifdef LMPORT_VNNI
   RECORD_FUNCTION("lmport::int8_matmul", std::vector<c10::IValue>());
-  return vnni_matmul<8>(x, packed, scales, at::Tensor());
+  if (scales.dim() == 1) return vnni_matmul<8, true>(x, packed, scales, at::Tensor());
+  return vnni_matmul<8, false>(x, packed, scales, at::Tensor());
 #else
   TORCH_CHECK(false, "int8_matmul needs AVX-512 VNNI (see vnni_matmul_supported)");
 #endif
