@@ -86,3 +86,21 @@ def test_peers_serve_budgets_are_sides_compared_with_vllm(tmp_path):
     assert summary["lmport/vllm"] == pytest.approx(1.1) and summary["ttft lmport/vllm"] == pytest.approx(1.45)
     assert summary["lmport budget 512/vllm"] == pytest.approx(0.8)
     assert summary["ttft lmport budget 512/vllm"] == pytest.approx(0.75)
+
+
+def test_peers_decode_runs_lmports_weight_forms_against_llamacpp_on_the_same_gguf(tmp_path):
+    """The decode workload's sides: lmport in bf16, int8, int4 and on the GGUF's own codes (the exact weights
+    llama.cpp runs), vLLM in bf16, llama.cpp on the file; `--no-llamacpp` leaves llama.cpp out."""
+    import argparse
+
+    from lmport.bridge import bench_peers
+
+    parser = argparse.ArgumentParser()
+    bench_peers.add_arguments(parser)
+    sides = bench_peers._sides("decode", parser.parse_args(["--workloads", "decode"]), tmp_path / "python", tmp_path,
+                               tmp_path / "m.gguf", tmp_path)
+    assert list(sides) == ["lmport", "vllm", "lmport int8", "lmport int4", "lmport gguf", "llama.cpp (Q4_1)"]
+    assert sides["lmport gguf"].args[0][-2:] == ["--quantization", "gguf"]
+    without = bench_peers._sides("decode", parser.parse_args(["--no-llamacpp"]), tmp_path / "python", tmp_path,
+                                 tmp_path / "m.gguf", tmp_path)
+    assert "llama.cpp (Q4_1)" not in without

@@ -2,8 +2,9 @@
 
 Workloads (the issue's, docs/performance.md):
 - offline: the `lmport bench throughput` prompts (64 x 128 greedy tokens, ignore_eos), lmport's LLM vs vllm.LLM;
-- decode: batch-1 greedy decode of 256 tokens, lmport (bf16, int8, int4) vs vLLM (bf16) vs llama.cpp (the bundled
-  Q4_1 GGUF itself; the others run its bf16 conversion or re-quantize that);
+- decode: batch-1 greedy decode of 256 tokens, lmport (bf16, int8, int4, gguf) vs vLLM (bf16) vs llama.cpp (the
+  bundled Q4_1 GGUF itself; lmport's gguf side runs the same file's own codes, the others its bf16 conversion or a
+  re-quantization of that);
 - serve: vLLM's own `vllm bench serve` client (random dataset, 128 in / 64 out, 64 prompts, concurrency 32,
   ignore_eos) against `lmport serve` and `vllm serve` in turn.
 
@@ -109,7 +110,8 @@ def _sides(workload: str, args: argparse.Namespace, peer_python: Path, model_dir
         "vllm": lambda: _json_run([*peer, "vllm-offline", "--model", str(model_dir), *common], VLLM_ENV),
     }
     if workload == "decode":
-        for method in ("int8", "int4"):  # weight-only quantization, against llama.cpp's own 4-bit weights
+        # weight-only quantization against llama.cpp's 4-bit weights; gguf: lmport on the file's own Q4_1 codes
+        for method in ("int8", "int4", "gguf"):
             sides[f"lmport {method}"] = functools.partial(
                 lambda command: _json_run(command)["lmport"], [*lmport_command, "--quantization", method])
         if not args.no_llamacpp:

@@ -43,7 +43,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "and 64)")
     parser.add_argument("--max-tokens", type=int, default=128)
     parser.add_argument("--dtype", default="bfloat16")
-    parser.add_argument("--quantization", choices=["int8", "int4"], default=None,
+    parser.add_argument("--quantization", choices=["int8", "int4", "gguf"], default=None,
                         help="weight-only quantization of the engine")
     parser.add_argument("--enforce-eager", action="store_true",
                         help="run every step module by module (no CPU decode stack)")
