@@ -177,4 +177,5 @@ def _blocks_of_parts(parts: list[tuple[str, object]], arch: str,
         codes.append(c)
         scales.append(s)
         offsets.append(o)
-    return tuple(torch.from_numpy(np.concatenate(blocks)) for blocks in (codes, scales, offsets))  # type: ignore[return-value]
+    return (torch.from_numpy(np.concatenate(codes)), torch.from_numpy(np.concatenate(scales)),
+            torch.from_numpy(np.concatenate(offsets)))

@@ -11,9 +11,10 @@ integer dot product is scaled in fp32 by the weight's and the activation's scale
 - int4 (`int4_matmul`): codes 0..15 with w = code * scale + offset per 32 channels. The offsets are applied through
   per-32 sums of the exact activations, so only the activations' rounding separates it from the W4A16 matmul.
 - int8 (`int8_matmul`): signed codes q with w = q * scale, one scale per row (`quantization="int8"`, applied once
-  at the end) or per row and 32 channels (a GGUF's Q8_0 blocks). They are stored as q + 128 (unsigned, as `vpdpbusd` wants them); each dot product starts from
-  -128 * sum(activation codes), computed once per activation row and 64 channels, so the result is exactly
-  sum(q * activation code): W8A8 as llama.cpp's Q8_0 x Q8_0 dot product.
+  at the end) or per row and 32 channels (a GGUF's Q8_0 blocks). They are stored as q + 128 (unsigned, as
+  `vpdpbusd` wants them); each dot product starts from -128 * sum(activation codes), computed once per activation
+  row and 64 channels, so the result is exactly sum(q * activation code): W8A8 as llama.cpp's Q8_0 x Q8_0 dot
+  product.
 
 The layouts (`pack_int4` / `pack_int8` in lmport.engine.quantization): weight rows in tiles of 4; per tile and 64
 input channels, 4 rows of codes (int4: 32 bytes a row, byte j holding channel j in its low nibble and channel j + 32
@@ -201,7 +202,8 @@ at::Tensor int4_matmul(const at::Tensor& x, const at::Tensor& packed, const at::
 }
 
 // x bf16 [M, K] (contiguous); packed uint8 [N/4, K/64, 4, 64] holding q + 128; scales float [N] (per row) or
-// float16 [N/4, K/64, 4, 2] (per row and 32 channels): y = x @ (q * scale).T in bf16 [M, N], x rounded to int8 per 32 channels
+// float16 [N/4, K/64, 4, 2] (per row and 32 channels): y = x @ (q * scale).T in bf16 [M, N], x rounded to int8
+// per 32 channels
 at::Tensor int8_matmul(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scales) {
 #ifdef LMPORT_VNNI
   RECORD_FUNCTION("lmport::int8_matmul", std::vector<c10::IValue>());
