@@ -70,7 +70,8 @@ inline __m512 bf16_to_float(__m256i v) {
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(v), 16));
 }
 
-// x bf16 [M, K] -> int8 codes [M, K], scales [M, K/32] and exact sums [M, K/32] of each 32-channel block
+// x bf16 [M, K] -> int8 codes [M, K], scales [M, K/32] and, unless sums is null, the exact sums [M, K/32] of each
+// 32-channel block (only int4's offsets need them)
 void quantize_activations(const at::BFloat16* x, int64_t M, int64_t K, int8_t* codes, float* scales, float* sums) {
   const int64_t blocks = K / 32;
   for (int64_t m = 0; m < M; ++m)
@@ -86,7 +87,7 @@ void quantize_activations(const at::BFloat16* x, int64_t M, int64_t K, int8_t* c
       _mm_storeu_si128(reinterpret_cast<__m128i*>(out + 16),
                        _mm512_cvtsepi32_epi8(_mm512_cvtps_epi32(_mm512_mul_ps(f1, inverse))));
       scales[m * blocks + b] = amax / 127.0f;
-      sums[m * blocks + b] = _mm512_reduce_add_ps(_mm512_add_ps(f0, f1));
+      if (sums != nullptr) sums[m * blocks + b] = _mm512_reduce_add_ps(_mm512_add_ps(f0, f1));
     }
 }
 
@@ -114,8 +115,9 @@ at::Tensor vnni_matmul(const at::Tensor& x, const at::Tensor& packed, const at::
                 offsets.scalar_type() == at::kHalf && offsets.is_contiguous(), "offsets: float16 [N/4, K/32, 4]");
   }
   std::vector<int8_t> x_codes(M * K);
-  std::vector<float> x_scales(M * blocks), x_sums(M * blocks);
-  quantize_activations(x.data_ptr<at::BFloat16>(), M, K, x_codes.data(), x_scales.data(), x_sums.data());
+  std::vector<float> x_scales(M * blocks), x_sums(Bits == 4 ? M * blocks : 0);
+  quantize_activations(x.data_ptr<at::BFloat16>(), M, K, x_codes.data(), x_scales.data(),
+                       Bits == 4 ? x_sums.data() : nullptr);
   at::Tensor y = at::empty({M, N}, x.options());
   const uint8_t* P = packed.data_ptr<uint8_t>();
   const float* row_scales = RowScales ? scales.data_ptr<float>() : nullptr;
