@@ -314,7 +314,7 @@ def _build(config: EngineConfig, model_cls: type[nn.Module], hf_config: Pretrain
     io_seconds = time.perf_counter() - io_start
     num_bytes = sum(f.stat().st_size for f in files)
     num_params = sum(p.numel() for p in model.parameters())
-    with kernels.use_backend(config.kernel_backend):  # which int4 kernel's layout the weights take
+    with kernels.use_backend(config.kernel_backend):  # which kernels' layouts int8 / int4 weights take
         if prequantized is not None:
             attach_prequantized(model, codes, prequantized.group_size, dtype)
             pack_cpu_linears(model)  # what stays unquantized (lm_head, usually)

@@ -2,8 +2,8 @@
 
 bf16 models on a CPU with AVX-512 VNNI, under the "auto" kernel backend, run lmport's integer kernels
 (lmport.kernels.cpu_vnni): activations rounded to int8 per 32 channels, integer dot products with `vpdpbusd`. At
-decode batch sizes they are 1.4-2.1x (int4) and ~2x (int8) torch's kernels, which widen the weights to floating
-point (docs/performance.md). Elsewhere, and for float32 models, whose activations are never rounded:
+1-4 activation rows they are 1.1-1.5x torch's kernels, which widen the weights to floating point; from 8 rows int4
+is 0.9-1.0x (docs/performance.md). Elsewhere, and for float32 models, whose activations are never rounded:
 
 - int8: torch's `_weight_int8pack_mm` (activations stay in the model dtype, the weight is widened inside the
   kernel). torch 2.13's kernel reads out of bounds on strided rows and on input sizes that are not multiples of 16,
